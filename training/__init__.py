@@ -1,0 +1,1 @@
+"""Offline training: phantoms, models, training, export and engine bundles for cadnode."""

@@ -1,0 +1,199 @@
+"""Synthetic chest radiographs written as real DICOM.
+
+They stand in for patient data in the demo engines, the tests and the benchmarks: lungs,
+ribs, mediastinum, lung markings and quantum noise, with optional opacities and a
+pneumothorax (an air crescent without lung markings behind a pleural line).
+Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom import Dataset, FileMetaDataset
+from pydicom.uid import (
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+    generate_uid,
+)
+
+PIXEL_SPACING_MM = 0.35 * 1024 / 512  # a 36 cm field on the default 512 grid
+
+
+@dataclass
+class ChestPhantom:
+    pixels: np.ndarray  # uint16, bright = dense (MONOCHROME2)
+    lung_mask: np.ndarray  # bool, both lungs
+    pneumothorax_mask: np.ndarray  # bool, empty when absent
+    opacity_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
+
+    @property
+    def abnormal(self) -> bool:
+        return bool(self.opacity_boxes) or bool(self.pneumothorax_mask.any())
+
+
+def make_chest_phantom(
+    seed: int, *, size: int = 512, opacity: bool = False, pneumothorax: bool = False
+) -> ChestPhantom:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+
+    body = _ellipse(x, y, 0.5, 0.55, 0.46 + rng.uniform(-0.02, 0.02), 0.55)
+    lungs = np.zeros_like(body, dtype=bool)
+    lung_centres = []
+    for side in (-1, 1):
+        cx = 0.5 + side * rng.uniform(0.19, 0.23)
+        cy = rng.uniform(0.45, 0.5)
+        rx, ry = rng.uniform(0.13, 0.16), rng.uniform(0.27, 0.31)
+        lungs |= _ellipse(x, y, cx, cy, rx, ry)
+        lung_centres.append((cx, cy, rx, ry))
+
+    density = 0.25 * body + 0.35 * body * ~lungs
+    density += 0.25 * _ellipse(x, y, 0.52, 0.62, 0.12, 0.14)  # heart and mediastinum
+    density += _ribs(x, y, rng) * body
+    density += 0.04 * _smooth_noise(rng, size, scale=24) * lungs  # lung markings
+
+    ptx_mask = np.zeros_like(lungs)
+    if pneumothorax:
+        cx, cy, rx, ry = lung_centres[int(rng.integers(2))]
+        side = 1 if cx > 0.5 else -1
+        collapsed = _ellipse(x, y, cx - side * rx * 0.25, cy + ry * 0.1, rx * 0.7, ry * 0.85)
+        ptx_mask = _ellipse(x, y, cx, cy, rx, ry) & ~collapsed
+        density = np.where(ptx_mask, 0.12 * body, density)  # air: no markings, darker
+        edge = collapsed & ~_ellipse(x, y, cx - side * rx * 0.25, cy + ry * 0.1, rx * 0.68, ry * 0.83)
+        density += 0.12 * (edge & _ellipse(x, y, cx, cy, rx, ry))  # the visceral pleural line
+
+    boxes: list[tuple[int, int, int, int]] = []
+    if opacity:
+        for _ in range(int(rng.integers(1, 3))):
+            cx, cy, rx, ry = lung_centres[int(rng.integers(2))]
+            ox, oy = cx + rng.uniform(-0.5, 0.5) * rx, cy + rng.uniform(-0.5, 0.5) * ry
+            radius = rng.uniform(0.03, 0.07)
+            density += 0.35 * np.exp(-((x - ox) ** 2 + (y - oy) ** 2) / (2 * radius**2)) * lungs
+            half = int(2 * radius * size)
+            boxes.append((int(ox * size) - half, int(oy * size) - half, 2 * half, 2 * half))
+
+    density += rng.normal(0, 0.015, density.shape)
+    pixels = np.clip(density / max(float(density.max()), 1e-6), 0, 1) * 4000
+    return ChestPhantom(pixels.astype(np.uint16), lungs, ptx_mask, boxes)
+
+
+def chest_dataset(
+    phantom: ChestPhantom,
+    *,
+    patient_id: str,
+    patient_name: str,
+    study_uid: str | None = None,
+    seed: int = 0,
+    view: str = "PA",
+    body_part: str = "CHEST",
+    modality: str = "DX",
+) -> Dataset:
+    """A Digital X-Ray (for presentation) dataset holding the phantom, with file meta."""
+    uid = _uid_factory(f"{patient_id}/{seed}")
+    ds = Dataset()
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = uid("instance")
+    ds.StudyInstanceUID = study_uid or uid("study")
+    ds.SeriesInstanceUID = uid(f"series/{ds.StudyInstanceUID}")
+    now = dt.datetime(2026, 1, 1, 8, 0, 0) + dt.timedelta(seconds=seed)
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = f"ACC{seed:08d}"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19600101"
+    ds.PatientSex = "O"
+    ds.Modality = modality
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "cadnode synthetic phantom"
+    ds.BodyPartExamined = body_part
+    ds.ViewPosition = view
+    ds.PatientOrientation = ["L", "F"] if view == "AP" else ["R", "F"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageLaterality = "U"
+    ds.ContentQualification = "RESEARCH"
+    ds.BurnedInAnnotation = "NO"
+    ds.ImagerPixelSpacing = [PIXEL_SPACING_MM * 512 / phantom.pixels.shape[0]] * 2
+    ds.DetectorType = "DIRECT"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = phantom.pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelIntensityRelationship = "LIN"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.WindowCenter = 2000
+    ds.WindowWidth = 4000
+    ds.LossyImageCompression = "00"
+    ds.PixelData = phantom.pixels.tobytes()
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    return ds
+
+
+def write_chest_radiograph(
+    path: Path,
+    *,
+    seed: int,
+    patient_id: str = "PHANTOM",
+    patient_name: str = "Phantom^Chest",
+    opacity: bool = False,
+    pneumothorax: bool = False,
+    view: str = "PA",
+    body_part: str = "CHEST",
+    size: int = 512,
+) -> Dataset:
+    """Make one phantom film and write it as a DICOM file; returns the dataset written."""
+    phantom = make_chest_phantom(seed, size=size, opacity=opacity, pneumothorax=pneumothorax)
+    ds = chest_dataset(
+        phantom, patient_id=patient_id, patient_name=patient_name, seed=seed, view=view,
+        body_part=body_part,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _uid_factory(key: str):  # type: ignore[no-untyped-def]
+    def uid(kind: str) -> str:
+        return generate_uid(entropy_srcs=["cadnode-phantom", key, kind])
+
+    return uid
+
+
+def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+
+
+def _ribs(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    ribs = np.zeros_like(x)
+    for level in np.linspace(0.22, 0.78, 9) + rng.uniform(-0.01, 0.01):
+        curve = level + 0.12 * (x - 0.5) ** 2 * 4 - 0.05
+        ribs += 0.08 * (np.abs(y - curve) < 0.012)
+    return ribs
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:
+    coarse = rng.normal(0, 1, (size // scale + 2, size // scale + 2)).astype(np.float32)
+    fine = Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC)
+    return np.asarray(fine, dtype=np.float32)
