@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 from pydicom import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ def image_to_tensor(ds: Dataset, size: int) -> tuple[np.ndarray, Geometry]:
     rows, columns = values.shape
     scale = size / max(rows, columns)
     new_rows, new_columns = max(1, round(rows * scale)), max(1, round(columns * scale))
-    resized = Image.fromarray(values, mode="F").resize((new_columns, new_rows), Image.BILINEAR)
+    resized = Image.fromarray(values, mode="F").resize(
+        (new_columns, new_rows), Image.Resampling.BILINEAR
+    )
     tensor = np.zeros((1, size, size), dtype=np.float32)
     pad_top, pad_left = (size - new_rows) // 2, (size - new_columns) // 2
     tensor[0, pad_top : pad_top + new_rows, pad_left : pad_left + new_columns] = np.asarray(

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 from pydicom import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -65,7 +65,9 @@ def make_chest_phantom(
         collapsed = _ellipse(x, y, cx - side * rx * 0.25, cy + ry * 0.1, rx * 0.7, ry * 0.85)
         ptx_mask = _ellipse(x, y, cx, cy, rx, ry) & ~collapsed
         density = np.where(ptx_mask, 0.12 * body, density)  # air: no markings, darker
-        edge = collapsed & ~_ellipse(x, y, cx - side * rx * 0.25, cy + ry * 0.1, rx * 0.68, ry * 0.83)
+        edge = collapsed & ~_ellipse(
+            x, y, cx - side * rx * 0.25, cy + ry * 0.1, rx * 0.68, ry * 0.83
+        )
         density += 0.12 * (edge & _ellipse(x, y, cx, cy, rx, ry))  # the visceral pleural line
 
     boxes: list[tuple[int, int, int, int]] = []
@@ -125,6 +127,11 @@ def chest_dataset(
     ds.BurnedInAnnotation = "NO"
     ds.ImagerPixelSpacing = [PIXEL_SPACING_MM * 512 / phantom.pixels.shape[0]] * 2
     ds.DetectorType = "DIRECT"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.PositionerType = ""
+    ds.AcquisitionContextSequence = []
+    ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Thorax")]
+    ds.ViewCodeSequence = [_code(*VIEW_CODES.get(view, VIEW_CODES["PA"]))]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = phantom.pixels.shape
@@ -166,12 +173,29 @@ def write_chest_radiograph(
     """Make one phantom film and write it as a DICOM file; returns the dataset written."""
     phantom = make_chest_phantom(seed, size=size, opacity=opacity, pneumothorax=pneumothorax)
     ds = chest_dataset(
-        phantom, patient_id=patient_id, patient_name=patient_name, seed=seed, view=view,
+        phantom,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        seed=seed,
+        view=view,
         body_part=body_part,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return ds
+
+
+VIEW_CODES = {
+    "PA": ("399348003", "SCT", "postero-anterior"),
+    "AP": ("399182002", "SCT", "antero-posterior"),
+    "LL": ("399198007", "SCT", "left lateral"),
+}
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
 
 
 def _uid_factory(key: str):  # type: ignore[no-untyped-def]
@@ -181,7 +205,9 @@ def _uid_factory(key: str):  # type: ignore[no-untyped-def]
     return uid
 
 
-def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
+def _ellipse(
+    x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float
+) -> np.ndarray:
     return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
 
 
@@ -195,5 +221,5 @@ def _ribs(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray:
     coarse = rng.normal(0, 1, (size // scale + 2, size // scale + 2)).astype(np.float32)
-    fine = Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC)
+    fine = Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(fine, dtype=np.float32)

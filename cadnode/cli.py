@@ -1,0 +1,141 @@
+"""The `cadnode` command: serve, and the admin's views and checks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlmodel import select
+
+from cadnode import logs
+from cadnode.config import Settings, load_settings
+from cadnode.db import Database, Delivery, Instance, Job, Result, Study
+from cadnode.infer.bundle import discover
+from cadnode.route import load_rules
+from cadnode.yamlfile import ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cadnode", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the node (DICOM SCP and every stage)")
+    studies = commands.add_parser("studies", help="received studies, their state and results")
+    studies.add_argument("--json", action="store_true", help="one JSON document")
+    commands.add_parser("check", help="validate configuration, rules and engines, then exit")
+    rules = commands.add_parser("rules", help="routing rules")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_commands.add_parser("check", help="validate a rules file")
+    check.add_argument("file", nargs="?", type=Path, help="default: the configured rules file")
+    args = parser.parse_args(argv)
+
+    logs.configure()
+    try:
+        settings = load_settings()
+        if args.command == "serve":
+            from cadnode.daemon import serve
+
+            serve(settings)
+        elif args.command == "studies":
+            show_studies(settings, as_json=args.json)
+        elif args.command == "check":
+            check_everything(settings)
+        elif args.command == "rules":
+            check_rules(settings, args.file)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_everything(settings: Settings) -> None:
+    engines = discover(settings.engines.dir)
+    rules = load_rules(settings.rules, engines)
+    print(
+        f"configuration OK: {len(engines)} engine(s), {len(rules.rules)} rule(s), "
+        f"rules version {rules.version}"
+    )
+
+
+def check_rules(settings: Settings, file: Path | None) -> None:
+    rules = load_rules(file or settings.rules, discover(settings.engines.dir))
+    print(f"{file or settings.rules}: {len(rules.rules)} rule(s) OK, version {rules.version}")
+
+
+def study_rows(database: Database) -> list[dict[str, Any]]:
+    with database.session() as session:
+        rows = []
+        jobs = session.exec(select(Job).order_by(Job.id)).all()  # type: ignore[arg-type]
+        for job in jobs:
+            study = session.get(Study, job.study_id)
+            assert study is not None
+            results = session.exec(select(Result).where(Result.job_id == job.id)).all()
+            deliveries = session.exec(select(Delivery).where(Delivery.job_id == job.id)).all()
+            modalities = session.exec(
+                select(Instance.sop_class_uid).where(Instance.job_id == job.id)
+            ).all()
+            rows.append(
+                {
+                    "study_uid": study.study_uid,
+                    "job": job.id,
+                    "version": job.version,
+                    "state": job.state.value,
+                    "reason": job.reason,
+                    "rule": job.rule,
+                    "rules_version": job.rules_version,
+                    "instances": job.instance_count,
+                    "sop_classes": sorted(set(modalities)),
+                    "received_at": job.first_instance_at.isoformat(),
+                    "updated_at": job.updated_at.isoformat(),
+                    "results": [
+                        {
+                            "engine": r.engine,
+                            "version": r.engine_version,
+                            "sop_instance_uid": r.sop_instance_uid,
+                            **_summary(r.answer),
+                        }
+                        for r in results
+                    ],
+                    "deliveries": [
+                        {
+                            "object_uid": d.object_uid,
+                            "destination": d.destination,
+                            "state": d.state.value,
+                            "attempts": d.attempts,
+                            "last_error": d.last_error,
+                        }
+                        for d in deliveries
+                    ],
+                }
+            )
+        return rows
+
+
+def show_studies(settings: Settings, *, as_json: bool) -> None:
+    rows = study_rows(Database(settings.storage.database))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'JOB':>4} {'VER':>3} {'STATE':<10} {'RULE':<18} {'N':>3}  RESULT / REASON")
+    for row in rows:
+        outcome = "; ".join(
+            f"{r['engine']}: p={r['probability']:.3f}"
+            + (" ruled out" if r.get("ruled_out") else "")
+            for r in row["results"]
+        ) or (row["reason"] or "")
+        print(
+            f"{row['job']:>4} {row['version']:>3} {row['state']:<10} {row['rule'] or '-':<18} "
+            f"{row['instances']:>3}  {outcome}  [{row['study_uid']}]"
+        )
+
+
+def _summary(answer: dict[str, Any]) -> dict[str, Any]:
+    return {"probability": answer.get("probability"), "ruled_out": answer.get("ruled_out")}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

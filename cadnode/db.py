@@ -1,0 +1,181 @@
+"""Durable state: the only thing the stages share.
+
+Each stage reads the jobs waiting in its input state and moves them on with a
+compare-and-set transition, so a job is never worked twice and a restart resumes exactly
+where the last commit left off.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import structlog
+from sqlalchemy import JSON, Column, UniqueConstraint, event, update
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+log = structlog.get_logger("cadnode.db")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class JobState(StrEnum):
+    received = "received"  # instances arriving; the study is not complete yet
+    complete = "complete"  # assemble released it
+    routed = "routed"  # a rule chose engines
+    inferred = "inferred"  # engines answered
+    encoded = "encoded"  # results written as DICOM; kept locally
+    delivered = "delivered"  # every destination acknowledged every result
+    ignored = "ignored"  # no rule wants it: stored, not processed
+    failed = "failed"  # see Job.reason
+
+
+class DeliveryState(StrEnum):
+    pending = "pending"
+    sent = "sent"
+    failed = "failed"  # dead letter: gave up after the configured attempts
+
+
+class Study(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    study_uid: str = Field(index=True, unique=True)
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Job(SQLModel, table=True):
+    """One version of a study's processing; an instance arriving after release opens the next."""
+
+    __table_args__ = (UniqueConstraint("study_id", "version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    study_id: int = Field(foreign_key="study.id", index=True)
+    version: int
+    state: JobState = Field(default=JobState.received, index=True)
+    reason: str | None = None
+    rule: str | None = None
+    rules_version: str | None = None
+    pipeline: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    inputs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    instance_count: int = 0
+    first_instance_at: dt.datetime = Field(default_factory=utcnow)
+    last_instance_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Instance(SQLModel, table=True):
+    sop_instance_uid: str = Field(primary_key=True)
+    sop_class_uid: str
+    series_uid: str
+    transfer_syntax: str
+    path: str  # relative to the spool folder
+    size: int
+    calling_ae: str
+    peer: str
+    job_id: int = Field(foreign_key="job.id", index=True)
+    received_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Result(SQLModel, table=True):
+    """An engine's answer for one source instance."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", index=True)
+    engine: str
+    engine_version: str
+    model_sha256: str
+    sop_instance_uid: str
+    answer: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class ResultObject(SQLModel, table=True):
+    """A DICOM object cadnode made (an SR), kept under the results folder."""
+
+    sop_instance_uid: str = Field(primary_key=True)
+    job_id: int = Field(foreign_key="job.id", index=True)
+    engine: str
+    modality: str
+    path: str  # relative to the results folder
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Delivery(SQLModel, table=True):
+    """The outbox: one row per (object, destination)."""
+
+    __table_args__ = (UniqueConstraint("object_uid", "destination"),)
+    id: int | None = Field(default=None, primary_key=True)
+    object_uid: str = Field(foreign_key="resultobject.sop_instance_uid", index=True)
+    job_id: int = Field(foreign_key="job.id", index=True)
+    destination: str  # AE@host:port
+    state: DeliveryState = Field(default=DeliveryState.pending, index=True)
+    attempts: int = 0
+    next_attempt_at: dt.datetime = Field(default_factory=utcnow)
+    last_error: str | None = None
+    sent_at: dt.datetime | None = None
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        # Called after every committed job transition; the conveyor wakes the stages with it.
+        self.on_change: Callable[[], None] = lambda: None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(
+            f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30}
+        )
+        event.listen(self.engine, "connect", _sqlite_durability)
+        SQLModel.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    def transition(
+        self, session: Session, job: Job, to: JobState, *, expect: JobState, **changes: Any
+    ) -> bool:
+        """Move `job` from `expect` to `to` unless another worker moved it first."""
+        now = utcnow()
+        moved = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == expect)  # type: ignore[arg-type]
+            .values(state=to, updated_at=now, **changes)
+        )
+        if moved.rowcount != 1:  # type: ignore[attr-defined]
+            session.rollback()
+            return False
+        session.commit()
+        session.refresh(job)
+        log.info(
+            "job." + to.value,
+            job=job.id,
+            study=job.study_id,
+            version=job.version,
+            previous=expect.value,
+            **_loggable(changes),
+        )
+        self.on_change()
+        return True
+
+    def jobs_in(self, session: Session, state: JobState) -> list[Job]:
+        return list(session.exec(select(Job).where(Job.state == state).order_by(Job.id)))  # type: ignore[arg-type]
+
+
+def _loggable(changes: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v for k, v in changes.items() if k in ("reason", "rule", "rules_version", "pipeline")
+    }
+
+
+def _sqlite_durability(connection: Any, _record: Any) -> None:
+    # WAL lets readers run beside the writer; synchronous=FULL makes every commit reach the
+    # disk before it returns, which is what lets receive answer Success after it.
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

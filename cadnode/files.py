@@ -1,0 +1,49 @@
+"""Durable files: written under a temporary name, fsynced, renamed into place.
+
+A reader (or a restart) sees either the whole file or none of it; after `write_durably`
+returns, the bytes and the directory entry survive a crash or a power cut.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+# UIDs become path components, so they must be what PS3.5 allows and nothing else:
+# a hostile "../" in a SOP Instance UID must never escape the spool.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def is_valid_uid(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
+
+
+def write_durably(path: Path, chunks: Iterable[bytes]) -> int:
+    """Write `chunks` to `path` atomically and durably; returns the number of bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    size = 0
+    try:
+        with temporary.open("wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+                size += len(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return size
+
+
+def _fsync_directory(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,64 @@
+"""Infer: run each routed job's pipeline of engines on its input images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydicom import dcmread
+from sqlmodel import Session, select
+
+from cadnode.db import Database, Instance, Job, JobState, Result
+from cadnode.infer.runtime import Engine
+
+
+class Inference:
+    name = "infer"
+
+    def __init__(self, database: Database, spool: Path, engines: dict[str, Engine]) -> None:
+        self.database = database
+        self.spool = spool
+        self.engines = engines
+
+    def advance(self) -> float | None:
+        with self.database.session() as session:
+            for job in self.database.jobs_in(session, JobState.routed):
+                self._infer(session, job)
+        return None
+
+    def _infer(self, session: Session, job: Job) -> None:
+        try:
+            results = self._run_pipeline(session, job)
+        except Exception as error:  # an engine fault fails this job, not the node
+            self.database.transition(
+                session,
+                job,
+                JobState.failed,
+                expect=JobState.routed,
+                reason=f"inference failed: {type(error).__name__}: {error}",
+            )
+            return
+        assert job.id is not None
+        session.add_all(results)
+        self.database.transition(session, job, JobState.inferred, expect=JobState.routed)
+
+    def _run_pipeline(self, session: Session, job: Job) -> list[Result]:
+        assert job.id is not None
+        instances = session.exec(
+            select(Instance).where(Instance.sop_instance_uid.in_(job.inputs))  # type: ignore[attr-defined]
+        ).all()
+        images = [dcmread(self.spool / instance.path) for instance in instances]
+        results = []
+        for engine_name in job.pipeline:
+            engine = self.engines[engine_name]
+            for image, answer in zip(images, engine.classify(images), strict=True):
+                results.append(
+                    Result(
+                        job_id=job.id,
+                        engine=engine.name,
+                        engine_version=engine.manifest.version,
+                        model_sha256=engine.bundle.sha256,
+                        sop_instance_uid=str(image.SOPInstanceUID),
+                        answer=answer,
+                    )
+                )
+        return results

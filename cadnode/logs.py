@@ -1,0 +1,55 @@
+"""Structured JSON logs, one event per state change, never a patient identifier.
+
+Code logs internal ids (job, study row) rather than DICOM identifiers; the redaction
+processor is the safety net for any key that could carry a patient's identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+REDACTED_KEYS = frozenset(
+    {
+        "patient_name",
+        "patient_id",
+        "patientname",
+        "patientid",
+        "patient_birth_date",
+        "patientbirthdate",
+        "accession_number",
+        "accessionnumber",
+        "other_patient_ids",
+    }
+)
+
+
+def redact_patient_identifiers(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key in list(event):
+        if key.lower() in REDACTED_KEYS:
+            event[key] = "[redacted]"
+    return event
+
+
+def configure(level: str = "INFO") -> None:
+    # pynetdicom logs whole datasets at DEBUG; keep its own chatter at WARNING.
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_patient_identifiers,
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,74 @@
+"""Load a YAML file into a pydantic model, naming file:line:column in every error.
+
+ruamel.yaml keeps the position of every key and item, so a pydantic error's location
+(a path of keys and indexes) maps back to the line an admin has to fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration file, each with its position."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from error
+    try:
+        return YAML(typ="rt").load(text)
+    except MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError([f"{where}: not valid YAML: {error.problem}"]) from error
+
+
+def load_model(path: Path, model: type[Model], document: Any = None) -> Model:
+    """Validate `path` (or an already read `document` from it) against `model`."""
+    document = read_yaml(path) if document is None else document
+    try:
+        return model.model_validate(document if document is not None else {})
+    except ValidationError as error:
+        raise ConfigError([_describe(path, document, e) for e in error.errors()]) from error
+
+
+def position(document: Any, location: tuple[int | str, ...]) -> tuple[int, int] | None:
+    """1-based (line, column) of the deepest node of `location` that the document has."""
+    node, found = document, None
+    for key in location:
+        if isinstance(node, CommentedMap) and key in node:
+            line, column = node.lc.key(key)
+            found, node = (line + 1, column + 1), node[key]
+        elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
+            line, column = node.lc.item(key)
+            found, node = (line + 1, column + 1), node[key]
+        else:
+            break
+    if found is None and isinstance(document, CommentedMap | CommentedSeq):
+        found = (document.lc.line + 1, document.lc.col + 1)
+    return found
+
+
+def _describe(path: Path, document: Any, error: Any) -> str:
+    location = tuple(error["loc"])
+    where = position(document, location)
+    prefix = f"{path}:{where[0]}:{where[1]}" if where else str(path)
+    key = ".".join(str(part) for part in location) or "(top level)"
+    value = error.get("input")
+    shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
+    return f"{prefix}: {key}: {error['msg']}{shown}"

@@ -1,0 +1,64 @@
+"""Validation of DICOM objects cadnode writes, for the tests (SR, SEG, ...).
+
+`dciodvfy` (dicom3tools) checks a file against its IOD. It writes everything to stderr;
+an error is a line `Error - ...` (sometimes after a tag, `(0x0008,0x0020) ... - Error - ...`),
+a warning `Warning - ...`; a file it cannot read gives `Abort - ...`. The exit status is 1
+when it found errors and 0 with only warnings, so the output is parsed rather than trusted.
+
+A tool missing from PATH skips the test on a workstation but fails it under CI (env `CI`
+set to anything but empty, 0 or false), so CI cannot go green by not validating.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+_ERROR = re.compile(r"(^|\s-\s)(Error|Abort)\s+-")
+_WARNING = re.compile(r"(^|\s-\s)Warning\s+-")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; else skip the test, or fail it when running under CI."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"{name} is not on PATH (install dicom3tools to validate DICOM objects)"
+    if in_ci():
+        pytest.fail(f"{reason}; CI must validate, not skip", pytrace=False)
+    pytest.skip(reason)
+
+
+def dciodvfy_output(path: Path | str) -> tuple[int, list[str]]:
+    """dciodvfy's exit status and its output lines (stdout then stderr)."""
+    tool = require_tool("dciodvfy")
+    done = subprocess.run(
+        [tool, str(path)], capture_output=True, text=True, errors="replace", timeout=120,
+        check=False,
+    )
+    lines = [line.rstrip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    return done.returncode, lines
+
+
+def dciodvfy_errors(path: Path | str) -> list[str]:
+    """Every error dciodvfy reports for the file; empty when it is valid."""
+    status, lines = dciodvfy_output(path)
+    errors = [line for line in lines if _ERROR.search(line)]
+    if status != 0 and not errors:
+        errors.append(f"dciodvfy exited with status {status}: {' | '.join(lines[-5:])}")
+    return errors
+
+
+def dciodvfy_warnings(path: Path | str) -> list[str]:
+    """The warnings dciodvfy reports for the file (acceptable, but worth a look)."""
+    _, lines = dciodvfy_output(path)
+    return [line for line in lines if _WARNING.search(line)]

@@ -1,0 +1,205 @@
+"""Real peers for the tests: Orthanc as the PACS, DCMTK's tools, and cadnode itself,
+each started as its own process on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.dicom_validation import require_tool
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Orthanc:
+    http_port: int
+    dicom_port: int
+    ae_title: str = "ORTHANC"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
+            body = r.read()
+        return json.loads(body) if r.headers.get_content_type() == "application/json" else body
+
+    def instances(self) -> list[str]:
+        return list(self.get("/instances"))
+
+    def instance_tags(self, orthanc_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/instances/{orthanc_id}/simplified-tags"))
+
+    def download(self, orthanc_id: str, path: Path) -> Path:
+        path.write_bytes(self.get(f"/instances/{orthanc_id}/file"))
+        return path
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.dicom_port}"
+
+
+@contextmanager
+def run_orthanc(folder: Path) -> Iterator[Orthanc]:
+    binary = require_tool("Orthanc")
+    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port())
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "cadnode-test-pacs",
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "index"),
+        "HttpPort": orthanc.http_port,
+        "DicomPort": orthanc.dicom_port,
+        "DicomAet": orthanc.ae_title,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckCalledAet": False,
+        "Plugins": [],
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    with (folder / "orthanc.log").open("w") as log:
+        process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=log)
+    try:
+        wait_for(lambda: _answers(orthanc), 30, "Orthanc's REST API")
+        yield orthanc
+    finally:
+        _terminate(process)
+
+
+def _answers(orthanc: Orthanc) -> bool:
+    try:
+        orthanc.get("/system")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Cadnode:
+    process: subprocess.Popen[bytes]
+    dicom_port: int
+    http_port: int
+    data_dir: Path
+    log_path: Path
+    env: dict[str, str]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cadnode.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def studies(self) -> list[dict[str, Any]]:
+        done = self.cli("studies", "--json")
+        assert done.returncode == 0, done.stderr
+        return list(json.loads(done.stdout))
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def run_cadnode(folder: Path, destination: str | None, **overrides: str) -> Iterator[Cadnode]:
+    """`cadnode serve` as a subprocess on the shipped config, rules and engines."""
+    dicom_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "CADNODE_DATA_DIR": str(folder / "var"),
+        "CADNODE_DICOM_PORT": str(dicom_port),
+        "CADNODE_HTTP_PORT": str(http_port),
+        **overrides,
+    }
+    if destination:
+        env["CADNODE_DESTINATION"] = destination
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "cadnode.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cadnode.cli", "serve"],
+            env=env,
+            stdout=log,
+            stderr=log,
+            cwd=REPO,
+        )
+    node = Cadnode(process, dicom_port, http_port, folder / "var", log_path, env)
+    try:
+        wait_for(
+            lambda: port_open(dicom_port) or process.poll() is not None, 60, "cadnode to listen"
+        )
+        assert process.poll() is None, f"cadnode exited early:\n{node.log_text()}"
+        yield node
+    finally:
+        _terminate(process)
+
+
+def storescu(
+    port: int, *files: Path, called_ae: str = "CADNODE", calling_ae: str = "MODALITY"
+) -> subprocess.CompletedProcess[str]:
+    tool = require_tool("storescu")
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    return subprocess.run(
+        [tool, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def echoscu(port: int, called_ae: str = "CADNODE") -> subprocess.CompletedProcess[str]:
+    tool = require_tool("echoscu")
+    return subprocess.run(
+        [tool, "-aec", called_ae, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

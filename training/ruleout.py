@@ -1,0 +1,323 @@
+"""cxr-ruleout: a normal-vs-abnormal chest radiograph classifier trained on phantoms.
+
+Everything the engine learns from passes through `cadnode.preprocess.image_to_tensor`, the
+same function the daemon calls, so training sees exactly the pixels inference will see.
+Operating points are calibrated on a validation split and judged on a held-out test split;
+the three splits are disjoint seed ranges of `training.phantoms`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import cycle
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from pydicom import Dataset
+from torch import nn
+from tqdm import tqdm
+
+from cadnode.infer.bundle import Strict
+from cadnode.preprocess import image_to_tensor
+from cadnode.yamlfile import load_model
+from training.phantoms import chest_dataset, make_chest_phantom
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+class Split(Strict):
+    """A run of consecutive phantom seeds; splits must not share a seed."""
+
+    count: int = Field(gt=0)
+    first_seed: int = Field(ge=0)
+
+    @property
+    def seeds(self) -> range:
+        return range(self.first_seed, self.first_seed + self.count)
+
+
+class Splits(Strict):
+    train: Split
+    validation: Split
+    test: Split
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Splits:
+        """Overlapping seeds would leak test films into training and inflate the metrics."""
+        named = [("train", self.train), ("validation", self.validation), ("test", self.test)]
+        for i, (name_a, a) in enumerate(named):
+            for name_b, b in named[i + 1 :]:
+                if a.seeds.start < b.seeds.stop and b.seeds.start < a.seeds.stop:
+                    raise ValueError(f"seed ranges of {name_a} and {name_b} overlap")
+        return self
+
+
+class ModelSpec(Strict):
+    channels: list[int] = Field(min_length=1, description="Width of each conv block")
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=1)
+    # Seed 000 (Chang & Huang): the share of positives in every batch (P50 = 0.5) steers the
+    # model's sensitivity; it is fixed per batch instead of left to chance (their RAND mode).
+    batch_positive_fraction: float = Field(default=0.5, gt=0, lt=1)
+    learning_rate: float = Field(gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class CalibrationSpec(Strict):
+    rule_out_sensitivity: float = Field(default=0.98, gt=0, le=1)
+    urgent_specificity: float = Field(default=0.95, gt=0, le=1)
+
+
+class RuleoutConfig(Strict):
+    """training/configs/ruleout*.yaml."""
+
+    name: str = "cxr-ruleout"
+    version: str = "0.1.0"
+    seed: int = 0
+    threads: int = Field(default=2, gt=0, description="torch and ONNX Runtime threads")
+    phantom_size: int = Field(default=256, gt=31)
+    input_size: int = Field(default=128, gt=15)
+    positive_fraction: float = Field(default=0.5, gt=0, lt=1, description="Abnormal share")
+    splits: Splits
+    model: ModelSpec
+    training: TrainSpec
+    calibration: CalibrationSpec = CalibrationSpec()
+    date: str | None = Field(default=None, description="Bundle date; today when absent")
+
+
+def load_config(path: Path) -> RuleoutConfig:
+    """Read a config; errors name file:line:column (raises cadnode.yamlfile.ConfigError)."""
+    return load_model(path, RuleoutConfig)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+# Abnormal films rotate through these (opacity, pneumothorax) findings so that each kind,
+# alone and together, is represented in every split.
+FINDINGS: tuple[tuple[bool, bool], ...] = ((True, False), (False, True), (True, True))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One phantom film: its seed and which findings it carries."""
+
+    seed: int
+    opacity: bool
+    pneumothorax: bool
+
+    @property
+    def abnormal(self) -> bool:
+        return self.opacity or self.pneumothorax
+
+    @property
+    def patient_id(self) -> str:
+        return f"PHANTOM{self.seed:08d}"
+
+
+def plan_cases(seeds: range, positive_fraction: float) -> list[Case]:
+    """Which seeds are abnormal (chosen at random, reproducibly) and with which findings."""
+    count = len(seeds)
+    rng = np.random.default_rng(seeds.start)
+    abnormal = np.zeros(count, dtype=bool)
+    abnormal[rng.permutation(count)[: round(count * positive_fraction)]] = True
+    findings = cycle(FINDINGS)
+    return [
+        Case(seed, *next(findings)) if is_abnormal else Case(seed, False, False)
+        for seed, is_abnormal in zip(seeds, abnormal, strict=True)
+    ]
+
+
+def render(case: Case, phantom_size: int) -> Dataset:
+    """The DICOM dataset of a case, built in memory exactly as it would be written to disk."""
+    phantom = make_chest_phantom(
+        case.seed, size=phantom_size, opacity=case.opacity, pneumothorax=case.pneumothorax
+    )
+    return chest_dataset(
+        phantom, patient_id=case.patient_id, patient_name="Phantom^Chest", seed=case.seed
+    )
+
+
+def tensors(
+    cases: Sequence[Case], phantom_size: int, input_size: int, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs (N, 1, S, S) via the daemon's own preprocessing, and 0/1 labels (N,)."""
+    images = np.stack(
+        [image_to_tensor(render(case, phantom_size), input_size)[0] for case in tqdm(cases, desc)]
+    )
+    labels = np.array([case.abnormal for case in cases], dtype=np.float32)
+    return images, labels
+
+
+# --- model and training ----------------------------------------------------------------------
+
+
+class RuleoutNet(nn.Module):
+    """Conv-BN-ReLU-pool blocks, global average and max pooling, one linear logit.
+
+    Max pooling keeps a small focal finding (an opacity, a pleural line) from being averaged
+    away over the whole film. `forward` returns P(abnormal), the exported ONNX output.
+    """
+
+    def __init__(self, channels: Sequence[int]) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        previous = 1
+        for width in channels:
+            blocks += [
+                nn.Conv2d(previous, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            previous = width
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(2 * previous, 1)
+
+    def logit(self, image: torch.Tensor) -> torch.Tensor:
+        features = self.features(image)
+        pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+        return self.head(pooled)[:, 0]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(image))
+
+
+def make_deterministic(seed: int, threads: int) -> None:
+    """Same seed, same thread count, same weights: the bundle rebuilds byte for byte."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+
+
+def controlled_batches(
+    labels: np.ndarray, batch_size: int, positive_fraction: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """One epoch of index batches, each holding the same number of positives.
+
+    Seed 000 (Chang & Huang), batch control: fixing the positive share per batch stabilises
+    training and sets the sensitivity. When the batch share exceeds the data share the
+    scarcer class is cycled, i.e. random minority oversampling (seed 003 A.2, Buda).
+    """
+    positives, negatives = np.flatnonzero(labels > 0.5), np.flatnonzero(labels <= 0.5)
+    per_batch = min(batch_size - 1, max(1, round(batch_size * positive_fraction)))
+    steps = len(labels) // batch_size
+    pos = _draw(positives, steps * per_batch, rng)
+    neg = _draw(negatives, steps * (batch_size - per_batch), rng)
+    width = batch_size - per_batch
+    return [
+        rng.permutation(
+            np.concatenate([pos[i * per_batch : (i + 1) * per_batch], neg[i * width : (i + 1) * width]])
+        )
+        for i in range(steps)
+    ]
+
+
+def _draw(indices: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` indices from whole shuffled passes over `indices` (repeated when short)."""
+    if len(indices) == 0:
+        raise ValueError("batch control needs both classes in the training set")
+    passes = max(1, -(-count // len(indices)))
+    return np.concatenate([rng.permutation(indices) for _ in range(passes)])[:count]
+
+
+def train(
+    model: RuleoutNet, images: np.ndarray, labels: np.ndarray, spec: TrainSpec, seed: int
+) -> list[float]:
+    """AdamW with a one-cycle schedule on binary cross-entropy; returns the mean loss per epoch."""
+    rng = np.random.default_rng(seed)
+    steps = len(labels) // spec.batch_size
+    if steps == 0:
+        raise ValueError(f"training set of {len(labels)} is smaller than one batch")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=spec.learning_rate, total_steps=spec.epochs * steps
+    )
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    loss_fn = nn.BCEWithLogitsLoss()
+    losses: list[float] = []
+    model.train()
+    for _ in (bar := tqdm(range(spec.epochs), desc="train", unit="epoch")):
+        total = 0.0
+        for batch in controlled_batches(labels, spec.batch_size, spec.batch_positive_fraction, rng):
+            index = torch.from_numpy(batch)
+            optimizer.zero_grad()
+            loss = loss_fn(model.logit(x[index]), y[index])
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item()
+        losses.append(total / steps)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    model.eval()
+    return losses
+
+
+# --- calibration and metrics -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """A threshold and what it does: score >= threshold is called abnormal."""
+
+    threshold: float
+    sensitivity: float
+    specificity: float
+
+
+def roc_table(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every useful threshold (the observed scores and 1.0), ascending, with sens. and spec.
+
+    Sensitivity only changes at a positive's score and specificity just above a negative's,
+    so the observed scores are the complete set of distinct operating points.
+    """
+    positive = labels > 0.5
+    if positive.all() or not positive.any():
+        raise ValueError("calibration needs both normal and abnormal films")
+    thresholds = np.unique(np.append(scores.astype(np.float64), 1.0))
+    pos, neg = np.sort(scores[positive]), np.sort(scores[~positive])
+    sensitivity = 1.0 - np.searchsorted(pos, thresholds, side="left") / len(pos)
+    specificity = np.searchsorted(neg, thresholds, side="left") / len(neg)
+    return thresholds, sensitivity, specificity
+
+
+def calibrate(
+    scores: np.ndarray, labels: np.ndarray, *, target_sensitivity: float, target_specificity: float
+) -> dict[str, Point]:
+    """The `rule_out` and `urgent` operating points (DESIGN §4).
+
+    rule_out: the highest threshold keeping sensitivity >= target; films below it are
+    "no abnormality detected". urgent: the lowest threshold with specificity >= target, but
+    never below rule_out, so no film is at once ruled out and urgent (a well separated model
+    reaches the specificity target below rule_out; then urgent == rule_out).
+    """
+    thresholds, sensitivity, specificity = roc_table(scores, labels)
+    rule_out = int(np.flatnonzero(sensitivity >= target_sensitivity).max())
+    eligible = np.flatnonzero((specificity >= target_specificity) & (thresholds >= thresholds[rule_out]))
+    if len(eligible) == 0:
+        raise ValueError(f"no threshold reaches specificity {target_specificity}")
+    urgent = int(eligible.min())
+    return {
+        name: Point(float(thresholds[i]), float(sensitivity[i]), float(specificity[i]))
+        for name, i in (("rule_out", rule_out), ("urgent", urgent))
+    }
+
+
+def rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> Point:
+    """Sensitivity and specificity of `threshold` on another set (e.g. the held-out test)."""
+    called, positive = scores >= threshold, labels > 0.5
+    return Point(threshold, float(called[positive].mean()), float((~called[~positive]).mean()))
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(abnormal film scores above normal film), ties count half."""
+    positive = labels > 0.5
+    pos, neg = scores[positive][:, None], scores[~positive][None, :]
+    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
