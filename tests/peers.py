@@ -170,12 +170,15 @@ def run_cadnode(folder: Path, destination: str | None, **overrides: str) -> Iter
 
 
 def storescu(
-    port: int, *files: Path, called_ae: str = "CADNODE", calling_ae: str = "MODALITY"
+    port: int, *files: Path, called_ae: str = "CADNODE", calling_ae: str = "MODALITY",
+    options: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
+    """DCMTK's storescu; TCP_NODELAY=1 as without it DCMTK waits on Nagle's algorithm."""
     tool = require_tool("storescu")
     env = {**os.environ, "TCP_NODELAY": "1"}
     return subprocess.run(
-        [tool, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        [tool, *options, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port),
+         *map(str, files)],
         capture_output=True,
         text=True,
         env=env,

@@ -44,10 +44,13 @@ class Splits(Strict):
     validation: Split
     test: Split
 
+    def named(self) -> dict[str, Split]:
+        return {"train": self.train, "validation": self.validation, "test": self.test}
+
     @model_validator(mode="after")
     def _disjoint(self) -> Splits:
         """Overlapping seeds would leak test films into training and inflate the metrics."""
-        named = [("train", self.train), ("validation", self.validation), ("test", self.test)]
+        named = list(self.named().items())
         for i, (name_a, a) in enumerate(named):
             for name_b, b in named[i + 1 :]:
                 if a.seeds.start < b.seeds.stop and b.seeds.start < a.seeds.stop:
@@ -114,6 +117,12 @@ class Case:
     @property
     def abnormal(self) -> bool:
         return self.opacity or self.pneumothorax
+
+    @property
+    def finding(self) -> str:
+        """"normal", "opacity", "pneumothorax" or "opacity+pneumothorax"."""
+        present = [("opacity", self.opacity), ("pneumothorax", self.pneumothorax)]
+        return "+".join(name for name, shown in present if shown) or "normal"
 
     @property
     def patient_id(self) -> str:
@@ -321,3 +330,54 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     positive = labels > 0.5
     pos, neg = scores[positive][:, None], scores[~positive][None, :]
     return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Operating points chosen on validation, and how they fare on the held-out test set."""
+
+    operating_points: dict[str, Point]  # calibrated on the validation split
+    test_points: dict[str, Point]  # the same thresholds applied to the test split
+    validation_auc: float
+    test_auc: float
+    test_sensitivity_by_finding: dict[str, float]  # at rule_out: which findings slip through
+    test_roc: tuple[np.ndarray, np.ndarray]  # false positive rate, true positive rate
+
+    def metrics(self) -> dict[str, float]:
+        """The figures recorded in manifest provenance.metrics (rounded for reading)."""
+        figures = {"validation_auc": self.validation_auc, "test_auc": self.test_auc}
+        for name, point in self.test_points.items():
+            figures[f"test_sensitivity_at_{name}"] = point.sensitivity
+            figures[f"test_specificity_at_{name}"] = point.specificity
+        for finding, sensitivity in self.test_sensitivity_by_finding.items():
+            figures[f"test_sensitivity_at_rule_out_{finding.replace('+', '_and_')}"] = sensitivity
+        return {name: round(value, 6) for name, value in figures.items()}
+
+
+def evaluate(
+    validation: tuple[np.ndarray, np.ndarray],
+    test_scores: np.ndarray,
+    test_cases: Sequence[Case],
+    spec: CalibrationSpec,
+) -> Evaluation:
+    """Calibrate on (validation scores, labels); measure on the held-out test cases."""
+    points = calibrate(
+        *validation,
+        target_sensitivity=spec.rule_out_sensitivity,
+        target_specificity=spec.urgent_specificity,
+    )
+    labels = np.array([case.abnormal for case in test_cases], dtype=np.float32)
+    findings = np.array([case.finding for case in test_cases])
+    ruled_in = test_scores >= points["rule_out"].threshold
+    _, sensitivity, specificity = roc_table(test_scores, labels)
+    return Evaluation(
+        operating_points=points,
+        test_points={name: rates(test_scores, labels, p.threshold) for name, p in points.items()},
+        validation_auc=auc(*validation),
+        test_auc=auc(test_scores, labels),
+        test_sensitivity_by_finding={
+            finding: float(ruled_in[findings == finding].mean())
+            for finding in sorted(set(findings) - {"normal"})
+        },
+        test_roc=(1.0 - specificity, sensitivity),
+    )

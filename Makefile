@@ -1,0 +1,54 @@
+# cadnode: `make run` serves the embedded default, `make test` runs the whole suite.
+# Every target installs what it needs first; installing twice changes nothing.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SYSTEM_PACKAGES := dcmtk orthanc dicom3tools
+# Debian's Orthanc package tries to start its own service on install; we only want the binary.
+APT := DEBIAN_FRONTEND=noninteractive apt-get
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install install-dev system-packages run test lint bench engines clean
+
+install: system-packages $(VENV)/.installed-core
+
+install-dev: system-packages $(VENV)/.installed-dev
+
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) $(APT) update -qq && $(SUDO) $(APT) install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed-core: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# torch is pinned to the CPU build that lies on disk (see pyproject's `train` extra).
+$(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q -e '.[train,dev]'
+	touch $(VENV)/.installed-core $@
+
+run: install
+	$(BIN)/cadnode serve
+
+test: install-dev
+	$(BIN)/ruff check cadnode training tests benchmarks
+	$(BIN)/mypy cadnode
+	$(BIN)/pytest -q
+
+bench: install-dev
+	$(BIN)/python benchmarks/end_to_end.py
+
+engines: install-dev
+	$(BIN)/cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines/cxr-ruleout
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

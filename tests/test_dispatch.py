@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sqlmodel import select
+
+from cadnode.config import DispatchSettings
+from cadnode.db import (
+    Database, Delivery, DeliveryState, Job, JobState, ResultObject, Study, utcnow,
+)
+from cadnode.dispatch import Dispatcher
+from tests.peers import free_port
+from training.phantoms import write_chest_radiograph
+
+
+def queue_one(database: Database, results: Path, destination: str) -> int:
+    ds = write_chest_radiograph(results / "obj.dcm", seed=5)
+    with database.session() as session:
+        study = Study(study_uid="1.2.3")
+        session.add(study)
+        session.flush()
+        assert study.id is not None
+        job = Job(study_id=study.id, version=1, state=JobState.encoded)
+        session.add(job)
+        session.flush()
+        assert job.id is not None
+        session.add(ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), job_id=job.id,
+                                 engine="e", modality="DX", path="obj.dcm"))
+        session.flush()
+        session.add(Delivery(object_uid=str(ds.SOPInstanceUID), job_id=job.id,
+                             destination=destination))
+        session.commit()
+        return job.id
+
+
+def the_delivery(database: Database) -> Delivery:
+    with database.session() as session:
+        return session.exec(select(Delivery)).one()
+
+
+def make_due_now(database: Database) -> None:
+    with database.session() as session:
+        delivery = session.exec(select(Delivery)).one()
+        delivery.next_attempt_at = utcnow()
+        session.add(delivery)
+        session.commit()
+
+
+def test_back_off_doubles_up_to_its_ceiling(database: Database, tmp_path: Path) -> None:
+    queue_one(database, tmp_path, f"NOBODY@127.0.0.1:{free_port()}")
+    settings = DispatchSettings(max_attempts=10, backoff_initial_s=10, backoff_max_s=25, timeout_s=2)
+    dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE")
+    waits = []
+    for _ in range(3):
+        make_due_now(database)
+        before = utcnow()
+        dispatcher.advance()
+        delivery = the_delivery(database)
+        waits.append(round((delivery.next_attempt_at - before).total_seconds()))
+        assert delivery.state is DeliveryState.pending
+        assert "association not established" in (delivery.last_error or "")
+    assert waits == [10, 20, 25]
+    assert the_delivery(database).attempts == 3
+
+
+def test_unreachable_destination_is_dead_lettered_after_the_limit(
+    database: Database, tmp_path: Path
+) -> None:
+    job_id = queue_one(database, tmp_path, f"NOBODY@127.0.0.1:{free_port()}")
+    settings = DispatchSettings(max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.01, timeout_s=2)
+    dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE")
+    dispatcher.advance()
+    time.sleep(0.05)
+    assert dispatcher.advance() is None  # nothing left to retry
+    delivery = the_delivery(database)
+    assert delivery.state is DeliveryState.failed and delivery.attempts == 2
+    with database.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state is JobState.failed
+        assert "dead letter" in (job.reason or "")

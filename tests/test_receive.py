@@ -1,0 +1,94 @@
+"""The C-STORE SCP against DCMTK's storescu and echoscu, in process with a real database."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from sqlmodel import select
+
+from cadnode.config import DicomSettings, Settings, StorageSettings
+from cadnode.db import Database, Instance, Job, JobState
+from cadnode.receive import Receiver
+from tests.peers import echoscu, storescu
+from training.phantoms import write_chest_radiograph
+
+
+@pytest.fixture
+def receiving(tmp_path: Path, database: Database) -> Iterator[tuple[Receiver, int, list[int]]]:
+    settings = Settings(storage=StorageSettings(data_dir=tmp_path / "var"),
+                        dicom=DicomSettings(port=0))
+    nudges: list[int] = []
+    receiver = Receiver(settings, database, on_indexed=lambda: nudges.append(1))
+    port = receiver.start()
+    yield receiver, port, nudges
+    receiver.stop()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes after the File Meta Information: what the sender's dataset was."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM"
+    (meta_length,) = struct.unpack("<I", data[140:144])  # (0002,0000) UL value
+    return data[144 + meta_length:]
+
+
+def instances(database: Database) -> list[Instance]:
+    with database.session() as session:
+        return list(session.exec(select(Instance)).all())
+
+
+def test_echo(receiving: tuple[Receiver, int, list[int]]) -> None:
+    _, port, _ = receiving
+    assert echoscu(port).returncode == 0
+
+
+def test_a_stored_instance_is_byte_exact_indexed_and_announced(
+    receiving: tuple[Receiver, int, list[int]], database: Database, tmp_path: Path
+) -> None:
+    receiver, port, nudges = receiving
+    sent = tmp_path / "chest.dcm"
+    ds = write_chest_radiograph(sent, seed=7)
+    done = storescu(port, sent)
+    assert done.returncode == 0, done.stderr
+    [instance] = instances(database)
+    stored = receiver.spool / instance.path
+    assert dataset_bytes(stored) == dataset_bytes(sent)
+    assert instance.sop_instance_uid == ds.SOPInstanceUID
+    assert instance.calling_ae == "MODALITY"
+    assert dcmread(stored).file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert nudges == [1]
+    with database.session() as session:
+        job = session.get(Job, instance.job_id)
+        assert job is not None and job.state is JobState.received and job.instance_count == 1
+
+
+def test_the_same_instance_twice_is_stored_once(
+    receiving: tuple[Receiver, int, list[int]], database: Database, tmp_path: Path
+) -> None:
+    receiver, port, _ = receiving
+    sent = tmp_path / "chest.dcm"
+    write_chest_radiograph(sent, seed=8)
+    assert storescu(port, sent).returncode == 0
+    assert storescu(port, sent).returncode == 0
+    assert len(instances(database)) == 1
+    assert len(list(receiver.spool.rglob("*.dcm"))) == 1
+
+
+def test_missing_uids_are_refused_with_a_status_and_the_node_goes_on(
+    receiving: tuple[Receiver, int, list[int]], database: Database, tmp_path: Path
+) -> None:
+    _, port, _ = receiving
+    bad = tmp_path / "bad.dcm"
+    ds = write_chest_radiograph(bad, seed=9)
+    del ds.StudyInstanceUID
+    ds.save_as(bad, enforce_file_format=True)
+    good = tmp_path / "good.dcm"
+    write_chest_radiograph(good, seed=10)
+
+    done = storescu(port, bad, good, options=("--no-halt", "-v"))
+    assert "Received Store Response (Error: CannotUnderstand)" in done.stderr, done.stderr
+    assert [i.sop_instance_uid for i in instances(database)] == [dcmread(good).SOPInstanceUID]
