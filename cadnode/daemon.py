@@ -12,6 +12,7 @@ from types import FrameType
 
 import structlog
 
+from cadnode.admin import AdminServer
 from cadnode.assemble import Assembler
 from cadnode.config import Settings
 from cadnode.conveyor import Conveyor
@@ -47,6 +48,7 @@ class Node:
         )
         self.database.on_change = self.conveyor.nudge
         self.receiver = Receiver(settings, self.database, on_indexed=self.conveyor.nudge)
+        self.admin = AdminServer(settings.http)
         log.info(
             "node.configured",
             engines=sorted(engines),
@@ -57,11 +59,13 @@ class Node:
 
     def start(self) -> int:
         self.conveyor.start()
+        self.admin.start()
         return self.receiver.start()
 
     def stop(self) -> None:
         self.receiver.stop()
         self.conveyor.stop()
+        self.admin.stop()
         log.info("node.stopped")
 
 

@@ -62,6 +62,17 @@ class Orthanc:
     def instance_tags(self, orthanc_id: str) -> dict[str, Any]:
         return dict(self.get(f"/instances/{orthanc_id}/simplified-tags"))
 
+    def instances_of_study(self, study_uid: str) -> list[str]:
+        """Orthanc ids of the study's instances (its REST /tools/lookup and /studies)."""
+        found = self.post("/tools/lookup", study_uid.encode())
+        studies = [item["ID"] for item in found if item["Type"] == "Study"]
+        return [i["ID"] for s in studies for i in self.get(f"/studies/{s}/instances")]
+
+    def post(self, path: str, body: bytes) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body)
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return json.loads(r.read())
+
     def download(self, orthanc_id: str, path: Path) -> Path:
         path.write_bytes(self.get(f"/instances/{orthanc_id}/file"))
         return path
@@ -72,9 +83,9 @@ class Orthanc:
 
 
 @contextmanager
-def run_orthanc(folder: Path) -> Iterator[Orthanc]:
+def run_orthanc(folder: Path, dicom_port: int | None = None) -> Iterator[Orthanc]:
     binary = require_tool("Orthanc")
-    orthanc = Orthanc(http_port=free_port(), dicom_port=free_port())
+    orthanc = Orthanc(http_port=free_port(), dicom_port=dicom_port or free_port())
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "cadnode-test-pacs",
@@ -150,7 +161,7 @@ def run_cadnode(folder: Path, destination: str | None, **overrides: str) -> Iter
         env["CADNODE_DESTINATION"] = destination
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "cadnode.log"
-    with log_path.open("w") as log:
+    with log_path.open("a") as log:  # a restart keeps the earlier run's events
         process = subprocess.Popen(
             [sys.executable, "-m", "cadnode.cli", "serve"],
             env=env,
@@ -170,15 +181,27 @@ def run_cadnode(folder: Path, destination: str | None, **overrides: str) -> Iter
 
 
 def storescu(
-    port: int, *files: Path, called_ae: str = "CADNODE", calling_ae: str = "MODALITY",
+    port: int,
+    *files: Path,
+    called_ae: str = "CADNODE",
+    calling_ae: str = "MODALITY",
     options: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """DCMTK's storescu; TCP_NODELAY=1 as without it DCMTK waits on Nagle's algorithm."""
     tool = require_tool("storescu")
     env = {**os.environ, "TCP_NODELAY": "1"}
     return subprocess.run(
-        [tool, *options, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port),
-         *map(str, files)],
+        [
+            tool,
+            *options,
+            "-aet",
+            calling_ae,
+            "-aec",
+            called_ae,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -15,14 +15,26 @@ def add_job(database: Database, sop_classes: list[str], quiet_for_s: float) -> i
         session.flush()
         assert study.id is not None
         last = utcnow() - dt.timedelta(seconds=quiet_for_s)
-        job = Job(study_id=study.id, version=1, instance_count=len(sop_classes), last_instance_at=last)
+        job = Job(
+            study_id=study.id, version=1, instance_count=len(sop_classes), last_instance_at=last
+        )
         session.add(job)
         session.flush()
         assert job.id is not None
         for i, sop_class in enumerate(sop_classes):
-            session.add(Instance(sop_instance_uid=f"{study.study_uid}.{i}", sop_class_uid=sop_class,
-                                 series_uid="1.2", transfer_syntax="1.2.840.10008.1.2.1",
-                                 path="x", size=1, calling_ae="A", peer="p", job_id=job.id))
+            session.add(
+                Instance(
+                    sop_instance_uid=f"{study.study_uid}.{i}",
+                    sop_class_uid=sop_class,
+                    series_uid="1.2",
+                    transfer_syntax="1.2.840.10008.1.2.1",
+                    path="x",
+                    size=1,
+                    calling_ae="A",
+                    peer="p",
+                    job_id=job.id,
+                )
+            )
         session.commit()
         return job.id
 

@@ -31,14 +31,24 @@ def test_embedded_default_loads_with_its_documented_values() -> None:
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
-    settings = load_settings({
-        "CADNODE_DATA_DIR": str(tmp_path / "data"), "CADNODE_DICOM_PORT": "11999",
-        "CADNODE_AE_TITLE": "NODE2", "CADNODE_HTTP_PORT": "8999",
-        "CADNODE_DESTINATION": "PACS@10.1.2.3:104",
-    })
+    settings = load_settings(
+        {
+            "CADNODE_DATA_DIR": str(tmp_path / "data"),
+            "CADNODE_DICOM_PORT": "11999",
+            "CADNODE_AE_TITLE": "NODE2",
+            "CADNODE_HTTP_PORT": "8999",
+            "CADNODE_DESTINATION": "PACS@10.1.2.3:104",
+        }
+    )
     assert settings.storage.data_dir == tmp_path / "data"
-    assert (settings.dicom.port, settings.dicom.ae_title, settings.http.port) == (11999, "NODE2", 8999)
-    assert settings.result_destinations() == [Destination(ae_title="PACS", host="10.1.2.3", port=104)]
+    assert (settings.dicom.port, settings.dicom.ae_title, settings.http.port) == (
+        11999,
+        "NODE2",
+        8999,
+    )
+    assert settings.result_destinations() == [
+        Destination(ae_title="PACS", host="10.1.2.3", port=104)
+    ]
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:

@@ -7,7 +7,14 @@ from sqlmodel import select
 
 from cadnode.config import DispatchSettings
 from cadnode.db import (
-    Database, Delivery, DeliveryState, Job, JobState, ResultObject, Study, utcnow,
+    Database,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    ResultObject,
+    Study,
+    utcnow,
 )
 from cadnode.dispatch import Dispatcher
 from tests.peers import free_port
@@ -25,11 +32,19 @@ def queue_one(database: Database, results: Path, destination: str) -> int:
         session.add(job)
         session.flush()
         assert job.id is not None
-        session.add(ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), job_id=job.id,
-                                 engine="e", modality="DX", path="obj.dcm"))
+        session.add(
+            ResultObject(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                job_id=job.id,
+                engine="e",
+                modality="DX",
+                path="obj.dcm",
+            )
+        )
         session.flush()
-        session.add(Delivery(object_uid=str(ds.SOPInstanceUID), job_id=job.id,
-                             destination=destination))
+        session.add(
+            Delivery(object_uid=str(ds.SOPInstanceUID), job_id=job.id, destination=destination)
+        )
         session.commit()
         return job.id
 
@@ -49,7 +64,9 @@ def make_due_now(database: Database) -> None:
 
 def test_back_off_doubles_up_to_its_ceiling(database: Database, tmp_path: Path) -> None:
     queue_one(database, tmp_path, f"NOBODY@127.0.0.1:{free_port()}")
-    settings = DispatchSettings(max_attempts=10, backoff_initial_s=10, backoff_max_s=25, timeout_s=2)
+    settings = DispatchSettings(
+        max_attempts=10, backoff_initial_s=10, backoff_max_s=25, timeout_s=2
+    )
     dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE")
     waits = []
     for _ in range(3):
@@ -68,7 +85,9 @@ def test_unreachable_destination_is_dead_lettered_after_the_limit(
     database: Database, tmp_path: Path
 ) -> None:
     job_id = queue_one(database, tmp_path, f"NOBODY@127.0.0.1:{free_port()}")
-    settings = DispatchSettings(max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.01, timeout_s=2)
+    settings = DispatchSettings(
+        max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.01, timeout_s=2
+    )
     dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE")
     dispatcher.advance()
     time.sleep(0.05)

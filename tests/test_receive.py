@@ -19,8 +19,9 @@ from training.phantoms import write_chest_radiograph
 
 @pytest.fixture
 def receiving(tmp_path: Path, database: Database) -> Iterator[tuple[Receiver, int, list[int]]]:
-    settings = Settings(storage=StorageSettings(data_dir=tmp_path / "var"),
-                        dicom=DicomSettings(port=0))
+    settings = Settings(
+        storage=StorageSettings(data_dir=tmp_path / "var"), dicom=DicomSettings(port=0)
+    )
     nudges: list[int] = []
     receiver = Receiver(settings, database, on_indexed=lambda: nudges.append(1))
     port = receiver.start()
@@ -33,7 +34,7 @@ def dataset_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     assert data[128:132] == b"DICM"
     (meta_length,) = struct.unpack("<I", data[140:144])  # (0002,0000) UL value
-    return data[144 + meta_length:]
+    return data[144 + meta_length :]
 
 
 def instances(database: Database) -> list[Instance]:

@@ -19,13 +19,16 @@ def header(**changes: str):  # type: ignore[no-untyped-def]
     return ds
 
 
-@pytest.mark.parametrize(("changes", "rule"), [
-    ({}, "chest-radiograph"),
-    ({"Modality": "CR", "ViewPosition": "AP"}, "chest-radiograph"),
-    ({"ViewPosition": "LL"}, "everything-else"),
-    ({"BodyPartExamined": "HAND"}, "everything-else"),
-    ({"Modality": "CT"}, "everything-else"),
-])
+@pytest.mark.parametrize(
+    ("changes", "rule"),
+    [
+        ({}, "chest-radiograph"),
+        ({"Modality": "CR", "ViewPosition": "AP"}, "chest-radiograph"),
+        ({"ViewPosition": "LL"}, "everything-else"),
+        ({"BodyPartExamined": "HAND"}, "everything-else"),
+        ({"Modality": "CT"}, "everything-else"),
+    ],
+)
 def test_shipped_rules_send_frontal_chest_films_to_the_rule_out_engine(
     changes: dict[str, str], rule: str
 ) -> None:
@@ -82,7 +85,10 @@ def test_an_unknown_dicom_keyword_is_an_error_at_its_line(tmp_path: Path) -> Non
 
 
 def test_infer_needs_a_pipeline_and_ignore_takes_none(tmp_path: Path) -> None:
-    text = "rules:\n  - name: a\n    action: infer\n  - name: b\n    action: ignore\n    pipeline: [cxr-ruleout]\n"
+    text = (
+        "rules:\n  - name: a\n    action: infer\n"
+        "  - name: b\n    action: ignore\n    pipeline: [cxr-ruleout]\n"
+    )
     found = rule_problems(tmp_path, text)
     assert any("rules.0" in p and "needs a pipeline" in p for p in found)
     assert any("rules.1" in p and "takes no pipeline" in p for p in found)

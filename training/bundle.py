@@ -66,8 +66,12 @@ def code_revision() -> str:
     """The commit the engine was built from, or "unknown" outside a git checkout."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True,
-            timeout=10, check=False,
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -121,8 +125,10 @@ def make_manifest(
         labels=[Label(name="abnormal", code=ABNORMAL)],
         operating_points={
             name: OperatingPoint(
-                threshold=point.threshold, description=meanings[name],
-                sensitivity=round(point.sensitivity, 6), specificity=round(point.specificity, 6),
+                threshold=point.threshold,
+                description=meanings[name],
+                sensitivity=round(point.sensitivity, 6),
+                specificity=round(point.specificity, 6),
             )
             for name, point in evaluation.operating_points.items()
         },
@@ -156,13 +162,18 @@ def describe_data(config: RuleoutConfig, cases: Mapping[str, Sequence[Case]]) ->
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:
+    header = "# Written by cadnode-train; model.sha256 pins model.onnx. Rebuild, don't edit.\n"
+    path.write_text(header + _yaml_text(manifest.model_dump(mode="json")), encoding="utf-8")
+
+
+def _yaml_text(data: object) -> str:
+    """Block-style YAML, one line per value (no folded descriptions), keys in model order."""
     yaml = YAML()
     yaml.default_flow_style = False
-    yaml.width = 4096  # one line per value: no folded descriptions
+    yaml.width = 4096
     stream = io.StringIO()
-    stream.write("# Written by cadnode-train; model.sha256 pins model.onnx. Rebuild, don't edit.\n")
-    yaml.dump(manifest.model_dump(mode="json"), stream)
-    path.write_text(stream.getvalue(), encoding="utf-8")
+    yaml.dump(data, stream)
+    return stream.getvalue()
 
 
 def draw_roc(path: Path, evaluation: Evaluation, side: int = 360, margin: int = 40) -> None:
@@ -177,12 +188,14 @@ def draw_roc(path: Path, evaluation: Evaluation, side: int = 360, margin: int = 
     draw.rectangle([at(0, 1), at(1, 0)], outline="black")
     draw.line([at(0, 0), at(1, 1)], fill="lightgray")
     fpr, tpr = evaluation.test_roc
-    curve = [at(0, 0), *(at(float(f), float(t)) for f, t in sorted(zip(fpr, tpr))), at(1, 1)]
+    steps = sorted(zip(fpr.tolist(), tpr.tolist(), strict=True))
+    curve = [at(0, 0), *(at(f, t) for f, t in steps), at(1, 1)]
     draw.line(curve, fill="navy", width=2)
-    for (name, point), colour in zip(evaluation.test_points.items(), ("green", "red")):
+    for row, (name, point) in enumerate(evaluation.test_points.items()):
+        colour = ("green", "red")[row % 2]
         x, y = at(1 - point.specificity, point.sensitivity)
         draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline=colour, width=2)
-        draw.text((x + 6, y + 2), name, fill=colour)
+        draw.text((x + 6, y + 2 + 12 * row), name, fill=colour)  # rows: points may coincide
     draw.text((margin, 10), f"Held-out test ROC, AUC {evaluation.test_auc:.4f}", fill="black")
     draw.text((margin, side - margin + 8), "1 - specificity", fill="black")
     draw.text((4, margin - 16), "sensitivity", fill="black")
@@ -228,8 +241,13 @@ def model_card(
         "## Operating points\n\nChosen on the validation phantoms, then applied unchanged to "
         "the held-out test phantoms. A film is called abnormal when P >= threshold.\n\n"
         "| point | threshold | val. sensitivity | val. specificity | test sensitivity "
-        "| test specificity |\n|---|---|---|---|---|---|\n" + points + "\n\n"
-        + "\n".join(f"- `{k}`: {v.description}" for k, v in manifest.operating_points.items()),
+        "| test specificity |\n|---|---|---|---|---|---|\n"
+        + points
+        + "\n\n"
+        + "\n".join(f"- `{k}`: {v.description}" for k, v in manifest.operating_points.items())
+        + "\n\n`rule_out` is the highest threshold that meets its sensitivity target, so it "
+        "gives up to the allowed share of abnormal films for specificity even where a lower "
+        "threshold would miss none; expect test sensitivity near the target, not above it.",
         "## Held-out test metrics\n\n"
         f"AUC {evaluation.test_auc:.4f} on the test phantoms (validation AUC "
         f"{evaluation.validation_auc:.4f}). Computed with ONNX Runtime on the shipped "
@@ -241,15 +259,6 @@ def model_card(
         "## Rebuild\n\n```\n" + rebuild + "\n```\n\nSame config, same bytes of `model.onnx` "
         f"(sha256 `{manifest.model.sha256}`). Built from code revision "
         f"`{manifest.provenance.code_revision}` on {manifest.provenance.date}. Config:\n\n"
-        "```yaml\n" + _config_yaml(config) + "```",
+        "```yaml\n" + _yaml_text(config.model_dump(mode="json", exclude={"date"})) + "```",
     ]
     return "\n\n".join(sections) + "\n"
-
-
-def _config_yaml(config: RuleoutConfig) -> str:
-    yaml = YAML()
-    yaml.default_flow_style = None
-    stream = io.StringIO()
-    yaml.dump(config.model_dump(mode="json", exclude={"date"}), stream)
-    return stream.getvalue()
-

@@ -1,7 +1,7 @@
 """`cadnode-train`: write phantom datasets, build engine bundles.
 
-    cadnode-train phantoms --kind cxr --count 100 --out data/cxr [--positive-fraction 0.5]
-    cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines/cxr-ruleout
+cadnode-train phantoms --kind cxr --count 100 --out data/cxr [--positive-fraction 0.5]
+cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines/cxr-ruleout
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ def write_phantoms(args: argparse.Namespace) -> int:
         print("cadnode-train phantoms: --kind dbt is not built yet (only cxr)", file=sys.stderr)
         return 2
     if args.count <= 0 or not 0 <= args.positive_fraction <= 1:
-        print("cadnode-train phantoms: need --count > 0, 0 <= --positive-fraction <= 1",
-              file=sys.stderr)
+        print(
+            "cadnode-train phantoms: need --count > 0, 0 <= --positive-fraction <= 1",
+            file=sys.stderr,
+        )
         return 2
     cases = plan_cases(range(args.seed, args.seed + args.count), args.positive_fraction)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,11 +80,16 @@ def write_phantoms(args: argparse.Namespace) -> int:
         for index, case in enumerate(tqdm(cases, desc="phantoms", unit="film")):
             name = f"cxr-{index:05d}.dcm"
             write_chest_radiograph(
-                args.out / name, seed=case.seed, patient_id=case.patient_id,
-                opacity=case.opacity, pneumothorax=case.pneumothorax, size=args.size,
+                args.out / name,
+                seed=case.seed,
+                patient_id=case.patient_id,
+                opacity=case.opacity,
+                pneumothorax=case.pneumothorax,
+                size=args.size,
             )
-            labels.writerow([name, *(int(v) for v in (case.abnormal, case.opacity,
-                                                       case.pneumothorax))])
+            labels.writerow(
+                [name, *(int(v) for v in (case.abnormal, case.opacity, case.pneumothorax))]
+            )
     print(f"wrote {len(cases)} films and {LABELS_CSV} to {args.out}")
     return 0
 
@@ -130,15 +137,21 @@ def build_ruleout(config_path: Path, out: Path) -> Bundle:
             for name in ("validation", "test")
         }
         evaluation = evaluate(
-            (scores["validation"], data["validation"][1]), scores["test"], cases["test"],
+            (scores["validation"], data["validation"][1]),
+            scores["test"],
+            cases["test"],
             config.calibration,
         )
         rebuild = shlex.join(
             ["cadnode-train", "build", "ruleout", "--config", str(config_path), "--out", str(out)]
         )
         write_bundle(
-            folder, config=config, cases=cases, evaluation=evaluation,
-            export_difference=difference, rebuild=rebuild,
+            folder,
+            config=config,
+            cases=cases,
+            evaluation=evaluation,
+            export_difference=difference,
+            rebuild=rebuild,
         )
     return Bundle(out)
 
@@ -148,8 +161,10 @@ def summarise(bundle: Bundle, seconds: float) -> None:
     print(f"{manifest.name} {manifest.version} -> {bundle.folder} in {seconds:.1f} s")
     print(f"  model.onnx sha256 {bundle.sha256}")
     for name, point in manifest.operating_points.items():
-        print(f"  {name}: threshold {point.threshold:.6f} (validation sensitivity "
-              f"{point.sensitivity:.4f}, specificity {point.specificity:.4f})")
+        print(
+            f"  {name}: threshold {point.threshold:.6f} (validation sensitivity "
+            f"{point.sensitivity:.4f}, specificity {point.specificity:.4f})"
+        )
     for name, value in manifest.provenance.metrics.items():
         print(f"  {name}: {value:.4f}")
 

@@ -120,7 +120,7 @@ class Case:
 
     @property
     def finding(self) -> str:
-        """"normal", "opacity", "pneumothorax" or "opacity+pneumothorax"."""
+        """ "normal", "opacity", "pneumothorax" or "opacity+pneumothorax"."""
         present = [("opacity", self.opacity), ("pneumothorax", self.pneumothorax)]
         return "+".join(name for name, shown in present if shown) or "normal"
 
@@ -218,13 +218,8 @@ def controlled_batches(
     steps = len(labels) // batch_size
     pos = _draw(positives, steps * per_batch, rng)
     neg = _draw(negatives, steps * (batch_size - per_batch), rng)
-    width = batch_size - per_batch
-    return [
-        rng.permutation(
-            np.concatenate([pos[i * per_batch : (i + 1) * per_batch], neg[i * width : (i + 1) * width]])
-        )
-        for i in range(steps)
-    ]
+    rows = np.hstack([pos.reshape(steps, per_batch), neg.reshape(steps, batch_size - per_batch)])
+    return [rng.permutation(row) for row in rows]
 
 
 def _draw(indices: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -309,7 +304,8 @@ def calibrate(
     """
     thresholds, sensitivity, specificity = roc_table(scores, labels)
     rule_out = int(np.flatnonzero(sensitivity >= target_sensitivity).max())
-    eligible = np.flatnonzero((specificity >= target_specificity) & (thresholds >= thresholds[rule_out]))
+    meets = (specificity >= target_specificity) & (thresholds >= thresholds[rule_out])
+    eligible = np.flatnonzero(meets)
     if len(eligible) == 0:
         raise ValueError(f"no threshold reaches specificity {target_specificity}")
     urgent = int(eligible.min())

@@ -1,0 +1,207 @@
+"""The training module: a tiny cxr-ruleout build end to end, phantoms, calibration, export."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from dataclasses import astuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="needs the `train` extra")
+
+import onnxruntime as ort
+import pydicom
+import torch
+from PIL import Image
+
+from cadnode.infer.bundle import Bundle
+from cadnode.preprocess import image_to_tensor
+from cadnode.yamlfile import ConfigError
+from training.cli import main
+from training.export import ExportMismatch, check_against_torch, export_onnx
+from training.phantoms import make_chest_phantom
+from training.ruleout import (
+    Case,
+    RuleoutNet,
+    auc,
+    calibrate,
+    controlled_batches,
+    load_config,
+    plan_cases,
+    rates,
+    render,
+)
+
+TINY = Path(__file__).resolve().parent.parent / "training" / "configs" / "ruleout-tiny.yaml"
+
+
+def build(out: Path) -> Path:
+    assert main(["build", "ruleout", "--config", str(TINY), "--out", str(out)]) == 0
+    return out
+
+
+def probabilities(bundle: Bundle, cases: list[Case], phantom_size: int) -> np.ndarray:
+    """What the daemon would compute: render, image_to_tensor, ONNX Runtime."""
+    size = bundle.manifest.preprocessing.size
+    images = np.stack([image_to_tensor(render(case, phantom_size), size)[0] for case in cases])
+    session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    return session.run([bundle.manifest.model.output], {bundle.manifest.model.input: images})[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("engines") / "cxr-ruleout")
+
+
+def test_tiny_build_writes_a_verified_bundle(tiny: Path) -> None:
+    bundle = Bundle(tiny)
+    manifest = bundle.manifest
+    config = load_config(TINY)
+    assert manifest.name == "cxr-ruleout" and manifest.task == "classify"
+    assert manifest.inputs.modalities == ["CR", "DX"] and manifest.inputs.views == ["PA", "AP"]
+    assert manifest.preprocessing.size == config.input_size
+    assert [(label.name, label.code.value) for label in manifest.labels] == [
+        ("abnormal", "263654008")
+    ]
+    assert (manifest.model.input, manifest.model.output) == ("image", "probability")
+    assert "not for clinical use" in manifest.provenance.intended_use
+    assert "test: 40 films, seeds 3000-3039" in manifest.provenance.training_data
+    assert 0 <= manifest.provenance.metrics["test_auc"] <= 1
+    card = (tiny / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "not for clinical use" in card and bundle.sha256 in card
+    assert Image.open(tiny / "roc.png").size == (360, 360)
+    assert [p.name for p in tiny.parent.iterdir()] == ["cxr-ruleout"]  # no staging left over
+
+
+def test_onnx_gives_one_probability_per_film(tiny: Path) -> None:
+    bundle = Bundle(tiny)
+    config = load_config(TINY)
+    cases = plan_cases(range(90_000, 90_006), 0.5)  # seeds in no split
+    scores = probabilities(bundle, cases, config.phantom_size)
+    assert scores.shape == (6,) and scores.dtype == np.float32
+    assert np.all((scores >= 0) & (scores <= 1))
+    single = probabilities(bundle, cases[:1], config.phantom_size)  # dynamic batch
+    assert single.shape == (1,) and abs(float(single[0]) - float(scores[0])) < 1e-5
+
+
+def test_operating_points_reproduce_on_validation(tiny: Path) -> None:
+    """The recorded sensitivity/specificity are what the shipped model does on validation."""
+    manifest = Bundle(tiny).manifest
+    points = manifest.operating_points
+    assert set(points) == {"rule_out", "urgent"}
+    assert 0 <= points["rule_out"].threshold <= points["urgent"].threshold <= 1
+    assert points["rule_out"].sensitivity >= 0.98 and points["urgent"].specificity >= 0.95
+    config = load_config(TINY)
+    cases = plan_cases(config.splits.validation.seeds, config.positive_fraction)
+    scores = probabilities(Bundle(tiny), cases, config.phantom_size)
+    labels = np.array([case.abnormal for case in cases], dtype=np.float32)
+    for point in points.values():
+        measured = rates(scores, labels, point.threshold)
+        assert measured.sensitivity == pytest.approx(point.sensitivity, abs=1e-6)
+        assert measured.specificity == pytest.approx(point.specificity, abs=1e-6)
+
+
+def test_tampered_model_is_refused(tiny: Path, tmp_path: Path) -> None:
+    copy = shutil.copytree(tiny, tmp_path / "cxr-ruleout")
+    model = copy / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"model\.sha256 does not match"):
+        Bundle(copy)
+
+
+def test_rebuild_is_byte_identical(tiny: Path, tmp_path: Path) -> None:
+    again = build(tmp_path / "cxr-ruleout")
+    for name in ("model.onnx", "manifest.yaml", "roc.png"):
+        assert (again / name).read_bytes() == (tiny / name).read_bytes(), name
+
+
+def test_phantoms_command_writes_films_and_labels(tmp_path: Path) -> None:
+    out = tmp_path / "cxr"
+    argv = ["phantoms", "--kind", "cxr", "--count", "6", "--out", str(out), "--seed", "40"]
+    assert main([*argv, "--positive-fraction", "0.5", "--size", "128"]) == 0
+    with (out / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["file"] for row in rows] == [f"cxr-{i:05d}.dcm" for i in range(6)]
+    assert sum(row["abnormal"] == "1" for row in rows) == 3
+    patient_ids = set()
+    for index, row in enumerate(rows):
+        ds = pydicom.dcmread(out / row["file"])
+        patient_ids.add(ds.PatientID)
+        flags = {key: row[key] == "1" for key in ("opacity", "pneumothorax")}
+        assert (row["abnormal"] == "1") == (flags["opacity"] or flags["pneumothorax"])
+        expected = make_chest_phantom(40 + index, size=128, **flags).pixels
+        assert ds.Modality == "DX" and np.array_equal(ds.pixel_array, expected)  # labels fit
+    assert len(patient_ids) == 6
+
+
+def test_dbt_phantoms_are_not_built_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "dbt"
+    assert main(["phantoms", "--kind", "dbt", "--count", "2", "--out", str(out)]) == 2
+    assert "not built yet" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_calibrate_hand_made_case() -> None:
+    """50 abnormal at 0.02, 0.04 .. 1.00; 20 normal at 0.01 .. 0.20.
+
+    rule_out: 49 of 50 (0.98) must stay at or above it, so the highest such threshold is the
+    second-lowest abnormal score, 0.04 (normals below it: 0.01-0.03, 3 of 20).
+    urgent: 19 of 20 normals (0.95) must fall below it; the lowest threshold is 0.20, where
+    abnormals 0.20 .. 1.00 (41 of 50) are flagged.
+    """
+    abnormal, normal = np.arange(2, 102, 2) / 100, np.arange(1, 21) / 100
+    scores = np.concatenate([abnormal, normal])
+    labels = np.concatenate([np.ones(50), np.zeros(20)])
+    points = calibrate(scores, labels, target_sensitivity=0.98, target_specificity=0.95)
+    assert astuple(points["rule_out"]) == pytest.approx((0.04, 0.98, 0.15))
+    assert astuple(points["urgent"]) == pytest.approx((0.20, 0.82, 0.95))
+    assert rates(scores, labels, 0.05).sensitivity < 0.98  # the next threshold up fails
+
+
+def test_calibrate_keeps_urgent_at_or_above_rule_out() -> None:
+    """Perfect separation meets the specificity target below rule_out; urgent moves up."""
+    normal, abnormal = np.linspace(0.1, 0.4, 50), np.linspace(0.6, 0.9, 50)
+    scores, labels = np.concatenate([normal, abnormal]), np.repeat([0.0, 1.0], 50)
+    points = calibrate(scores, labels, target_sensitivity=0.98, target_specificity=0.95)
+    assert points["rule_out"].threshold == pytest.approx(abnormal[1])
+    assert points["urgent"] == points["rule_out"]
+
+
+def test_auc_counts_ties_as_half() -> None:
+    assert auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    assert auc(np.array([0.5, 0.5]), np.array([1, 0])) == 0.5
+
+
+def test_batch_control_fixes_positives_per_batch() -> None:
+    """Seed 000 batch control at P50 on a 30:70 set: 5 of 10 positive, minority cycled."""
+    labels = np.array([1.0] * 30 + [0.0] * 70)
+    batches = controlled_batches(labels, 10, 0.5, np.random.default_rng(0))
+    assert len(batches) == 10
+    assert all(labels[batch].sum() == 5 for batch in batches)
+    drawn = np.concatenate(batches)
+    counts = np.bincount(drawn[labels[drawn] == 1], minlength=30)
+    assert counts.min() >= 1 and counts.max() <= 2  # 50 positive slots: every one, some twice
+    assert len(set(drawn[labels[drawn] == 0].tolist())) == 50  # negatives never repeat
+
+
+def test_overlapping_splits_are_rejected(tmp_path: Path) -> None:
+    text = TINY.read_text(encoding="utf-8").replace("first_seed: 2000", "first_seed: 1100")
+    config = tmp_path / "overlap.yaml"
+    config.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match="overlap"):
+        load_config(config)
+
+
+def test_export_check_fails_loudly_on_a_different_graph(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    exported, other = RuleoutNet([4]), RuleoutNet([4])
+    export_onnx(exported, tmp_path / "model.onnx", 32)
+    images = np.random.default_rng(0).random((4, 1, 32, 32), dtype=np.float32)
+    assert check_against_torch(exported, tmp_path / "model.onnx", images, 1) <= 1e-4
+    with pytest.raises(ExportMismatch, match="differs from PyTorch"):
+        check_against_torch(other, tmp_path / "model.onnx", images, 1)
