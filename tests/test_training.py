@@ -149,8 +149,8 @@ def test_dbt_phantoms_are_not_built_yet(tmp_path: Path, capsys: pytest.CaptureFi
 def test_calibrate_hand_made_case() -> None:
     """50 abnormal at 0.02, 0.04 .. 1.00; 20 normal at 0.01 .. 0.20.
 
-    rule_out: 49 of 50 (0.98) must stay at or above it, so the highest such threshold is the
-    second-lowest abnormal score, 0.04 (normals below it: 0.01-0.03, 3 of 20).
+    rule_out: 49 of 50 (0.98) must stay at or above it; of those thresholds the second-lowest
+    abnormal score, 0.04, has the best specificity (normals below it: 0.01-0.03, 3 of 20).
     urgent: 19 of 20 normals (0.95) must fall below it; the lowest threshold is 0.20, where
     abnormals 0.20 .. 1.00 (41 of 50) are flagged.
     """
@@ -164,11 +164,13 @@ def test_calibrate_hand_made_case() -> None:
 
 
 def test_calibrate_keeps_urgent_at_or_above_rule_out() -> None:
-    """Perfect separation meets the specificity target below rule_out; urgent moves up."""
+    """Perfect separation: rule_out keeps every abnormal film (no sensitivity is given away
+    for nothing), and urgent, whose specificity target is met lower, moves up to it."""
     normal, abnormal = np.linspace(0.1, 0.4, 50), np.linspace(0.6, 0.9, 50)
     scores, labels = np.concatenate([normal, abnormal]), np.repeat([0.0, 1.0], 50)
     points = calibrate(scores, labels, target_sensitivity=0.98, target_specificity=0.95)
-    assert points["rule_out"].threshold == pytest.approx(abnormal[1])
+    assert points["rule_out"].threshold == pytest.approx(abnormal[0])
+    assert points["rule_out"].sensitivity == 1.0 and points["rule_out"].specificity == 1.0
     assert points["urgent"] == points["rule_out"]
 
 

@@ -83,7 +83,8 @@ def onnx_probabilities(
 def torch_probabilities(model: nn.Module, images: np.ndarray) -> np.ndarray:
     model.eval()
     with torch.no_grad():
-        return model(torch.from_numpy(images)).numpy()
+        probability: torch.Tensor = model(torch.from_numpy(images))
+    return probability.numpy()
 
 
 def check_against_torch(model: nn.Module, path: Path, images: np.ndarray, threads: int) -> float:

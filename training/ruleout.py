@@ -120,7 +120,7 @@ class Case:
 
     @property
     def finding(self) -> str:
-        """ "normal", "opacity", "pneumothorax" or "opacity+pneumothorax"."""
+        """One of normal, opacity, pneumothorax, opacity+pneumothorax (for counts and metrics)."""
         present = [("opacity", self.opacity), ("pneumothorax", self.pneumothorax)]
         return "+".join(name for name, shown in present if shown) or "normal"
 
@@ -156,9 +156,8 @@ def tensors(
     cases: Sequence[Case], phantom_size: int, input_size: int, desc: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model inputs (N, 1, S, S) via the daemon's own preprocessing, and 0/1 labels (N,)."""
-    images = np.stack(
-        [image_to_tensor(render(case, phantom_size), input_size)[0] for case in tqdm(cases, desc)]
-    )
+    progress = tqdm(cases, desc=desc, unit="film")
+    images = np.stack([image_to_tensor(render(c, phantom_size), input_size)[0] for c in progress])
     labels = np.array([case.abnormal for case in cases], dtype=np.float32)
     return images, labels
 
@@ -191,7 +190,8 @@ class RuleoutNet(nn.Module):
     def logit(self, image: torch.Tensor) -> torch.Tensor:
         features = self.features(image)
         pooled = torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
-        return self.head(pooled)[:, 0]
+        logits: torch.Tensor = self.head(pooled)
+        return logits[:, 0]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logit(image))
@@ -297,13 +297,17 @@ def calibrate(
 ) -> dict[str, Point]:
     """The `rule_out` and `urgent` operating points (DESIGN §4).
 
-    rule_out: the highest threshold keeping sensitivity >= target; films below it are
-    "no abnormality detected". urgent: the lowest threshold with specificity >= target, but
+    rule_out: of the thresholds keeping sensitivity >= target, the one with the best
+    specificity, and of those the lowest (the most sensitive): a rule-out filter must not
+    give away sensitivity that buys no specificity. Films below it are "no abnormality
+    detected". urgent: the lowest threshold with specificity >= target, but
     never below rule_out, so no film is at once ruled out and urgent (a well separated model
     reaches the specificity target below rule_out; then urgent == rule_out).
     """
     thresholds, sensitivity, specificity = roc_table(scores, labels)
-    rule_out = int(np.flatnonzero(sensitivity >= target_sensitivity).max())
+    sensitive_enough = np.flatnonzero(sensitivity >= target_sensitivity)
+    best = specificity[sensitive_enough].max()
+    rule_out = int(sensitive_enough[specificity[sensitive_enough] == best].min())
     meets = (specificity >= target_specificity) & (thresholds >= thresholds[rule_out])
     eligible = np.flatnonzero(meets)
     if len(eligible) == 0:
