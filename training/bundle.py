@@ -103,8 +103,8 @@ def make_manifest(
     calibration = config.calibration
     meanings = {
         "rule_out": "Below this probability the film is reported as 'no abnormality detected'. "
-        f"Highest threshold with sensitivity >= {calibration.rule_out_sensitivity} "
-        "on the validation phantoms.",
+        f"Of the thresholds with sensitivity >= {calibration.rule_out_sensitivity} on the "
+        "validation phantoms, the lowest with the best specificity.",
         "urgent": "At or above this probability the film is flagged for priority reading. "
         f"Lowest threshold with specificity >= {calibration.urgent_specificity} on the "
         "validation phantoms, never below rule_out.",
@@ -245,9 +245,10 @@ def model_card(
         + points
         + "\n\n"
         + "\n".join(f"- `{k}`: {v.description}" for k, v in manifest.operating_points.items())
-        + "\n\n`rule_out` is the highest threshold that meets its sensitivity target, so it "
-        "gives up to the allowed share of abnormal films for specificity even where a lower "
-        "threshold would miss none; expect test sensitivity near the target, not above it.",
+        + "\n\n`rule_out` never gives away sensitivity that buys no specificity: it keeps "
+        "every abnormal validation film it can without ruling in more normal ones. The "
+        "phantoms separate almost perfectly; real data will not, so recalibrate on a site's "
+        "own validation set.",
         "## Held-out test metrics\n\n"
         f"AUC {evaluation.test_auc:.4f} on the test phantoms (validation AUC "
         f"{evaluation.validation_auc:.4f}). Computed with ONNX Runtime on the shipped "
