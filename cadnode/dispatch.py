@@ -13,9 +13,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import structlog
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from sqlmodel import Session, select
 
 from cadnode.config import Destination, DispatchSettings
@@ -79,9 +80,11 @@ class Dispatcher:
         finally:
             assoc.release()
 
-    def _store(self, session: Session, assoc: object, delivery: Delivery, dataset: object) -> None:
+    def _store(
+        self, session: Session, assoc: Association, delivery: Delivery, dataset: Dataset
+    ) -> None:
         try:
-            status = assoc.send_c_store(dataset)  # type: ignore[attr-defined]
+            status = assoc.send_c_store(dataset)
         except Exception as error:
             self._failed(session, delivery, f"C-STORE raised {type(error).__name__}: {error}")
             return

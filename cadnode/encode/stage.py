@@ -10,7 +10,7 @@ import io
 from collections import defaultdict
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlmodel import Session, select
 
@@ -90,13 +90,13 @@ class Encoder:
             ruled_out=bool(answer["ruled_out"]),
         )
 
-    def _keep(self, session: Session, job: Job, engine: str, report: object) -> None:
+    def _keep(self, session: Session, job: Job, engine: str, report: Dataset) -> None:
         """Store the object durably, then record it and its deliveries in one commit."""
         assert job.id is not None
-        uid = str(report.SOPInstanceUID)  # type: ignore[attr-defined]
+        uid = str(report.SOPInstanceUID)
         buffer = io.BytesIO()
-        report.save_as(buffer, enforce_file_format=True)  # type: ignore[attr-defined]
-        relative = Path(str(report.StudyInstanceUID)) / f"{uid}.dcm"  # type: ignore[attr-defined]
+        report.save_as(buffer, enforce_file_format=True)
+        relative = Path(str(report.StudyInstanceUID)) / f"{uid}.dcm"
         write_durably(self.results / relative, [buffer.getvalue()])
         if session.get(ResultObject, uid) is None:
             session.add(
