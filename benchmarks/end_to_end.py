@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.peers import Orthanc, run_cadnode, run_orthanc, storescu, wait_for  # noqa: E402
-from training.phantoms import write_chest_radiograph  # noqa: E402
+from tests.peers import Orthanc, run_cadnode, run_orthanc, storescu, wait_for
+from training.phantoms import write_chest_radiograph
 
 
 def push_and_wait(port: int, called_ae: str, film: Path, study_uid: str, pacs: Orthanc) -> float:
