@@ -38,14 +38,30 @@ def redact_patient_identifiers(
 
 
 def configure(level: str = "INFO") -> None:
-    # pynetdicom logs whole datasets at DEBUG; keep its own chatter at WARNING.
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_patient_identifiers,
+    ]
+    # Libraries' own records (pynetdicom, uvicorn) become JSON events too. pynetdicom logs
+    # whole datasets at DEBUG, so libraries stay at WARNING.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.JSONRenderer(),
+            ],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_patient_identifiers,
+            *shared,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(),
         ],

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.peers import REPO
+
+SCRIPT = """
+import logging, structlog
+from cadnode import logs
+logs.configure()
+structlog.get_logger("t").info("instance.received", job=3, patient_id="PID-9", PatientName="Doe^J")
+logging.getLogger("pynetdicom").error("TCP Initialisation Error: refused")
+logging.getLogger("pynetdicom").debug("a dataset dump that must not appear")
+"""
+
+
+def test_every_line_is_json_and_patient_keys_are_redacted() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=True,
+    )
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [e["event"] for e in events] == [
+        "instance.received",
+        "TCP Initialisation Error: refused",
+    ]
+    first, library = events
+    assert first["job"] == 3
+    assert first["patient_id"] == first["PatientName"] == "[redacted]"
+    assert "PID-9" not in done.stderr and "Doe^J" not in done.stderr
+    assert library["logger"] == "pynetdicom" and library["level"] == "error"
