@@ -26,13 +26,17 @@ from training.phantoms import make_chest_phantom
 from training.ruleout import (
     Case,
     RuleoutNet,
+    TrainSpec,
     auc,
     calibrate,
     controlled_batches,
+    epoch_batches,
     load_config,
     plan_cases,
+    prior_thresholded,
     rates,
     render,
+    steps_per_epoch,
 )
 
 TINY = Path(__file__).resolve().parent.parent / "training" / "configs" / "ruleout-tiny.yaml"
@@ -139,13 +143,6 @@ def test_phantoms_command_writes_films_and_labels(tmp_path: Path) -> None:
     assert len(patient_ids) == 6
 
 
-def test_dbt_phantoms_are_not_built_yet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "dbt"
-    assert main(["phantoms", "--kind", "dbt", "--count", "2", "--out", str(out)]) == 2
-    assert "not built yet" in capsys.readouterr().err
-    assert not out.exists()
-
-
 def test_calibrate_hand_made_case() -> None:
     """50 abnormal at 0.02, 0.04 .. 1.00; 20 normal at 0.01 .. 0.20.
 
@@ -191,6 +188,23 @@ def test_batch_control_fixes_positives_per_batch() -> None:
     assert len(set(drawn[labels[drawn] == 0].tolist())) == 50  # negatives never repeat
 
 
+def test_sampling_options_seed_003_a2() -> None:
+    """Undersampling on a 30:70 set keeps 30 of each per epoch (nothing repeated, every
+    positive once); random batches are a plain shuffle; prior thresholding undoes a prior."""
+    labels = np.array([1.0] * 30 + [0.0] * 70)
+    rng = np.random.default_rng(0)
+    spec = TrainSpec(epochs=1, batch_size=10, learning_rate=0.1, sampling="undersample")
+    batches = epoch_batches(labels, spec, rng)
+    drawn = np.concatenate(batches)
+    assert len(batches) == steps_per_epoch(labels, spec) == 6
+    assert all(labels[batch].sum() == 5 for batch in batches)
+    assert len(set(drawn.tolist())) == 60 and set(np.flatnonzero(labels).tolist()) <= set(drawn)
+    plain = TrainSpec(epochs=1, batch_size=10, learning_rate=0.1, sampling="random")
+    assert sorted(np.concatenate(epoch_batches(labels, plain, rng)).tolist()) == list(range(100))
+    assert prior_thresholded(np.array([0.5]), 0.8)[0] == pytest.approx(0.2)
+    assert prior_thresholded(np.array([0.3]), 0.5)[0] == pytest.approx(0.3)
+
+
 def test_overlapping_splits_are_rejected(tmp_path: Path) -> None:
     text = TINY.read_text(encoding="utf-8").replace("first_seed: 2000", "first_seed: 1100")
     config = tmp_path / "overlap.yaml"
@@ -203,6 +217,9 @@ def test_export_check_fails_loudly_on_a_different_graph(tmp_path: Path) -> None:
     torch.manual_seed(0)
     exported, other = RuleoutNet([4]), RuleoutNet([4])
     export_onnx(exported, tmp_path / "model.onnx", 32)
+    written = (tmp_path / "model.onnx").read_bytes()  # no stack traces: same bytes anywhere
+    assert b"stack_trace" not in written
+    assert str(Path(__file__).resolve().parent.parent).encode() not in written
     images = np.random.default_rng(0).random((4, 1, 32, 32), dtype=np.float32)
     assert check_against_torch(exported, tmp_path / "model.onnx", images, 1) <= 1e-4
     with pytest.raises(ExportMismatch, match="differs from PyTorch"):

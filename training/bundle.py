@@ -1,4 +1,8 @@
-"""Write an engine bundle: manifest.yaml, model.onnx, MODEL_CARD.md and roc.png.
+"""Write an engine bundle: manifest.yaml, model.onnx, MODEL_CARD.md and its plots.
+
+The parts every engine shares live here (staging, manifest writing, the model card's frame:
+intended use, export check, rebuild); each engine module supplies its manifest and the
+card's middle sections. The rule-out engine's manifest and card are at the end.
 
 The bundle is assembled in a hidden folder beside its destination and moved into place only
 once `cadnode.infer.bundle.Bundle` has loaded and verified it, so `engines/` never holds a
@@ -18,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from pydantic import BaseModel
 from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 from ruamel.yaml import YAML
 
@@ -37,10 +41,17 @@ from cadnode.infer.bundle import (
     sha256_of,
 )
 from training.export import INPUT, OUTPUT, TOLERANCE
+from training.plots import draw_calibration, draw_roc
 from training.ruleout import Case, Evaluation, RuleoutConfig
 
 MODEL_FILE, CARD_FILE, ROC_FILE = "model.onnx", "MODEL_CARD.md", "roc.png"
+FROC_FILE, CALIBRATION_FILE = "froc.png", "calibration.png"
 INTENDED_USE = "Demonstration only: trained on synthetic phantoms, not for clinical use."
+PHANTOM_CAVEAT = (
+    "The phantoms are far simpler than real images (no devices, no positioning or exposure "
+    "variation, findings drawn from one generator), so the figures below say the pipeline "
+    "works, not that the model would detect disease in patients."
+)
 ABNORMAL = Code(value="263654008", scheme="SCT", meaning="Abnormal")
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -79,7 +90,61 @@ def code_revision() -> str:
     return revision if result.returncode == 0 and revision else "unknown"
 
 
-def write_bundle(
+def write_bundle(folder: Path, manifest: Manifest, card: str) -> Bundle:
+    """Write manifest and card next to `folder/model.onnx` (and its plots); return it verified."""
+    write_manifest(folder / MANIFEST, manifest)
+    (folder / CARD_FILE).write_text(card, encoding="utf-8")
+    return Bundle(folder)
+
+
+def compose_card(
+    manifest: Manifest,
+    sections: Sequence[str],
+    *,
+    export_difference: float,
+    rebuild: str,
+    config: BaseModel,
+    tolerance: float = TOLERANCE,
+) -> str:
+    """The card: title and intended use, the engine's `sections`, export check, rebuild."""
+    head = [
+        f"# {manifest.name} {manifest.version} — model card",
+        f"**{INTENDED_USE}** It shows the cadnode pipeline end to end with real weights; a "
+        "site replaces this bundle with one trained on its own data.",
+    ]
+    tail = [
+        "## Export check\n\nONNX Runtime was run on a batch of test inputs and compared with "
+        f"PyTorch: max |difference| {export_difference:.2e} (relative to the value where it "
+        f"exceeds 1), tolerance {tolerance:g} (the build fails above it).",
+        "## Rebuild\n\n```\n" + rebuild + "\n```\n\nSame config, same bytes of `model.onnx` "
+        f"(sha256 `{manifest.model.sha256}`). Built from code revision "
+        f"`{manifest.provenance.code_revision}` on {manifest.provenance.date}. Config:\n\n"
+        "```yaml\n" + _yaml_text(config.model_dump(mode="json", exclude={"date"})) + "```",
+    ]
+    return "\n\n".join([*head, *sections, *tail]) + "\n"
+
+
+def provenance(
+    training_data: str,
+    date: str | None,
+    metrics: Mapping[str, float],
+    confidence_intervals: Mapping[str, tuple[float, float]] | None = None,
+) -> Provenance:
+    """Provenance with figures rounded for reading (6 decimals)."""
+    return Provenance(
+        training_data=training_data,
+        intended_use=INTENDED_USE,
+        date=date or dt.date.today().isoformat(),
+        code_revision=code_revision(),
+        metrics={name: round(value, 6) for name, value in metrics.items()},
+        confidence_intervals={
+            name: (round(low, 6), round(high, 6))
+            for name, (low, high) in (confidence_intervals or {}).items()
+        },
+    )
+
+
+def write_ruleout_bundle(
     folder: Path,
     *,
     config: RuleoutConfig,
@@ -88,13 +153,20 @@ def write_bundle(
     export_difference: float,
     rebuild: str,
 ) -> Bundle:
-    """Write manifest, card and ROC plot next to `folder/model.onnx`; return it verified."""
+    """The cxr-ruleout bundle: manifest, card, ROC and calibration plots beside model.onnx."""
     manifest = make_manifest(config, cases, evaluation, sha256_of(folder / MODEL_FILE))
-    write_manifest(folder / MANIFEST, manifest)
-    draw_roc(folder / ROC_FILE, evaluation)
+    points = [
+        (name, 1 - point.specificity, point.sensitivity)
+        for name, point in evaluation.test_points.items()
+    ]
+    draw_roc(folder / ROC_FILE, *evaluation.test_roc, evaluation.test_auc, points)
+    draw_calibration(
+        folder / CALIBRATION_FILE,
+        [("P(abnormal)", evaluation.test_calibration)],
+        "Held-out test calibration",
+    )
     card = model_card(manifest, config, evaluation, export_difference, rebuild)
-    (folder / CARD_FILE).write_text(card, encoding="utf-8")
-    return Bundle(folder)
+    return write_bundle(folder, manifest, card)
 
 
 def make_manifest(
@@ -129,18 +201,28 @@ def make_manifest(
                 description=meanings[name],
                 sensitivity=round(point.sensitivity, 6),
                 specificity=round(point.specificity, 6),
+                sensitivity_ci=_rounded(evaluation.validation_ci[name][0]),
+                specificity_ci=_rounded(evaluation.validation_ci[name][1]),
             )
             for name, point in evaluation.operating_points.items()
         },
         model=ModelFile(file=MODEL_FILE, sha256=sha256, input=INPUT, output=OUTPUT),
-        provenance=Provenance(
-            training_data=describe_data(config, cases),
-            intended_use=INTENDED_USE,
-            date=config.date or dt.date.today().isoformat(),
-            code_revision=code_revision(),
-            metrics=evaluation.metrics(),
+        provenance=provenance(
+            describe_data(config, cases),
+            config.date,
+            evaluation.metrics(),
+            evaluation.test_ci,
         ),
     )
+
+
+def _rounded(bounds: tuple[float, float]) -> tuple[float, float]:
+    return round(bounds[0], 6), round(bounds[1], 6)
+
+
+def interval(bounds: tuple[float, float]) -> str:
+    """A confidence interval as the cards print it: [low, high]."""
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
 
 
 def describe_data(config: RuleoutConfig, cases: Mapping[str, Sequence[Case]]) -> str:
@@ -176,32 +258,6 @@ def _yaml_text(data: object) -> str:
     return stream.getvalue()
 
 
-def draw_roc(path: Path, evaluation: Evaluation, side: int = 360, margin: int = 40) -> None:
-    """ROC curve of the held-out test set with both operating points marked."""
-    image = Image.new("RGB", (side, side), "white")
-    draw = ImageDraw.Draw(image)
-    span = side - 2 * margin
-
-    def at(fpr: float, tpr: float) -> tuple[float, float]:
-        return margin + fpr * span, side - margin - tpr * span
-
-    draw.rectangle([at(0, 1), at(1, 0)], outline="black")
-    draw.line([at(0, 0), at(1, 1)], fill="lightgray")
-    fpr, tpr = evaluation.test_roc
-    steps = sorted(zip(fpr.tolist(), tpr.tolist(), strict=True))
-    curve = [at(0, 0), *(at(f, t) for f, t in steps), at(1, 1)]
-    draw.line(curve, fill="navy", width=2)
-    for row, (name, point) in enumerate(evaluation.test_points.items()):
-        colour = ("green", "red")[row % 2]
-        x, y = at(1 - point.specificity, point.sensitivity)
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline=colour, width=2)
-        draw.text((x + 6, y + 2 + 12 * row), name, fill=colour)  # rows: points may coincide
-    draw.text((margin, 10), f"Held-out test ROC, AUC {evaluation.test_auc:.4f}", fill="black")
-    draw.text((margin, side - margin + 8), "1 - specificity", fill="black")
-    draw.text((4, margin - 16), "sensitivity", fill="black")
-    image.save(path, optimize=False)
-
-
 def model_card(
     manifest: Manifest,
     config: RuleoutConfig,
@@ -211,27 +267,24 @@ def model_card(
 ) -> str:
     """An honest account: synthetic data, what the figures mean, how to rebuild."""
     points = "\n".join(
-        f"| `{name}` | {point.threshold:.6f} | {point.sensitivity:.4f} | "
-        f"{point.specificity:.4f} | {evaluation.test_points[name].sensitivity:.4f} | "
+        f"| `{name}` | {point.threshold:.6f} | {point.sensitivity:.4f} "
+        f"{interval(evaluation.validation_ci[name][0])} | {point.specificity:.4f} "
+        f"{interval(evaluation.validation_ci[name][1])} | "
+        f"{evaluation.test_points[name].sensitivity:.4f} | "
         f"{evaluation.test_points[name].specificity:.4f} |"
         for name, point in evaluation.operating_points.items()
     )
+    ci_text = interval(evaluation.test_ci["test_auc"])
     by_finding = "\n".join(
         f"| {finding} | {value:.4f} |"
         for finding, value in evaluation.test_sensitivity_by_finding.items()
     )
     sections = [
-        f"# {manifest.name} {manifest.version} — model card",
-        f"**{INTENDED_USE}** It shows the cadnode pipeline end to end with real weights; a "
-        "site replaces this bundle with one trained on its own data.",
         "## What it does\n\n" + manifest.description + " Inputs: CR/DX chest films, PA or AP, "
         f"preprocessed by `cadnode.preprocess.image_to_tensor` to {config.input_size} px (the "
         "same function the daemon uses). The ONNX graph takes `image` (N, 1, "
         f"{config.input_size}, {config.input_size}) and returns `probability` (N,).",
-        "## Data\n\n" + manifest.provenance.training_data + "\n\nThe phantoms are far simpler "
-        "than real radiographs (no devices, no positioning or exposure variation, findings "
-        "drawn from one generator), so the figures below say the pipeline works, not that the "
-        "model would detect disease in patients.",
+        "## Data\n\n" + manifest.provenance.training_data + "\n\n" + PHANTOM_CAVEAT,
         "## Model and training\n\nA small CNN (conv-BN-ReLU-maxpool blocks of widths "
         f"{config.model.channels}, global average and max pooling, one linear logit), AdamW "
         "with a one-cycle schedule, binary cross-entropy. Every batch holds a fixed share of "
@@ -239,7 +292,9 @@ def model_card(
         "Chang & Huang). Deterministic: fixed seeds, `torch.use_deterministic_algorithms`, "
         f"{config.threads} threads.",
         "## Operating points\n\nChosen on the validation phantoms, then applied unchanged to "
-        "the held-out test phantoms. A film is called abnormal when P >= threshold.\n\n"
+        "the held-out test phantoms. A film is called abnormal when P >= threshold. In "
+        "brackets: 95 % percentile bootstrap intervals (1000 resamples of the validation "
+        "films).\n\n"
         "| point | threshold | val. sensitivity | val. specificity | test sensitivity "
         "| test specificity |\n|---|---|---|---|---|---|\n"
         + points
@@ -250,16 +305,14 @@ def model_card(
         "phantoms separate almost perfectly; real data will not, so recalibrate on a site's "
         "own validation set.",
         "## Held-out test metrics\n\n"
-        f"AUC {evaluation.test_auc:.4f} on the test phantoms (validation AUC "
-        f"{evaluation.validation_auc:.4f}). Computed with ONNX Runtime on the shipped "
-        "`model.onnx`. Sensitivity at `rule_out` by finding:\n\n| finding | sensitivity |\n"
-        "|---|---|\n" + by_finding + f"\n\n![ROC of the held-out test set]({ROC_FILE})",
-        "## Export check\n\nONNX Runtime was run on a batch of test films and compared with "
-        f"PyTorch: max |difference| {export_difference:.2e}, tolerance {TOLERANCE:g} (the "
-        "build fails above it).",
-        "## Rebuild\n\n```\n" + rebuild + "\n```\n\nSame config, same bytes of `model.onnx` "
-        f"(sha256 `{manifest.model.sha256}`). Built from code revision "
-        f"`{manifest.provenance.code_revision}` on {manifest.provenance.date}. Config:\n\n"
-        "```yaml\n" + _yaml_text(config.model_dump(mode="json", exclude={"date"})) + "```",
+        f"AUC {evaluation.test_auc:.4f} (95 % bootstrap interval {ci_text}) on the test "
+        f"phantoms (validation AUC {evaluation.validation_auc:.4f}). Computed with ONNX Runtime "
+        "on the shipped `model.onnx`. Sensitivity at `rule_out` by finding:\n\n"
+        "| finding | sensitivity |\n|---|---|\n"
+        + by_finding
+        + f"\n\n![ROC of the held-out test set]({ROC_FILE})\n\n"
+        f"![Calibration of P(abnormal) on the held-out test set]({CALIBRATION_FILE})",
     ]
-    return "\n\n".join(sections) + "\n"
+    return compose_card(
+        manifest, sections, export_difference=export_difference, rebuild=rebuild, config=config
+    )

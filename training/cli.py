@@ -1,26 +1,30 @@
-"""`cadnode-train`: write phantom datasets, build engine bundles.
+"""`cadnode-train`: write phantom datasets, build engine bundles, evaluate detections.
 
-cadnode-train phantoms --kind cxr --count 100 --out data/cxr [--positive-fraction 0.5]
+cadnode-train phantoms --kind cxr|dbt --count 100 --out data/cxr [--positive-fraction 0.5]
+cadnode-train froc --truth BOXES.csv --predictions PREDICTIONS.csv [--labels LABELS.csv]
+cadnode-train detect --bundle engines/dbt-detector --out PREDICTIONS.csv VOLUME.dcm...
+cadnode-train evaluate ruleout|segmenter|dbt [--bundle DIR] [--count N] [--seed S]
 cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines/cxr-ruleout
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from cadnode.infer.bundle import Bundle
 from cadnode.yamlfile import ConfigError
-from training.bundle import MODEL_FILE, staged, write_bundle
+from training import detector, segmenter
+from training.bundle import MODEL_FILE, staged, write_ruleout_bundle
+from training.datasets import read_duke_boxes, read_duke_labels
 from training.export import ExportMismatch, check_against_torch, export_onnx, onnx_probabilities
-from training.phantoms import write_chest_radiograph
+from training.froc import MIN_DISTANCE_PX, froc, read_predictions, write_predictions
+from training.phantom_sets import LABELS_CSV, write_chest_set, write_dbt_set
 from training.ruleout import (
     RuleoutNet,
     evaluate,
@@ -31,7 +35,8 @@ from training.ruleout import (
     train,
 )
 
-LABELS_CSV = "labels.csv"
+CXR_SIZE, DBT_SIZE = 512, 128
+ENGINES = {"ruleout": "cxr-ruleout", "segmenter": "cxr-segmenter", "dbt": "dbt-detector"}
 CHECK_BATCH = 64  # test films run through both PyTorch and ONNX Runtime after export
 
 
@@ -50,54 +55,135 @@ def parser() -> argparse.ArgumentParser:
     phantoms.add_argument("--out", type=Path, required=True)
     phantoms.add_argument("--positive-fraction", type=float, default=0.5)
     phantoms.add_argument("--seed", type=int, default=0, help="first phantom seed")
-    phantoms.add_argument("--size", type=int, default=512, help="film side, pixels")
+    phantoms.add_argument(
+        "--size", type=int, help=f"film or slice side, pixels (cxr {CXR_SIZE}, dbt {DBT_SIZE})"
+    )
+    phantoms.add_argument("--slices", type=int, default=16, help="slices per DBT volume")
     phantoms.set_defaults(handler=write_phantoms)
 
+    evaluation = commands.add_parser("froc", help="Duke BCS-DBT FROC of predictions (JSON)")
+    evaluation.add_argument("--truth", type=Path, required=True, help="Duke box CSV")
+    evaluation.add_argument("--predictions", type=Path, required=True)
+    evaluation.add_argument("--labels", type=Path, help="Duke labels CSV: one row per volume")
+    evaluation.add_argument("--volumes", type=int, help="number of volumes evaluated")
+    evaluation.add_argument(
+        "--min-distance", type=float, default=MIN_DISTANCE_PX, help="px (Duke: 100)"
+    )
+    evaluation.set_defaults(handler=froc_command)
+
+    measure = commands.add_parser(
+        "evaluate", help="measure a built bundle on fresh phantoms; JSON like its manifest"
+    )
+    measure.add_argument("engine", choices=sorted(ENGINES))
+    measure.add_argument("--bundle", type=Path, help="default engines/<engine name>")
+    measure.add_argument("--count", type=int, default=100, help="films or volumes")
+    measure.add_argument("--seed", type=int, default=990_000, help="first phantom seed")
+    measure.set_defaults(handler=evaluate_command)
+
+    detect = commands.add_parser(
+        "detect", help="run a dbt-detector bundle over DBT files: Duke predictions CSV"
+    )
+    detect.add_argument("files", type=Path, nargs="+", help="Breast Tomosynthesis DICOM files")
+    detect.add_argument("--bundle", type=Path, default=Path("engines/dbt-detector"))
+    detect.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
+    detect.add_argument(
+        "--threshold", type=float, default=0.0, help="keep boxes scoring at least this"
+    )
+    detect.set_defaults(handler=detect_command)
+
     build = commands.add_parser("build", help="train, calibrate, export and bundle an engine")
-    build.add_argument("engine", choices=["ruleout"])
-    build.add_argument("--config", type=Path, default=Path("training/configs/ruleout.yaml"))
-    build.add_argument("--out", type=Path, default=Path("engines/cxr-ruleout"))
+    build.add_argument("engine", choices=sorted(ENGINES))
+    build.add_argument("--config", type=Path, help="default training/configs/ENGINE.yaml")
+    build.add_argument("--out", type=Path, help="default engines/<engine name>")
     build.set_defaults(handler=build_command)
     return top
 
 
 def write_phantoms(args: argparse.Namespace) -> int:
-    """DICOM files named by index plus labels.csv (file,abnormal,opacity,pneumothorax)."""
-    if args.kind == "dbt":
-        print("cadnode-train phantoms: --kind dbt is not built yet (only cxr)", file=sys.stderr)
-        return 2
+    """DICOM files plus their labels in the real datasets' formats (training.phantom_sets)."""
     if args.count <= 0 or not 0 <= args.positive_fraction <= 1:
         print(
             "cadnode-train phantoms: need --count > 0, 0 <= --positive-fraction <= 1",
             file=sys.stderr,
         )
         return 2
-    cases = plan_cases(range(args.seed, args.seed + args.count), args.positive_fraction)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / LABELS_CSV).open("w", newline="", encoding="utf-8") as handle:
-        labels = csv.writer(handle)
-        labels.writerow(["file", "abnormal", "opacity", "pneumothorax"])
-        for index, case in enumerate(tqdm(cases, desc="phantoms", unit="film")):
-            name = f"cxr-{index:05d}.dcm"
-            write_chest_radiograph(
-                args.out / name,
-                seed=case.seed,
-                patient_id=case.patient_id,
-                opacity=case.opacity,
-                pneumothorax=case.pneumothorax,
-                size=args.size,
-            )
-            labels.writerow(
-                [name, *(int(v) for v in (case.abnormal, case.opacity, case.pneumothorax))]
-            )
-    print(f"wrote {len(cases)} films and {LABELS_CSV} to {args.out}")
+    common = {
+        "count": args.count,
+        "first_seed": args.seed,
+        "positive_fraction": args.positive_fraction,
+    }
+    if args.kind == "dbt":
+        size = args.size or DBT_SIZE
+        written = write_dbt_set(args.out, slices=args.slices, size=size, **common)
+        print(f"wrote {written} DBT volumes and the Duke BCS-DBT CSVs to {args.out}")
+    else:
+        written = write_chest_set(args.out, size=args.size or CXR_SIZE, **common)
+        print(f"wrote {written} films, {LABELS_CSV} and RSNA/SIIM/Montgomery labels to {args.out}")
+    return 0
+
+
+def froc_command(args: argparse.Namespace) -> int:
+    """Duke BCS-DBT FROC: JSON sensitivities at 0.25..4 FP per volume, lesion and breast."""
+    try:
+        boxes = read_duke_boxes(args.truth)
+        predictions = read_predictions(args.predictions)
+        volumes = len(read_duke_labels(args.labels)) if args.labels else args.volumes
+        result = froc(boxes, predictions, volumes=volumes, min_distance=args.min_distance)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"cadnode-train froc: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.summary(), indent=2))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Fresh-phantom figures next to what the bundle's manifest claims."""
+    from training.evaluate import EVALUATORS
+
+    try:
+        bundle = Bundle(args.bundle or Path("engines") / ENGINES[args.engine])
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return 2
+    measured = EVALUATORS[args.engine](bundle, range(args.seed, args.seed + args.count))
+    claimed = bundle.manifest.provenance.metrics
+    report = {
+        name: {"measured": round(value, 6), "manifest": claimed.get(name)}
+        for name, value in measured.items()
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def detect_command(args: argparse.Namespace) -> int:
+    """Predictions in the Duke format (PatientID, StudyUID, View, X, Y, Z, Width, Height,
+    Depth, Score), ready for `cadnode-train froc`."""
+    try:
+        bundle = Bundle(args.bundle)
+        predictions = detector.detect_files(bundle, args.files)
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return 2
+    kept = [p for p in predictions if p.score >= args.threshold]
+    write_predictions(args.out, kept)
+    print(f"wrote {len(kept)} predictions for {len(args.files)} volume(s) to {args.out}")
     return 0
 
 
 def build_command(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    config = args.config or Path(f"training/configs/{args.engine}.yaml")
+    out = args.out or Path("engines") / ENGINES[args.engine]
+    rebuild = shlex.join(
+        ["cadnode-train", "build", args.engine, "--config", str(config), "--out", str(out)]
+    )
     try:
-        bundle = build_ruleout(args.config, args.out)
+        if args.engine == "ruleout":
+            bundle = build_ruleout(config, out)
+        elif args.engine == "segmenter":
+            bundle = segmenter.build(config, out, rebuild)
+        else:
+            bundle = detector.build(config, out, rebuild)
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 2
@@ -145,7 +231,7 @@ def build_ruleout(config_path: Path, out: Path) -> Bundle:
         rebuild = shlex.join(
             ["cadnode-train", "build", "ruleout", "--config", str(config_path), "--out", str(out)]
         )
-        write_bundle(
+        write_ruleout_bundle(
             folder,
             config=config,
             cases=cases,
@@ -161,10 +247,13 @@ def summarise(bundle: Bundle, seconds: float) -> None:
     print(f"{manifest.name} {manifest.version} -> {bundle.folder} in {seconds:.1f} s")
     print(f"  model.onnx sha256 {bundle.sha256}")
     for name, point in manifest.operating_points.items():
-        print(
-            f"  {name}: threshold {point.threshold:.6f} (validation sensitivity "
-            f"{point.sensitivity:.4f}, specificity {point.specificity:.4f})"
+        measured = (
+            f" (validation sensitivity {point.sensitivity:.4f}, specificity "
+            f"{point.specificity:.4f})"
+            if point.sensitivity is not None and point.specificity is not None
+            else ""
         )
+        print(f"  {name}: threshold {point.threshold:.6f}{measured}")
     for name, value in manifest.provenance.metrics.items():
         print(f"  {name}: {value:.4f}")
 

@@ -36,6 +36,21 @@ class ChestPhantom:
     def abnormal(self) -> bool:
         return bool(self.opacity_boxes) or bool(self.pneumothorax_mask.any())
 
+    # The films are displayed as a frontal film is read: the patient's right lung on the image
+    # left. The lungs never cross the midline (centres 0.19-0.23 of the width from it, radii at
+    # most 0.16), so the image halves split them.
+    @property
+    def right_lung_mask(self) -> np.ndarray:
+        mask = self.lung_mask.copy()
+        mask[:, mask.shape[1] // 2 :] = False
+        return mask
+
+    @property
+    def left_lung_mask(self) -> np.ndarray:
+        mask = self.lung_mask.copy()
+        mask[:, : mask.shape[1] // 2] = False
+        return mask
+
 
 def make_chest_phantom(
     seed: int, *, size: int = 512, opacity: bool = False, pneumothorax: bool = False

@@ -8,10 +8,11 @@ the three splits are disjoint seed ranges of `training.phantoms`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,7 +24,9 @@ from tqdm import tqdm
 from cadnode.infer.bundle import Strict
 from cadnode.preprocess import image_to_tensor
 from cadnode.yamlfile import load_model
-from training.phantoms import chest_dataset, make_chest_phantom
+from training.metrics import auc, bootstrap_interval
+from training.phantoms import ChestPhantom, chest_dataset, make_chest_phantom
+from training.plots import calibration_bins
 
 # --- configuration ---------------------------------------------------------------------------
 
@@ -67,7 +70,12 @@ class TrainSpec(Strict):
     batch_size: int = Field(gt=1)
     # Seed 000 (Chang & Huang): the share of positives in every batch (P50 = 0.5) steers the
     # model's sensitivity; it is fixed per batch instead of left to chance (their RAND mode).
-    batch_positive_fraction: float = Field(default=0.5, gt=0, lt=1)
+    batch_positive_fraction: float = Field(default=0.5, gt=0, le=1)
+    # Seed 003 A.2 (Buda): random minority oversampling (the scarcer class is cycled to fill
+    # its share of every batch; the paper's best method, the default), random majority
+    # undersampling (each epoch keeps as many of the commoner class as there are of the
+    # scarcer, drawn afresh), or "random": batches as the data fall (seed 000's RAND).
+    sampling: Literal["oversample", "undersample", "random"] = "oversample"
     learning_rate: float = Field(gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
 
@@ -144,12 +152,18 @@ def plan_cases(seeds: range, positive_fraction: float) -> list[Case]:
 
 def render(case: Case, phantom_size: int) -> Dataset:
     """The DICOM dataset of a case, built in memory exactly as it would be written to disk."""
+    return render_with_phantom(case, phantom_size)[0]
+
+
+def render_with_phantom(case: Case, phantom_size: int) -> tuple[Dataset, ChestPhantom]:
+    """The dataset and the phantom it holds (its masks and boxes are the truth)."""
     phantom = make_chest_phantom(
         case.seed, size=phantom_size, opacity=case.opacity, pneumothorax=case.pneumothorax
     )
-    return chest_dataset(
+    ds = chest_dataset(
         phantom, patient_id=case.patient_id, patient_name="Phantom^Chest", seed=case.seed
     )
+    return ds, phantom
 
 
 def tensors(
@@ -214,7 +228,7 @@ def controlled_batches(
     scarcer class is cycled, i.e. random minority oversampling (seed 003 A.2, Buda).
     """
     positives, negatives = np.flatnonzero(labels > 0.5), np.flatnonzero(labels <= 0.5)
-    per_batch = min(batch_size - 1, max(1, round(batch_size * positive_fraction)))
+    per_batch = min(batch_size, max(1, round(batch_size * positive_fraction)))
     steps = len(labels) // batch_size
     pos = _draw(positives, steps * per_batch, rng)
     neg = _draw(negatives, steps * (batch_size - per_batch), rng)
@@ -222,8 +236,47 @@ def controlled_batches(
     return [rng.permutation(row) for row in rows]
 
 
+def epoch_batches(
+    labels: np.ndarray, spec: TrainSpec, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """One epoch of index batches as `spec.sampling` and the batch share ask."""
+    size = spec.batch_size
+    if spec.sampling == "random":
+        order = rng.permutation(len(labels))
+        return [order[i * size : (i + 1) * size] for i in range(len(labels) // size)]
+    if spec.sampling == "undersample":
+        positives, negatives = np.flatnonzero(labels > 0.5), np.flatnonzero(labels <= 0.5)
+        keep = min(len(positives), len(negatives))
+        subset = np.concatenate(
+            [rng.choice(positives, keep, replace=False), rng.choice(negatives, keep, replace=False)]
+        )
+        batches = controlled_batches(labels[subset], size, spec.batch_positive_fraction, rng)
+        return [subset[batch] for batch in batches]
+    return controlled_batches(labels, size, spec.batch_positive_fraction, rng)
+
+
+def steps_per_epoch(labels: np.ndarray, spec: TrainSpec) -> int:
+    """How many batches `epoch_batches` makes (undersampling shrinks the epoch)."""
+    if spec.sampling == "undersample":
+        positives = int((labels > 0.5).sum())
+        return 2 * min(positives, len(labels) - positives) // spec.batch_size
+    return len(labels) // spec.batch_size
+
+
+def prior_thresholded(probability: np.ndarray, prior: float) -> np.ndarray:
+    """Seed 003 A.2's thresholding: divide each class's output by the class prior the model
+    was trained with and renormalise, p' = (p / prior) / (p / prior + (1 - p) / (1 - prior)).
+    A monotone map (AUC unchanged) that moves the 0.5 decision back to where equal priors
+    would put it."""
+    p = np.clip(np.asarray(probability, dtype=np.float64), 1e-12, 1 - 1e-12)
+    positive, negative = p / prior, (1 - p) / (1 - prior)
+    return positive / (positive + negative)
+
+
 def _draw(indices: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """`count` indices from whole shuffled passes over `indices` (repeated when short)."""
+    if count == 0:
+        return indices[:0]
     if len(indices) == 0:
         raise ValueError("batch control needs both classes in the training set")
     passes = max(1, -(-count // len(indices)))
@@ -235,7 +288,7 @@ def train(
 ) -> list[float]:
     """AdamW with a one-cycle schedule on binary cross-entropy; returns the mean loss per epoch."""
     rng = np.random.default_rng(seed)
-    steps = len(labels) // spec.batch_size
+    steps = steps_per_epoch(labels, spec)
     if steps == 0:
         raise ValueError(f"training set of {len(labels)} is smaller than one batch")
     optimizer = torch.optim.AdamW(
@@ -250,7 +303,7 @@ def train(
     model.train()
     for _ in (bar := tqdm(range(spec.epochs), desc="train", unit="epoch")):
         total = 0.0
-        for batch in controlled_batches(labels, spec.batch_size, spec.batch_positive_fraction, rng):
+        for batch in epoch_batches(labels, spec, rng):
             index = torch.from_numpy(batch)
             optimizer.zero_grad()
             loss = loss_fn(model.logit(x[index]), y[index])
@@ -325,13 +378,6 @@ def rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> Point:
     return Point(threshold, float(called[positive].mean()), float((~called[~positive]).mean()))
 
 
-def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: P(abnormal film scores above normal film), ties count half."""
-    positive = labels > 0.5
-    pos, neg = scores[positive][:, None], scores[~positive][None, :]
-    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
-
-
 @dataclass(frozen=True)
 class Evaluation:
     """Operating points chosen on validation, and how they fare on the held-out test set."""
@@ -342,6 +388,11 @@ class Evaluation:
     test_auc: float
     test_sensitivity_by_finding: dict[str, float]  # at rule_out: which findings slip through
     test_roc: tuple[np.ndarray, np.ndarray]  # false positive rate, true positive rate
+    # 95 % bootstrap intervals: (sensitivity, specificity) of each point on validation, and
+    # of the test AUC; reliability bins of P(abnormal) on test (plots.calibration_bins).
+    validation_ci: dict[str, tuple[tuple[float, float], tuple[float, float]]]
+    test_ci: dict[str, tuple[float, float]]
+    test_calibration: list[tuple[float, float, int]]
 
     def metrics(self) -> dict[str, float]:
         """The figures recorded in manifest provenance.metrics (rounded for reading)."""
@@ -380,4 +431,42 @@ def evaluate(
             for finding in sorted(set(findings) - {"normal"})
         },
         test_roc=(1.0 - specificity, sensitivity),
+        validation_ci={
+            name: point_intervals(*validation, point.threshold) for name, point in points.items()
+        },
+        test_ci={"test_auc": bootstrap_interval(_resampled(auc, test_scores, labels), len(labels))},
+        test_calibration=calibration_bins(test_scores, labels > 0.5),
     )
+
+
+def point_intervals(
+    scores: np.ndarray, labels: np.ndarray, threshold: float
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Bootstrap intervals of sensitivity and specificity at `threshold`."""
+
+    def sensitivity(s: np.ndarray, y: np.ndarray) -> float:
+        positive = y > 0.5
+        return float((s[positive] >= threshold).mean()) if positive.any() else float("nan")
+
+    def specificity(s: np.ndarray, y: np.ndarray) -> float:
+        negative = y <= 0.5
+        return float((s[negative] < threshold).mean()) if negative.any() else float("nan")
+
+    return tuple(  # type: ignore[return-value]
+        bootstrap_interval(_resampled(f, scores, labels), len(labels))
+        for f in (sensitivity, specificity)
+    )
+
+
+def _resampled(
+    statistic: Callable[[np.ndarray, np.ndarray], float], scores: np.ndarray, labels: np.ndarray
+) -> Callable[[np.ndarray], float]:
+    """`statistic` of the cases at the resampled indices; NaN when a class is missing."""
+
+    def of(indices: np.ndarray) -> float:
+        y = labels[indices]
+        if statistic is auc and (y.min() == y.max()):
+            return float("nan")
+        return statistic(scores[indices], y)
+
+    return of

@@ -50,6 +50,9 @@ class Preprocessing(Strict):
 class Label(Strict):
     name: str
     code: Code
+    # The kind of thing the code names (DICOM CID 7150, e.g. SCT 91723000 "Anatomical
+    # Structure"): what a SEG segment's Segmented Property Category needs.
+    category: Code | None = None
 
 
 class OperatingPoint(Strict):
@@ -57,6 +60,9 @@ class OperatingPoint(Strict):
     description: str
     sensitivity: float | None = None
     specificity: float | None = None
+    # Percentile bootstrap intervals (low, high) of the figures above, on the same cases.
+    sensitivity_ci: tuple[float, float] | None = None
+    specificity_ci: tuple[float, float] | None = None
 
 
 class ModelFile(Strict):
@@ -66,12 +72,36 @@ class ModelFile(Strict):
     output: str = "probability"
 
 
+class Output(Strict):
+    """What the model's output holds, where it is more than one probability per image.
+
+    segment: `shape` [batch, label, row, column], one probability map per label (in `labels`
+    order) at the model resolution; detect: [batch, box, field] with `fields` naming the
+    last axis (e.g. score, x, y, width, height in model-input pixels).
+    """
+
+    shape: list[str]
+    fields: list[str] = Field(default_factory=list)
+    description: str
+    # Settings the output is read with (e.g. a detector's fusion IoU), by name.
+    parameters: dict[str, float] = Field(default_factory=dict)
+
+
+class Cascade(Strict):
+    """An engine meant to run only on what an earlier engine let through (seed 001)."""
+
+    after: str = Field(description="The engine that runs first, by name")
+    description: str
+
+
 class Provenance(Strict):
     training_data: str
     intended_use: str
     date: str
     code_revision: str
     metrics: dict[str, float] = Field(default_factory=dict)
+    # Percentile bootstrap intervals (low, high) of some of `metrics`, by the same name.
+    confidence_intervals: dict[str, tuple[float, float]] = Field(default_factory=dict)
 
 
 class Manifest(Strict):
@@ -85,6 +115,8 @@ class Manifest(Strict):
     operating_points: dict[str, OperatingPoint] = Field(default_factory=dict)
     model: ModelFile
     provenance: Provenance
+    output: Output | None = None
+    cascade: Cascade | None = None
 
 
 class Bundle:

@@ -1,0 +1,1 @@
+"""Experiments that reproduce the seeds\x27 findings on phantoms."""

@@ -1,0 +1,89 @@
+"""Phantom datasets on disk, labelled in the real datasets' own formats.
+
+Chest (`cadnode-train phantoms --kind cxr`): `cxr-NNNNN.dcm` films with
+- `labels.csv` (file, abnormal, opacity, pneumothorax): the generic folder + labels CSV;
+- RSNA Pneumonia Detection: `stage_2_train_labels.csv` and `stage_2_detailed_class_info.csv`,
+  patientId = the file's stem (RSNA names each file `<patientId>.dcm`);
+- SIIM-ACR Pneumothorax: `train-rle.csv`, ImageId = SOP Instance UID, `-1` when empty;
+- Montgomery-style lung masks: `ManualMask/leftMask/` and `ManualMask/rightMask/` PNGs.
+DBT (`--kind dbt`): `dbt-NNNNN.dcm` Breast Tomosynthesis volumes, 4 views per study, with the
+Duke BCS-DBT boxes, file-path and labels CSVs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm import tqdm
+
+from training import datasets
+from training.breast_phantoms import plan_volumes, render_volume
+from training.datasets import DukeBox
+from training.phantoms import chest_dataset, make_chest_phantom
+from training.ruleout import plan_cases
+
+LABELS_CSV = "labels.csv"
+
+
+def write_chest_set(
+    out: Path, *, count: int, first_seed: int, positive_fraction: float, size: int
+) -> int:
+    cases = plan_cases(range(first_seed, first_seed + count), positive_fraction)
+    labels, rsna, classes, siim = [], [], [], []
+    for index, case in enumerate(tqdm(cases, desc="phantoms", unit="film")):
+        name = f"cxr-{index:05d}"
+        phantom = make_chest_phantom(
+            case.seed, size=size, opacity=case.opacity, pneumothorax=case.pneumothorax
+        )
+        ds = chest_dataset(
+            phantom, patient_id=case.patient_id, patient_name="Phantom^Chest", seed=case.seed
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out / f"{name}.dcm", enforce_file_format=True)
+        labels.append(
+            [f"{name}.dcm", *(int(v) for v in (case.abnormal, case.opacity, case.pneumothorax))]
+        )
+        rsna += datasets.rsna_rows(name, phantom.opacity_boxes)
+        kind = (
+            "Lung Opacity"
+            if case.opacity
+            else "No Lung Opacity / Not Normal"
+            if case.abnormal
+            else "Normal"
+        )
+        classes.append([name, kind])
+        siim.append([ds.SOPInstanceUID, datasets.rle_encode(phantom.pneumothorax_mask)])
+        datasets.write_montgomery_masks(out, name, phantom.left_lung_mask, phantom.right_lung_mask)
+    datasets.write_rows(out / LABELS_CSV, ["file", "abnormal", "opacity", "pneumothorax"], labels)
+    datasets.write_rows(out / datasets.RSNA_LABELS, datasets.RSNA_HEADER, rsna)
+    datasets.write_rows(out / datasets.RSNA_CLASSES, ["patientId", "class"], classes)
+    datasets.write_rows(out / datasets.SIIM_LABELS, datasets.SIIM_HEADER, siim)
+    return len(cases)
+
+
+def write_dbt_set(
+    out: Path, *, count: int, first_seed: int, positive_fraction: float, slices: int, size: int
+) -> int:
+    cases = plan_volumes(range(first_seed, first_seed + count), positive_fraction)
+    boxes: list[DukeBox] = []
+    paths, labels = [], []
+    for index, case in enumerate(tqdm(cases, desc="phantoms", unit="volume")):
+        name = f"dbt-{index:05d}.dcm"
+        ds, phantom = render_volume(case, slices=slices, size=size)
+        out.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out / name, enforce_file_format=True)
+        key = (case.patient_id, case.study_uid, case.view.lower())
+        label = "cancer" if case.cancer else "benign"
+        boxes += [
+            DukeBox(*key, m.slice, m.x, m.y, m.width, m.height, label, slices)
+            for m in phantom.masses
+        ]
+        paths.append([*key, name, name])  # one folder: both layouts point at the file
+        found = bool(phantom.masses)
+        labels.append(
+            [*key, int(not found), 0, int(found and not case.cancer), int(found and case.cancer)]
+        )
+    datasets.write_duke_boxes(out / datasets.DUKE_BOXES, boxes)
+    datasets.write_rows(out / datasets.DUKE_PATHS, datasets.DUKE_PATH_HEADER, paths)
+    datasets.write_rows(out / datasets.DUKE_LABELS, datasets.DUKE_LABEL_HEADER, labels)
+    return len(cases)
