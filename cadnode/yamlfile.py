@@ -25,9 +25,10 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def read_yaml(path: Path) -> Any:
+def read_yaml(path: Path, text: str | None = None) -> Any:
+    """Parse `path`, or `text` already read from it (so a caller can hash the same bytes)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if text is None else text
     except OSError as error:
         raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from error
     try:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from sqlmodel import Session, select
 
 from cadnode.db import Database, Instance, Job, JobState, Result
 from cadnode.infer.runtime import Engine
+from cadnode.pipeline import Step
 
 
 class Inference:
@@ -46,18 +48,25 @@ class Inference:
         instances = session.exec(
             select(Instance).where(Instance.sop_instance_uid.in_(job.inputs))  # type: ignore[attr-defined]
         ).all()
-        images = [dcmread(self.spool / instance.path) for instance in instances]
+        images = {i.sop_instance_uid: dcmread(self.spool / i.path) for i in instances}
+        answers: dict[tuple[str, str], dict[str, Any]] = {}  # (step's engine, image) -> answer
         results = []
-        for engine_name in job.pipeline:
-            engine = self.engines[engine_name]
-            for image, answer in zip(images, engine.classify(images), strict=True):
+        for step in map(Step.from_job, job.pipeline):
+            # A step with a condition runs only on the images whose earlier answer passes it.
+            chosen = [uid for uid in step.images(job.inputs, answers) if uid in images]
+            if not chosen:
+                continue
+            engine = self.engines[step.engine]
+            batch = [images[uid] for uid in chosen]
+            for uid, answer in zip(chosen, engine.classify(batch), strict=True):
+                answers[(step.engine, uid)] = answer
                 results.append(
                     Result(
                         job_id=job.id,
                         engine=engine.name,
                         engine_version=engine.manifest.version,
                         model_sha256=engine.bundle.sha256,
-                        sop_instance_uid=str(image.SOPInstanceUID),
+                        sop_instance_uid=uid,
                         answer=answer,
                     )
                 )
