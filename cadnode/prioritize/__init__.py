@@ -1,0 +1,45 @@
+"""Worklist priority: from results to the radiologists' reading worklists.
+
+    results --> prioritize (policy.py, stage.py) --> workitem + outbox --> publish (publish.py)
+                                                                 --> UPS event reports, UPS push
+                                                                 --> HL7 order updates, webhooks
+    worklist clients --C-FIND / N-GET / N-SET / N-ACTION--> ups.py (on the node's DICOM port)
+
+`Prioritization` builds the two stages and the UPS service from the settings, for the daemon.
+"""
+
+from __future__ import annotations
+
+from cadnode.config import Settings
+from cadnode.conveyor import Stage
+from cadnode.db import Database
+from cadnode.dicomnet import Service
+from cadnode.prioritize.hl7 import Hl7Channel
+from cadnode.prioritize.notice import Channel
+from cadnode.prioritize.policy import load_policy
+from cadnode.prioritize.publish import Publisher
+from cadnode.prioritize.stage import Prioritizer
+from cadnode.prioritize.ups import UpsScp
+from cadnode.prioritize.ups_notify import UpsEventChannel, UpsPushChannel
+from cadnode.prioritize.webhook import WebhookChannel
+
+
+class Prioritization:
+    def __init__(self, settings: Settings, database: Database) -> None:
+        priority = settings.priority
+        self.policy = load_policy(priority.policy_file)
+        by_ae_title = {d.ae_title: d for d in settings.destinations.values()}
+        ae_title, timeout_s = settings.dicom.ae_title, settings.dispatch.timeout_s
+        channels: dict[str, Channel] = {
+            "ups-event": UpsEventChannel(ae_title, by_ae_title, timeout_s),
+            "ups-push": UpsPushChannel(ae_title, settings.destinations, timeout_s),
+            "hl7": Hl7Channel(priority.hl7),
+            "webhook": WebhookChannel(priority.webhooks),
+        }
+        self.stages: list[Stage] = [
+            Prioritizer(database, settings.storage.spool, self.policy, priority, ae_title),
+            Publisher(database, channels, settings.dispatch),
+        ]
+        self.services: list[Service] = []
+        if priority.ups.enabled:
+            self.services.append(UpsScp(database, by_ae_title).service())

@@ -1,0 +1,180 @@
+"""Publish: the worklist outbox. Send every queued priority change and UPS event report.
+
+Rows are sent in the order they were queued, per recipient and study: a study's later
+notice never overtakes an earlier one still waiting for its retry. A failed attempt is
+retried with dispatch's back-off schedule (kept in the database, so across restarts) and
+dead-lettered after `dispatch.max_attempts`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+import structlog
+from sqlmodel import Session, col, select
+
+from cadnode.config import DispatchSettings
+from cadnode.db import (
+    Database,
+    Priority,
+    Publication,
+    PublicationState,
+    Study,
+    StudyPriority,
+    utcnow,
+)
+from cadnode.dispatch import next_attempt_at
+from cadnode.prioritize import worklist
+from cadnode.prioritize.notice import Channel, Notice, PublishError
+
+log = structlog.get_logger("cadnode.prioritize.publish")
+
+
+class Publisher:
+    name = "publish"
+
+    def __init__(
+        self, database: Database, channels: Mapping[str, Channel], retry: DispatchSettings
+    ) -> None:
+        self.database = database
+        self.channels = channels
+        self.retry = retry
+
+    def advance(self) -> float | None:
+        with self.database.session() as session:
+            for (channel, destination), rows in self._due(session).items():
+                self._send(session, channel, destination, rows)
+            upcoming = session.exec(
+                select(Publication.next_attempt_at)
+                .where(Publication.state == PublicationState.pending)
+                .order_by(col(Publication.next_attempt_at))
+            ).first()
+        return None if upcoming is None else max((upcoming - utcnow()).total_seconds(), 0.0)
+
+    def _due(self, session: Session) -> dict[tuple[str, str], list[Publication]]:
+        """Pending rows that are due, by recipient, without letting one overtake an earlier
+        row of the same study and recipient that is still waiting."""
+        now = utcnow()
+        waiting: set[tuple[str, str, int]] = set()
+        due: dict[tuple[str, str], list[Publication]] = defaultdict(list)
+        pending = session.exec(
+            select(Publication)
+            .where(Publication.state == PublicationState.pending)
+            .order_by(col(Publication.id))
+        )
+        for row in pending:
+            key = (row.channel, row.destination, row.study_id)
+            if key in waiting:
+                continue
+            if row.next_attempt_at > now:
+                waiting.add(key)
+                continue
+            due[(row.channel, row.destination)].append(row)
+        return due
+
+    def _send(
+        self, session: Session, channel: str, destination: str, rows: list[Publication]
+    ) -> None:
+        sender = self.channels.get(channel)
+        if sender is None:
+            for row in rows:
+                self._failed(session, row, f"no {channel} publisher is configured")
+            return
+        failed_studies: set[int] = set()
+        try:
+            with sender.connect(destination) as link:
+                for row in rows:
+                    if row.study_id in failed_studies:
+                        continue
+                    try:
+                        link.send(self._notice(session, row))
+                    except Exception as error:  # a publisher's fault must not stop the others
+                        failed_studies.add(row.study_id)
+                        self._failed(session, row, _describe(error))
+                    else:
+                        self._sent(session, row)
+        except PublishError as error:  # could not connect: nothing in the batch went
+            for row in rows:
+                if row.state is PublicationState.pending and row.study_id not in failed_studies:
+                    self._failed(session, row, _describe(error))
+
+    def _notice(self, session: Session, row: Publication) -> Notice:
+        study = session.get(Study, row.study_id)
+        item = worklist.workitem_of_study(session, row.study_id)
+        assert study is not None and item is not None and row.id is not None
+        decision = session.get(StudyPriority, row.decision_id) if row.decision_id else None
+        previous = None
+        if decision is not None:
+            previous = session.exec(
+                select(StudyPriority.level)
+                .where(
+                    StudyPriority.study_id == row.study_id,
+                    col(StudyPriority.id) < decision.id,
+                )
+                .order_by(col(StudyPriority.id).desc())
+            ).first()
+        delivered_before = (
+            session.exec(
+                select(Publication.id).where(
+                    Publication.study_id == row.study_id,
+                    Publication.channel == row.channel,
+                    Publication.destination == row.destination,
+                    Publication.state == PublicationState.sent,
+                )
+            ).first()
+            is not None
+        )
+        return Notice(
+            publication_id=row.id,
+            study_uid=study.study_uid,
+            workitem=worklist.dataset_of(item),
+            level=decision.level if decision else None,
+            previous=Priority(previous) if previous else None,
+            reason=decision.reason if decision else "",
+            rule=decision.rule if decision else None,
+            decided_at=decision.decided_at if decision else None,
+            payload=row.payload,
+            delivered_before=delivered_before,
+        )
+
+    def _sent(self, session: Session, row: Publication) -> None:
+        row.state = PublicationState.sent
+        row.attempts += 1
+        row.sent_at = utcnow()
+        session.add(row)
+        session.commit()
+        log.info(
+            "publication.sent",
+            publication=row.id,
+            study=row.study_id,
+            channel=row.channel,
+            destination=row.destination,
+            attempts=row.attempts,
+        )
+
+    def _failed(self, session: Session, row: Publication, reason: str) -> None:
+        row.attempts += 1
+        row.last_error = reason
+        retry_at = next_attempt_at(self.retry, row.attempts)
+        if retry_at is None:
+            row.state = PublicationState.failed
+            event = "publication.dead_lettered"
+        else:
+            row.next_attempt_at = retry_at
+            event = "publication.retry_scheduled"
+        session.add(row)
+        session.commit()
+        log.warning(
+            event,
+            publication=row.id,
+            study=row.study_id,
+            channel=row.channel,
+            destination=row.destination,
+            attempts=row.attempts,
+            reason=reason,
+        )
+
+
+def _describe(error: Exception) -> str:
+    return str(error) if isinstance(error, PublishError) else f"{type(error).__name__}: {error}"

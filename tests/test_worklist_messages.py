@@ -1,0 +1,130 @@
+"""What the worklist publishes, built from a real workitem: C-FIND matching and responses on
+UPS datasets, and HL7 order updates parsed back with hl7apy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hl7apy.consts import VALIDATION_LEVEL
+from hl7apy.parser import parse_message
+from pydicom import Dataset
+
+from cadnode.config import Hl7Codes, Hl7Publisher
+from cadnode.db import Instance, Priority
+from cadnode.prioritize.hl7 import order_update
+from cadnode.prioritize.matching import matches, response
+from cadnode.prioritize.notice import Notice
+from cadnode.prioritize.worklist import build_workitem, workitem_uid
+from tests.worklist_peers import study_query
+from training.phantoms import write_chest_radiograph
+
+
+@pytest.fixture
+def workitem(tmp_path: Path) -> Dataset:
+    film = write_chest_radiograph(
+        tmp_path / "film.dcm", seed=3, patient_name="O'Neil^Ann^B^Dr", patient_id="PID|7"
+    )
+    film.StudyDescription = "Chest & lungs ^ PA"
+    instance = Instance(
+        sop_instance_uid=film.SOPInstanceUID,
+        sop_class_uid=film.SOPClassUID,
+        series_uid=film.SeriesInstanceUID,
+        transfer_syntax="1.2.840.10008.1.2.1",
+        path="film.dcm",
+        size=1,
+        calling_ae="MODALITY",
+        peer="127.0.0.1:1",
+        job_id=1,
+    )
+    return build_workitem(
+        workitem_uid(film.StudyInstanceUID),
+        film,
+        [instance],
+        priority=Priority.HIGH,
+        reason="pneumothorax detected",
+        worklist_label="CADNODE",
+        retrieve_ae="CADNODE",
+        ready=True,
+    )
+
+
+def test_c_find_matches_the_study_inside_referenced_request_sequence(workitem: Dataset) -> None:
+    study_uid = workitem.StudyInstanceUID
+    assert matches(workitem, study_query(study_uid))
+    assert not matches(workitem, study_query("1.2.3.4"))
+    answer = response(workitem, study_query(study_uid))
+    assert answer.ScheduledProcedureStepPriority == "HIGH"
+    assert answer.SOPInstanceUID == workitem.SOPInstanceUID
+    assert answer.ReferencedRequestSequence[0].AccessionNumber == "ACC00000003"
+    assert "PatientName" not in answer  # only what was asked for
+    [series] = answer.InputInformationSequence  # an empty sequence key returns it whole
+    assert series == workitem.InputInformationSequence[0]
+    assert len(series.ReferencedSOPSequence) == 1
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "expected"),
+    [
+        ("ScheduledProcedureStepPriority", "HIGH", True),
+        ("ScheduledProcedureStepPriority", "LOW", False),
+        ("PatientName", "o'neil*", True),  # PN: case-insensitive wildcard
+        ("PatientName", "Smith*", False),
+        ("ProcedureStepState", "SCHEDULED", True),
+        ("ScheduledProcedureStepStartDateTime", "19000101-", True),
+        ("ScheduledProcedureStepStartDateTime", "-19000101", False),
+        ("WorklistLabel", "CAD?ODE", True),
+    ],
+)
+def test_c_find_matching_kinds(workitem: Dataset, keyword: str, value: str, expected: bool) -> None:
+    query = Dataset()
+    setattr(query, keyword, value)
+    assert matches(workitem, query) is expected
+
+
+def test_c_find_matches_a_list_of_uids(workitem: Dataset) -> None:
+    query = Dataset()
+    query.SOPInstanceUID = ["1.2.3", workitem.SOPInstanceUID]
+    assert matches(workitem, query)
+    query.SOPInstanceUID = ["1.2.3", "1.2.4"]
+    assert not matches(workitem, query)
+
+
+def notice(workitem: Dataset) -> Notice:
+    return Notice(
+        publication_id=42,
+        study_uid=workitem.StudyInstanceUID,
+        workitem=workitem,
+        level=Priority.HIGH,
+        previous=Priority.MEDIUM,
+        reason="pneumothorax | above 10 %",
+    )
+
+
+def test_omi_carries_priority_in_tq1_and_obr_with_accession_and_study(workitem: Dataset) -> None:
+    publisher = Hl7Publisher(host="ris", port=2575, codes=Hl7Codes(HIGH="A"))
+    text = order_update(notice(workitem), publisher, "CADNODE42").to_er7()
+    message = parse_message(text, validation_level=VALIDATION_LEVEL.STRICT)
+    assert message.msh.msh_9.to_er7() == "OMI^O23^OMI_O23"
+    assert message.msh.msh_10.to_er7() == "CADNODE42"
+    order = message.omi_o23_order
+    assert order.omi_o23_timing.tq1.tq1_9.to_er7() == "A"
+    assert order.obr.obr_5.to_er7() == "A"
+    assert order.orc.orc_3.to_er7() == "ACC00000003"
+    assert order.ipc.ipc_1.to_er7() == "ACC00000003"
+    assert order.ipc.ipc_3.to_er7() == workitem.StudyInstanceUID
+    patient = message.omi_o23_patient.pid
+    assert patient.pid_3.cx_1.to_er7() == "PID\\F\\7"  # the delimiter escaped, not split on
+    assert patient.pid_5.xpn_1.to_er7() == "O'Neil" and patient.pid_5.xpn_5.to_er7() == "Dr"
+    assert "Chest \\T\\ lungs \\S\\ PA" in text and "pneumothorax \\F\\ above" in text
+
+
+def test_orm_carries_priority_in_orc_7_and_obr_5_and_the_study_in_zds(workitem: Dataset) -> None:
+    publisher = Hl7Publisher(host="ris", port=2575, message="ORM^O01")
+    text = order_update(notice(workitem), publisher, "CADNODE42").to_er7()
+    segments = {s.name: s for s in parse_message(text, find_groups=False).children}
+    assert segments["MSH"].msh_9.to_er7() == "ORM^O01"
+    assert segments["ORC"].orc_7.to_er7() == "^^^^^S"
+    assert segments["OBR"].obr_5.to_er7() == "S"
+    assert segments["OBR"].obr_18.to_er7() == "ACC00000003"
+    assert segments["ZDS"].zds_1.to_er7() == f"{workitem.StudyInstanceUID}^100^Application^DICOM"
