@@ -44,11 +44,18 @@ test: install-dev
 	$(BIN)/mypy cadnode
 	$(BIN)/pytest -q
 
+# Every benchmark script in benchmarks/, one after the other; each prints its own figures.
 bench: install-dev
-	$(BIN)/python benchmarks/end_to_end.py
+	@for script in benchmarks/*.py; do \
+	  [ "$$(basename $$script)" = __init__.py ] && continue; \
+	  echo "== $$script"; $(BIN)/python $$script || exit 1; \
+	done
 
+# The segmenter measures its cascade with the rule-out bundle, so that one is built first.
 engines: install-dev
 	$(BIN)/cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines/cxr-ruleout
+	$(BIN)/cadnode-train build segmenter --config training/configs/segmenter.yaml --out engines/cxr-segmenter
+	$(BIN)/cadnode-train build dbt --config training/configs/dbt.yaml --out engines/dbt-detector
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -15,7 +15,10 @@ from cadnode import logs
 from cadnode.config import Settings, load_settings
 from cadnode.db import Database, Delivery, Instance, Job, Result, Study
 from cadnode.infer.bundle import discover
-from cadnode.route import load_rules
+from cadnode.prioritize.history import history_line, study_priority
+from cadnode.prioritize.policy import load_policy, unknown_engines
+from cadnode.route import RuleSet, load_rules
+from cadnode.route.explain import CASES, Connection, explain, read_subjects, run_cases
 from cadnode.yamlfile import ConfigError
 
 
@@ -26,10 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     studies = commands.add_parser("studies", help="received studies, their state and results")
     studies.add_argument("--json", action="store_true", help="one JSON document")
     commands.add_parser("check", help="validate configuration, rules and engines, then exit")
-    rules = commands.add_parser("rules", help="routing rules")
-    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
-    check = rules_commands.add_parser("check", help="validate a rules file")
-    check.add_argument("file", nargs="?", type=Path, help="default: the configured rules file")
+    add_rules_commands(commands)
     args = parser.parse_args(argv)
 
     logs.configure()
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "check":
             check_everything(settings)
         elif args.command == "rules":
-            check_rules(settings, args.file)
+            return rules_command(settings, args)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -54,16 +54,62 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_everything(settings: Settings) -> None:
     engines = discover(settings.engines.dir)
-    rules = load_rules(settings.rules, engines)
+    rules = configured_rules(settings)
+    policy = load_policy(settings.priority.policy_file)
     print(
         f"configuration OK: {len(engines)} engine(s), {len(rules.rules)} rule(s), "
         f"rules version {rules.version}"
     )
+    print(f"priority policy OK: {len(policy.rules)} rule(s), version {policy.version}")
+    for note in unknown_engines(settings.priority.policy_file, policy, engines):
+        print(f"note: {note}")
 
 
-def check_rules(settings: Settings, file: Path | None) -> None:
-    rules = load_rules(file or settings.rules, discover(settings.engines.dir))
-    print(f"{file or settings.rules}: {len(rules.rules)} rule(s) OK, version {rules.version}")
+def add_rules_commands(commands: Any) -> None:
+    rules = commands.add_parser("rules", help="routing rules: check, explain, test")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_commands.add_parser("check", help="validate a rules file; exit 2 on errors")
+    check.add_argument("file", nargs="?", type=Path, help="default: the configured rules file")
+    explain = rules_commands.add_parser(
+        "explain", help="for each DICOM file: the rule that fires, and why the others do not"
+    )
+    explain.add_argument("files", nargs="+", type=Path, metavar="FILE.dcm")
+    explain.add_argument("--calling-ae", help="as if sent by this AE title")
+    explain.add_argument("--called-ae", help="as if sent to this AE title (default: ours)")
+    explain.add_argument("--source-address", help="as if sent from this IP address")
+    test = rules_commands.add_parser(
+        "test", help="run regression cases against the rules; exit 1 on any mismatch"
+    )
+    test.add_argument(
+        "cases", nargs="?", type=Path, help="default: rules-tests.yaml beside the rules file"
+    )
+    for command in (explain, test):
+        command.add_argument("--rules", type=Path, help="default: the configured rules file")
+
+
+def rules_command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.rules_command == "check":
+        rules = configured_rules(settings, args.file)
+        print(f"{rules.path}: {len(rules.rules)} rule(s) OK, version {rules.version}")
+        return 0
+    rules = configured_rules(settings, args.rules)
+    if args.rules_command == "explain":
+        called_ae = args.called_ae or settings.dicom.ae_title
+        connection = Connection(args.calling_ae, called_ae, args.source_address)
+        print(explain(rules, read_subjects(args.files, connection)))
+        return 0
+    results = run_cases(rules, args.cases or (args.rules or settings.rules).parent / CASES)
+    for result in results:
+        print(result.line())
+    failed = sum(result.problem is not None for result in results)
+    print(f"{len(results)} case(s), {failed} failed, rules version {rules.version}")
+    return 1 if failed else 0
+
+
+def configured_rules(settings: Settings, file: Path | None = None) -> RuleSet:
+    """The rules file, checked against the installed engines and configured destinations."""
+    engines = discover(settings.engines.dir)
+    return load_rules(file or settings.rules, engines, settings.destinations)
 
 
 def study_rows(database: Database) -> list[dict[str, Any]]:
@@ -110,6 +156,7 @@ def study_rows(database: Database) -> list[dict[str, Any]]:
                         }
                         for d in deliveries
                     ],
+                    **study_priority(session, study.id),
                 }
             )
         return rows
@@ -120,7 +167,9 @@ def show_studies(settings: Settings, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'JOB':>4} {'VER':>3} {'STATE':<10} {'RULE':<18} {'N':>3}  RESULT / REASON")
+    print(
+        f"{'JOB':>4} {'VER':>3} {'STATE':<10} {'PRIO':<6} {'RULE':<18} {'N':>3}  RESULT / REASON"
+    )
     for row in rows:
         outcome = "; ".join(
             f"{r['engine']}: p={r['probability']:.3f}"
@@ -128,9 +177,11 @@ def show_studies(settings: Settings, *, as_json: bool) -> None:
             for r in row["results"]
         ) or (row["reason"] or "")
         print(
-            f"{row['job']:>4} {row['version']:>3} {row['state']:<10} {row['rule'] or '-':<18} "
-            f"{row['instances']:>3}  {outcome}  [{row['study_uid']}]"
+            f"{row['job']:>4} {row['version']:>3} {row['state']:<10} {row['priority'] or '-':<6} "
+            f"{row['rule'] or '-':<18} {row['instances']:>3}  {outcome}  [{row['study_uid']}]"
         )
+        if row["priority_history"]:
+            print(f"{'':>9}priority: {history_line(row)}")
 
 
 def _summary(answer: dict[str, Any]) -> dict[str, Any]:

@@ -7,13 +7,21 @@ file are relative to the file, so the daemon behaves the same from any working d
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from cadnode.yamlfile import ConfigError, load_model, read_yaml
 
@@ -51,13 +59,69 @@ class Destination(Section):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+LOOPBACK_NETWORKS = ["127.0.0.0/8", "::1/128"]
+
+
+def _network_or_host(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError as error:
+        if not _HOST_NAME.match(value):
+            raise ValueError(f"{value!r} is not an address, a network or a host name") from error
+    return value
+
+
+class Peer(Section):
+    """A sender allowed to associate: its calling AE title and, optionally, where from."""
+
+    ae_title: AETitle
+    # An address, a network (10.1.2.0/24) or a host name; unset: from any address.
+    host: str | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return None if value is None else _network_or_host(value)
+
+
+class TlsSettings(Section):
+    """DICOM TLS (PS3.15 annex B) on the DICOM port."""
+
+    certificate: Path  # PEM: the node's certificate, then any intermediates
+    private_key: Path  # PEM, not encrypted
+    # PEM bundle of the CAs that sign peers' certificates. Set: every peer must present a
+    # certificate one of them signed (mutual TLS). Unset: only the node proves who it is.
+    client_ca: Path | None = None
+
+
 class DicomSettings(Section):
     ae_title: AETitle = "CADNODE"
     # Loopback by default: the embedded node accepts any calling AE, so only local peers.
     bind: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 11112
     max_associations: int = Field(default=16, ge=1)
+    # A peer silent this long (between messages or in the middle of a PDU) is aborted.
     network_timeout_s: float = Field(default=60, gt=0)
+    # A connection that sends no association request within this long is closed.
+    acse_timeout_s: float = Field(default=30, gt=0)
+    # On SIGTERM: how long running associations may take to finish before they are aborted.
+    drain_timeout_s: float = Field(default=30, ge=0)
+    # Who may send: a calling AE title not listed here is rejected at association
+    # (A-ASSOCIATE-RJ, calling AE title not recognised), as is a listed one from elsewhere.
+    peers: list[Peer] = Field(default_factory=list)
+    # Accept any calling AE title too, but only from these networks (default: loopback).
+    accept_any_peer: bool = True
+    any_peer_networks: list[str] = Field(default_factory=lambda: list(LOOPBACK_NETWORKS))
+    tls: TlsSettings | None = None
+
+    @field_validator("any_peer_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)  # ValueError names the bad one
+        return values
 
 
 class HttpSettings(Section):
@@ -80,9 +144,24 @@ class StorageSettings(Section):
     def results(self) -> Path:
         return self.data_dir / "results"
 
+    @property
+    def quarantine(self) -> Path:
+        """Spool files found at startup that are not whole DICOM objects."""
+        return self.data_dir / "quarantine"
+
+    # Below this much free space where the spool lies, C-STORE answers 0xA700 (out of resources).
+    min_free_mb: float = Field(default=1024, ge=0)
+
 
 class AssembleSettings(Section):
+    # Seconds without a new instance before a multi-image study is released (a routing rule
+    # may set its own); every instance restarts it. A single radiograph is released at once.
     quiet_period_s: float = Field(default=3.0, ge=0, le=3600)
+    # Release a study as soon as the association that sent it is released (not aborted),
+    # rather than waiting out the quiet period: for senders that push one study per association.
+    close_on_association_release: bool = False
+    # Release a study when the modality's MPPS says COMPLETED and every image it lists arrived.
+    close_on_mpps_completed: bool = True
 
 
 class DispatchSettings(Section):
@@ -101,6 +180,63 @@ class ResultsSettings(Section):
     destinations: list[str] = Field(default_factory=list)
 
 
+class UpsSettings(Section):
+    """cadnode's reading worklist as UPS (DICOM Unified Procedure Step)."""
+
+    # Serve UPS Pull, Watch and Query on the node's DICOM port.
+    enabled: bool = True
+    worklist_label: str = Field(default="CADNODE", min_length=1, max_length=64)
+    # Destinations (external UPS Push SCPs) given each workitem (N-CREATE) and its changes (N-SET).
+    push: list[str] = Field(default_factory=list)
+
+
+class Hl7Codes(Section):
+    """The HL7 priority code (tables 0027 / 0485) sent for each cadnode priority."""
+
+    HIGH: str = Field(default="S", min_length=1)
+    MEDIUM: str = Field(default="R", min_length=1)
+    LOW: str = Field(default="R", min_length=1)
+
+
+class Hl7Publisher(Section):
+    """A RIS that takes order updates (HL7 v2 over MLLP) carrying the priority."""
+
+    enabled: bool = True
+    host: str
+    port: Port
+    message: Literal["OMI^O23", "ORM^O01"] = "OMI^O23"
+    sending_application: str = "CADNODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    codes: Hl7Codes = Hl7Codes()
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class WebhookPublisher(Section):
+    """An HTTP endpoint that is POSTed a JSON document for each priority change."""
+
+    enabled: bool = True
+    url: str = Field(pattern=r"^https?://\S+$")
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class PrioritySettings(Section):
+    # The policy mapping results to HIGH / MEDIUM / LOW; default: the shipped priority.yaml.
+    policy: Path | None = None
+    # Also send the arrival's MEDIUM to HL7 and webhooks. Off: it says nothing about the study
+    # and would overwrite a priority the RIS already holds (a STAT order from the ED).
+    publish_arrival: bool = False
+    ups: UpsSettings = UpsSettings()
+    hl7: dict[str, Hl7Publisher] = Field(default_factory=dict)
+    webhooks: dict[str, WebhookPublisher] = Field(default_factory=dict)
+
+    @property
+    def policy_file(self) -> Path:
+        return self.policy or EMBEDDED_CONFIG.parent / "priority.yaml"
+
+
 class Settings(Section):
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()
@@ -111,12 +247,16 @@ class Settings(Section):
     rules: Path = Path("rules.yaml")
     destinations: dict[str, Destination] = Field(default_factory=dict)
     results: ResultsSettings = ResultsSettings()
+    priority: PrioritySettings = PrioritySettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> Settings:
         unknown = [name for name in self.results.destinations if name not in self.destinations]
         if unknown:
             raise ValueError(f"results.destinations names unknown destinations: {unknown}")
+        unknown = [name for name in self.priority.ups.push if name not in self.destinations]
+        if unknown:
+            raise ValueError(f"priority.ups.push names unknown destinations: {unknown}")
         return self
 
     def result_destinations(self) -> list[Destination]:
@@ -147,7 +287,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 def _resolve_relative_paths(document: dict[str, Any], base: Path) -> None:
-    for keys in (("storage", "data_dir"), ("engines", "dir"), ("rules",)):
+    tls = ("certificate", "private_key", "client_ca")
+    for keys in (
+        ("storage", "data_dir"),
+        ("engines", "dir"),
+        ("rules",),
+        ("priority", "policy"),
+        *(("dicom", "tls", key) for key in tls),
+    ):
         parent = _parent(document, keys)
         value = parent.get(keys[-1]) if parent is not None else None
         if isinstance(value, str) and not Path(value).is_absolute():

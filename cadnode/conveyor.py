@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from typing import Protocol
 
 import structlog
@@ -49,11 +50,16 @@ class Conveyor:
             wake.set()
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Let every stage finish what it is doing, within one shared deadline."""
         self._stopping.set()
         self.nudge()
+        deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(timeout_s)
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._timers.shutdown(wait=False)
+        # A stage still busy is cut off at exit: its job, never moved on, is redone next start.
+        busy = [thread.name for thread in self._threads if thread.is_alive()]
+        log.info("conveyor.stopped", busy=busy)
 
     def _run(self, stage: Stage) -> None:
         wake = self._wake[stage.name]

@@ -21,8 +21,9 @@ from cadnode.dispatch import Dispatcher
 from cadnode.encode.stage import Encoder
 from cadnode.infer.runtime import load_engines
 from cadnode.infer.stage import Inference
+from cadnode.prioritize import Prioritization
 from cadnode.receive import Receiver
-from cadnode.route import Router, load_rules
+from cadnode.route import LiveRules, Router
 
 log = structlog.get_logger("cadnode.daemon")
 
@@ -32,45 +33,64 @@ class Node:
         storage = settings.storage
         self.database = Database(storage.database)
         engines = load_engines(settings.engines.dir)
-        rules = load_rules(settings.rules, engines)
+        self.rules = LiveRules(settings.rules, engines, settings.destinations)
+        self.priority = Prioritization(settings, self.database)
         self.conveyor = Conveyor(
             [
-                Assembler(self.database, settings.assemble.quiet_period_s),
-                Router(self.database, storage.spool, rules),
+                Assembler(self.database, settings.assemble),
+                Router(self.database, storage.spool, self.rules, settings.destinations),
                 Inference(self.database, storage.spool, engines),
                 Encoder(
                     self.database, storage.spool, storage.results, settings.result_destinations()
                 ),
                 Dispatcher(
-                    self.database, storage.results, settings.dispatch, settings.dicom.ae_title
+                    self.database,
+                    storage.results,
+                    settings.dispatch,
+                    settings.dicom.ae_title,
+                    spool=storage.spool,
                 ),
+                *self.priority.stages,
             ]
         )
         self.database.on_change = self.conveyor.nudge
-        self.receiver = Receiver(settings, self.database, on_indexed=self.conveyor.nudge)
+        self.receiver = Receiver(
+            settings, self.database, self.conveyor.nudge, services=self.priority.services
+        )
         self.admin = AdminServer(settings.http)
         log.info(
             "node.configured",
             engines=sorted(engines),
-            rules_version=rules.version,
+            rules_version=self.rules.current.version,
+            priority_policy_version=self.priority.policy.version,
             destinations=[str(d) for d in settings.result_destinations()],
             data_dir=str(storage.data_dir),
         )
 
     def start(self) -> int:
+        self.receiver.reconcile()  # spool and index agree before any stage or peer sees them
+        self.rules.start()
         self.conveyor.start()
         self.admin.start()
         return self.receiver.start()
 
     def stop(self) -> None:
+        """Drain: refuse new associations and let running ones finish (dicom.drain_timeout_s),
+        then let each stage finish the job in hand; a job left unfinished stays in its state
+        and is picked up again at the next start."""
         self.receiver.stop()
         self.conveyor.stop()
+        self.rules.stop()
         self.admin.stop()
         log.info("node.stopped")
 
 
 def serve(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then stop receiving and let the stages finish."""
+    """Serve until SIGTERM or SIGINT, then stop receiving and let the stages finish.
+
+    SIGHUP reloads the rules (as a change to the rules file does): valid rules replace the
+    ones in force, an invalid file is refused and logged.
+    """
     node = Node(settings)
     stop = threading.Event()
 
@@ -78,8 +98,13 @@ def serve(settings: Settings) -> None:
         log.info("node.signal", signal=signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(signum: int, _frame: FrameType | None) -> None:
+        log.info("node.signal", signal=signal.Signals(signum).name)
+        node.rules.request_reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     node.start()
     stop.wait()
     node.stop()

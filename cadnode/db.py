@@ -42,6 +42,14 @@ class DeliveryState(StrEnum):
     failed = "failed"  # dead letter: gave up after the configured attempts
 
 
+class PriorityClass(StrEnum):
+    """How soon a routed job's engines should run; a routing rule sets it."""
+
+    urgent = "urgent"  # before anything else (a chest film that may show a pneumothorax)
+    routine = "routine"
+    background = "background"  # research and backfill: only when nothing else waits
+
+
 class Study(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     study_uid: str = Field(index=True, unique=True)
@@ -59,8 +67,13 @@ class Job(SQLModel, table=True):
     reason: str | None = None
     rule: str | None = None
     rules_version: str | None = None
-    pipeline: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Steps as cadnode.pipeline.Step writes them: {"engine": ..., "when": ..., "inputs": ...}.
+    pipeline: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
     inputs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    priority: PriorityClass = Field(default=PriorityClass.routine, index=True)
+    quiet_period_s: float | None = None  # the routing rule's own quiet period, if it set one
     instance_count: int = 0
     first_instance_at: dt.datetime = Field(default_factory=utcnow)
     last_instance_at: dt.datetime = Field(default_factory=utcnow)
@@ -75,9 +88,37 @@ class Instance(SQLModel, table=True):
     path: str  # relative to the spool folder
     size: int
     calling_ae: str
+    called_ae: str = ""  # the AE title the sender addressed
     peer: str
     job_id: int = Field(foreign_key="job.id", index=True)
     received_at: dt.datetime = Field(default_factory=utcnow)
+    # Set when a startup check found the row's file gone from the spool (see receive.reconcile).
+    missing_since: dt.datetime | None = None
+
+
+class PerformedProcedureStep(SQLModel, table=True):
+    """A modality's MPPS (N-CREATE, then N-SET), kept as its DICOM JSON."""
+
+    sop_instance_uid: str = Field(primary_key=True)
+    status: str = Field(index=True)  # Performed Procedure Step Status: IN PROGRESS, COMPLETED, ...
+    calling_ae: str
+    dataset: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class CompletionSignal(SQLModel, table=True):
+    """Word from a sender that a study is whole: assemble may release it before its quiet period.
+
+    `association`: the association that sent it was released. `mpps`: the modality's MPPS
+    says COMPLETED; `expected` lists the SOP Instance UIDs it names, all of which must arrive.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_uid: str = Field(index=True)
+    source: str  # association | mpps
+    expected: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    at: dt.datetime = Field(default_factory=utcnow)
 
 
 class Result(SQLModel, table=True):
@@ -109,13 +150,87 @@ class Delivery(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("object_uid", "destination"),)
     id: int | None = Field(default=None, primary_key=True)
-    object_uid: str = Field(foreign_key="resultobject.sop_instance_uid", index=True)
+    # A ResultObject's SOP Instance UID, or an Instance's where a rule forwards the original.
+    object_uid: str = Field(index=True)
     job_id: int = Field(foreign_key="job.id", index=True)
     destination: str  # AE@host:port
     state: DeliveryState = Field(default=DeliveryState.pending, index=True)
     attempts: int = 0
     next_attempt_at: dt.datetime = Field(default_factory=utcnow)
     last_error: str | None = None
+    sent_at: dt.datetime | None = None
+
+
+class Priority(StrEnum):
+    """A study's place on the reading worklist; the values are DICOM's (0074,1200)."""
+
+    HIGH = "HIGH"
+    MEDIUM = "MEDIUM"
+    LOW = "LOW"
+
+
+class StudyPriority(SQLModel, table=True):
+    """One priority decision for a study: at arrival, after each job version, or by a client.
+
+    Every decision is kept, changed or not; the latest is the study's current priority.
+    """
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_id: int = Field(foreign_key="study.id", index=True)
+    job_id: int | None = Field(default=None, foreign_key="job.id", index=True)
+    level: Priority
+    reason: str
+    rule: str | None = None  # the policy rule, "arrival", a fallback, or the client that set it
+    changed: bool = True
+    decided_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class Workitem(SQLModel, table=True):
+    """A study's reading workitem: a UPS instance, kept as its DICOM JSON."""
+
+    sop_instance_uid: str = Field(primary_key=True)
+    study_id: int = Field(foreign_key="study.id", unique=True)
+    priority: Priority
+    state: str = Field(default="SCHEDULED", index=True)  # Procedure Step State (0074,1000)
+    transaction_uid: str | None = None  # the performer's lock while IN PROGRESS
+    dataset: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class UpsSubscription(SQLModel, table=True):
+    """An AE that asked for UPS event reports: on one workitem, or on all (global UIDs)."""
+
+    __table_args__ = (UniqueConstraint("ae_title", "workitem_uid"),)
+    id: int | None = Field(default=None, primary_key=True)
+    ae_title: str = Field(index=True)
+    workitem_uid: str = Field(index=True)
+    deletion_lock: bool = False
+    # Matching keys of a filtered global subscription (DICOM JSON); empty for the others.
+    filter: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class PublicationState(StrEnum):
+    pending = "pending"
+    sent = "sent"
+    failed = "failed"  # dead letter
+    superseded = "superseded"  # a newer priority for the same study and recipient replaced it
+
+
+class Publication(SQLModel, table=True):
+    """The worklist outbox: one row per (priority change or UPS event, recipient)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_id: int = Field(foreign_key="study.id", index=True)
+    decision_id: int | None = Field(default=None, foreign_key="studypriority.id")
+    channel: str  # ups-event | ups-push | hl7 | webhook
+    destination: str  # a configured publisher's name, or a subscriber's AE title
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    state: PublicationState = Field(default=PublicationState.pending, index=True)
+    attempts: int = 0
+    next_attempt_at: dt.datetime = Field(default_factory=utcnow)
+    last_error: str | None = None
+    created_at: dt.datetime = Field(default_factory=utcnow)
     sent_at: dt.datetime | None = None
 
 
@@ -166,9 +281,8 @@ class Database:
 
 
 def _loggable(changes: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v for k, v in changes.items() if k in ("reason", "rule", "rules_version", "pipeline")
-    }
+    logged = ("reason", "rule", "rules_version", "pipeline", "priority")
+    return {k: v for k, v in changes.items() if k in logged}
 
 
 def _sqlite_durability(connection: Any, _record: Any) -> None:

@@ -4,12 +4,14 @@ Each (object, destination) pair is a Delivery row: pending until the peer acknow
 then sent. A failed attempt is retried with exponential back-off (the next attempt time is
 in the database, so a restart resumes the schedule); after the configured number of
 attempts the delivery is dead-lettered and its job marked failed, with the reason.
+Original images that a routing rule forwards go through the same outbox.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -20,20 +22,43 @@ from pynetdicom.association import Association
 from sqlmodel import Session, select
 
 from cadnode.config import Destination, DispatchSettings
-from cadnode.db import Database, Delivery, DeliveryState, JobState, ResultObject, utcnow
+from cadnode.db import (
+    Database,
+    Delivery,
+    DeliveryState,
+    Instance,
+    JobState,
+    ResultObject,
+    utcnow,
+)
 from cadnode.dicomnet import set_tcp_nodelay, status_is_success
 
 log = structlog.get_logger("cadnode.dispatch")
+
+
+def next_attempt_at(settings: DispatchSettings, attempts: int) -> dt.datetime | None:
+    """When to try again after `attempts` failed tries: exponential back-off up to its
+    ceiling, or None once the limit is reached (dead letter). Shared by every outbox."""
+    if attempts >= settings.max_attempts:
+        return None
+    delay = min(settings.backoff_initial_s * 2 ** (attempts - 1), settings.backoff_max_s)
+    return utcnow() + dt.timedelta(seconds=delay)
 
 
 class Dispatcher:
     name = "dispatch"
 
     def __init__(
-        self, database: Database, results: Path, settings: DispatchSettings, calling_ae: str
+        self,
+        database: Database,
+        results: Path,
+        settings: DispatchSettings,
+        calling_ae: str,
+        spool: Path | None = None,
     ) -> None:
         self.database = database
         self.results = results
+        self.spool = spool  # where originals that rules forward are read from
         self.settings = settings
         self.calling_ae = calling_ae
 
@@ -54,12 +79,11 @@ class Dispatcher:
             return self._seconds_to_next_attempt(session)
 
     def _send(self, session: Session, destination: Destination, deliveries: list[Delivery]) -> None:
-        objects = [session.get(ResultObject, d.object_uid) for d in deliveries]
-        datasets = [dcmread(self.results / o.path) for o in objects if o is not None]
+        datasets = [dcmread(self._path_of(session, d.object_uid)) for d in deliveries]
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
-        for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
-            ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        for sop_class, syntaxes in _contexts(datasets):
+            ae.add_requested_context(sop_class, syntaxes)
         assoc = ae.associate(
             destination.host,
             destination.port,
@@ -79,6 +103,16 @@ class Dispatcher:
                 self._store(session, assoc, delivery, dataset)
         finally:
             assoc.release()
+
+    def _path_of(self, session: Session, uid: str) -> Path:
+        """A result cadnode made, or an original image a rule forwards as it was received."""
+        made = session.get(ResultObject, uid)
+        if made is not None:
+            return self.results / made.path
+        original = session.get(Instance, uid)
+        if original is None or self.spool is None:
+            raise LookupError(f"delivery of {uid}: neither a result nor a received instance")
+        return self.spool / original.path
 
     def _store(
         self, session: Session, assoc: Association, delivery: Delivery, dataset: Dataset
@@ -110,15 +144,12 @@ class Dispatcher:
     def _failed(self, session: Session, delivery: Delivery, reason: str) -> None:
         delivery.attempts += 1
         delivery.last_error = reason
-        if delivery.attempts >= self.settings.max_attempts:
+        retry_at = next_attempt_at(self.settings, delivery.attempts)
+        if retry_at is None:
             delivery.state = DeliveryState.failed
             event = "delivery.dead_lettered"
         else:
-            delay = min(
-                self.settings.backoff_initial_s * 2 ** (delivery.attempts - 1),
-                self.settings.backoff_max_s,
-            )
-            delivery.next_attempt_at = utcnow() + dt.timedelta(seconds=delay)
+            delivery.next_attempt_at = retry_at
             event = "delivery.retry_scheduled"
         session.add(delivery)
         session.commit()
@@ -155,3 +186,15 @@ class Dispatcher:
             .order_by(Delivery.next_attempt_at)  # type: ignore[arg-type]
         ).first()
         return None if upcoming is None else max((upcoming - utcnow()).total_seconds(), 0.0)
+
+
+def _contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
+    """Uncompressed objects (our results) in either little endian syntax; anything else (a
+    forwarded original) in its own transfer syntax, as the modality sent it."""
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
+    for dataset in datasets:
+        syntax = str(dataset.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
+        syntaxes = uncompressed if syntax in uncompressed else [syntax]
+        wanted[(str(dataset.SOPClassUID), tuple(syntaxes))] = None
+    return [(sop_class, list(syntaxes)) for sop_class, syntaxes in wanted]

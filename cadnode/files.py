@@ -21,10 +21,18 @@ def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
 
 
-def write_durably(path: Path, chunks: Iterable[bytes]) -> int:
+# What `write_durably` leaves behind only if the process dies mid-write: never acknowledged.
+TEMPORARY_SUFFIX = ".part"
+
+
+def is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
+
+
+def write_durably(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) -> int:
     """Write `chunks` to `path` atomically and durably; returns the number of bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    make_folders_durably(path.parent)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
     size = 0
     try:
         with temporary.open("wb") as handle:
@@ -39,6 +47,17 @@ def write_durably(path: Path, chunks: Iterable[bytes]) -> int:
         raise
     _fsync_directory(path.parent)
     return size
+
+
+def make_folders_durably(folder: Path) -> None:
+    """`mkdir -p` whose new entries survive a power cut: each new folder's parent is fsynced."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)  # exist_ok: another thread may create it at the same moment
+        _fsync_directory(new.parent)
 
 
 def _fsync_directory(folder: Path) -> None:

@@ -1,31 +1,54 @@
-"""Receive: the C-ECHO / C-STORE SCP.
+"""Receive: the node's DICOM port, C-ECHO / C-STORE SCP (and MPPS, and other stages' services).
 
-An instance is answered Success only once its bytes are durably in the spool (as the
-modality sent them: no transcoding) and indexed in the database. The same SOP Instance UID
-received twice is stored once. Bad input gets a DIMSE failure status and a log event,
-never a crashed thread.
+An instance is answered Success only once its bytes are durably in the spool, exactly as
+the sender encoded them (no transcoding), and indexed (see cadnode/spool.py). The same SOP
+Instance UID received twice is stored once. Bad input gets a DIMSE failure status and an
+event naming the peer and the reason, never a crashed thread: a dataset that does not decode
+or lacks its UIDs 0xC000, one whose SOP class is not the request's 0xA900, a full disk 0xA700.
+
+Who may associate is checked first (cadnode/admission.py); DICOM TLS is optional. Every read
+from a peer has a deadline, so a peer that stalls mid-PDU is cut off without holding
+anything else up; garbage on the socket aborts its own association only.
+
+When an association that stored instances is released (not aborted), and no other live
+association is sending the same study, receive records that the sender is done with it:
+assemble may then release the study without waiting out its quiet period.
 """
 
 from __future__ import annotations
 
 import io
+import socket
+import socketserver
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from sqlmodel import Session, select
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
+from cadnode.admission import (
+    CALLING_AE_NOT_RECOGNISED,
+    REJECTED_PERMANENT,
+    SERVICE_USER,
+    PeerPolicy,
+    Refusal,
+    server_tls_context,
+)
 from cadnode.config import Settings
-from cadnode.db import Database, Instance, Job, JobState, Study, utcnow
-from cadnode.dicomnet import set_tcp_nodelay
-from cadnode.files import is_valid_uid, write_durably
+from cadnode.db import CompletionSignal, Database
+from cadnode.dicomnet import Service, routed_handlers, set_tcp_nodelay
+from cadnode.files import is_valid_uid
+from cadnode.mpps import MppsScp
+from cadnode.spool import HEADER_TAGS, Arrival, OutOfSpace, Spool, cut_short
 
 log = structlog.get_logger("cadnode.receive")
 
@@ -36,20 +59,11 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 VERIFICATION = "1.2.840.10008.1.1"
-HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
-
-
-@dataclass(frozen=True)
-class Arrival:
-    """What the index needs to know about an instance that has just arrived."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    transfer_syntax: str
-    calling_ae: str
-    peer: str
+PREAMBLE = b"\x00" * 128 + b"DICM"
+DEFER_SIZE = 64 * 1024
+# The largest PDU we ask peers to send (pynetdicom's default is 16 KiB; DCMTK sends up to
+# 128 KiB): fewer, larger PDUs mean fewer trips through pynetdicom's per-PDU machinery.
+MAXIMUM_PDU_SIZE = 4 * 2**20
 
 
 class Rejected(Exception):
@@ -59,44 +73,132 @@ class Rejected(Exception):
         self.reason = reason
 
 
+@dataclass
+class _Sending:
+    """What one association has done so far, for its closing event and completion signals."""
+
+    studies: set[str] = field(default_factory=set)
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+
+
 class Receiver:
-    def __init__(self, settings: Settings, database: Database, on_indexed: Callable[[], None]):
+    def __init__(
+        self,
+        settings: Settings,
+        database: Database,
+        on_indexed: Callable[[], None],
+        services: Sequence[Service] = (),
+    ):
         self.settings = settings
         self.database = database
-        self.spool = settings.storage.spool
+        storage = settings.storage
+        self.spool = Spool(storage.spool, database, int(storage.min_free_mb * 2**20))
+        self.quarantine = storage.quarantine
+        # Called when a new job appears or a sender says it is done: assemble looks again.
         self.on_indexed = on_indexed
-        # One lock around indexing keeps study/job creation race-free between associations;
-        # the slow part (writing the file) stays outside it.
-        self._index_lock = threading.Lock()
-        self._server: Any = None
+        self.policy = PeerPolicy(settings.dicom)
+        self.tls = server_tls_context(settings.dicom.tls) if settings.dicom.tls else None
+        # Other stages' DIMSE services on the same port (the UPS worklist): one AE title for all.
+        self.services = [*services, MppsScp(database, on_signal=on_indexed).service()]
+        self._sending: dict[int, _Sending] = {}
+        self._sending_lock = threading.Lock()
+        self._server: _Server | None = None
+
+    def reconcile(self) -> dict[str, int]:
+        """Make spool and index agree before the first association (see cadnode/spool.py)."""
+        return self.spool.reconcile(self.quarantine)
 
     def start(self) -> int:
         """Start serving in the background; returns the bound port (useful with port 0)."""
-        ae = AE(ae_title=self.settings.dicom.ae_title)
-        ae.maximum_associations = self.settings.dicom.max_associations
-        ae.network_timeout = self.settings.dicom.network_timeout_s
-        for context in AllStoragePresentationContexts:
-            if context.abstract_syntax is not None:
-                ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        dicom = self.settings.dicom
+        ae = AE(ae_title=dicom.ae_title)
+        ae.maximum_associations = dicom.max_associations
+        ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
+        ae.network_timeout = dicom.network_timeout_s
+        ae.acse_timeout = dicom.acse_timeout_s
+        # Every storage SOP class (private ones too) in whatever transfer syntax the sender
+        # proposes first: the bytes are kept as they come, so none needs to be known here.
+        # (Listing ~150 classes x ~40 syntaxes instead cost 0.4 s of CPU per association,
+        # which pynetdicom deep-copies for each.) Other services negotiate as usual.
+        _config.UNRESTRICTED_STORAGE_SERVICE = True
         ae.add_supported_context(VERIFICATION)
+        for service in self.services:
+            for sop_class in service.sop_classes:
+                ae.add_supported_context(sop_class)
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_ACCEPTED, _log_association("association.accepted")),
             (evt.EVT_REJECTED, _log_association("association.rejected")),
-            (evt.EVT_ABORTED, _log_association("association.aborted")),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+            *routed_handlers(self.services),
         ]
-        address = (self.settings.dicom.bind, self.settings.dicom.port)
-        self._server = ae.start_server(address, block=False, evt_handlers=handlers)
-        port = int(self._server.server_address[1])
-        log.info("receive.listening", ae_title=ae.ae_title, bind=address[0], port=port)
+        address = (dicom.bind, dicom.port)
+        server = cast(
+            _Server,
+            ae.make_server(
+                address, ssl_context=self.tls, evt_handlers=handlers, server_class=_Server
+            ),
+        )
+        ae._servers.append(server)  # as AE.start_server does: the server's shutdown expects it
+        threading.Thread(target=server.serve_forever, name="receive-accept", daemon=True).start()
+        self._server = server
+        port = int(server.server_address[1])
+        log.info(
+            "receive.listening",
+            ae_title=ae.ae_title,
+            bind=dicom.bind,
+            port=port,
+            tls=bool(self.tls),
+        )
         return port
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            log.info("receive.stopped")
+    def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Stop accepting, give running associations time to finish, abort the rest."""
+        server, self._server = self._server, None
+        if server is not None:
+            timeout = (
+                self.settings.dicom.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+            )
+            # Connections that never asked for an association (a port probe) are not waited on.
+            running = [a for a in server.stop_accepting() if a.is_established]
+            deadline = time.monotonic() + timeout
+            for association in running:
+                association.join(max(0.0, deadline - time.monotonic()))
+            aborted = [a for a in running if a.is_alive()]
+            for association in aborted:
+                association.abort()
+            server.ae._servers.remove(server)
+            log.info("receive.stopped", drained=len(running) - len(aborted), aborted=len(aborted))
+        self.spool.close()
+
+    def _on_requested(self, event: Any) -> None:
+        """Reject an association request from a peer the configuration does not admit."""
+        request = event.assoc.requestor.primitive
+        calling_ae = str(request.calling_ae_title).strip()
+        try:
+            refusal = self.policy.refusal(
+                calling_ae, str(request.called_ae_title), str(event.assoc.requestor.address)
+            )
+        except Exception as error:  # fail closed: pynetdicom would accept after a raise
+            refusal = Refusal(CALLING_AE_NOT_RECOGNISED, f"cannot check the peer: {error}")
+        if refusal is None:
+            return
+        log.warning(
+            "association.refused",
+            calling_ae=calling_ae,
+            called_ae=str(request.called_ae_title).strip(),
+            peer=_peer(event),
+            reason=refusal.reason,
+        )
+        event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, refusal.diagnostic)
+        event.assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the peer has gone
 
     def _on_echo(self, event: Any) -> int:
         log.info("receive.echo", calling_ae=_calling_ae(event))
@@ -104,98 +206,121 @@ class Receiver:
 
     def _on_store(self, event: Any) -> int:
         calling_ae, peer = _calling_ae(event), _peer(event)
+        sending = self._sending_of(event.assoc)
         try:
-            encoded = event.encoded_dataset(include_meta=True)
-            arrival = _read_arrival(encoded, event, calling_ae, peer)
-            self.store(arrival, encoded)
+            meta = _file_meta(event, calling_ae)
+            arrival = _read_arrival(event, meta, calling_ae, peer)
+            with event.request.DataSet.getbuffer() as dataset:
+                indexed = self.spool.store(arrival, [meta, dataset])
         except Rejected as rejection:
-            log.warning(
-                "instance.rejected",
-                calling_ae=calling_ae,
-                peer=peer,
-                status=hex(rejection.status),
-                reason=rejection.reason,
-            )
-            return rejection.status
-        except OSError as error:
-            log.error("instance.not_stored", calling_ae=calling_ae, peer=peer, error=str(error))
-            return OUT_OF_RESOURCES
+            return self._refused(sending, rejection.status, rejection.reason, calling_ae, peer)
+        except OutOfSpace as error:
+            return self._refused(sending, OUT_OF_RESOURCES, str(error), calling_ae, peer)
+        except OSError as error:  # ENOSPC, EIO: the disk, not the sender
+            return self._refused(sending, OUT_OF_RESOURCES, str(error), calling_ae, peer)
         except Exception:
             # Our fault, not the sender's: say so, keep the association and the thread alive.
             log.exception("instance.not_stored", calling_ae=calling_ae, peer=peer)
+            sending.refused += 1
             return PROCESSING_FAILURE
+        sending.studies.add(arrival.study_uid)
+        if indexed is None:
+            sending.duplicates += 1
+            log.info("instance.duplicate", calling_ae=calling_ae)
+            return SUCCESS
+        sending.stored += 1
+        log.info(
+            "instance.received",
+            job=indexed.job_id,
+            study=indexed.study_id,
+            version=indexed.version,
+            instances=indexed.instance_count,
+            calling_ae=calling_ae,
+        )
+        if indexed.opened_job:
+            self.on_indexed()
         return SUCCESS
 
-    def store(self, arrival: Arrival, encoded: bytes) -> None:
-        """Write and index one instance; a duplicate SOP Instance UID is a no-op."""
-        with self.database.session() as session:
-            if session.get(Instance, arrival.sop_instance_uid) is not None:
-                log.info("instance.duplicate", calling_ae=arrival.calling_ae)
-                return
-        relative = Path(arrival.study_uid) / arrival.series_uid / f"{arrival.sop_instance_uid}.dcm"
-        size = write_durably(self.spool / relative, [encoded])
-        with self._index_lock, self.database.session() as session:
-            if session.get(Instance, arrival.sop_instance_uid) is not None:
-                return  # a concurrent association won the race with the same bytes
-            job = _open_job(session, arrival.study_uid)
-            job.instance_count += 1
-            job.last_instance_at = utcnow()
-            session.add(job)
-            session.flush()
-            assert job.id is not None
-            session.add(
-                Instance(
-                    sop_instance_uid=arrival.sop_instance_uid,
-                    sop_class_uid=arrival.sop_class_uid,
-                    series_uid=arrival.series_uid,
-                    transfer_syntax=arrival.transfer_syntax,
-                    path=str(relative),
-                    size=size,
-                    calling_ae=arrival.calling_ae,
-                    peer=arrival.peer,
-                    job_id=job.id,
-                )
-            )
-            session.commit()
-            log.info(
-                "instance.received",
-                job=job.id,
-                study=job.study_id,
-                version=job.version,
-                instances=job.instance_count,
-                calling_ae=arrival.calling_ae,
-                size=size,
-            )
-        self.on_indexed()
-
-
-def _open_job(session: Session, study_uid: str) -> Job:
-    """The study's job still collecting instances, or a new version of it."""
-    study = session.exec(select(Study).where(Study.study_uid == study_uid)).first()
-    if study is None:
-        study = Study(study_uid=study_uid)
-        session.add(study)
-        session.flush()
-    assert study.id is not None
-    jobs = list(session.exec(select(Job).where(Job.study_id == study.id).order_by(Job.version)))  # type: ignore[arg-type]
-    if jobs and jobs[-1].state == JobState.received:
-        return jobs[-1]
-    job = Job(study_id=study.id, version=len(jobs) + 1)
-    session.add(job)
-    session.flush()
-    if jobs:
-        log.info("job.reopened", job=job.id, study=study.id, version=job.version)
-    return job
-
-
-def _read_arrival(encoded: bytes, event: Any, calling_ae: str, peer: str) -> Arrival:
-    try:
-        header: Dataset = dcmread(
-            io.BytesIO(encoded), stop_before_pixels=True, specific_tags=HEADER_TAGS
+    def _refused(
+        self, sending: _Sending, status: int, reason: str, calling_ae: str, peer: str
+    ) -> int:
+        sending.refused += 1
+        log.warning(
+            "instance.rejected", calling_ae=calling_ae, peer=peer, status=hex(status), reason=reason
         )
-    except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as error:
+        return status
+
+    def _sending_of(self, association: Any) -> _Sending:
+        with self._sending_lock:
+            return self._sending.setdefault(id(association), _Sending())
+
+    def _on_released(self, event: Any) -> None:
+        """The sender is done: studies no other live association is sending are signalled."""
+        with self._sending_lock:
+            mine = self._sending.get(id(event.assoc), _Sending())
+            others = set().union(
+                *(s.studies for key, s in self._sending.items() if key != id(event.assoc))
+            )
+        done = sorted(mine.studies - others)
+        if done:
+            with self.database.session() as session:
+                session.add_all(
+                    CompletionSignal(study_uid=uid, source="association") for uid in done
+                )
+                session.commit()
+            self.on_indexed()
+        _log_closed("association.released", event, mine)
+
+    def _on_aborted(self, event: Any) -> None:
+        with self._sending_lock:
+            mine = self._sending.get(id(event.assoc), _Sending())
+        _log_closed("association.aborted", event, mine)
+
+    def _on_closed(self, event: Any) -> None:
+        with self._sending_lock:
+            self._sending.pop(id(event.assoc), None)
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server, with a deadline on every read and TLS off the accept loop.
+
+    Sockets accepted from a listening socket with a timeout come back blocking forever, so a
+    peer stalling mid-PDU would hold its reader for good: each gets the network timeout. The
+    TLS handshake happens on the association's first read, in its own thread, so a peer that
+    stalls it holds up nobody else (pynetdicom would do it in the accept loop).
+    """
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        client.settimeout(self.ae.network_timeout)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def stop_accepting(self) -> list[Any]:
+        """Close the listening socket (new peers are refused); the running associations."""
+        socketserver.BaseServer.shutdown(self)  # ends serve_forever
+        AssociationServer.server_close(self)  # pynetdicom's own close, without waiting on them
+        return list(self.active_associations)
+
+
+def _file_meta(event: Any, calling_ae: str) -> bytes:
+    """Preamble, prefix and File Meta Information for the dataset as it came."""
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = calling_ae  # who sent it, kept with the file
+    return PREAMBLE + encode_file_meta(meta)
+
+
+def _read_arrival(event: Any, meta: bytes, calling_ae: str, peer: str) -> Arrival:
+    """Decode the whole dataset's structure (not its pixels) and check its identity."""
+    try:
+        header = _decode(event.request.DataSet, UID(event.context.transfer_syntax), meta)
+        uids = {tag: str(header.get(tag, "")) for tag in HEADER_TAGS}
+    except Exception as error:  # pydicom raises many kinds on a malformed stream
         raise Rejected(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {error}") from error
-    uids = {tag: str(header.get(tag, "")) for tag in HEADER_TAGS}
     bad = [tag for tag, value in uids.items() if not is_valid_uid(value)]
     if bad:
         raise Rejected(CANNOT_UNDERSTAND, f"missing or invalid UID: {', '.join(bad)}")
@@ -215,8 +340,27 @@ def _read_arrival(encoded: bytes, event: Any, calling_ae: str, peer: str) -> Arr
         series_uid=uids["SeriesInstanceUID"],
         transfer_syntax=str(event.context.transfer_syntax),
         calling_ae=calling_ae,
+        called_ae=str(event.assoc.requestor.primitive.called_ae_title).strip(),
         peer=peer,
     )
+
+
+def _decode(dataset: io.BytesIO, transfer_syntax: UID, meta: bytes) -> Dataset:
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:  # pydicom inflates in dcmread only
+        return dcmread(io.BytesIO(meta + dataset.getvalue()))
+    dataset.seek(0)
+    decoded = read_dataset(
+        dataset,
+        is_implicit_VR=transfer_syntax.is_implicit_VR,
+        is_little_endian=transfer_syntax.is_little_endian,
+        defer_size=DEFER_SIZE,  # large values (pixels) are skipped over, not copied
+    )
+    if dataset.tell() > len(dataset.getbuffer()):
+        raise ValueError("a value runs past the end of the dataset")
+    problem = cut_short(decoded)
+    if problem:
+        raise ValueError(problem)
+    return decoded
 
 
 def _calling_ae(event: Any) -> str:
@@ -232,3 +376,14 @@ def _log_association(name: str) -> Callable[[Any], None]:
         log.info(name, calling_ae=_calling_ae(event), peer=_peer(event))
 
     return handler
+
+
+def _log_closed(name: str, event: Any, sending: _Sending) -> None:
+    log.info(
+        name,
+        calling_ae=_calling_ae(event),
+        peer=_peer(event),
+        stored=sending.stored,
+        duplicates=sending.duplicates,
+        refused=sending.refused,
+    )

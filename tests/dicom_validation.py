@@ -42,7 +42,11 @@ def dciodvfy_output(path: Path | str) -> tuple[int, list[str]]:
     """dciodvfy's exit status and its output lines (stdout then stderr)."""
     tool = require_tool("dciodvfy")
     done = subprocess.run(
-        [tool, str(path)], capture_output=True, text=True, errors="replace", timeout=120,
+        [tool, str(path)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=120,
         check=False,
     )
     lines = [line.rstrip() for line in (done.stdout + done.stderr).splitlines() if line.strip()]

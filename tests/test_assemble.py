@@ -5,6 +5,7 @@ import datetime as dt
 from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation
 
 from cadnode.assemble import Assembler
+from cadnode.config import AssembleSettings
 from cadnode.db import Database, Instance, Job, JobState, Study, utcnow
 
 
@@ -48,24 +49,24 @@ def state(database: Database, job_id: int) -> JobState:
 
 def test_a_single_radiograph_is_released_on_arrival(database: Database) -> None:
     job = add_job(database, [DigitalXRayImageStorageForPresentation], quiet_for_s=0)
-    assert Assembler(database, quiet_period_s=60).advance() is None
+    assert Assembler(database, AssembleSettings(quiet_period_s=60)).advance() is None
     assert state(database, job) is JobState.complete
 
 
 def test_a_multi_image_study_waits_for_the_quiet_period(database: Database) -> None:
     job = add_job(database, [CTImageStorage] * 3, quiet_for_s=1)
-    due_in = Assembler(database, quiet_period_s=5).advance()
+    due_in = Assembler(database, AssembleSettings(quiet_period_s=5)).advance()
     assert state(database, job) is JobState.received
     assert due_in is not None and 3.5 < due_in <= 4.0
 
 
 def test_a_quiet_study_is_released(database: Database) -> None:
     job = add_job(database, [CTImageStorage] * 3, quiet_for_s=6)
-    assert Assembler(database, quiet_period_s=5).advance() is None
+    assert Assembler(database, AssembleSettings(quiet_period_s=5)).advance() is None
     assert state(database, job) is JobState.complete
 
 
 def test_two_radiographs_in_one_study_wait_like_any_series(database: Database) -> None:
     job = add_job(database, [DigitalXRayImageStorageForPresentation] * 2, quiet_for_s=0)
-    assert Assembler(database, quiet_period_s=2).advance() is not None
+    assert Assembler(database, AssembleSettings(quiet_period_s=2)).advance() is not None
     assert state(database, job) is JobState.received

@@ -33,30 +33,46 @@ WHEN = dt.datetime(2026, 1, 2, 9, 30, 0)
 def film(tmp_path: Path) -> pydicom.Dataset:
     """A chest film as the node receives it: written to disk, read back."""
     path = tmp_path / "film.dcm"
-    write_chest_radiograph(path, seed=11, opacity=True, patient_id="PID-11",
-                           patient_name="Doe^Jane")
+    write_chest_radiograph(
+        path, seed=11, opacity=True, patient_id="PID-11", patient_name="Doe^Jane"
+    )
     return pydicom.dcmread(path)
 
 
 @pytest.fixture
 def second_film(film: pydicom.Dataset) -> pydicom.Dataset:
     """Another view in the same study, header only (no pixel data)."""
-    ds = chest_dataset(make_chest_phantom(12), patient_id="PID-11", patient_name="Doe^Jane",
-                       study_uid=film.StudyInstanceUID, seed=12, view="AP")
+    ds = chest_dataset(
+        make_chest_phantom(12),
+        patient_id="PID-11",
+        patient_name="Doe^Jane",
+        study_uid=film.StudyInstanceUID,
+        seed=12,
+        view="AP",
+    )
     del ds.PixelData
     return ds
 
 
 def answer(source: pydicom.Dataset, probability: float, threshold: float = 0.12) -> Classification:
-    return Classification(source=source, label=ABNORMAL, probability=probability,
-                          operating_point="rule_out", threshold=threshold,
-                          ruled_out=probability < threshold)
+    return Classification(
+        source=source,
+        label=ABNORMAL,
+        probability=probability,
+        operating_point="rule_out",
+        threshold=threshold,
+        ruled_out=probability < threshold,
+    )
 
 
 def build(*classifications: Classification) -> hd.sr.Comprehensive3DSR:
-    return classification_report(list(classifications), ALGORITHM,
-                                 series_instance_uid=SERIES_UID, sop_instance_uid=SOP_UID,
-                                 content_datetime=WHEN)
+    return classification_report(
+        list(classifications),
+        ALGORITHM,
+        series_instance_uid=SERIES_UID,
+        sop_instance_uid=SOP_UID,
+        content_datetime=WHEN,
+    )
 
 
 def save(sr: hd.sr.Comprehensive3DSR, path: Path) -> Path:
@@ -66,24 +82,27 @@ def save(sr: hd.sr.Comprehensive3DSR, path: Path) -> Path:
 
 def texts(item: pydicom.Dataset, code: Code) -> list[str]:
     """Values of the TEXT items named `code` directly below a content item."""
-    return [str(found.TextValue) for found in hd.sr.utils.find_content_items(
-        item, name=code, value_type=hd.sr.ValueTypeValues.TEXT, recursive=False)]
+    return [
+        str(found.TextValue)
+        for found in hd.sr.utils.find_content_items(
+            item, name=code, value_type=hd.sr.ValueTypeValues.TEXT, recursive=False
+        )
+    ]
 
 
 # --- dciodvfy -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("probability", [0.87, 0.03], ids=["abnormal", "ruled-out"])
-def test_report_passes_dciodvfy(film: pydicom.Dataset, tmp_path: Path,
-                                probability: float) -> None:
+def test_report_passes_dciodvfy(film: pydicom.Dataset, tmp_path: Path, probability: float) -> None:
     path = save(build(answer(film, probability)), tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
     assert dciodvfy_warnings(path) == []  # none today; a new one deserves a look
 
 
-def test_two_films_of_one_study_pass_dciodvfy(film: pydicom.Dataset,
-                                              second_film: pydicom.Dataset,
-                                              tmp_path: Path) -> None:
+def test_two_films_of_one_study_pass_dciodvfy(
+    film: pydicom.Dataset, second_film: pydicom.Dataset, tmp_path: Path
+) -> None:
     sr = build(answer(film, 0.87), answer(second_film, 0.03))
     path = save(sr, tmp_path / "sr.dcm")
     assert dciodvfy_errors(path) == []
@@ -101,11 +120,14 @@ def test_dciodvfy_helper_reports_errors(film: pydicom.Dataset, tmp_path: Path) -
 # --- content, read back -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("probability", "finding"), [(0.87, codes.SCT.Abnormal),
-                                                      (0.03, codes.SCT.Normal)],
-                         ids=["abnormal", "ruled-out"])
-def test_report_reads_back(film: pydicom.Dataset, tmp_path: Path, probability: float,
-                           finding: Code) -> None:
+@pytest.mark.parametrize(
+    ("probability", "finding"),
+    [(0.87, codes.SCT.Abnormal), (0.03, codes.SCT.Normal)],
+    ids=["abnormal", "ruled-out"],
+)
+def test_report_reads_back(
+    film: pydicom.Dataset, tmp_path: Path, probability: float, finding: Code
+) -> None:
     path = save(build(answer(film, probability)), tmp_path / "sr.dcm")
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
@@ -129,7 +151,10 @@ def test_report_reads_back(film: pydicom.Dataset, tmp_path: Path, probability: f
     assert texts(group_item, codes.DCM.AlgorithmName) == [ALGORITHM.name]
     assert texts(group_item, codes.DCM.AlgorithmVersion) == [ALGORITHM.version]
     assert texts(group_item, codes.DCM.AlgorithmParameters) == [
-        f"sha256={ALGORITHM.sha256}", "operating_point=rule_out", "threshold=0.12"]
+        f"sha256={ALGORITHM.sha256}",
+        "operating_point=rule_out",
+        "threshold=0.12",
+    ]
     # The probability's algorithm: the same model, no threshold.
     num_item = measurement[0]
     assert texts(num_item, codes.DCM.AlgorithmName) == [ALGORITHM.name]
@@ -159,12 +184,14 @@ def test_report_joins_the_patient_and_study(film: pydicom.Dataset, tmp_path: Pat
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
     assert (sr.ContentDate, sr.ContentTime) == ("20260102", "093000")
     [procedure] = hd.sr.utils.find_content_items(
-        hd.sr.srread(tmp_path / "sr.dcm").content[0], name=codes.DCM.ProcedureReported)
+        hd.sr.srread(tmp_path / "sr.dcm").content[0], name=codes.DCM.ProcedureReported
+    )
     assert procedure.value == hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 
 
-def test_same_inputs_same_bytes(film: pydicom.Dataset, second_film: pydicom.Dataset,
-                                tmp_path: Path) -> None:
+def test_same_inputs_same_bytes(
+    film: pydicom.Dataset, second_film: pydicom.Dataset, tmp_path: Path
+) -> None:
     first = save(build(answer(film, 0.87), answer(second_film, 0.03)), tmp_path / "1.dcm")
     again = save(build(answer(film, 0.87), answer(second_film, 0.03)), tmp_path / "2.dcm")
     assert first.read_bytes() == again.read_bytes()
@@ -174,8 +201,12 @@ def test_same_inputs_same_bytes(film: pydicom.Dataset, second_film: pydicom.Data
 
 def test_without_a_time_only_the_clock_differs(film: pydicom.Dataset) -> None:
     def content(sr: hd.sr.Comprehensive3DSR) -> dict[str, object]:
-        for keyword in ("InstanceCreationDate", "InstanceCreationTime", "ContentDate",
-                        "ContentTime"):
+        for keyword in (
+            "InstanceCreationDate",
+            "InstanceCreationTime",
+            "ContentDate",
+            "ContentTime",
+        ):
             delattr(sr, keyword)
         for equipment in sr.ContributingEquipmentSequence:
             if "ContributionDateTime" in equipment:
@@ -183,14 +214,19 @@ def test_without_a_time_only_the_clock_differs(film: pydicom.Dataset) -> None:
         return sr.to_json_dict()
 
     def unstamped() -> hd.sr.Comprehensive3DSR:
-        return classification_report([answer(film, 0.87)], ALGORITHM,
-                                     series_instance_uid=SERIES_UID, sop_instance_uid=SOP_UID)
+        return classification_report(
+            [answer(film, 0.87)],
+            ALGORITHM,
+            series_instance_uid=SERIES_UID,
+            sop_instance_uid=SOP_UID,
+        )
 
     assert content(unstamped()) == content(unstamped())
 
 
-def test_source_may_lack_pixel_data_and_type2_attributes(film: pydicom.Dataset,
-                                                         tmp_path: Path) -> None:
+def test_source_may_lack_pixel_data_and_type2_attributes(
+    film: pydicom.Dataset, tmp_path: Path
+) -> None:
     header = pydicom.Dataset(film)
     del header.PixelData
     del header.PatientBirthDate, header.ReferringPhysicianName
@@ -214,8 +250,9 @@ def test_refuses_a_probability_outside_0_1(film: pydicom.Dataset, probability: f
 
 
 def test_refuses_films_of_two_studies(film: pydicom.Dataset) -> None:
-    other = chest_dataset(make_chest_phantom(13), patient_id="PID-11",
-                          patient_name="Doe^Jane", seed=13)
+    other = chest_dataset(
+        make_chest_phantom(13), patient_id="PID-11", patient_name="Doe^Jane", seed=13
+    )
     with pytest.raises(ValueError, match="studies"):
         build(answer(film, 0.87), answer(other, 0.03))
 

@@ -1,0 +1,171 @@
+"""Ingest throughput: DCMTK storescu pushing studies to cadnode, to DCMTK storescp, to Orthanc.
+
+Two generated studies, a 300-instance 512x512 CT and a 20-image 3000x3000 DX, each pushed
+with one association and with 4 concurrent ones (the files split between 4 storescu
+processes), TCP_NODELAY=1 for the DCMTK tools. Every receiver starts empty for every push.
+The figures are throughput ratios in the same run (cadnode / storescp, cadnode / Orthanc):
+the machines here are shared and noisy, absolute seconds mean little.
+
+    .venv/bin/python benchmarks/ingest.py [--repeat 3] [--ct 300] [--dx 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.peers import free_port, port_open, run_cadnode, run_orthanc, wait_for
+from tests.synthetic import write_ct_series, write_dx_images
+
+
+@dataclass
+class Target:
+    """A receiver ready for one push: where to send, and how many instances it holds."""
+
+    port: int
+    ae_title: str
+    stored: Callable[[], int]
+
+
+TargetFactory = Callable[[Path], AbstractContextManager[Target]]
+
+
+@contextmanager
+def cadnode(folder: Path) -> Iterator[Target]:
+    with run_cadnode(folder, None) as node:
+        spool = node.data_dir / "spool"
+        yield Target(node.dicom_port, "CADNODE", lambda: sum(1 for _ in spool.rglob("*.dcm")))
+
+
+@contextmanager
+def storescp(folder: Path) -> Iterator[Target]:
+    port = free_port()
+    out = folder / "out"
+    out.mkdir(parents=True)
+    process = subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: port_open(port), 20, "storescp to listen")
+        yield Target(port, "STORESCP", lambda: sum(1 for _ in out.iterdir()))
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+@contextmanager
+def orthanc(folder: Path) -> Iterator[Target]:
+    with run_orthanc(folder) as pacs:
+        yield Target(
+            pacs.dicom_port, pacs.ae_title, lambda: int(pacs.get("/statistics")["CountInstances"])
+        )
+
+
+TARGETS: dict[str, TargetFactory] = {"cadnode": cadnode, "storescp": storescp, "orthanc": orthanc}
+
+
+def push(target: Target, files: list[Path], associations: int) -> float:
+    """Seconds for `associations` storescu processes to push `files` between them."""
+    shares = [files[i::associations] for i in range(associations)]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    start = time.perf_counter()
+    processes = [
+        subprocess.Popen(
+            [
+                "storescu",
+                "-aet",
+                "BENCH",
+                "-aec",
+                target.ae_title,
+                "127.0.0.1",
+                str(target.port),
+                *map(str, share),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for share in shares
+    ]
+    failures = [p.communicate()[1] for p in processes if p.wait() != 0]
+    elapsed = time.perf_counter() - start
+    assert not failures, failures[0].decode(errors="replace")[-2000:]
+    return elapsed
+
+
+def measure(factory: TargetFactory, scratch: Path, files: list[Path], associations: int) -> float:
+    with tempfile.TemporaryDirectory(dir=scratch) as folder, factory(Path(folder)) as target:
+        seconds = push(target, files, associations)
+        # Every target must hold every instance: a fast receiver that drops data is no anchor.
+        wait_for(lambda: target.stored() >= len(files), 60, "every instance to be stored")
+        return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=1, help="pushes per figure (median)")
+    parser.add_argument("--ct", type=int, default=300, help="CT instances")
+    parser.add_argument("--dx", type=int, default=20, help="DX images")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated")
+    parser.add_argument("--associations", default="1,4", help="comma-separated")
+    args = parser.parse_args()
+    names = args.targets.split(",")
+    concurrency = [int(n) for n in args.associations.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="cadnode-ingest-") as scratch_name:
+        scratch = Path(scratch_name)
+        print(f"generating a {args.ct}-instance 512x512 CT and {args.dx} 3000x3000 DX images...")
+        studies = {
+            f"CT {args.ct} x 512x512": write_ct_series(scratch / "ct", args.ct),
+            f"DX {args.dx} x 3000x3000": write_dx_images(scratch / "dx", args.dx),
+        }
+        rows = []
+        for study, files in studies.items():
+            megabytes = sum(f.stat().st_size for f in files) / 1e6
+            for associations in concurrency:
+                seconds: dict[str, list[float]] = {name: [] for name in names}
+                for _ in range(args.repeat):  # interleaved, so all see the same machine load
+                    for name in names:
+                        seconds[name].append(measure(TARGETS[name], scratch, files, associations))
+                median = {name: statistics.median(values) for name, values in seconds.items()}
+                rows.append((study, megabytes, associations, median))
+                report_row(study, megabytes, associations, median)
+        print()
+        print("summary (throughput ratios; > 1 means cadnode is faster)")
+        for study, _, associations, median in rows:
+            print(f"  {study:<22} {associations} assoc: " + ratios(median))
+
+
+def report_row(study: str, megabytes: float, associations: int, median: dict[str, float]) -> None:
+    print(f"{study} ({megabytes:.0f} MB), {associations} association(s):")
+    for name, value in median.items():
+        print(f"  {name:<9} {value:7.2f} s  {megabytes / value:7.1f} MB/s")
+    print("  " + ratios(median))
+
+
+def ratios(median: dict[str, float]) -> str:
+    if "cadnode" not in median:
+        return ""
+    return "  ".join(
+        f"cadnode/{name} {median[name] / median['cadnode']:.2f}x"
+        for name in median
+        if name != "cadnode"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""The spool: each received instance as a file, and its row in the index.
+
+An instance is in the spool once its bytes are in their file (written under a temporary
+name, fsynced, renamed, the folder fsynced) and its index row is committed; receive answers
+Success only after both. The file is the record of truth. The index commit is atomic and
+survives the process being killed (SQLite WAL), but receive's connection does not wait for
+the disk on each commit (synchronous=NORMAL): a row that a power cut takes back is rebuilt
+from its file by `reconcile` at the next start, so one disk flush per instance is saved.
+
+`reconcile` runs before the node accepts associations: a file without a row is indexed if
+it is a whole DICOM object, else moved to the quarantine folder; a row whose file is gone is
+marked (`Instance.missing_since`) and logged; temporaries of interrupted writes are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from sqlalchemy import Connection, bindparam, insert, update
+from sqlmodel import select
+
+from cadnode.db import Database, Instance, Job, JobState, Study, utcnow
+from cadnode.files import is_temporary, is_valid_uid, write_durably
+
+log = structlog.get_logger("cadnode.spool")
+
+HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class OutOfSpace(Exception):
+    """Free space under the spool is below the watermark."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """What the index records about an instance, from its header and its association."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    called_ae: str
+    peer: str
+
+    @property
+    def relative_path(self) -> Path:
+        return Path(self.study_uid) / self.series_uid / f"{self.sop_instance_uid}.dcm"
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """Where an instance went: its job, and whether that job is new (a study or a version)."""
+
+    job_id: int
+    study_id: int
+    version: int
+    instance_count: int
+
+    @property
+    def opened_job(self) -> bool:
+        return self.instance_count == 1
+
+
+class DiskGuard:
+    """Free space under the spool against the watermark, logging each change of state once."""
+
+    def __init__(self, folder: Path, min_free_bytes: int) -> None:
+        self.folder = folder
+        self.min_free_bytes = min_free_bytes
+        self._low = False
+        self._lock = threading.Lock()
+
+    def check(self, incoming: int) -> None:
+        free = shutil.disk_usage(self.folder).free
+        low = free - incoming < self.min_free_bytes
+        with self._lock:
+            changed, self._low = low != self._low, low
+        if changed and low:
+            log.warning("disk.low", free_mb=free // 2**20, min_free_mb=self.min_free_bytes // 2**20)
+        elif changed:
+            log.info("disk.recovered", free_mb=free // 2**20)
+        if low:
+            watermark = self.min_free_bytes // 2**20
+            raise OutOfSpace(f"{free // 2**20} MB free, below the {watermark} MB watermark")
+
+
+class Spool:
+    def __init__(self, folder: Path, database: Database, min_free_bytes: int) -> None:
+        self.folder = folder
+        self.database = database
+        folder.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskGuard(folder, min_free_bytes)
+        # One connection for every association thread, one index write at a time: SQLite
+        # takes one writer anyway, and a held connection skips the pool on the hot path.
+        self._lock = threading.Lock()
+        self._connection = database.engine.connect()
+        self._connection.exec_driver_sql("PRAGMA synchronous=NORMAL")  # see the module doc
+        self._connection.commit()
+        self._writer = _IndexWriter(self._connection)
+        # SOP Instance UIDs being written now: a second copy waits for the first to settle.
+        self._writing: set[str] = set()
+        self._settled = threading.Condition()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection.closed:
+                return
+            # Never hand a NORMAL-synchronous connection back to the pool the stages share.
+            self._connection.invalidate()
+            self._connection.close()
+
+    def store(
+        self, arrival: Arrival, chunks: Sequence[bytes | bytearray | memoryview]
+    ) -> Indexed | None:
+        """Write and index one instance; None when it was stored already (a duplicate).
+
+        A file already at the instance's place is a copy stored before (files only get there
+        whole, see `write_durably`): it is kept, not rewritten, and indexed if it is not yet.
+        """
+        relative = arrival.relative_path
+        path = self.folder / relative
+        with self._one_writer(arrival.sop_instance_uid):
+            if path.exists():
+                return self.index(arrival, relative, path.stat().st_size)
+            self.disk.check(sum(len(chunk) for chunk in chunks))
+            indexed = self.index(arrival, relative, write_durably(path, chunks))
+            if indexed is None and self._indexed_path(arrival.sop_instance_uid) != str(relative):
+                # The same SOP Instance UID, stored before under another study or series.
+                path.unlink()
+            return indexed
+
+    def index(self, arrival: Arrival, path: Path, size: int) -> Indexed | None:
+        """Commit the row of a file already in place; None if the instance is indexed."""
+        with self._lock:
+            connection = self._connection
+            connection.exec_driver_sql("BEGIN IMMEDIATE")  # read and write in one snapshot
+            try:
+                indexed = self._writer.write(arrival, str(path), size)
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+        return indexed
+
+    def _indexed_path(self, sop_instance_uid: str) -> str | None:
+        with self._lock:
+            path = self._writer.indexed_path(sop_instance_uid)
+            self._connection.rollback()
+        return path
+
+    @contextmanager
+    def _one_writer(self, sop_instance_uid: str) -> Iterator[None]:
+        with self._settled:
+            self._settled.wait_for(lambda: sop_instance_uid not in self._writing)
+            self._writing.add(sop_instance_uid)
+        try:
+            yield
+        finally:
+            with self._settled:
+                self._writing.discard(sop_instance_uid)
+                self._settled.notify_all()
+
+    def reconcile(self, quarantine: Path) -> dict[str, int]:
+        """Make spool and index agree; run before the first association is accepted."""
+        with self._lock:
+            rows = {
+                row.path: row
+                for row in self._connection.execute(
+                    select(Instance.path, Instance.missing_since, Instance.job_id)
+                )
+            }
+            self._connection.rollback()
+        counts = {"temporaries_removed": 0, "indexed": 0, "quarantined": 0, "missing": 0}
+        seen: set[str] = set()
+        for file in _spool_files(self.folder):
+            if is_temporary(file):
+                file.unlink(missing_ok=True)  # an interrupted write: never acknowledged
+                counts["temporaries_removed"] += 1
+                continue
+            relative = file.relative_to(self.folder)
+            seen.add(str(relative))
+            if str(relative) in rows:
+                continue
+            counts[self._adopt(file, relative, quarantine)] += 1
+        missing = [
+            row for path, row in rows.items() if path not in seen and row.missing_since is None
+        ]
+        found = [
+            path for path, row in rows.items() if path in seen and row.missing_since is not None
+        ]
+        self._mark_missing([row.path for row in missing], found)
+        for job in sorted({row.job_id for row in missing}):
+            log.error(
+                "spool.file_missing",
+                job=job,
+                instances=sum(1 for row in missing if row.job_id == job),
+            )
+        counts["missing"] = len(missing)
+        log.info("spool.reconciled", **counts, instances=len(rows))
+        return counts
+
+    def _adopt(self, file: Path, relative: Path, quarantine: Path) -> str:
+        """Index a file that has no row, or move it aside; returns the count it adds to."""
+        arrival, problem = examine(file)
+        if arrival is not None and self.index(arrival, relative, file.stat().st_size) is not None:
+            log.info("spool.indexed", path=str(relative))
+            return "indexed"
+        problem = problem or "its SOP Instance UID is indexed under another file"
+        target = quarantine / utcnow().strftime("%Y%m%dT%H%M%S") / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(file, target)
+        log.warning("spool.quarantined", path=str(relative), reason=problem)
+        return "quarantined"
+
+    def _mark_missing(self, missing: list[str], found: list[str]) -> None:
+        now = utcnow()
+        with self._lock:
+            for paths, value in ((missing, now), (found, None)):
+                if paths:
+                    self._connection.execute(
+                        update(Instance)
+                        .where(Instance.path.in_(paths))  # type: ignore[attr-defined]
+                        .values(missing_since=value)
+                    )
+            self._connection.commit()
+
+
+class _Compiled:
+    """A statement compiled once from the models and run on the driver's own connection.
+
+    The index write is receive's hot path, and SQLAlchemy's work per execution (cache keys,
+    result set-up) cost more than SQLite's. Values still go through each column type's own
+    processors, so what is stored reads back through the ORM exactly as if it had written it.
+    """
+
+    def __init__(self, statement: Any, dialect: Any) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self.names = list(compiled.positiontup or [])
+        self.defaults = compiled.params  # bound literals such as LIMIT's
+        types = [compiled.binds[name].type.dialect_impl(dialect) for name in self.names]
+        self.binds = [kind.bind_processor(dialect) for kind in types]
+        columns = getattr(statement, "selected_columns", [])
+        kinds = [column.type.dialect_impl(dialect) for column in columns]
+        self.results = [kind.result_processor(dialect, None) for kind in kinds]
+
+    def bound(self, values: dict[str, Any]) -> list[Any]:
+        """The statement's parameters in order, each through its column type's processor."""
+        ordered = (values[n] if n in values else self.defaults[n] for n in self.names)
+        return [p(v) if p else v for p, v in zip(self.binds, ordered, strict=True)]
+
+    def run(self, cursor: Any, **params: Any) -> list[tuple[Any, ...]]:
+        cursor.execute(self.sql, self.bound(params))
+        rows = cursor.fetchall()
+        return [tuple(p(v) if p else v for p, v in zip(self.results, r, strict=True)) for r in rows]
+
+
+class _IndexWriter:
+    """One instance's row, its study's and its job's, in the caller's transaction."""
+
+    def __init__(self, connection: Connection) -> None:
+        dialect = connection.dialect
+        self.cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        self.instance = _Compiled(
+            select(Instance.job_id, Instance.missing_since, Instance.path).where(
+                Instance.sop_instance_uid == bindparam("uid")
+            ),
+            dialect,
+        )
+        self.restore = _Compiled(
+            update(Instance)
+            .where(Instance.sop_instance_uid == bindparam("uid"))  # type: ignore[arg-type]
+            .values(missing_since=None, path=bindparam("path"), size=bindparam("size")),
+            dialect,
+        )
+        self.study = _Compiled(
+            select(Study.id).where(Study.study_uid == bindparam("study_uid")), dialect
+        )
+        self.latest_job = _Compiled(
+            select(Job.id, Job.version, Job.state, Job.instance_count)
+            .where(Job.study_id == bindparam("study_id"))
+            .order_by(Job.version.desc())  # type: ignore[attr-defined]
+            .limit(1),
+            dialect,
+        )
+        self.one_more = _Compiled(
+            update(Job)
+            .where(Job.id == bindparam("job_id"))  # type: ignore[arg-type]
+            .values(instance_count=bindparam("count"), last_instance_at=bindparam("now")),
+            dialect,
+        )
+        self.inserts = {
+            model: _Compiled(insert(model), dialect)  # every column: the model has the defaults
+            for model in (Study, Job, Instance)
+        }
+
+    def write(self, arrival: Arrival, path: str, size: int) -> Indexed | None:
+        uid = arrival.sop_instance_uid
+        now = utcnow()
+        for job_id, missing_since, _ in self.instance.run(self.cursor, uid=uid):
+            if missing_since is not None:  # its file had gone: a resend brings it back
+                self.restore.run(self.cursor, uid=uid, path=path, size=size)
+                log.info("instance.restored", job=job_id)
+            return None
+        found = self.study.run(self.cursor, study_uid=arrival.study_uid)
+        study_id = found[0][0] if found else self._insert(Study(study_uid=arrival.study_uid))
+        latest = self.latest_job.run(self.cursor, study_id=study_id)
+        if latest and latest[0][2] == JobState.received:
+            job_id, version, count = latest[0][0], latest[0][1], latest[0][3] + 1
+            self.one_more.run(self.cursor, job_id=job_id, count=count, now=now)
+        else:
+            # A first instance, or one after the study was released: a new job version.
+            version, count = (latest[0][1] + 1 if latest else 1), 1
+            job = Job(
+                study_id=study_id,
+                version=version,
+                instance_count=1,
+                first_instance_at=now,
+                last_instance_at=now,
+                updated_at=now,
+            )
+            job_id = self._insert(job)
+            if latest:
+                log.info("job.reopened", job=job_id, study=study_id, version=version)
+        self._insert(
+            Instance(
+                sop_instance_uid=uid,
+                sop_class_uid=arrival.sop_class_uid,
+                series_uid=arrival.series_uid,
+                transfer_syntax=arrival.transfer_syntax,
+                path=path,
+                size=size,
+                calling_ae=arrival.calling_ae,
+                called_ae=arrival.called_ae,
+                peer=arrival.peer,
+                job_id=job_id,
+                received_at=now,
+            )
+        )
+        return Indexed(job_id=job_id, study_id=study_id, version=version, instance_count=count)
+
+    def indexed_path(self, sop_instance_uid: str) -> str | None:
+        found = self.instance.run(self.cursor, uid=sop_instance_uid)
+        return str(found[0][2]) if found else None
+
+    def _insert(self, row: Any) -> int:
+        """Insert a row built by its model (which fills every default); its new id."""
+        statement = self.inserts[type(row)]
+        self.cursor.execute(
+            statement.sql, statement.bound({n: getattr(row, n) for n in statement.names})
+        )
+        return int(self.cursor.lastrowid)
+
+
+def examine(path: Path) -> tuple[Arrival | None, str | None]:
+    """A spool file's arrival record, or why it is not a whole DICOM object."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = dcmread(path)
+    except Exception as error:
+        return None, f"unreadable: {error}"
+    problem = _truncation(dataset, [str(w.message) for w in caught])
+    if problem:
+        return None, problem
+    uids = {tag: str(dataset.get(tag, "")) for tag in HEADER_TAGS}
+    bad = [tag for tag, value in uids.items() if not is_valid_uid(value)]
+    if bad:
+        return None, f"missing or invalid UID: {', '.join(bad)}"
+    meta = dataset.file_meta
+    return (
+        Arrival(
+            sop_class_uid=uids["SOPClassUID"],
+            sop_instance_uid=uids["SOPInstanceUID"],
+            study_uid=uids["StudyInstanceUID"],
+            series_uid=uids["SeriesInstanceUID"],
+            transfer_syntax=str(meta.get("TransferSyntaxUID", "")),
+            calling_ae=str(meta.get("SourceApplicationEntityTitle", "")).strip(),
+            called_ae="",
+            peer="",
+        ),
+        None,
+    )
+
+
+def _truncation(dataset: Dataset, warned: list[str]) -> str | None:
+    """Why the file looks cut short, if it does (pydicom reads a short file without error)."""
+    if any("End of file reached" in message for message in warned):
+        return "truncated: an item or sequence has no end"
+    problem = cut_short(dataset)
+    if problem:
+        return f"truncated: {problem}"
+    if "Rows" in dataset and not any(keyword in dataset for keyword in PIXEL_KEYWORDS):
+        return "truncated: an image without pixel data"
+    if "PixelData" in dataset and not UID(dataset.file_meta.TransferSyntaxUID).is_compressed:
+        expected = _native_pixel_bytes(dataset)
+        if expected is not None and len(dataset.PixelData) < expected:
+            return f"truncated: {len(dataset.PixelData)} of {expected} pixel bytes"
+    return None
+
+
+def cut_short(dataset: Dataset) -> str | None:
+    """What is wrong if the encoded dataset ended early: pydicom reads a short value without
+    complaint, so the last element's bytes are counted against its declared length."""
+    tags = list(dataset.keys())
+    if not tags:
+        return "no data elements"
+    last = dataset.get_item(tags[-1], keep_deferred=True)  # a deferred value: None, not read
+    length = getattr(last, "length", UNDEFINED_LENGTH)
+    value = getattr(last, "value", None)
+    if length != UNDEFINED_LENGTH and isinstance(value, bytes) and len(value) < length:
+        return f"the last element has {len(value)} of its {length} bytes"
+    return None
+
+
+def _native_pixel_bytes(dataset: Dataset) -> int | None:
+    try:
+        bits = int(dataset.Rows) * int(dataset.Columns) * int(dataset.SamplesPerPixel)
+        bits *= int(dataset.BitsAllocated) * int(dataset.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (bits + 7) // 8
+
+
+def _spool_files(folder: Path) -> Iterator[Path]:
+    for root, _folders, names in os.walk(folder):
+        for name in names:
+            if name.endswith(".dcm") or name.endswith(".part"):
+                yield Path(root, name)
