@@ -49,10 +49,12 @@ def test_a_peer_is_accepted_only_from_its_configured_host(
 ) -> None:
     peers = [
         {"ae_title": "LOCAL_CT", "host": "127.0.0.1"},
+        {"ae_title": "NAMED_CT", "host": "localhost"},  # a host name, resolved when it calls
         {"ae_title": "REMOTE_CT", "host": "10.20.0.0/16"},
     ]
     with receiving(tmp_path, database, dicom={"peers": peers, "accept_any_peer": False}) as node:
         assert "rc=0" in echo(node.port, calling_ae="LOCAL_CT")
+        assert "rc=0" in echo(node.port, calling_ae="NAMED_CT")
         refused = echo(node.port, calling_ae="REMOTE_CT")
     assert "Calling AE Title Not Recognized" in refused, refused
 
