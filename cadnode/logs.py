@@ -38,14 +38,18 @@ def redact_patient_identifiers(
 
 
 def configure(level: str = "INFO") -> None:
+    """Every record, ours and the libraries', leaves through one stdlib handler.
+
+    One handler means one lock around each write, so events from concurrent threads never
+    share a line. Our loggers ("cadnode.*") log at `level`; libraries stay at WARNING,
+    since pynetdicom dumps whole datasets at DEBUG.
+    """
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_patient_identifiers,
     ]
-    # Libraries' own records (pynetdicom, uvicorn) become JSON events too. pynetdicom logs
-    # whole datasets at DEBUG, so libraries stay at WARNING.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -59,13 +63,14 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    logging.getLogger("cadnode").setLevel(level)
     structlog.configure(
         processors=[
             *shared,
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )

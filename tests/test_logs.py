@@ -10,9 +10,26 @@ SCRIPT = """
 import logging, structlog
 from cadnode import logs
 logs.configure()
-structlog.get_logger("t").info("instance.received", job=3, patient_id="PID-9", PatientName="Doe^J")
+log = structlog.get_logger("cadnode.test")
+log.info("instance.received", job=3, patient_id="PID-9", PatientName="Doe^J")
 logging.getLogger("pynetdicom").error("TCP Initialisation Error: refused")
 logging.getLogger("pynetdicom").debug("a dataset dump that must not appear")
+"""
+
+CONCURRENT = """
+import logging, threading, structlog
+from cadnode import logs
+logs.configure()
+ours, library = structlog.get_logger("cadnode.test"), logging.getLogger("pynetdicom")
+def chatter(n):
+    for i in range(300):
+        if n % 2:
+            ours.info("instance.received", thread=n, i=i, padding="x" * 200)
+        else:
+            library.warning("a library's own record %d %s", i, "y" * 200)
+threads = [threading.Thread(target=chatter, args=(n,)) for n in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
 """
 
 
@@ -35,3 +52,16 @@ def test_every_line_is_json_and_patient_keys_are_redacted() -> None:
     assert first["patient_id"] == first["PatientName"] == "[redacted]"
     assert "PID-9" not in done.stderr and "Doe^J" not in done.stderr
     assert library["logger"] == "pynetdicom" and library["level"] == "error"
+
+
+def test_events_from_concurrent_threads_never_share_a_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CONCURRENT],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=True,
+    )
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert len(events) == 8 * 300
