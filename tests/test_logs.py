@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 from tests.peers import REPO
 
@@ -33,16 +34,21 @@ threads = [threading.Thread(target=chatter, args=(n,)) for n in range(8)]
 """
 
 
-def test_every_line_is_json_and_patient_keys_are_redacted() -> None:
+def logged_events(script: str) -> tuple[str, list[dict[str, Any]]]:
+    """Run `script` in a fresh interpreter; its stderr, and every line of it parsed as JSON."""
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=60,
         check=True,
     )
-    events = [json.loads(line) for line in done.stderr.splitlines()]
+    return done.stderr, [json.loads(line) for line in done.stderr.splitlines()]
+
+
+def test_every_line_is_json_and_patient_keys_are_redacted() -> None:
+    stderr, events = logged_events(SCRIPT)
     assert [e["event"] for e in events] == [
         "instance.received",
         "TCP Initialisation Error: refused",
@@ -50,18 +56,10 @@ def test_every_line_is_json_and_patient_keys_are_redacted() -> None:
     first, library = events
     assert first["job"] == 3
     assert first["patient_id"] == first["PatientName"] == "[redacted]"
-    assert "PID-9" not in done.stderr and "Doe^J" not in done.stderr
+    assert "PID-9" not in stderr and "Doe^J" not in stderr
     assert library["logger"] == "pynetdicom" and library["level"] == "error"
 
 
 def test_events_from_concurrent_threads_never_share_a_line() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", CONCURRENT],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        check=True,
-    )
-    events = [json.loads(line) for line in done.stderr.splitlines()]
+    _, events = logged_events(CONCURRENT)
     assert len(events) == 8 * 300
