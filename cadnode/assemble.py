@@ -11,6 +11,7 @@ after release opens a new job version (see cadnode/spool.py), so nothing is drop
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 
 import structlog
 from pydicom.uid import (
@@ -45,10 +46,17 @@ SINGLE_OBJECT_SOP_CLASSES = frozenset(
 class Assembler:
     name = "assemble"
 
-    def __init__(self, database: Database, settings: AssembleSettings) -> None:
+    def __init__(
+        self,
+        database: Database,
+        settings: AssembleSettings,
+        rule_quiet_period: Callable[[Session, Job], float | None] | None = None,
+    ) -> None:
         self.database = database
         self.settings = settings
         self.quiet_period = dt.timedelta(seconds=settings.quiet_period_s)
+        # The routing rules may ask for their own quiet period; the daemon passes how to ask.
+        self.rule_quiet_period = rule_quiet_period
 
     def advance(self) -> float | None:
         next_due: float | None = None
@@ -75,8 +83,12 @@ class Assembler:
         signalled = self._signalled_by(session, job)
         if signalled:
             return 0.0, signalled
-        due = job.last_instance_at + self.quiet_period
+        due = job.last_instance_at + self._quiet_period(session, job)
         return (due - utcnow()).total_seconds(), "quiet-period"
+
+    def _quiet_period(self, session: Session, job: Job) -> dt.timedelta:
+        asked = self.rule_quiet_period(session, job) if self.rule_quiet_period else None
+        return self.quiet_period if asked is None else dt.timedelta(seconds=asked)
 
     def _signalled_by(self, session: Session, job: Job) -> str | None:
         """The sender's word that the study is whole, if it has said so since its last image."""

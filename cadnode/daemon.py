@@ -35,10 +35,11 @@ class Node:
         engines = load_engines(settings.engines.dir)
         self.rules = LiveRules(settings.rules, engines, settings.destinations)
         self.priority = Prioritization(settings, self.database)
+        router = Router(self.database, storage.spool, self.rules, settings.destinations)
         self.conveyor = Conveyor(
             [
-                Assembler(self.database, settings.assemble),
-                Router(self.database, storage.spool, self.rules, settings.destinations),
+                Assembler(self.database, settings.assemble, router.quiet_period_for),
+                router,
                 Inference(self.database, storage.spool, engines),
                 Encoder(
                     self.database, storage.spool, storage.results, settings.result_destinations()

@@ -70,3 +70,21 @@ def test_two_radiographs_in_one_study_wait_like_any_series(database: Database) -
     job = add_job(database, [DigitalXRayImageStorageForPresentation] * 2, quiet_for_s=0)
     assert Assembler(database, AssembleSettings(quiet_period_s=2)).advance() is not None
     assert state(database, job) is JobState.received
+
+
+def test_a_rule_s_own_quiet_period_replaces_the_default(database: Database) -> None:
+    short = add_job(database, [CTImageStorage] * 3, quiet_for_s=1)
+    asked: dict[int | None, float | None] = {short: 0.5}
+    assembler = Assembler(
+        database, AssembleSettings(quiet_period_s=60), lambda _session, job: asked.get(job.id)
+    )
+    assert assembler.advance() is None
+    assert state(database, short) is JobState.complete
+
+
+def test_without_a_rule_quiet_period_the_default_applies(database: Database) -> None:
+    job = add_job(database, [CTImageStorage] * 3, quiet_for_s=1)
+    assembler = Assembler(database, AssembleSettings(quiet_period_s=60), lambda _s, _j: None)
+    due_in = assembler.advance()
+    assert state(database, job) is JobState.received
+    assert due_in is not None and 58 < due_in <= 59

@@ -8,9 +8,11 @@ from typing import Any
 from pydicom import dcmread
 from sqlmodel import Session, select
 
-from cadnode.db import Database, Instance, Job, JobState, Result
+from cadnode.db import Database, Instance, Job, JobState, PriorityClass, Result
 from cadnode.infer.runtime import Engine
 from cadnode.pipeline import Step
+
+URGENCY = {PriorityClass.urgent: 0, PriorityClass.routine: 1, PriorityClass.background: 2}
 
 
 class Inference:
@@ -22,10 +24,16 @@ class Inference:
         self.engines = engines
 
     def advance(self) -> float | None:
+        # One job at a time, the most urgent first, choosing again after each: an urgent
+        # study waits for at most the engine call in progress, never for a queue.
         with self.database.session() as session:
-            for job in self.database.jobs_in(session, JobState.routed):
+            while (job := self._most_urgent(session)) is not None:
                 self._infer(session, job)
         return None
+
+    def _most_urgent(self, session: Session) -> Job | None:
+        waiting = self.database.jobs_in(session, JobState.routed)
+        return min(waiting, key=lambda job: (URGENCY[job.priority], job.id), default=None)
 
     def _infer(self, session: Session, job: Job) -> None:
         try:

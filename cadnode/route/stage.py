@@ -36,6 +36,7 @@ class Router:
         self.spool = spool
         self.rules = rules
         self.destinations = dict(destinations or {})
+        self._first_subjects: dict[int | None, Subject] = {}
 
     def advance(self) -> float | None:
         with self.database.session() as session:
@@ -92,6 +93,23 @@ class Router:
             inputs=decision.inputs,
             **recorded,
         )
+
+    def quiet_period_for(self, session: Session, job: Job) -> float | None:
+        """The quiet period the rules ask for a study still arriving, or None for the default.
+
+        Decided on the study's first instance, read once per job: assemble asks on every
+        wake-up, and reading every header each time would slow ingest.
+        """
+        if job.id not in self._first_subjects:
+            first = session.exec(
+                select(Instance).where(Instance.job_id == job.id).order_by(Instance.received_at)  # type: ignore[arg-type]
+            ).first()
+            if first is None:
+                return None
+            if len(self._first_subjects) > 10_000:  # jobs long released: forget them
+                self._first_subjects.clear()
+            self._first_subjects[job.id] = self._subject(first)
+        return self.rules.current.quiet_period_for([self._first_subjects[job.id]])
 
     def _subject(self, instance: Instance) -> Subject:
         return Subject(
