@@ -21,7 +21,7 @@ from cadnode.config import AssembleSettings, DicomSettings, Settings, StorageSet
 from cadnode.db import Database
 from cadnode.receive import Receiver
 from tests.dicom_validation import require_tool
-from tests.peers import free_port, port_open, wait_for
+from tests.peers import echoscu, free_port, port_open, wait_for
 
 # storescu proposes uncompressed transfer syntaxes unless told otherwise; with one of these
 # it also proposes the file's own, and sends the file as it is instead of failing to convert.
@@ -130,22 +130,7 @@ def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 def echo(port: int, calling_ae: str = "ECHOSCU", called_ae: str = "CADNODE") -> str:
     """echoscu's exit status and verbose output, as one text."""
-    done = subprocess.run(
-        [
-            require_tool("echoscu"),
-            "-v",
-            "-aet",
-            calling_ae,
-            "-aec",
-            called_ae,
-            "127.0.0.1",
-            str(port),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = echoscu(port, called_ae=called_ae, calling_ae=calling_ae)
     return f"rc={done.returncode}\n{done.stdout}{done.stderr}"
 
 

@@ -210,10 +210,13 @@ def storescu(
     )
 
 
-def echoscu(port: int, called_ae: str = "CADNODE") -> subprocess.CompletedProcess[str]:
+def echoscu(
+    port: int, called_ae: str = "CADNODE", calling_ae: str = "ECHOSCU"
+) -> subprocess.CompletedProcess[str]:
+    """DCMTK's echoscu, verbose, so a rejection's reason is in its output."""
     tool = require_tool("echoscu")
     return subprocess.run(
-        [tool, "-aec", called_ae, "127.0.0.1", str(port)],
+        [tool, "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
         capture_output=True,
         text=True,
         timeout=60,
