@@ -18,14 +18,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom import Dataset, FileMetaDataset
+from pydicom import Dataset
 from pydicom.uid import (
-    PYDICOM_IMPLEMENTATION_UID,
     BreastTomosynthesisImageStorage,
-    ExplicitVRLittleEndian,
 )
 
-from training.phantoms import _code, _uid_factory
+from training.phantoms import _code, _uid_factory, with_file_meta
 
 VIEWS = ("LCC", "RCC", "LMLO", "RMLO")
 VIEW_CODES = {
@@ -221,13 +219,7 @@ def tomosynthesis_dataset(
     ]
     ds.PixelData = phantom.volume.tobytes()
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    return ds
+    return with_file_meta(ds)
 
 
 def write_tomosynthesis(

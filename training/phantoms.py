@@ -164,6 +164,11 @@ def chest_dataset(
     ds.LossyImageCompression = "00"
     ds.PixelData = phantom.pixels.tobytes()
 
+    return with_file_meta(ds)
+
+
+def with_file_meta(ds: Dataset) -> Dataset:
+    """Give a phantom dataset the File Meta Information of an explicit little endian file."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
