@@ -145,6 +145,11 @@ class StorageSettings(Section):
         return self.data_dir / "results"
 
     @property
+    def answers(self) -> Path:
+        """Engine outputs too big for the database (segmentation masks; cadnode.infer.answers)."""
+        return self.data_dir / "answers"
+
+    @property
     def quarantine(self) -> Path:
         """Spool files found at startup that are not whole DICOM objects."""
         return self.data_dir / "quarantine"
