@@ -176,9 +176,35 @@ class DispatchSettings(Section):
     timeout_s: float = Field(default=30.0, gt=0)
 
 
+Backend = Literal["auto", "onnxruntime", "tensorrt"]
+
+
+class EngineOptions(Section):
+    """How one engine is run (`engines.options.NAME`); unset fields take `engines`' values."""
+
+    # auto: TensorRT when a GPU and TensorRT are usable, else ONNX Runtime.
+    backend: Backend | None = None
+    # Images per model call where the task allows it (chest films); a DBT volume's slices
+    # are one call of up to this many slices each.
+    max_batch: int = Field(default=8, ge=1)
+    # Engine calls of this engine running at once (other engines are not held back by it).
+    concurrency: int = Field(default=1, ge=1)
+    # An engine call that takes longer fails its job (retried per `engines.max_attempts`).
+    timeout_s: float = Field(default=120.0, gt=0)
+
+
 class EngineSettings(Section):
     dir: Path = Path("engines")
-    backend: str = Field(default="onnxruntime", pattern="^onnxruntime$")
+    backend: Backend = "auto"
+    # A job whose engine fails is retried this many times in all, with back-off, then failed.
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_s: float = Field(default=5.0, gt=0)
+    options: dict[str, EngineOptions] = Field(default_factory=dict)
+
+    def for_engine(self, name: str) -> EngineOptions:
+        """The engine's own options, its backend defaulting to `engines.backend`."""
+        options = self.options.get(name, EngineOptions())
+        return options.model_copy(update={"backend": options.backend or self.backend})
 
 
 class ResultsSettings(Section):

@@ -26,7 +26,7 @@ def test_embedded_default_loads_with_its_documented_values() -> None:
     assert settings.dicom.port == 11112
     assert settings.dicom.bind == "127.0.0.1"
     assert settings.storage.data_dir == (EMBEDDED_CONFIG.parent.parent / "var").resolve()
-    assert settings.engines.backend == "onnxruntime"
+    assert settings.engines.backend == "auto"
     assert [str(d) for d in settings.result_destinations()] == ["ORTHANC@127.0.0.1:4242"]
 
 
