@@ -118,10 +118,29 @@ def test_tampered_model_is_refused(tiny: Path, tmp_path: Path) -> None:
         Bundle(copy)
 
 
-def test_rebuild_is_byte_identical(tiny: Path, tmp_path: Path) -> None:
-    again = build(tmp_path / "cxr-ruleout")
+def test_train_then_build_from_checkpoint_is_byte_identical(tiny: Path, tmp_path: Path) -> None:
+    """Training again gives the same weights (deterministic), and `build --checkpoint` makes
+    from them exactly the bundle a plain `build` made."""
+    checkpoint = tmp_path / "ruleout.pt"
+    assert main(["train", "ruleout", "--config", str(TINY), "--out", str(checkpoint)]) == 0
+    again = tmp_path / "cxr-ruleout"
+    command = ["build", "ruleout", "--config", str(TINY), "--out", str(again)]
+    assert main([*command, "--checkpoint", str(checkpoint)]) == 0
     for name in ("model.onnx", "manifest.yaml", "roc.png"):
         assert (again / name).read_bytes() == (tiny / name).read_bytes(), name
+
+
+def test_checkpoint_of_another_config_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "ruleout.pt"
+    assert main(["train", "ruleout", "--config", str(TINY), "--out", str(checkpoint)]) == 0
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(TINY.read_text() + "\n# edited\n")
+    command = ["build", "ruleout", "--config", str(edited), "--out", str(tmp_path / "b")]
+    assert main([*command, "--checkpoint", str(checkpoint)]) == 2
+    assert "trained with another config" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_phantoms_command_writes_films_and_labels(tmp_path: Path) -> None:

@@ -4,7 +4,9 @@ cadnode-train phantoms --kind cxr|dbt --count 100 --out data/cxr [--positive-fra
 cadnode-train froc --truth BOXES.csv --predictions PREDICTIONS.csv [--labels LABELS.csv]
 cadnode-train detect --bundle engines/dbt-detector --out PREDICTIONS.csv VOLUME.dcm...
 cadnode-train evaluate ruleout|segmenter|dbt [--bundle DIR] [--count N] [--seed S]
+cadnode-train train ruleout --config training/configs/ruleout.yaml --out ruleout.pt
 cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines/cxr-ruleout
+    [--checkpoint ruleout.pt]
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from cadnode.infer.bundle import Bundle
 from cadnode.yamlfile import ConfigError
 from training import detector, segmenter
 from training.bundle import MODEL_FILE, staged, write_ruleout_bundle
+from training.checkpoint import fit, save_checkpoint
 from training.datasets import read_duke_boxes, read_duke_labels
 from training.export import ExportMismatch, check_against_torch, export_onnx, onnx_probabilities
 from training.froc import MIN_DISTANCE_PX, froc, read_predictions, write_predictions
 from training.phantom_sets import LABELS_CSV, write_chest_set, write_dbt_set
 from training.ruleout import (
+    Case,
+    RuleoutConfig,
     RuleoutNet,
+    SplitTensors,
     evaluate,
     load_config,
     make_deterministic,
@@ -91,10 +97,19 @@ def parser() -> argparse.ArgumentParser:
     )
     detect.set_defaults(handler=detect_command)
 
+    fit = commands.add_parser("train", help="train an engine's model; save its weights")
+    fit.add_argument("engine", choices=sorted(ENGINES))
+    fit.add_argument("--config", type=Path, help="default training/configs/ENGINE.yaml")
+    fit.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
+    fit.set_defaults(handler=train_command)
+
     build = commands.add_parser("build", help="train, calibrate, export and bundle an engine")
     build.add_argument("engine", choices=sorted(ENGINES))
     build.add_argument("--config", type=Path, help="default training/configs/ENGINE.yaml")
     build.add_argument("--out", type=Path, help="default engines/<engine name>")
+    build.add_argument(
+        "--checkpoint", type=Path, help="weights from `cadnode-train train` (skips training)"
+    )
     build.set_defaults(handler=build_command)
     return top
 
@@ -170,6 +185,21 @@ def detect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(args: argparse.Namespace) -> int:
+    """Only the training step: the weights go to a checkpoint for `build --checkpoint`."""
+    started = time.monotonic()
+    config = args.config or Path(f"training/configs/{args.engine}.yaml")
+    trainers = {"ruleout": trained_ruleout, "segmenter": segmenter.trained, "dbt": detector.trained}
+    try:
+        model = trainers[args.engine](config)[-1]
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return 2
+    save_checkpoint(model, args.out, engine=args.engine, config_path=config)
+    print(f"{args.engine}: trained in {time.monotonic() - started:.1f} s -> {args.out}")
+    return 0
+
+
 def build_command(args: argparse.Namespace) -> int:
     started = time.monotonic()
     config = args.config or Path(f"training/configs/{args.engine}.yaml")
@@ -179,11 +209,11 @@ def build_command(args: argparse.Namespace) -> int:
     )
     try:
         if args.engine == "ruleout":
-            bundle = build_ruleout(config, out)
+            bundle = build_ruleout(config, out, args.checkpoint)
         elif args.engine == "segmenter":
-            bundle = segmenter.build(config, out, rebuild)
+            bundle = segmenter.build(config, out, rebuild, args.checkpoint)
         else:
-            bundle = detector.build(config, out, rebuild)
+            bundle = detector.build(config, out, rebuild, args.checkpoint)
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 2
@@ -194,12 +224,10 @@ def build_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_ruleout(config_path: Path, out: Path) -> Bundle:
-    """Train on phantoms, export, check ONNX against PyTorch, calibrate, write the bundle.
-
-    Calibration and test metrics use ONNX Runtime scores of the exported file: the
-    thresholds are set on exactly the numbers the daemon will compare them with.
-    """
+def trained_ruleout(
+    config_path: Path, checkpoint: Path | None = None
+) -> tuple[RuleoutConfig, dict[str, list[Case]], SplitTensors, RuleoutNet]:
+    """The config, its cases and tensors, and the model trained on them (or the checkpoint's)."""
     config = load_config(config_path)
     make_deterministic(config.seed, config.threads)
     cases = {
@@ -211,7 +239,24 @@ def build_ruleout(config_path: Path, out: Path) -> Bundle:
         for name, split_cases in cases.items()
     }
     model = RuleoutNet(config.model.channels)
-    train(model, *data["train"], config.training, config.seed)
+    fit(
+        model,
+        lambda: train(model, *data["train"], config.training, config.seed),
+        checkpoint=checkpoint,
+        engine="ruleout",
+        config_path=config_path,
+    )
+    return config, cases, data, model
+
+
+def build_ruleout(config_path: Path, out: Path, checkpoint: Path | None = None) -> Bundle:
+    """Train on phantoms (or take a checkpoint's weights), export, check ONNX against
+    PyTorch, calibrate, write the bundle.
+
+    Calibration and test metrics use ONNX Runtime scores of the exported file: the
+    thresholds are set on exactly the numbers the daemon will compare them with.
+    """
+    config, cases, data, model = trained_ruleout(config_path, checkpoint)
     with staged(out) as folder:
         onnx_path = folder / MODEL_FILE
         export_onnx(model, onnx_path, config.input_size)

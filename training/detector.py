@@ -67,6 +67,7 @@ from training.bundle import (
     staged,
     write_bundle,
 )
+from training.checkpoint import fit
 from training.datasets import DukeBox
 from training.export import INPUT, check_against_torch, export_onnx, onnx_probabilities
 from training.froc import EVALUATION_FPS, MIN_DISTANCE_PX, Froc, Prediction, froc
@@ -590,14 +591,30 @@ def split_cases(config: DetectorConfig) -> dict[str, list[VolumeCase]]:
     }
 
 
-def build(config_path: Path, out: Path, rebuild: str) -> Bundle:
-    """Train on phantom slices, export, check, choose the report threshold, FROC, bundle."""
+def trained(
+    config_path: Path, checkpoint: Path | None = None
+) -> tuple[DetectorConfig, dict[str, list[VolumeCase]], Slices, GridDetector]:
+    """The config, its cases and training slices, and the model trained on them (or the
+    checkpoint's)."""
     config = load_config(config_path)
     make_deterministic(config.seed, config.threads)
     cases = split_cases(config)
     data = training_slices(cases["train"], config)
     model = GridDetector(config.model, config.input_size)
-    train(model, data, config.training, config.seed)
+    fit(
+        model,
+        lambda: train(model, data, config.training, config.seed),
+        checkpoint=checkpoint,
+        engine="dbt",
+        config_path=config_path,
+    )
+    return config, cases, data, model
+
+
+def build(config_path: Path, out: Path, rebuild: str, checkpoint: Path | None = None) -> Bundle:
+    """Train on phantom slices (or take a checkpoint's weights), export, check, choose the
+    report threshold, FROC, bundle."""
+    config, cases, data, model = trained(config_path, checkpoint)
     with staged(out) as folder:
         onnx_path = folder / MODEL_FILE
         export_onnx(model, onnx_path, config.input_size, output=OUTPUT)

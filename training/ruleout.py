@@ -31,6 +31,10 @@ from training.plots import calibration_bins
 # --- configuration ---------------------------------------------------------------------------
 
 
+# Model inputs and their labels (or masks) per split name (train, validation, test).
+SplitTensors = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
 class Split(Strict):
     """A run of consecutive phantom seeds; splits must not share a seed."""
 

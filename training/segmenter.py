@@ -54,10 +54,18 @@ from training.bundle import (
     staged,
     write_bundle,
 )
+from training.checkpoint import fit
 from training.export import INPUT, OUTPUT, check_against_torch, export_onnx, onnx_probabilities
 from training.metrics import bootstrap_interval, dice, dice_per_image, pooled_dice
 from training.plots import calibration_bins, draw_calibration
-from training.ruleout import Case, Splits, make_deterministic, plan_cases, render_with_phantom
+from training.ruleout import (
+    Case,
+    Splits,
+    SplitTensors,
+    make_deterministic,
+    plan_cases,
+    render_with_phantom,
+)
 
 ANATOMY = Code(value="91723000", scheme="SCT", meaning="Anatomical Structure")
 ABNORMAL_STRUCTURE = Code(
@@ -325,8 +333,10 @@ def ruled_out_by(
 # --- build -----------------------------------------------------------------------------------
 
 
-def build(config_path: Path, out: Path, rebuild: str) -> Bundle:
-    """Train on positive phantoms, export, check, choose thresholds, measure, write the bundle."""
+def trained(
+    config_path: Path, checkpoint: Path | None = None
+) -> tuple[SegmenterConfig, dict[str, list[Case]], SplitTensors, Segmenter]:
+    """The config, its cases and tensors, and the model trained on them (or the checkpoint's)."""
     config = load_config(config_path)
     make_deterministic(config.seed, config.threads)
     cases = split_cases(config)
@@ -334,7 +344,20 @@ def build(config_path: Path, out: Path, rebuild: str) -> Bundle:
         name: tensors(c, config.phantom_size, config.input_size, name) for name, c in cases.items()
     }
     model = Segmenter(config.model)
-    train(model, *data["train"], config.training, config.seed)
+    fit(
+        model,
+        lambda: train(model, *data["train"], config.training, config.seed),
+        checkpoint=checkpoint,
+        engine="segmenter",
+        config_path=config_path,
+    )
+    return config, cases, data, model
+
+
+def build(config_path: Path, out: Path, rebuild: str, checkpoint: Path | None = None) -> Bundle:
+    """Train on positive phantoms (or take a checkpoint's weights), export, check, choose
+    thresholds, measure, write the bundle."""
+    config, cases, data, model = trained(config_path, checkpoint)
     with staged(out) as folder:
         onnx_path = folder / MODEL_FILE
         export_onnx(model, onnx_path, config.input_size)
