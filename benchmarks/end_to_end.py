@@ -4,7 +4,7 @@ Anchor, measured in the same run: the same kind of film pushed straight into the
 with the same storescu (what storing alone costs). The figure is the ratio of medians:
 machines here are shared and noisy, so absolute seconds mean little.
 
-    .venv/bin/python benchmarks/end_to_end.py [--count 10]
+    .venv/bin/python benchmarks/end_to_end.py [--count 20]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=10)
+    parser.add_argument("--count", type=int, default=20)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)

@@ -2,52 +2,28 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from sqlmodel import select
 
-from cadnode.db import Database, Instance, Job, JobState, PriorityClass, Study
-from cadnode.infer.runtime import load_engines
+from cadnode.db import Database, Instance, Job, JobState, PriorityClass
+from cadnode.infer.answers import DetectAnswer, parse_answer
+from cadnode.infer.bundle import Bundle
+from cadnode.infer.runtime import Engine, load_engines
 from cadnode.infer.stage import Inference
 from cadnode.route import LiveRules, Router
-from tests.peers import REPO
+from tests import infer_jobs
+from tests.infer_jobs import Gated, job_of, results_of
+from tests.peers import REPO, wait_for
+from training.breast_phantoms import write_tomosynthesis
 from training.phantoms import write_chest_radiograph
 
 
 def routed_job(database: Database, spool: Path, seed: int, priority: PriorityClass) -> int:
-    ds = write_chest_radiograph(spool / f"{seed}.dcm", seed=seed, size=128)
-    with database.session() as session:
-        study = Study(study_uid=str(ds.StudyInstanceUID))
-        session.add(study)
-        session.flush()
-        assert study.id is not None
-        job = Job(
-            study_id=study.id,
-            version=1,
-            state=JobState.routed,
-            priority=priority,
-            pipeline=[{"engine": "cxr-ruleout"}],
-            inputs=[str(ds.SOPInstanceUID)],
-            instance_count=1,
-        )
-        session.add(job)
-        session.flush()
-        assert job.id is not None
-        session.add(
-            Instance(
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=ds.SOPClassUID,
-                series_uid=ds.SeriesInstanceUID,
-                transfer_syntax="1.2.840.10008.1.2.1",
-                path=f"{seed}.dcm",
-                size=1,
-                calling_ae="A",
-                peer="127.0.0.1:1",
-                job_id=job.id,
-            )
-        )
-        session.commit()
-        return job.id
+    path = spool / f"{seed}.dcm"
+    ds = write_chest_radiograph(path, seed=seed, size=128)
+    return infer_jobs.routed_job(database, spool, ds, path, priority=priority)
 
 
 def test_urgent_work_overtakes_routine_and_background_work_queued_before_it(
@@ -66,6 +42,41 @@ def test_urgent_work_overtakes_routine_and_background_work_queued_before_it(
         jobs = session.exec(select(Job).order_by(Job.updated_at)).all()  # type: ignore[arg-type]
         assert [job.state for job in jobs] == [JobState.inferred] * 3
         assert [job.id for job in jobs] == [urgent, routine, background]
+
+
+def test_an_urgent_film_overtakes_a_background_dbt_volume_in_its_engine_call(
+    database: Database, tmp_path: Path
+) -> None:
+    """The chest film runs on its own engine's workers while the volume's call is still in
+    progress: it waits for no queue, not even the call in progress."""
+    detector = Gated(Bundle(REPO / "engines" / "dbt-detector"))
+    ruleout = Engine(Bundle(REPO / "engines" / "cxr-ruleout"))
+    engines = {"dbt-detector": detector, "cxr-ruleout": ruleout}
+    path = tmp_path / "volume.dcm"
+    volume, _ = write_tomosynthesis(path, seed=18, view="LMLO", masses=1)
+    dbt = infer_jobs.routed_job(
+        database,
+        tmp_path,
+        volume,
+        path,
+        pipeline=[{"engine": "dbt-detector"}],
+        priority=PriorityClass.background,
+    )
+    stage = Inference(database, tmp_path, engines)
+    worker = threading.Thread(target=stage.advance)
+    worker.start()
+    try:
+        wait_for(detector.started.is_set, 30, "the volume's engine call to start")
+        urgent = routed_job(database, tmp_path, 7, PriorityClass.urgent)
+        wait_for(lambda: job_of(database, urgent).state is JobState.inferred, 30, "the film")
+        assert job_of(database, dbt).state is JobState.routed  # its call is still in progress
+    finally:
+        detector.gate.set()
+        worker.join(60)
+    assert job_of(database, dbt).state is JobState.inferred
+    [result] = results_of(database, dbt)
+    answer = parse_answer(result.answer)
+    assert isinstance(answer, DetectAnswer) and answer.frames == 16
 
 
 def test_the_rule_matching_a_study_s_first_image_sets_its_quiet_period(

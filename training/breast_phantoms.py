@@ -364,7 +364,7 @@ class VolumeCase:
 
     @property
     def study_uid(self) -> str:
-        return _uid_factory(self.patient_id)("study")
+        return str(_uid_factory(self.patient_id)("study"))
 
 
 def plan_volumes(seeds: range, positive_fraction: float) -> list[VolumeCase]:

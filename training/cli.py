@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cadnode.infer.backends import plan_for_bundle
 from cadnode.infer.bundle import Bundle
 from cadnode.yamlfile import ConfigError
 from training import detector, segmenter
@@ -221,6 +222,8 @@ def build_command(args: argparse.Namespace) -> int:
         print(f"cadnode-train build: export check FAILED: {error}", file=sys.stderr)
         return 1
     summarise(bundle, time.monotonic() - started)
+    # The plan is for this GPU and TensorRT version only; a node with another builds its own.
+    print(f"  {plan_for_bundle(bundle)}")
     return 0
 
 

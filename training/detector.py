@@ -32,7 +32,6 @@ from typing import TypeVar
 import numpy as np
 import pydicom
 import torch
-from ensemble_boxes import weighted_boxes_fusion
 from monai.losses import FocalLoss
 from pydantic import Field
 from pydicom import Dataset
@@ -54,6 +53,7 @@ from cadnode.infer.bundle import (
     TaskKind,
     sha256_of,
 )
+from cadnode.infer.postprocess import Fusion, fuse_slices, source_box
 from cadnode.preprocess import Geometry, frames_to_tensor
 from cadnode.yamlfile import load_model
 from training.breast_phantoms import VolumeCase, plan_volumes, render_volume
@@ -370,97 +370,39 @@ def volume_key(ds: Dataset) -> tuple[str, str, str]:
     return str(ds.PatientID), str(ds.StudyInstanceUID), f"{laterality.lower()}{view}"
 
 
-def fuse_slices(
-    boxes: np.ndarray, frames: np.ndarray, settings: DetectorInference, size: int
-) -> list[tuple[float, float, float, float, int, int, float]]:
-    """Per-slice boxes (F, K, 5: score, x, y, w, h in model pixels) fused across slices with
-    weighted box fusion; returns (x, y, w, h, first slice, depth, score) in model pixels."""
-    per_slice, scores, labels = [], [], []
-    for slice_boxes in boxes:
-        kept = slice_boxes[slice_boxes[:, 0] >= settings.min_score]
-        corners = np.stack(
-            [kept[:, 1], kept[:, 2], kept[:, 1] + kept[:, 3], kept[:, 2] + kept[:, 4]], axis=1
-        )
-        per_slice.append(np.clip(corners / size, 0, 1).tolist())
-        scores.append(kept[:, 0].tolist())
-        labels.append([0] * len(kept))
-    if not any(scores):
-        return []
-    fused, fused_scores, _ = weighted_boxes_fusion(
-        per_slice,
-        scores,
-        labels,
-        iou_thr=settings.fusion_iou,
-        skip_box_thr=settings.min_score,
-        conf_type="max",
-    )
-    breast = frames.max(axis=0)[0] > settings.breast_level
-    results = []
-    for corners, score in zip(fused * size, fused_scores, strict=True):
-        x1, y1, x2, y2 = (float(v) for v in corners)
-        row = min(size - 1, max(0, int((y1 + y2) / 2)))
-        column = min(size - 1, max(0, int((x1 + x2) / 2)))
-        if not breast[row, column]:
-            continue
-        first, last = _slice_span(corners / size, per_slice, scores, settings.fusion_iou)
-        results.append((x1, y1, x2 - x1, y2 - y1, first, last - first + 1, float(score)))
-    return results
-
-
-def _slice_span(
-    box: np.ndarray, per_slice: list[list[list[float]]], scores: list[list[float]], iou: float
-) -> tuple[int, int]:
-    """The slices where the fused box is seen: its best score's slice and the run of slices
-    around it whose overlapping box scores at least half that (a mass is in focus on a few
-    slices; faint look-alikes elsewhere in the stack do not stretch it)."""
-    best = np.array([_best_overlap(box, b, s, iou) for b, s in zip(per_slice, scores, strict=True)])
-    peak = int(np.argmax(best))
-    strong = best >= 0.5 * best[peak]
-    first, last = peak, peak
-    while first > 0 and strong[first - 1]:
-        first -= 1
-    while last < len(best) - 1 and strong[last + 1]:
-        last += 1
-    return first, last
-
-
-def _best_overlap(
-    box: np.ndarray, candidates: list[list[float]], scores: list[float], iou: float
-) -> float:
-    """The highest score among `candidates` overlapping `box` by at least `iou` (0 if none)."""
-    if not candidates:
-        return 0.0
-    c = np.asarray(candidates)
-    width = np.clip(np.minimum(box[2], c[:, 2]) - np.maximum(box[0], c[:, 0]), 0, None)
-    height = np.clip(np.minimum(box[3], c[:, 3]) - np.maximum(box[1], c[:, 1]), 0, None)
-    inter = width * height
-    areas = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
-    union = (box[2] - box[0]) * (box[3] - box[1]) + areas - inter
-    overlapping = inter / np.maximum(union, 1e-9) >= iou
-    return float(np.asarray(scores)[overlapping].max()) if overlapping.any() else 0.0
-
-
 def detect(
     model_path: Path, ds: Dataset, settings: DetectorInference, input_size: int, threads: int = 2
 ) -> list[Prediction]:
-    """The volume's Duke prediction rows, boxes in the volume's own pixels."""
+    """The volume's Duke prediction rows, boxes in the volume's own pixels: fused and mapped
+    back by the daemon's own post-processing (cadnode.infer.postprocess)."""
     frames, geometry = frames_to_tensor(ds, input_size)
     boxes = onnx_probabilities(model_path, frames, threads, batch_size=32)
     key = volume_key(ds)
-    s = geometry.scale
+    fusion = fusion_of(settings)
     return [
         Prediction(
             *key,
-            x=round((x - geometry.pad_left) / s, 1),
-            y=round((y - geometry.pad_top) / s, 1),
-            z=first,
-            width=round(w / s, 1),
-            height=round(h / s, 1),
-            depth=depth,
-            score=round(score, 6),
+            x=round(box.x, 1),
+            y=round(box.y, 1),
+            z=box.first,
+            width=round(box.width, 1),
+            height=round(box.height, 1),
+            depth=box.depth,
+            score=round(box.score, 6),
         )
-        for x, y, w, h, first, depth, score in fuse_slices(boxes, frames, settings, input_size)
+        for box in (
+            source_box(fused, geometry)
+            for fused in fuse_slices(boxes, frames, input_size, fusion)
+        )
     ]
+
+
+def fusion_of(settings: DetectorInference) -> Fusion:
+    return Fusion(
+        min_score=settings.min_score,
+        fusion_iou=settings.fusion_iou,
+        breast_level=settings.breast_level,
+    )
 
 
 def detect_files(bundle: Bundle, paths: Sequence[Path], threads: int = 2) -> list[Prediction]:
@@ -689,7 +631,7 @@ def make_manifest(
             description=f"One box per {config.model.cell} px grid cell of each slice: score "
             "(sigmoid objectness) and the box's top-left corner, width and height in model-input "
             "pixels; map back through cadnode.preprocess.Geometry (frames_to_tensor). Fuse across "
-            "slices (training.detector.fuse_slices) before reporting.",
+            "slices (cadnode.infer.postprocess.fuse_slices) before reporting.",
             parameters={
                 "cell": float(config.model.cell),
                 "anchor": config.model.anchor,

@@ -1,89 +1,131 @@
-"""Engines kept resident: a verified bundle plus a loaded ONNX Runtime session.
+"""Engines kept resident: a verified bundle plus its model loaded on a backend.
 
-Loaded once at start and warmed up with one inference, so the first study pays no load
-time. (TensorRT and Triton backends are not built yet; ONNX Runtime on the CPU is the
-embedded default.)
+Loaded once at start and warmed up with one call of the largest batch it will get, so the
+first study pays no load time. The backend (ONNX Runtime or TensorRT, cadnode.infer.backends)
+is chosen per engine by configuration; a Triton backend is not built yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
-import onnxruntime as ort
 import structlog
 from pydicom import Dataset
 
+from cadnode.config import EngineOptions, EngineSettings
+from cadnode.infer import postprocess
+from cadnode.infer.answers import Answer, ClassifyAnswer, DetectAnswer, SegmentAnswer, save_masks
+from cadnode.infer.backends import Backend, select_backend
 from cadnode.infer.bundle import Bundle, TaskKind, discover
-from cadnode.preprocess import image_to_tensor
-from cadnode.yamlfile import ConfigError
+from cadnode.preprocess import frames_to_tensor, image_to_tensor
 
 log = structlog.get_logger("cadnode.infer")
+Item = TypeVar("Item")
 
 
 class Engine:
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        options: EngineOptions | None = None,
+        *,
+        plan_cache: Path | None = None,
+    ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(
-                str(bundle.model_path), options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as error:  # ONNX Runtime raises its own untyped errors
-            raise ConfigError(
-                [f"{bundle.model_path}: ONNX Runtime cannot load it: {error}"]
-            ) from error
-        size = self.manifest.preprocessing.size
-        self._run(np.zeros((1, 1, size, size), dtype=np.float32))  # warm-up
+        self.options = options or EngineOptions(backend="auto")
+        self.backend: Backend = select_backend(
+            bundle,
+            self.options.backend or "auto",
+            max_batch=self.options.max_batch,
+            cache=plan_cache,
+        )
+        self.warm_up()
         log.info(
             "engine.loaded",
             engine=self.manifest.name,
             version=self.manifest.version,
             sha256=bundle.sha256[:12],
-            backend="onnxruntime",
+            backend=self.backend.name,
         )
 
     @property
     def name(self) -> str:
         return self.manifest.name
 
-    def classify(self, images: Sequence[Dataset]) -> list[dict[str, Any]]:
-        """One answer per image: probability of the first label and the operating points."""
-        if self.manifest.task is not TaskKind.classify:
-            raise ValueError(f"engine {self.name} is a {self.manifest.task} engine, not classify")
-        size = self.manifest.preprocessing.size
-        batch = np.stack([image_to_tensor(image, size)[0] for image in images])
-        probabilities = self._run(batch).reshape(len(images))
-        return [self._answer(float(p)) for p in probabilities]
+    def answer(
+        self, images: Sequence[Dataset], answers_dir: Path | None = None, folder: str = ""
+    ) -> list[Answer]:
+        """One answer per image (a film, or a whole multi-frame volume), by the task kind.
 
-    def _answer(self, probability: float) -> dict[str, Any]:
-        """Self-contained, so later stages need nothing from the engine to encode it."""
-        points = self.manifest.operating_points
-        answer: dict[str, Any] = {
-            "label": self.manifest.labels[0].model_dump(),
-            "probability": probability,
-            "operating_points": {
-                name: {
-                    "threshold": point.threshold,
-                    "reached": probability >= point.threshold,
-                    "description": point.description,
-                }
-                for name, point in points.items()
-            },
-        }
-        if "rule_out" in points:
-            answer["ruled_out"] = probability < points["rule_out"].threshold
-        return answer
+        A segment engine writes each image's masks to `answers_dir / folder / <SOP Instance
+        UID>.npz` (answers.save_masks) and names that file relative to `answers_dir`; without
+        `answers_dir` (a dry run, as `cadnode engines verify` makes) nothing is written and
+        `mask_file` is empty.
+        """
+        task = self.manifest.task
+        if task is TaskKind.classify:
+            return list(self._classify(images))
+        if task is TaskKind.segment:
+            return list(self._segment(images, answers_dir, folder))
+        return [self._detect(image) for image in images]
+
+    def warm_up(self) -> None:
+        """One call of the largest batch this engine will be given, so that the first study
+        pays no allocation of it: max_batch films, or max_batch slices of a volume."""
+        size = self.manifest.preprocessing.size
+        self._run(np.zeros((self.options.max_batch, 1, size, size), dtype=np.float32))
+
+    def _classify(self, images: Sequence[Dataset]) -> Iterator[ClassifyAnswer]:
+        size = self.manifest.preprocessing.size
+        for chunk in _chunks(images, self.options.max_batch):
+            batch = np.stack([image_to_tensor(image, size)[0] for image in chunk])
+            for probability in self._run(batch).reshape(len(chunk)):
+                yield postprocess.classify_answer(self.manifest, float(probability))
+
+    def _segment(
+        self, images: Sequence[Dataset], answers_dir: Path | None, folder: str
+    ) -> Iterator[SegmentAnswer]:
+        size = self.manifest.preprocessing.size
+        for chunk in _chunks(images, self.options.max_batch):
+            tensors = [image_to_tensor(image, size) for image in chunk]
+            maps = self._run(np.stack([tensor for tensor, _ in tensors]))
+            for image, (_, geometry), probabilities in zip(chunk, tensors, maps, strict=True):
+                found = postprocess.segment(self.manifest, probabilities, geometry)
+                mask_file = ""
+                if answers_dir is not None:
+                    mask_file = f"{folder}/{image.SOPInstanceUID}.npz".lstrip("/")
+                    save_masks(answers_dir / mask_file, found.masks[None])
+                yield postprocess.segment_answer(self.manifest, found, geometry, mask_file)
+
+    def _detect(self, volume: Dataset) -> DetectAnswer:
+        """Every frame through the model, max_batch slices a call, then fused across slices."""
+        frames, geometry = frames_to_tensor(volume, self.manifest.preprocessing.size)
+        step = self.options.max_batch
+        boxes = np.concatenate(
+            [self._run(frames[start : start + step]) for start in range(0, len(frames), step)]
+        )
+        found = postprocess.detect_boxes(self.manifest, boxes, frames, geometry)
+        return postprocess.detect_answer(self.manifest, found, len(frames), geometry)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        model = self.manifest.model
-        outputs = self.session.run([model.output], {model.input: batch})
-        return np.asarray(outputs[0], dtype=np.float32)
+        return self.backend.run(batch)
 
 
-def load_engines(engines_dir: Path) -> dict[str, Engine]:
-    return {name: Engine(bundle) for name, bundle in discover(engines_dir).items()}
+def load_engines(
+    engines_dir: Path, settings: EngineSettings | None = None, *, plan_cache: Path | None = None
+) -> dict[str, Engine]:
+    """Every bundle in `engines_dir`, each on the backend its options pick (`engines.*`)."""
+    settings = settings or EngineSettings()
+    return {
+        name: Engine(bundle, settings.for_engine(name), plan_cache=plan_cache)
+        for name, bundle in discover(engines_dir).items()
+    }
+
+
+def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

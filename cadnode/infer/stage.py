@@ -1,81 +1,318 @@
-"""Infer: run each routed job's pipeline of engines on its input images."""
+"""Infer: run each routed job's pipeline of engines on its input images.
+
+Engine calls run on a worker pool per engine, `engines.options.NAME.concurrency` workers
+wide, never on the stage's own thread: a DBT volume on the detector does not hold up a chest
+film on the rule-out engine. The stage chooses again after every engine call, the most urgent
+job first (rule priority class, then arrival), so an urgent study waits at most for the call
+in progress on its engine, never for a queue. A job's pipeline goes one step (one engine
+call, on the images the step's condition lets through) at a time; the answers so far are
+kept in memory and written with the job's move to `inferred`, so a restart redoes the job.
+
+A call that raises, or runs past its engine's `timeout_s`, fails that attempt: the job waits
+`retry_backoff_s * 2**(attempts - 1)` and runs again from its first step, until
+`engines.max_attempts`, when it fails with the reason. A thread stuck in a model call cannot
+be killed: it is abandoned (its answer, if it ever comes, is dropped) and the engine gets a
+fresh pool, so its later calls are not stuck behind it; the stuck thread keeps its CPU (and
+Python waits for it at exit) until the call returns.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 from pydicom import dcmread
+from sqlalchemy import update
 from sqlmodel import Session, select
 
-from cadnode.db import Database, Instance, Job, JobState, PriorityClass, Result
+from cadnode.config import EngineSettings
+from cadnode.db import Database, Instance, Job, JobState, PriorityClass, Result, Study, utcnow
+from cadnode.infer.answers import dump_answer
+from cadnode.infer.bundle import TaskKind
 from cadnode.infer.runtime import Engine
 from cadnode.pipeline import Step
 
+log = structlog.get_logger("cadnode.infer")
+
 URGENCY = {PriorityClass.urgent: 0, PriorityClass.routine: 1, PriorityClass.background: 2}
+# While engine calls run, how often the stage looks for newly routed jobs (an urgent film
+# for an idle engine starts within this, not after the calls in progress).
+POLL_S = 0.1
+
+
+@dataclass
+class _Progress:
+    """A job's pipeline part-way through: the next step and the answers so far."""
+
+    step: int = 0
+    answers: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    results: list[Result] = field(default_factory=list)
+
+
+@dataclass
+class _Call:
+    """One engine call in progress: one pipeline step of one job."""
+
+    job_id: int
+    name: str  # the engine as the pipeline names it (an engine may be installed twice)
+    engine: Engine
+    uids: list[str]
+    future: Future[list[dict[str, Any]]]
+    started: float  # time.monotonic()
+
+    @property
+    def deadline(self) -> float:
+        return self.started + self.engine.options.timeout_s
 
 
 class Inference:
     name = "infer"
 
-    def __init__(self, database: Database, spool: Path, engines: dict[str, Engine]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        spool: Path,
+        engines: dict[str, Engine],
+        *,
+        answers: Path | None = None,
+        settings: EngineSettings | None = None,
+    ) -> None:
+        """`answers`: where segment masks are written (StorageSettings.answers); a segment
+        engine's call fails without it."""
         self.database = database
         self.spool = spool
         self.engines = engines
+        self.answers = answers
+        self.settings = settings or EngineSettings()
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._calls: dict[int, _Call] = {}  # by job id
+        self._progress: dict[int, _Progress] = {}
+        self._call_ended = threading.Event()
 
     def advance(self) -> float | None:
-        # One job at a time, the most urgent first, choosing again after each: an urgent
-        # study waits for at most the engine call in progress, never for a queue.
-        with self.database.session() as session:
-            while (job := self._most_urgent(session)) is not None:
-                self._infer(session, job)
-        return None
+        """Start every call that can start, most urgent job first; collect them as they end
+        and start the next; return when none is running (the seconds until a retry is due)."""
+        while True:
+            self._call_ended.clear()
+            with self.database.session() as session:
+                self._collect(session)
+                self._start_calls(session)
+                if not self._calls:
+                    return self._retry_due_in(session)
+            self._call_ended.wait(min(POLL_S, self._time_to_deadline()))
 
-    def _most_urgent(self, session: Session) -> Job | None:
-        waiting = self.database.jobs_in(session, JobState.routed)
-        return min(waiting, key=lambda job: (URGENCY[job.priority], job.id), default=None)
+    @property
+    def running(self) -> int:
+        """Engine calls in progress (abandoned ones not counted)."""
+        return len(self._calls)
 
-    def _infer(self, session: Session, job: Job) -> None:
-        try:
-            results = self._run_pipeline(session, job)
-        except Exception as error:  # an engine fault fails this job, not the node
-            self.database.transition(
-                session,
-                job,
-                JobState.failed,
-                expect=JobState.routed,
-                reason=f"inference failed: {type(error).__name__}: {error}",
-            )
-            return
+    def close(self) -> None:
+        """Stop taking calls; those running finish in their threads, unwatched."""
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._pools.clear()
+
+    # --- choosing and starting calls -------------------------------------------------------
+
+    def _start_calls(self, session: Session) -> None:
+        now = utcnow()
+        waiting = [
+            job
+            for job in self.database.jobs_in(session, JobState.routed)
+            if job.id not in self._calls and _due(job, now)
+        ]
+        for job in sorted(waiting, key=lambda job: (URGENCY[job.priority], job.id)):
+            self._start_next_step(session, job)
+
+    def _start_next_step(self, session: Session, job: Job) -> None:
+        """Start the job's next engine call if its engine has a free worker; finish the job
+        when no step is left."""
         assert job.id is not None
-        session.add_all(results)
+        progress = self._progress.setdefault(job.id, _Progress())
+        steps = [Step.from_job(entry) for entry in job.pipeline]
+        while progress.step < len(steps):
+            step = steps[progress.step]
+            chosen = step.images(job.inputs, progress.answers)
+            if not chosen:  # the condition let no image through: the step is skipped
+                progress.step += 1
+                continue
+            engine = self.engines.get(step.engine)
+            if engine is None:
+                self._fail(session, job, self._not_loaded(step.engine))
+                return
+            if self._busy(step.engine) < engine.options.concurrency:
+                self._submit(session, job, step.engine, chosen)
+            return
+        self._finish(session, job, progress)
+
+    def _not_loaded(self, engine: str) -> str:
+        loaded = ", ".join(sorted(self.engines)) or "none"
+        return (
+            f"engine {engine!r} is not loaded on this node (loaded: {loaded}); "
+            "the rules that routed the job name an engine the node does not have"
+        )
+
+    def _busy(self, name: str) -> int:
+        return sum(call.name == name for call in self._calls.values())
+
+    def _submit(self, session: Session, job: Job, name: str, chosen: list[str]) -> None:
+        assert job.id is not None
+        engine = self.engines[name]
+        instances = session.exec(
+            select(Instance).where(Instance.sop_instance_uid.in_(chosen))  # type: ignore[attr-defined]
+        ).all()
+        paths = {i.sop_instance_uid: self.spool / i.path for i in instances}
+        uids = [uid for uid in chosen if uid in paths]  # an input never indexed has no answer
+        study = session.get(Study, job.study_id)
+        folder = f"{study.study_uid if study else job.study_id}/{job.id}/{name}"
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = ThreadPoolExecutor(
+                engine.options.concurrency, thread_name_prefix=f"engine-{name}"
+            )
+        future = pool.submit(self._call, engine, [paths[uid] for uid in uids], folder)
+        future.add_done_callback(lambda _: self._call_ended.set())
+        self._calls[job.id] = _Call(job.id, name, engine, uids, future, time.monotonic())
+        log.info(
+            "inference.started",
+            job=job.id,
+            study=job.study_id,
+            engine=name,
+            images=len(uids),
+            priority=job.priority.value,
+            attempt=job.attempts + 1,
+        )
+
+    def _call(self, engine: Engine, paths: Sequence[Path], folder: str) -> list[dict[str, Any]]:
+        """On an engine worker: read the images, run the engine, the answers as stored."""
+        if engine.manifest.task is TaskKind.segment and self.answers is None:
+            raise RuntimeError("no answers folder to write segmentation masks to")
+        images = [dcmread(path) for path in paths]
+        return [dump_answer(answer) for answer in engine.answer(images, self.answers, folder)]
+
+    # --- collecting calls ------------------------------------------------------------------
+
+    def _collect(self, session: Session) -> None:
+        for job_id, call in list(self._calls.items()):
+            if call.future.done():
+                del self._calls[job_id]
+                error = call.future.exception()
+                if error is None:
+                    self._answered(call, call.future.result())
+                else:
+                    self._attempt_failed(session, call, f"{type(error).__name__}: {error}")
+            elif time.monotonic() >= call.deadline:
+                del self._calls[job_id]
+                self._abandon_pool(call.name)
+                timeout = call.engine.options.timeout_s
+                self._attempt_failed(session, call, f"timed out after {timeout:g} s")
+
+    def _answered(self, call: _Call, answers: list[dict[str, Any]]) -> None:
+        progress = self._progress.setdefault(call.job_id, _Progress())
+        engine = call.engine
+        for uid, answer in zip(call.uids, answers, strict=True):
+            progress.answers[(call.name, uid)] = answer
+            progress.results.append(
+                Result(
+                    job_id=call.job_id,
+                    engine=engine.name,
+                    engine_version=engine.manifest.version,
+                    model_sha256=engine.bundle.sha256,
+                    sop_instance_uid=uid,
+                    answer=answer,
+                )
+            )
+        progress.step += 1
+        log.info(
+            "inference.answered",
+            job=call.job_id,
+            engine=call.name,
+            images=len(call.uids),
+            seconds=round(time.monotonic() - call.started, 3),
+        )
+
+    def _abandon_pool(self, name: str) -> None:
+        """The stuck worker cannot be stopped: leave its pool to it, give the engine a new one."""
+        pool = self._pools.pop(name, None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _attempt_failed(self, session: Session, call: _Call, error: str) -> None:
+        job = session.get(Job, call.job_id)
+        self._progress.pop(call.job_id, None)  # a retry starts from the first step
+        if job is None or job.state is not JobState.routed:
+            return
+        attempts = job.attempts + 1
+        limit = self.settings.max_attempts
+        reason = f"{call.name} failed (attempt {attempts} of {limit}): {error}"
+        if attempts >= limit:
+            log.warning("inference.gave_up", job=job.id, engine=call.name, reason=error)
+            self._fail(session, job, reason, attempts=attempts)
+            return
+        delay = self.settings.retry_backoff_s * 2 ** (attempts - 1)
+        log.warning(
+            "inference.retry",
+            job=job.id,
+            engine=call.name,
+            attempt=attempts,
+            max_attempts=limit,
+            retry_in_s=delay,
+            reason=error,
+        )
+        # Bookkeeping, not a state change: the job stays routed, not due before the delay.
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == JobState.routed)  # type: ignore[arg-type]
+            .values(
+                attempts=attempts,
+                next_attempt_at=utcnow() + dt.timedelta(seconds=delay),
+                reason=reason,
+            )
+        )
+        session.commit()
+
+    # --- ending jobs -----------------------------------------------------------------------
+
+    def _finish(self, session: Session, job: Job, progress: _Progress) -> None:
+        assert job.id is not None
+        self._progress.pop(job.id, None)
+        session.add_all(progress.results)
         self.database.transition(session, job, JobState.inferred, expect=JobState.routed)
 
-    def _run_pipeline(self, session: Session, job: Job) -> list[Result]:
+    def _fail(self, session: Session, job: Job, reason: str, **changes: Any) -> None:
         assert job.id is not None
-        instances = session.exec(
-            select(Instance).where(Instance.sop_instance_uid.in_(job.inputs))  # type: ignore[attr-defined]
-        ).all()
-        images = {i.sop_instance_uid: dcmread(self.spool / i.path) for i in instances}
-        answers: dict[tuple[str, str], dict[str, Any]] = {}  # (step's engine, image) -> answer
-        results = []
-        for step in map(Step.from_job, job.pipeline):
-            # A step with a condition runs only on the images whose earlier answer passes it.
-            chosen = [uid for uid in step.images(job.inputs, answers) if uid in images]
-            if not chosen:
-                continue
-            engine = self.engines[step.engine]
-            batch = [images[uid] for uid in chosen]
-            for uid, answer in zip(chosen, engine.classify(batch), strict=True):
-                answers[(step.engine, uid)] = answer
-                results.append(
-                    Result(
-                        job_id=job.id,
-                        engine=engine.name,
-                        engine_version=engine.manifest.version,
-                        model_sha256=engine.bundle.sha256,
-                        sop_instance_uid=uid,
-                        answer=answer,
-                    )
-                )
-        return results
+        self._progress.pop(job.id, None)
+        self.database.transition(
+            session, job, JobState.failed, expect=JobState.routed, reason=reason, **changes
+        )
+
+    # --- timing ----------------------------------------------------------------------------
+
+    def _time_to_deadline(self) -> float:
+        now = time.monotonic()
+        return max(0.0, min((call.deadline - now for call in self._calls.values()), default=POLL_S))
+
+    def _retry_due_in(self, session: Session) -> float | None:
+        now = utcnow()
+        later = [
+            (_aware(job.next_attempt_at) - now).total_seconds()
+            for job in self.database.jobs_in(session, JobState.routed)
+            if job.next_attempt_at is not None and not _due(job, now)
+        ]
+        return max(0.0, min(later)) if later else None
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    """SQLite keeps no time zone; cadnode writes UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _due(job: Job, now: dt.datetime) -> bool:
+    return job.next_attempt_at is None or _aware(job.next_attempt_at) <= now

@@ -1,0 +1,124 @@
+"""Routed jobs, as route leaves them, for the infer stage's tests; and a way to run the stage."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+from sqlmodel import select
+
+from cadnode.config import EngineOptions
+from cadnode.db import Database, Instance, Job, JobState, PriorityClass, Result, Study
+from cadnode.infer.answers import Answer
+from cadnode.infer.bundle import Bundle
+from cadnode.infer.runtime import Engine
+from cadnode.infer.stage import Inference
+from tests.peers import wait_for
+
+RULEOUT = [{"engine": "cxr-ruleout"}]
+CASCADE = [
+    {"engine": "cxr-ruleout"},
+    {"engine": "cxr-segmenter", "when": {"step": "cxr-ruleout", "ruled_out": False}},
+]
+
+
+def routed_job(
+    database: Database,
+    spool: Path,
+    ds: Dataset,
+    path: Path,
+    *,
+    pipeline: list[dict[str, Any]] | None = None,
+    priority: PriorityClass = PriorityClass.routine,
+) -> int:
+    """A job in state routed for one image `ds` written at `path` under `spool`, with the
+    given pipeline (default: the rule-out engine alone)."""
+    with database.session() as session:
+        study = session.exec(select(Study).where(Study.study_uid == ds.StudyInstanceUID)).first()
+        if study is None:
+            study = Study(study_uid=str(ds.StudyInstanceUID))
+            session.add(study)
+            session.flush()
+        assert study.id is not None
+        versions = session.exec(select(Job).where(Job.study_id == study.id)).all()
+        job = Job(
+            study_id=study.id,
+            version=len(versions) + 1,
+            state=JobState.routed,
+            priority=priority,
+            pipeline=pipeline or RULEOUT,
+            inputs=[str(ds.SOPInstanceUID)],
+            instance_count=1,
+        )
+        session.add(job)
+        session.flush()
+        assert job.id is not None
+        session.add(
+            Instance(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=ds.SOPClassUID,
+                series_uid=ds.SeriesInstanceUID,
+                transfer_syntax="1.2.840.10008.1.2.1",
+                path=str(path.relative_to(spool)),
+                size=1,
+                calling_ae="A",
+                peer="127.0.0.1:1",
+                job_id=job.id,
+            )
+        )
+        session.commit()
+        return job.id
+
+
+def job_of(database: Database, job_id: int) -> Job:
+    with database.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def results_of(database: Database, job_id: int) -> list[Result]:
+    with database.session() as session:
+        return list(session.exec(select(Result).where(Result.job_id == job_id)).all())
+
+
+def run_until(
+    stage: Inference, condition: Callable[[], bool], timeout_s: float, what: str
+) -> None:
+    """Advance the stage (as the conveyor would, retries included) until `condition` holds."""
+
+    def advanced() -> bool:
+        stage.advance()
+        return condition()
+
+    wait_for(advanced, timeout_s, what)
+
+
+class Gated(Engine):
+    """A real engine whose calls wait until the test opens `gate`, counting themselves."""
+
+    def __init__(self, bundle: Bundle, options: EngineOptions | None = None) -> None:
+        super().__init__(bundle, options)
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def answer(
+        self, images: Sequence[Dataset], answers_dir: Path | None = None, folder: str = ""
+    ) -> list[Answer]:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        self.started.set()
+        try:
+            if not self.gate.wait(60):
+                raise TimeoutError("the test never opened the gate")
+            return super().answer(images, answers_dir, folder)
+        finally:
+            with self._lock:
+                self.running -= 1
