@@ -1,15 +1,30 @@
 """Encode: write each inferred job's results as DICOM objects and queue their deliveries.
 
-One SR per (job version, engine). Its UIDs derive from the study, the job version and the
-engine version, so re-encoding the same job makes the same object, never a duplicate.
+Per (job version, engine), by the engine's task kind:
+
+- classify: one TID 1500 SR;
+- segment: one SEG per source image, then one SR whose measurements reference the SEGs;
+- detect: one SR with the findings as image regions.
+
+Destinations that ask for it (`secondary_capture: true`) also get one Secondary Capture per
+source image with the findings drawn over it; the others never see those objects.
+
+UIDs derive from the study, the job version, the engine and its version (and, per object
+kind, the source image), and each object's time is when the engine answered, so
+re-encoding the same job makes the same bytes under the same UIDs, never a duplicate.
+Any object that cannot be built fails the whole job, with the reason.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlmodel import Session, select
@@ -25,20 +40,66 @@ from cadnode.db import (
     ResultObject,
     Study,
 )
-from cadnode.encode.sr import Algorithm, Classification, CodedLabel, classification_report
+from cadnode.encode.capture import secondary_capture
+from cadnode.encode.provenance import Algorithm, CodedLabel
+from cadnode.encode.seg import segmentation
+from cadnode.encode.sr import (
+    Classification,
+    Detection,
+    Segmented,
+    classification_report,
+    detection_report,
+    segmentation_report,
+)
 from cadnode.files import write_durably
+from cadnode.infer.answers import (
+    Answer,
+    ClassifyAnswer,
+    DetectAnswer,
+    SegmentAnswer,
+    load_masks,
+    parse_answer,
+)
+from cadnode.overlay import BoxSpec
+
+
+@dataclass(frozen=True)
+class _Made:
+    """An object built for a job, and which destinations get it."""
+
+    dataset: Dataset
+    for_all: bool  # False: only destinations that asked for Secondary Captures
+
+
+@dataclass(frozen=True)
+class _Answered:
+    """One source image's answer, with its header (pixels read when an object needs them)."""
+
+    source: Dataset
+    answer: Answer
 
 
 class Encoder:
     name = "encode"
 
     def __init__(
-        self, database: Database, spool: Path, results: Path, destinations: list[Destination]
+        self,
+        database: Database,
+        spool: Path,
+        results: Path,
+        destinations: list[Destination],
+        *,
+        answers: Path,
     ) -> None:
         self.database = database
         self.spool = spool
         self.results = results
+        self.answers = answers  # mask files (cadnode.infer.answers.save_masks)
         self.destinations = destinations
+
+    @property
+    def wants_captures(self) -> bool:
+        return any(destination.secondary_capture for destination in self.destinations)
 
     def advance(self) -> float | None:
         with self.database.session() as session:
@@ -63,40 +124,36 @@ class Encoder:
         for result in session.exec(select(Result).where(Result.job_id == job.id)):
             by_engine[(result.engine, result.engine_version, result.model_sha256)].append(result)
         for (engine, version, sha256), results in by_engine.items():
-            algorithm = Algorithm(name=engine, version=version, sha256=sha256)
-            key = [study.study_uid, str(job.version), engine, version]
-            report = classification_report(
-                [self._classification(session, r) for r in results],
-                algorithm,
-                series_instance_uid=generate_uid(entropy_srcs=[*key, "series"]),
-                sop_instance_uid=generate_uid(entropy_srcs=[*key, "sr"]),
+            objects = _Objects(
+                Algorithm(name=engine, version=version, sha256=sha256),
+                key=(study.study_uid, str(job.version), engine, version),
                 # The inference time, not now: re-encoding the same job gives the same bytes.
-                content_datetime=min(r.created_at for r in results),
+                when=min(r.created_at for r in results),
+                answers_dir=self.answers,
+                captures=self.wants_captures,
             )
-            self._keep(session, job, engine, report)
+            answered = [self._answered(session, result) for result in results]
+            for made in objects.build(answered):
+                self._keep(session, job, engine, made)
         self.database.transition(session, job, JobState.encoded, expect=JobState.inferred)
 
-    def _classification(self, session: Session, result: Result) -> Classification:
+    def _answered(self, session: Session, result: Result) -> _Answered:
         instance = session.get(Instance, result.sop_instance_uid)
         assert instance is not None
-        answer = result.answer
-        point = answer["operating_points"]["rule_out"]
-        return Classification(
-            source=dcmread(self.spool / instance.path, stop_before_pixels=True),
-            label=CodedLabel(**answer["label"]["code"]),
-            probability=float(answer["probability"]),
-            operating_point="rule_out",
-            threshold=float(point["threshold"]),
-            ruled_out=bool(answer["ruled_out"]),
-        )
+        answer = parse_answer(result.answer)
+        # SEG and SR need the header only; drawing a Secondary Capture needs the pixels.
+        header_only = not self.wants_captures
+        source = dcmread(self.spool / instance.path, stop_before_pixels=header_only)
+        return _Answered(source, answer)
 
-    def _keep(self, session: Session, job: Job, engine: str, report: Dataset) -> None:
+    def _keep(self, session: Session, job: Job, engine: str, made: _Made) -> None:
         """Store the object durably, then record it and its deliveries in one commit."""
         assert job.id is not None
-        uid = str(report.SOPInstanceUID)
+        dataset = made.dataset
+        uid = str(dataset.SOPInstanceUID)
         buffer = io.BytesIO()
-        report.save_as(buffer, enforce_file_format=True)
-        relative = Path(str(report.StudyInstanceUID)) / f"{uid}.dcm"
+        dataset.save_as(buffer, enforce_file_format=True)
+        relative = Path(str(dataset.StudyInstanceUID)) / f"{uid}.dcm"
         write_durably(self.results / relative, [buffer.getvalue()])
         if session.get(ResultObject, uid) is None:
             session.add(
@@ -104,11 +161,184 @@ class Encoder:
                     sop_instance_uid=uid,
                     job_id=job.id,
                     engine=engine,
-                    modality="SR",
+                    modality=str(dataset.Modality),
                     path=str(relative),
                 )
             )
             session.flush()  # the deliveries' foreign key needs the object row first
             for destination in self.destinations:
-                session.add(Delivery(object_uid=uid, job_id=job.id, destination=str(destination)))
+                if made.for_all or destination.secondary_capture:
+                    session.add(
+                        Delivery(object_uid=uid, job_id=job.id, destination=str(destination))
+                    )
         session.flush()
+
+
+@dataclass(frozen=True)
+class _Objects:
+    """Builds one engine's objects for one job version, with their derived UIDs."""
+
+    algorithm: Algorithm
+    key: tuple[str, str, str, str]  # study UID, job version, engine, engine version
+    when: dt.datetime
+    answers_dir: Path
+    captures: bool
+
+    def uid(self, *parts: str) -> str:
+        return generate_uid(entropy_srcs=[*self.key, *parts])
+
+    # The classifier's SR had these UID parts before SEG and SC existed: unchanged, so
+    # results encoded by an earlier release keep their UIDs.
+    @property
+    def sr_series_uid(self) -> str:
+        return self.uid("series")
+
+    @property
+    def sr_uid(self) -> str:
+        return self.uid("sr")
+
+    def build(self, answered: list[_Answered]) -> Iterator[_Made]:
+        tasks = {item.answer.task for item in answered}
+        if len(tasks) != 1:
+            raise ValueError(f"one engine answered with several task kinds: {sorted(tasks)}")
+        task = tasks.pop()
+        if task == "classify":
+            yield from self._classified(answered)
+        elif task == "segment":
+            yield from self._segmented(answered)
+        else:
+            yield from self._detected(answered)
+
+    def _classified(self, answered: list[_Answered]) -> Iterator[_Made]:
+        classifications = []
+        for item in answered:
+            answer = item.answer
+            assert isinstance(answer, ClassifyAnswer)
+            point = answer.operating_points["rule_out"]
+            classifications.append(
+                Classification(
+                    source=item.source,
+                    label=CodedLabel(**answer.label.code.model_dump()),
+                    probability=answer.probability,
+                    operating_point="rule_out",
+                    threshold=point.threshold,
+                    ruled_out=bool(answer.ruled_out),
+                )
+            )
+            if self.captures:
+                verdict = "no abnormality detected" if answer.ruled_out else answer.label.name
+                yield self._capture(item, summary=f"{verdict} ({answer.probability:.2f})")
+        yield _Made(
+            classification_report(
+                classifications,
+                self.algorithm,
+                series_instance_uid=self.sr_series_uid,
+                sop_instance_uid=self.sr_uid,
+                content_datetime=self.when,
+            ),
+            for_all=True,
+        )
+
+    def _segmented(self, answered: list[_Answered]) -> Iterator[_Made]:
+        segmented = []
+        for item in answered:
+            answer = item.answer
+            assert isinstance(answer, SegmentAnswer)
+            masks = load_masks(self.answers_dir / answer.mask_file)
+            uid = str(item.source.SOPInstanceUID)
+            seg = segmentation(
+                item.source,
+                masks,
+                answer.findings,
+                self.algorithm,
+                series_instance_uid=self.uid("seg-series"),
+                sop_instance_uid=self.uid("seg", uid),
+                content_datetime=self.when,
+            )
+            yield _Made(seg, for_all=True)
+            segmented.append(Segmented(item.source, answer.findings, seg))
+            if self.captures:
+                # The frame with the most segmented pixels (a film has one).
+                frame = int(np.argmax(masks.sum(axis=(1, 2, 3)))) + 1
+                yield self._capture(
+                    item, frame=frame, masks=masks[frame - 1], summary=_segment_summary(answer)
+                )
+        yield _Made(
+            segmentation_report(
+                segmented,
+                self.algorithm,
+                series_instance_uid=self.sr_series_uid,
+                sop_instance_uid=self.sr_uid,
+                content_datetime=self.when,
+            ),
+            for_all=True,
+        )
+
+    def _detected(self, answered: list[_Answered]) -> Iterator[_Made]:
+        detections = []
+        for item in answered:
+            answer = item.answer
+            assert isinstance(answer, DetectAnswer)
+            detections.append(Detection(item.source, answer))
+            if self.captures:
+                frame, boxes = _boxes_on_best_frame(answer)
+                summary = f"{len(answer.findings)} {answer.label.name} finding(s)"
+                yield self._capture(item, frame=frame, boxes=boxes, summary=summary)
+        yield _Made(
+            detection_report(
+                detections,
+                self.algorithm,
+                series_instance_uid=self.sr_series_uid,
+                sop_instance_uid=self.sr_uid,
+                content_datetime=self.when,
+            ),
+            for_all=True,
+        )
+
+    def _capture(
+        self,
+        item: _Answered,
+        *,
+        summary: str,
+        frame: int = 1,
+        masks: np.ndarray | None = None,
+        boxes: Sequence[BoxSpec] = (),
+    ) -> _Made:
+        uid = str(item.source.SOPInstanceUID)
+        sc = secondary_capture(
+            item.source,
+            self.algorithm,
+            series_instance_uid=self.uid("sc-series"),
+            sop_instance_uid=self.uid("sc", uid),
+            frame=frame,
+            masks=masks,
+            boxes=boxes,
+            summary=summary,
+            content_datetime=self.when,
+        )
+        return _Made(sc, for_all=False)
+
+def _segment_summary(answer: SegmentAnswer) -> str:
+    parts = []
+    for finding in answer.findings:
+        present = finding.operating_points.get("present")
+        if present is None:
+            continue
+        state = "present" if present.reached else "absent"
+        percent = finding.measurements.get("percent_of_hemithorax")
+        extra = f" {percent:.1f}% of hemithorax" if present.reached and percent else ""
+        parts.append(f"{finding.label.name.replace('_', ' ')} {state}{extra}")
+    return ", ".join(parts)
+
+
+def _boxes_on_best_frame(answer: DetectAnswer) -> tuple[int, list[BoxSpec]]:
+    """The frame of the best finding (the middle frame without one) and the boxes on it."""
+    if not answer.findings:
+        return (answer.frames + 1) // 2, []
+    frame = max(answer.findings, key=lambda finding: finding.probability).box.frame
+    boxes: list[BoxSpec] = [
+        (f.box.x, f.box.y, f.box.width, f.box.height, f"{f.label.name} {f.probability:.2f}")
+        for f in answer.findings
+        if f.box.first_frame <= frame < f.box.first_frame + f.box.depth
+    ]
+    return frame, boxes

@@ -1,0 +1,410 @@
+"""Segmenter and detector reports, Secondary Captures, and the encode stage that makes them.
+
+Every object is checked by dciodvfy and read back by highdicom; the stage test sends all
+the kinds it made to a real Orthanc, which must store each one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from sqlmodel import select
+
+from cadnode.config import Destination
+from cadnode.db import (
+    Database,
+    Delivery,
+    Instance,
+    Job,
+    JobState,
+    Result,
+    ResultObject,
+    Study,
+)
+from cadnode.encode.capture import secondary_capture
+from cadnode.encode.seg import segmentation
+from cadnode.encode.sr import (
+    PERCENT_OF_HEMITHORAX,
+    Detection,
+    Segmented,
+    detection_report,
+    segmentation_report,
+)
+from cadnode.encode.stage import Encoder
+from cadnode.infer.answers import dump_answer, save_masks
+from tests.dicom_validation import dciodvfy_errors, dciodvfy_warnings
+from tests.encode_cases import (
+    DETECTOR,
+    SEGMENTER,
+    detect_answer,
+    film_with_masks,
+    segment_answer,
+    segment_findings,
+    volume,
+)
+from tests.peers import run_orthanc, wait_for
+
+WHEN = dt.datetime(2026, 1, 2, 9, 30, 0)
+
+
+def uid(*parts: str) -> str:
+    return generate_uid(entropy_srcs=["test-encode-results", *parts])
+
+
+def saved(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def valid(path: Path, allowed_warning: str | None = None) -> Path:
+    """dciodvfy finds no error; warnings other than `allowed_warning`: none either."""
+    assert dciodvfy_errors(path) == []
+    warnings = dciodvfy_warnings(path)
+    print(f"dciodvfy {path.name}: 0 errors, {len(warnings)} warnings")
+    unexpected = [w for w in warnings if allowed_warning is None or allowed_warning not in w]
+    assert unexpected == []
+    return path
+
+
+# The percent of the hemithorax is coded in cadnode's private scheme (declared in the
+# report); dciodvfy does not know the designator and says so.
+PRIVATE_SCHEME_WARNING = "Unrecognized defined term <99CADNODE>"
+
+
+# --- segmenter SR -------------------------------------------------------------------------
+
+
+def segmentation_sr(tmp_path: Path, *, pneumothorax: bool) -> tuple[Path, Path, pydicom.Dataset]:
+    film, masks = film_with_masks(tmp_path, pneumothorax=pneumothorax)
+    findings = segment_findings(film, masks)
+    seg = segmentation(
+        film, masks, findings, SEGMENTER, series_instance_uid=uid("seg-series"),
+        sop_instance_uid=uid("seg"), content_datetime=WHEN,
+    )
+    sr = segmentation_report(
+        [Segmented(film, findings, seg)], SEGMENTER, series_instance_uid=uid("sr-series"),
+        sop_instance_uid=uid("sr"), content_datetime=WHEN,
+    )
+    return saved(sr, tmp_path / "sr.dcm"), saved(seg, tmp_path / "seg.dcm"), film
+
+
+@pytest.mark.parametrize("pneumothorax", [True, False], ids=["pneumothorax", "none"])
+def test_segmentation_report_references_its_segments(tmp_path: Path, pneumothorax: bool) -> None:
+    sr_path, seg_path, film = segmentation_sr(tmp_path, pneumothorax=pneumothorax)
+    valid(sr_path, PRIVATE_SCHEME_WARNING)
+    seg = pydicom.dcmread(seg_path)
+    sr = hd.sr.srread(sr_path)
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
+
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert [g.finding_type.meaning for g in groups] == ["Right lung", "Left lung", "Pneumothorax"]
+    for number, group in enumerate(groups, start=1):
+        reference = group.referenced_segmentation_frame
+        assert reference is not None
+        [image] = reference[0].ReferencedSOPSequence
+        assert image.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        frame = int(image.ReferencedFrameNumber)  # the SEG frame holding this segment
+        identification = seg.PerFrameFunctionalGroupsSequence[frame - 1]
+        assert identification.SegmentIdentificationSequence[0].ReferencedSegmentNumber == number
+        assert reference[1].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == film.SOPInstanceUID
+        [area] = group.get_measurements(name=codes.SCT.Area)
+        assert area.unit == codes.UCUM.SquareMillimeter
+    ptx = groups[2]
+    [presence] = ptx.get_qualitative_evaluations()
+    assert presence.value == (codes.SCT.Present if pneumothorax else codes.SCT.Absent)
+    [percent] = ptx.get_measurements(name=PERCENT_OF_HEMITHORAX)
+    assert percent.unit == codes.UCUM.Percent
+    assert (percent.value > 5) is pneumothorax
+    expected = segment_findings(film, film_with_masks(tmp_path, pneumothorax=pneumothorax)[1])
+    assert ptx.get_measurements(name=codes.SCT.Area)[0].value == pytest.approx(
+        expected[2].measurements["area_mm2"]
+    )
+    # The SEG is evidence of the report, next to the film.
+    evidence = {item[2] for item in sr.get_evidence()}
+    assert evidence == {film.SOPInstanceUID, seg.SOPInstanceUID}
+    assert pydicom.dcmread(sr_path).CodingSchemeIdentificationSequence[0].CodingSchemeDesignator \
+        == "99CADNODE"
+
+
+# --- detector SR --------------------------------------------------------------------------
+
+
+def test_detection_report_puts_each_finding_on_its_frame(tmp_path: Path) -> None:
+    source, boxes = volume(tmp_path, masses=2, seed=6)
+    assert len(boxes) == 2
+    answer = detect_answer(source, boxes)
+    sr = detection_report(
+        [Detection(source, answer)], DETECTOR, series_instance_uid=uid("det-series"),
+        sop_instance_uid=uid("det"), content_datetime=WHEN,
+    )
+    path = valid(saved(sr, tmp_path / "det.dcm"))
+    groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2
+    for group, finding in zip(groups, answer.findings, strict=True):
+        box = finding.box
+        assert group.finding_type.value == "129788004"
+        region = group.roi
+        assert region is not None
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        corners = region.value
+        assert corners[0].tolist() == corners[-1].tolist()  # closed
+        assert corners.min(axis=0).tolist() == [box.x, box.y]
+        assert corners.max(axis=0).tolist() == [box.x + box.width, box.y + box.height]
+        image = region.ContentSequence[0].ReferencedSOPSequence[0]  # SELECTED FROM
+        assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert int(image.ReferencedFrameNumber) == box.frame
+        [probability] = group.get_measurements(name=codes.DCM.Probability)
+        assert probability.value == pytest.approx(finding.probability)
+        [span] = probability.referenced_images
+        frames = span.ReferencedSOPSequence[0].ReferencedFrameNumber
+        assert [int(f) for f in frames] == list(range(box.first_frame, box.first_frame + box.depth))
+        [presence] = group.get_qualitative_evaluations()
+        assert presence.value == codes.SCT.Present
+
+
+def test_a_volume_without_findings_says_absent(tmp_path: Path) -> None:
+    source, boxes = volume(tmp_path, masses=0)
+    sr = detection_report(
+        [Detection(source, detect_answer(source, boxes))], DETECTOR,
+        series_instance_uid=uid("det-series"), sop_instance_uid=uid("det0"),
+        content_datetime=WHEN,
+    )
+    path = valid(saved(sr, tmp_path / "det0.dcm"))
+    content = hd.sr.srread(path).content
+    assert content.get_planar_roi_measurement_groups() == []
+    [group] = content.get_image_measurement_groups()
+    [presence] = group.get_qualitative_evaluations()
+    assert (presence.name.value, presence.value) == ("129788004", codes.SCT.Absent)
+    assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
+
+
+def test_detection_report_refuses_a_box_outside_the_volume(tmp_path: Path) -> None:
+    source, boxes = volume(tmp_path, masses=1)
+    outside = boxes[0].model_copy(update={"x": 120.0})
+    with pytest.raises(ValueError, match="outside"):
+        detection_report(
+            [Detection(source, detect_answer(source, [outside]))], DETECTOR,
+            series_instance_uid=uid("s"), sop_instance_uid=uid("i"),
+        )
+
+
+# --- Secondary Capture --------------------------------------------------------------------
+
+
+def test_secondary_capture_is_marked_derived(tmp_path: Path) -> None:
+    film, masks = film_with_masks(tmp_path, pneumothorax=True)
+
+    def build() -> pydicom.Dataset:
+        return secondary_capture(
+            film, SEGMENTER, series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
+            masks=masks[0], summary="pneumothorax present", content_datetime=WHEN,
+        )
+
+    path = valid(saved(build(), tmp_path / "sc.dcm"))
+    assert saved(build(), tmp_path / "again.dcm").read_bytes() == path.read_bytes()
+    sc = pydicom.dcmread(path)
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.BurnedInAnnotation == "YES"
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel) == ("RGB", 3)
+    assert "not for primary diagnosis" in sc.SeriesDescription
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == film.SOPInstanceUID
+    assert (sc.StudyInstanceUID, sc.PatientID) == (film.StudyInstanceUID, film.PatientID)
+    rgb = sc.pixel_array
+    grey = rgb[..., 0] == rgb[..., 1]
+    assert not grey[masks[0, 2]].all()  # the pneumothorax is coloured
+    assert rgb[:4].max() > 200  # the caption band carries white text
+
+
+def test_secondary_capture_of_a_volume_frame(tmp_path: Path) -> None:
+    source, boxes = volume(tmp_path, masses=1)
+    box = boxes[0]
+    sc = secondary_capture(
+        source, DETECTOR, series_instance_uid=uid("sc-series"), sop_instance_uid=uid("scv"),
+        frame=box.frame, boxes=[(box.x, box.y, box.width, box.height, "mass 0.90")],
+        content_datetime=WHEN,
+    )
+    path = valid(saved(sc, tmp_path / "scv.dcm"))
+    read = pydicom.dcmread(path)
+    assert int(read.SourceImageSequence[0].ReferencedFrameNumber) == box.frame
+    assert read.PatientOrientation == ["L", "P"]
+
+
+# --- the encode stage ---------------------------------------------------------------------
+
+
+def prepare_job(database: Database, spool: Path, answers: Path) -> int:
+    """An inferred job of one study: a film segmented (with pneumothorax) and a second film
+    without; a DBT volume of the same patient goes through the detector in its own study."""
+    film, masks = film_with_masks(spool, pneumothorax=True)
+    second, second_masks = film_with_masks(
+        spool, pneumothorax=False, seed=4, study_uid=film.StudyInstanceUID
+    )
+    with database.session() as session:
+        study = Study(study_uid=film.StudyInstanceUID)
+        session.add(study)
+        session.flush()
+        assert study.id is not None
+        job = Job(study_id=study.id, version=1, state=JobState.inferred)
+        session.add(job)
+        session.flush()
+        assert job.id is not None
+        for index, (source, source_masks) in enumerate(((film, masks), (second, second_masks))):
+            mask_file = f"{job.id}/{index}.npz"
+            save_masks(answers / mask_file, source_masks)
+            session.add(instance_row(source, spool, job.id))
+            session.add(
+                Result(
+                    job_id=job.id, engine=SEGMENTER.name, engine_version=SEGMENTER.version,
+                    model_sha256=SEGMENTER.sha256, sop_instance_uid=source.SOPInstanceUID,
+                    answer=dump_answer(segment_answer(source, source_masks, mask_file)),
+                    created_at=WHEN.replace(tzinfo=dt.UTC),
+                )
+            )
+        session.commit()
+        return job.id
+
+
+def prepare_detection_job(database: Database, spool: Path) -> int:
+    source, boxes = volume(spool, masses=1)
+    with database.session() as session:
+        study = Study(study_uid=source.StudyInstanceUID)
+        session.add(study)
+        session.flush()
+        assert study.id is not None
+        job = Job(study_id=study.id, version=1, state=JobState.inferred)
+        session.add(job)
+        session.flush()
+        assert job.id is not None
+        session.add(instance_row(source, spool, job.id))
+        session.add(
+            Result(
+                job_id=job.id, engine=DETECTOR.name, engine_version=DETECTOR.version,
+                model_sha256=DETECTOR.sha256, sop_instance_uid=source.SOPInstanceUID,
+                answer=dump_answer(detect_answer(source, boxes)),
+                created_at=WHEN.replace(tzinfo=dt.UTC),
+            )
+        )
+        session.commit()
+        return job.id
+
+
+def instance_row(source: pydicom.Dataset, spool: Path, job_id: int) -> Instance:
+    path = next(p for p in spool.glob("*.dcm") if pydicom.dcmread(
+        p, stop_before_pixels=True).SOPInstanceUID == source.SOPInstanceUID)
+    return Instance(
+        sop_instance_uid=source.SOPInstanceUID, sop_class_uid=source.SOPClassUID,
+        series_uid=source.SeriesInstanceUID,
+        transfer_syntax=str(source.file_meta.TransferSyntaxUID),
+        path=path.name, size=path.stat().st_size, calling_ae="MODALITY", peer="127.0.0.1:1",
+        job_id=job_id,
+    )
+
+
+def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> None:
+    spool, results, answers = tmp_path / "spool", tmp_path / "results", tmp_path / "answers"
+    spool.mkdir()
+    database = Database(tmp_path / "cadnode.db")
+    pacs = Destination(ae_title="PACS", host="127.0.0.1", port=11112)
+    old_pacs = Destination(ae_title="OLDPACS", host="127.0.0.1", port=11113,
+                           secondary_capture=True)
+    segmented_job = prepare_job(database, spool, answers)
+    detected_job = prepare_detection_job(database, spool)
+    encoder = Encoder(database, spool, results, [pacs, old_pacs], answers=answers)
+    encoder.advance()
+
+    with database.session() as session:
+        for job_id in (segmented_job, detected_job):
+            job = session.get(Job, job_id)
+            assert job is not None
+            assert (job.state, job.reason) == (JobState.encoded, None)
+        objects = session.exec(select(ResultObject)).all()
+        deliveries = session.exec(select(Delivery)).all()
+    kinds = sorted((o.job_id, o.modality) for o in objects)
+    assert kinds == sorted(
+        [(segmented_job, "SEG")] * 2 + [(segmented_job, "SR")] + [(segmented_job, "OT")] * 2
+        + [(detected_job, "SR"), (detected_job, "OT")]
+    )
+    by_uid = {o.sop_instance_uid: o for o in objects}
+    to_pacs = {d.object_uid for d in deliveries if d.destination == str(pacs)}
+    to_old = {d.object_uid for d in deliveries if d.destination == str(old_pacs)}
+    assert to_old == set(by_uid)  # the destination that asked gets the captures too
+    assert to_pacs == {u for u, o in by_uid.items() if o.modality != "OT"}
+
+    paths = {u: results / o.path for u, o in by_uid.items()}
+    for path in paths.values():
+        valid(path, PRIVATE_SCHEME_WARNING)
+    # The report references both SEGs, each derived from its film.
+    [sr_object] = [o for o in objects if o.job_id == segmented_job and o.modality == "SR"]
+    report = hd.sr.srread(results / sr_object.path)
+    seg_uids = {u for u, o in by_uid.items() if o.modality == "SEG"}
+    assert seg_uids <= {item[2] for item in report.get_evidence()}
+    assert len(report.content.get_planar_roi_measurement_groups()) == 6
+
+    # Same job again (a crash before the transition): the same objects, byte for byte.
+    before = {u: p.read_bytes() for u, p in paths.items()}
+    with database.session() as session:
+        for job_id in (segmented_job, detected_job):
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.state = JobState.inferred
+            session.add(job)
+        session.commit()
+    encoder.advance()
+    with database.session() as session:
+        assert len(session.exec(select(ResultObject)).all()) == len(objects)
+        assert len(session.exec(select(Delivery)).all()) == len(deliveries)
+    assert {u: p.read_bytes() for u, p in paths.items()} == before
+
+    with run_orthanc(tmp_path / "orthanc") as orthanc:
+        statuses = c_store(orthanc.dicom_port, orthanc.ae_title, list(paths.values()))
+        assert statuses == [0x0000] * len(paths)
+        wait_for(lambda: len(orthanc.instances()) == len(paths), 60, "Orthanc to store all")
+        stored = {orthanc.instance_tags(i)["SOPInstanceUID"] for i in orthanc.instances()}
+    assert stored == set(paths)
+
+
+def c_store(port: int, ae_title: str, paths: list[Path]) -> list[int]:
+    """C-STORE each file as pynetdicom (like dispatch) does: DCMTK's storescu proposes no
+    Segmentation Storage context. Returns each status."""
+    datasets = [pydicom.dcmread(path) for path in paths]
+    ae = AE(ae_title="CADNODE")
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_a_mask_file_gone_fails_the_job_with_its_reason(tmp_path: Path) -> None:
+    spool, answers = tmp_path / "spool", tmp_path / "answers"
+    spool.mkdir()
+    database = Database(tmp_path / "cadnode.db")
+    job_id = prepare_job(database, spool, answers)
+    for mask_file in answers.rglob("*.npz"):
+        mask_file.unlink()
+    Encoder(database, spool, tmp_path / "results", [], answers=answers).advance()
+    with database.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        assert job.state is JobState.failed
+        assert job.reason is not None and "encoding failed" in job.reason
+        assert "npz" in job.reason
+        assert session.exec(select(ResultObject)).all() == []
+
+
+def test_masks_fit_the_film(tmp_path: Path) -> None:
+    """The hand-built masks are the phantom's own (a check of the test data itself)."""
+    film, masks = film_with_masks(tmp_path, pneumothorax=True)
+    assert masks.shape == (1, 3, int(film.Rows), int(film.Columns))
+    assert not np.any(masks[0, 0] & masks[0, 2])
