@@ -1,4 +1,4 @@
-"""C-FIND attribute matching (PS3.4 C.2.2.2) on workitem datasets, and the response keys.
+"""C-FIND attribute matching (PS3.4 C.2.2.2), shared by the UPS worklist and Query/Retrieve.
 
 Supported: universal matching (empty key), single value, wildcards (* and ?), a list of UIDs,
 date/time ranges (A-B, -B, A-), and sequence matching (an item of the query sequence matches

@@ -12,8 +12,8 @@ from pydicom import Dataset
 
 from cadnode.config import Hl7Codes, Hl7Publisher
 from cadnode.db import Instance, Priority
+from cadnode.matching import matches, response
 from cadnode.prioritize.hl7 import order_update
-from cadnode.prioritize.matching import matches, response
 from cadnode.prioritize.notice import Notice
 from cadnode.prioritize.worklist import build_workitem, workitem_uid
 from tests.worklist_peers import study_query

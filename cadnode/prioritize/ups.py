@@ -28,8 +28,8 @@ from cadnode.db import (
     Workitem,
 )
 from cadnode.dicomnet import Service
+from cadnode.matching import matches, response
 from cadnode.prioritize import worklist
-from cadnode.prioritize.matching import matches, response
 from cadnode.prioritize.worklist import (
     CANCEL_REQUESTED,
     CANCELED,

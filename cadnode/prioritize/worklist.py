@@ -28,7 +28,7 @@ from cadnode.db import (
     Workitem,
     utcnow,
 )
-from cadnode.prioritize.matching import matches
+from cadnode.matching import matches
 
 UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
 UPS_WATCH = "1.2.840.10008.5.1.4.34.6.2"

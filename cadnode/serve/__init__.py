@@ -1,0 +1,226 @@
+"""Serve: a Query/Retrieve SCP over everything cadnode holds, so a PACS or viewer can pull it.
+
+    PACS --C-FIND--> query.py   (study, series, image level; study root and patient root)
+         --C-MOVE--> retrieve.py --C-STORE--> a configured destination
+         --C-GET---> retrieve.py --C-STORE--> the same association
+
+What is held: the received images (the spool) and cadnode's own result objects (SR, SEG),
+through the query index (index.py). Served on the node's DICOM port and AE title: receive
+binds these handlers beside C-STORE and the UPS worklist's, routing each request by the SOP
+class of its presentation context (cadnode.dicomnet.Service), so Q/R's C-FIND and UPS's
+never meet. A C-MOVE goes only to an AE title configured under `destinations`; any other is
+answered 0xA801 (move destination unknown). Events: `query.find`, `retrieve.move`,
+`retrieve.get`, with counts and AE titles, never patient identifiers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import structlog
+from pydicom import Dataset
+from pynetdicom import evt
+
+from cadnode.config import Destination, Settings
+from cadnode.db import Database
+from cadnode.dicomnet import Service
+from cadnode.serve.index import Held, QueryIndex
+from cadnode.serve.query import (
+    PATIENT_ROOT,
+    STUDY_ROOT,
+    UNABLE_TO_PROCESS,
+    Model,
+    Refused,
+    Request,
+    checked,
+    find,
+)
+from cadnode.serve.retrieve import (
+    Tally,
+    accepted_by,
+    proposed_contexts,
+    sendable,
+    sub_association_handlers,
+)
+
+log = structlog.get_logger("cadnode.serve")
+
+SUCCESS, PENDING, PENDING_UNSUPPORTED_KEYS, CANCEL = 0x0000, 0xFF00, 0xFF01, 0xFE00
+# The Query/Retrieve Information Model SOP classes (PS3.4 C.6).
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+MODELS = {
+    STUDY_ROOT_FIND: STUDY_ROOT,
+    STUDY_ROOT_MOVE: STUDY_ROOT,
+    STUDY_ROOT_GET: STUDY_ROOT,
+    PATIENT_ROOT_FIND: PATIENT_ROOT,
+    PATIENT_ROOT_MOVE: PATIENT_ROOT,
+    PATIENT_ROOT_GET: PATIENT_ROOT,
+}
+
+
+class QueryRetrieveScp:
+    def __init__(
+        self, settings: Settings, database: Database, index: QueryIndex | None = None
+    ) -> None:
+        storage = settings.storage
+        self.index = index or QueryIndex(database, storage.spool, storage.results)
+        self.ae_title = settings.dicom.ae_title
+        self.destinations: Mapping[str, Destination] = {
+            d.ae_title: d for d in settings.destinations.values()
+        }
+
+    @property
+    def services(self) -> list[Service]:
+        return [
+            Service(
+                name="query",
+                sop_classes=(STUDY_ROOT_FIND, PATIENT_ROOT_FIND),
+                handlers={evt.EVT_C_FIND: self.on_find},
+            ),
+            Service(
+                name="move",
+                sop_classes=(STUDY_ROOT_MOVE, PATIENT_ROOT_MOVE),
+                handlers={evt.EVT_C_MOVE: self.on_move},
+            ),
+            Service(
+                name="get",
+                sop_classes=(STUDY_ROOT_GET, PATIENT_ROOT_GET),
+                handlers={evt.EVT_C_GET: self.on_get},
+            ),
+        ]
+
+    # C-FIND ------------------------------------------------------------------------------
+
+    def on_find(self, event: Any) -> Iterator[tuple[Any, Dataset | None]]:
+        calling_ae, model = _calling_ae(event), _model(event)
+        try:
+            request = self._request(event, model, retrieve=False)
+        except Refused as refusal:
+            _log_refusal("query.find", calling_ae, model, refusal)
+            yield refusal.status_dataset(), None
+            return
+        found = 0
+        for answer, supported in find(request, self.index, self.ae_title):
+            if event.is_cancelled:
+                log.info("query.find", calling_ae=calling_ae, cancelled=True, matches=found)
+                yield CANCEL, None
+                return
+            found += 1
+            yield (PENDING if supported else PENDING_UNSUPPORTED_KEYS), answer
+        log.info(
+            "query.find",
+            calling_ae=calling_ae,
+            model=model.name,
+            qr_level=request.level,
+            matches=found,
+        )
+
+    # C-MOVE ------------------------------------------------------------------------------
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        calling_ae, model = _calling_ae(event), _model(event)
+        move_destination = str(event.move_destination or "").strip()
+        destination = self.destinations.get(move_destination)
+        if destination is None:
+            log.warning(
+                "retrieve.move",
+                calling_ae=calling_ae,
+                destination=move_destination,
+                outcome="move destination unknown",
+            )
+            yield None, None  # pynetdicom answers 0xA801
+            return
+        try:
+            request = self._request(event, model, retrieve=True)
+            held = self.index.held(request.narrowing)
+        except Refused as refusal:
+            # pynetdicom takes a status only after the destination and a count, and opens
+            # the association first; the one sub-operation named is reported as failed.
+            _log_refusal("retrieve.move", calling_ae, model, refusal)
+            yield destination.host, destination.port
+            yield 1
+            yield refusal.status_dataset(), None
+            return
+        tally, opened = Tally(), list[Any]()
+        outcome = dict(calling_ae=calling_ae, destination=move_destination, qr_level=request.level)
+        if not held:
+            log.info("retrieve.move", **outcome, matches=0)
+        yield (
+            destination.host,
+            destination.port,
+            {
+                "contexts": proposed_contexts(held),
+                "evt_handlers": sub_association_handlers(tally, opened),
+            },
+        )
+        yield len(held)
+        yield from self._sub_operations(event, held, tally, lambda: opened[0] if opened else None)
+        log.info("retrieve.move", **outcome, matches=len(held), **tally.counts())
+
+    # C-GET -------------------------------------------------------------------------------
+
+    def on_get(self, event: Any) -> Iterator[Any]:
+        calling_ae, model = _calling_ae(event), _model(event)
+        try:
+            request = self._request(event, model, retrieve=True)
+            held = self.index.held(request.narrowing)
+        except Refused as refusal:
+            _log_refusal("retrieve.get", calling_ae, model, refusal)
+            yield 1
+            yield refusal.status_dataset(), None
+            return
+        outcome = dict(calling_ae=calling_ae, qr_level=request.level, matches=len(held))
+        if not held:
+            log.info("retrieve.get", **outcome)
+        yield len(held)
+        tally = Tally()
+        event.assoc.bind(evt.EVT_DIMSE_RECV, tally.on_response)
+        try:
+            yield from self._sub_operations(event, held, tally, lambda: event.assoc)
+        finally:
+            event.assoc.unbind(evt.EVT_DIMSE_RECV, tally.on_response)
+        log.info("retrieve.get", **outcome, **tally.counts())
+
+    # -------------------------------------------------------------------------------------
+
+    def _request(self, event: Any, model: Model, *, retrieve: bool) -> Request:
+        try:
+            identifier = event.identifier
+        except Exception as error:
+            raise Refused(UNABLE_TO_PROCESS, f"identifier cannot be decoded: {error}") from error
+        request = checked(identifier, model, retrieve=retrieve)
+        self.index.refresh()
+        return request
+
+    def _sub_operations(
+        self, event: Any, held: list[Held], tally: Tally, association: Any
+    ) -> Iterator[tuple[int, Dataset | None]]:
+        for item in held:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, sendable(self.index, item, accepted_by(association()), tally)
+
+
+def _model(event: Any) -> Model:
+    return MODELS[str(event.context.abstract_syntax)]
+
+
+def _calling_ae(event: Any) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
+
+
+def _log_refusal(name: str, calling_ae: str, model: Model, refusal: Refused) -> None:
+    log.warning(
+        name,
+        calling_ae=calling_ae,
+        model=model.name,
+        status=hex(refusal.status),
+        reason=refusal.reason,
+    )
