@@ -35,6 +35,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
+from cadnode import audit
 from cadnode.admission import (
     CALLING_AE_NOT_RECOGNISED,
     REJECTED_PERMANENT,
@@ -132,8 +133,8 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-            (evt.EVT_ACCEPTED, _log_association("association.accepted")),
-            (evt.EVT_REJECTED, _log_association("association.rejected")),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_CONN_CLOSE, self._on_closed),
@@ -197,8 +198,31 @@ class Receiver:
             peer=_peer(event),
             reason=refusal.reason,
         )
+        self._audit_association(event, "rejected", refusal.reason)
         event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, refusal.diagnostic)
         event.assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the peer has gone
+
+    def _on_accepted(self, event: Any) -> None:
+        log.info("association.accepted", calling_ae=_calling_ae(event), peer=_peer(event))
+        self._audit_association(event, "accepted")
+
+    def _on_rejected(self, event: Any) -> None:
+        """pynetdicom's own rejections (too many associations, a protocol it does not speak)."""
+        log.info("association.rejected", calling_ae=_calling_ae(event), peer=_peer(event))
+        self._audit_association(event, "rejected", "refused by the DICOM stack (limit or protocol)")
+
+    def _audit_association(self, event: Any, outcome: str, reason: str | None = None) -> None:
+        called_ae = str(event.assoc.requestor.primitive.called_ae_title).strip()
+        details = {"called_ae": called_ae, **({"reason": reason} if reason else {})}
+        audit.record(
+            self.database,
+            audit.ASSOCIATION,
+            actor=_calling_ae(event),
+            address=_peer(event),
+            outcome=outcome,
+            tls=self.tls is not None,
+            **details,
+        )
 
     def _on_echo(self, event: Any) -> int:
         log.info("receive.echo", calling_ae=_calling_ae(event))
@@ -238,6 +262,14 @@ class Receiver:
             calling_ae=calling_ae,
         )
         if indexed.opened_job:
+            if indexed.version == 1:  # the study's first instance: who sent whose study
+                audit.study_received(
+                    self.database,
+                    self.spool.folder / arrival.relative_path,
+                    study_uid=arrival.study_uid,
+                    calling_ae=calling_ae,
+                    peer=peer,
+                )
             self.on_indexed()
         return SUCCESS
 
@@ -369,13 +401,6 @@ def _calling_ae(event: Any) -> str:
 
 def _peer(event: Any) -> str:
     return f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
-
-
-def _log_association(name: str) -> Callable[[Any], None]:
-    def handler(event: Any) -> None:
-        log.info(name, calling_ae=_calling_ae(event), peer=_peer(event))
-
-    return handler
 
 
 def _log_closed(name: str, event: Any, sending: _Sending) -> None:

@@ -12,9 +12,12 @@ import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from cadnode import audit
+from cadnode.db import Database
 from cadnode.route.rules import RuleSet, load_rules
 from cadnode.yamlfile import ConfigError
 
@@ -30,14 +33,17 @@ class LiveRules:
         engines: Iterable[str],
         destinations: Iterable[str] = (),
         poll_s: float = 0.5,
+        database: Database | None = None,  # where rules changes are audited
     ) -> None:
         self.path = path
+        self.database = database
         self.engines = list(engines)
         self.destinations = list(destinations)
         self.poll_s = poll_s
         self._seen = _signature(path)
         # At start an invalid file is fatal (ConfigError): the node does not start on it.
         self.current: RuleSet = self._load()
+        self._audit("loaded", trigger="start", version=self.current.version)
         self._requested = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -58,6 +64,7 @@ class LiveRules:
                 problems=error.problems,
                 kept_version=self.current.version,
             )
+            self._audit("refused", trigger=trigger, problems=error.problems)
             return False
         previous, self.current = self.current, rules
         log.info(
@@ -68,7 +75,18 @@ class LiveRules:
             previous_version=previous.version,
             rules=len(rules.rules),
         )
+        if rules.version != previous.version:
+            self._audit(
+                "loaded", trigger=trigger, version=rules.version, previous=previous.version
+            )
         return True
+
+    def _audit(self, outcome: str, **details: Any) -> None:
+        if self.database is not None:
+            audit.record(
+                self.database, audit.RULES, actor="node", outcome=outcome, path=str(self.path),
+                **details,
+            )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._watch, name="rules-watch", daemon=True)

@@ -1,0 +1,289 @@
+"""The dashboard's pages, rendered on the server (Jinja2), each behind the login.
+
+Every POST carries the session's CSRF token (a hidden `csrf` field); every admin action is
+kept in the audit trail. Actions on deliveries are the ones `cadnode deliveries` runs.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import markdown
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
+from sqlmodel import col, select
+
+from cadnode import audit, deliveries
+from cadnode.admin import charts, data
+from cadnode.admin.auth import Gate
+from cadnode.admin.context import AdminContext
+from cadnode.admin.thumbnails import overlay_png
+from cadnode.db import AuditEvent, Instance, Result
+from cadnode.route.explain import Connection, explain, read_subjects
+from cadnode.yamlfile import ConfigError
+
+TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
+DASHBOARD_ACTOR = "admin (dashboard)"
+MODEL_CARD = "MODEL_CARD.md"
+_PLOT = re.compile(r"^[A-Za-z0-9_.-]+\.png$")
+MAX_UPLOAD_BYTES = 64 * 2**20
+
+
+def context_of(request: Request) -> AdminContext:
+    return request.app.state.context  # type: ignore[no-any-return]
+
+
+def gate_of(request: Request) -> Gate:
+    return request.app.state.gate  # type: ignore[no-any-return]
+
+
+def logged_in(request: Request) -> None:
+    gate_of(request).page(request)
+
+
+async def csrf_checked(request: Request) -> None:
+    form = await request.form()
+    gate_of(request).check_csrf(request, form.get("csrf"))
+
+
+Page = Depends(logged_in)
+router = APIRouter()
+pages = APIRouter(dependencies=[Page])
+actions = APIRouter(dependencies=[Page, Depends(csrf_checked)])
+
+
+def render(request: Request, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
+    values.setdefault("active", template.removesuffix(".html"))
+    return TEMPLATES.TemplateResponse(
+        request,
+        template,
+        {"csrf": gate_of(request).csrf_token(request), **values},
+        status_code=status_code,
+    )
+
+
+# -- login ----------------------------------------------------------------------------------
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, next: str = "/studies") -> HTMLResponse:
+    return render(request, "login.html", next=_local(next), enabled=gate_of(request).enabled)
+
+
+@router.post("/login", response_model=None)
+async def login(
+    request: Request,
+    password: Annotated[str, Form()] = "",
+    csrf: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/studies",
+) -> Response:
+    gate = gate_of(request)
+    gate.check_csrf(request, csrf)
+    address = request.client.host if request.client else None
+    if not gate.log_in(request, password):
+        audit.record(
+            context_of(request).database, f"{audit.ADMIN}.login", actor="admin",
+            address=address, outcome="refused",
+        )
+        return render(
+            request, "login.html", 401, next=_local(next), enabled=gate.enabled,
+            error="Wrong password.",
+        )
+    audit.record(
+        context_of(request).database, f"{audit.ADMIN}.login", actor="admin", address=address,
+        outcome="ok",
+    )
+    return RedirectResponse(_local(next), status_code=303)
+
+
+@actions.post("/logout")
+def logout(request: Request) -> RedirectResponse:
+    gate_of(request).log_out(request)
+    audit.record(
+        context_of(request).database, f"{audit.ADMIN}.logout", actor="admin",
+        address=request.client.host if request.client else None, outcome="ok",
+    )
+    return RedirectResponse("/login", status_code=303)
+
+
+def _local(target: str) -> str:
+    """Only a path on this server: a login must not bounce the browser elsewhere."""
+    return target if target.startswith("/") and not target.startswith("//") else "/studies"
+
+
+# -- studies --------------------------------------------------------------------------------
+
+
+@router.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/studies", status_code=303)
+
+
+@pages.get("/studies", response_class=HTMLResponse)
+def studies(request: Request) -> HTMLResponse:
+    with context_of(request).database.session() as session:
+        rows = data.job_rows(session)
+    return render(request, "studies.html", rows=rows, stages=data.STAGE_NAMES)
+
+
+@pages.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, job_id: int) -> HTMLResponse:
+    with context_of(request).database.session() as session:
+        detail = data.job_detail(session, job_id)
+    if detail is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return render(request, "job.html", detail=detail, active="studies")
+
+
+@pages.get("/results/{result_id}/overlay.png")
+def result_overlay(request: Request, result_id: int) -> Response:
+    context = context_of(request)
+    with context.database.session() as session:
+        result = session.get(Result, result_id)
+        source = None if result is None else session.get(Instance, result.sop_instance_uid)
+    if result is None or source is None:
+        raise HTTPException(404, f"no result {result_id}, or its image is gone")
+    storage = context.settings.storage
+    png = overlay_png(storage.spool / source.path, result.answer, storage.answers)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+
+# -- queues and failures --------------------------------------------------------------------
+
+
+@pages.get("/queues", response_class=HTMLResponse)
+def queues(request: Request, note: str | None = None) -> HTMLResponse:
+    with context_of(request).database.session() as session:
+        found = data.failures(session)
+    return render(request, "queues.html", failures=found, note=note)
+
+
+@actions.post("/deliveries/{delivery_id}/retry")
+def retry_delivery(request: Request, delivery_id: int) -> RedirectResponse:
+    [outcome] = deliveries.retry(context_of(request).database, [delivery_id], DASHBOARD_ACTOR)
+    return RedirectResponse(f"/queues?note={outcome.line()}", status_code=303)
+
+
+@actions.post("/deliveries/{delivery_id}/discard")
+def discard_delivery(request: Request, delivery_id: int) -> RedirectResponse:
+    [outcome] = deliveries.discard(context_of(request).database, [delivery_id], DASHBOARD_ACTOR)
+    return RedirectResponse(f"/queues?note={outcome.line()}", status_code=303)
+
+
+# -- rules ----------------------------------------------------------------------------------
+
+
+@pages.get("/rules", response_class=HTMLResponse)
+def rules_page(request: Request) -> HTMLResponse:
+    return _rules(request)
+
+
+@actions.post("/rules/explain", response_class=HTMLResponse)
+async def rules_explain(
+    request: Request,
+    file: Annotated[UploadFile, File()],
+    calling_ae: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    """`cadnode rules explain` for an uploaded file, against the rules in force."""
+    context = context_of(request)
+    body = await file.read(MAX_UPLOAD_BYTES + 1)
+    if len(body) > MAX_UPLOAD_BYTES:
+        return _rules(request, error=f"the file is over {MAX_UPLOAD_BYTES // 2**20} MB")
+    connection = Connection(calling_ae.strip() or None, context.settings.dicom.ae_title, None)
+    with tempfile.TemporaryDirectory(prefix="cadnode-explain-") as folder:
+        path = Path(folder) / "upload.dcm"
+        path.write_bytes(body)
+        try:
+            subjects = read_subjects([path], connection)
+        except ConfigError as error:
+            name = file.filename or "the upload"
+            return _rules(request, error=f"{name}: not a DICOM file ({error.problems[0]})")
+        text = explain(context.rules(), subjects).replace(str(path), file.filename or "upload")
+    return _rules(request, explanation=text, uploaded=file.filename)
+
+
+def _rules(request: Request, **values: Any) -> HTMLResponse:
+    rules = context_of(request).rules()
+    source = rules.path.read_text() if rules.path and rules.path.exists() else ""
+    return render(request, "rules.html", rules=rules, source=source, **values)
+
+
+# -- engines --------------------------------------------------------------------------------
+
+
+@pages.get("/engines", response_class=HTMLResponse)
+def engines_page(request: Request) -> HTMLResponse:
+    cards = {}
+    for engine in context_of(request).engines:
+        card = engine.folder / MODEL_CARD
+        if card.exists():
+            cards[engine.name] = _model_card(card.read_text(), engine.name)
+    return render(request, "engines.html", engines=context_of(request).engines, cards=cards)
+
+
+def _model_card(text: str, engine: str) -> Markup:
+    """The card as HTML, its plots (bundle-relative PNGs) served from /engines/NAME/."""
+    html = markdown.markdown(text, extensions=["tables"], output_format="html")
+    html = re.sub(
+        r'<img([^>]*) src="([A-Za-z0-9_.-]+\.png)"',
+        lambda m: f'<img{m[1]} src="/engines/{engine}/{m[2]}"',
+        html,
+    )
+    return Markup(html)  # our own bundles' cards, as the engine's authors wrote them
+
+
+@pages.get("/engines/{name}/{plot}")
+def engine_plot(request: Request, name: str, plot: str) -> FileResponse:
+    folders = {engine.name: engine.folder for engine in context_of(request).engines}
+    if name not in folders or not _PLOT.match(plot) or not (folders[name] / plot).is_file():
+        raise HTTPException(404, "no such plot")
+    return FileResponse(folders[name] / plot, media_type="image/png")
+
+
+# -- charts and audit -----------------------------------------------------------------------
+
+
+@pages.get("/charts", response_class=HTMLResponse)
+def charts_page(request: Request) -> HTMLResponse:
+    with context_of(request).database.session() as session:
+        hourly = data.studies_per_hour(session)
+        percentiles = data.latency_percentiles(session)
+    studies_chart = charts.bar_chart(
+        [(charts.hour_label(hour), count) for hour, count in hourly],
+        title="Studies received per hour (UTC), last 24 hours",
+        every_nth_label=3,
+    )
+    stages = [stage for stage in data.STAGE_NAMES if stage in percentiles]
+    latency_chart = charts.grouped_bar_chart(
+        [(stage, [percentiles[stage][p] for p in ("p50", "p90", "p99")]) for stage in stages],
+        series=["p50", "p90", "p99"],
+        title="Seconds per stage: percentiles over all jobs",
+        unit=" s",
+    )
+    return render(
+        request,
+        "charts.html",
+        studies_chart=studies_chart,
+        latency_chart=latency_chart,
+        percentiles=percentiles,
+        stages=stages,
+    )
+
+
+@pages.get("/audit", response_class=HTMLResponse)
+def audit_page(request: Request, kind: str | None = None) -> HTMLResponse:
+    with context_of(request).database.session() as session:
+        query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(200)
+        if kind:
+            query = query.where(col(AuditEvent.kind).startswith(kind))
+        events = list(session.exec(query))
+    return render(request, "audit.html", events=events, kind=kind or "")
+
+
+router.include_router(pages)
+router.include_router(actions)

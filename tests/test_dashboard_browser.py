@@ -1,0 +1,155 @@
+"""The dashboard in a real browser: headless Chromium (Debian's `chromium` and
+`chromium-driver`) driven by Selenium, against `cadnode serve` with a film pushed by storescu.
+
+The destination is a closed port and `dispatch.max_attempts` is 1, so the film's SR is made
+and its delivery dead-lettered. The admin logs in, opens the study, presses Retry on the dead
+letter, which goes back to pending and, now that a PACS (DCMTK's storescp) listens there,
+is sent. The study's page is the README's screenshot (docs/dashboard.png), checked not blank.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cadnode import audit
+from cadnode.admin.auth import hash_password
+from cadnode.db import Database
+from tests.dicom_validation import require_tool
+from tests.peers import REPO, Cadnode, free_port, port_open, run_cadnode, storescu, wait_for
+from training.phantoms import write_chest_radiograph
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+
+PASSWORD = "browser test password"
+SCREENSHOT = REPO / "docs" / "dashboard.png"
+PATIENT_NAME, PATIENT_ID = "Browsertest^Hildegard", "PID-BROWSER-4411"
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (binary and driver):
+        pytest.fail("chromium and chromium-driver are needed: make install-dev installs them")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1400,1350"):
+        options.add_argument(argument)
+    service = webdriver.ChromeService(executable_path=driver)
+    chrome = webdriver.Chrome(options=options, service=service)
+    chrome.set_page_load_timeout(60)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Cadnode, int]]:
+    pacs_port = free_port()  # closed until the test starts a PACS there
+    config = tmp_path / "cadnode.yaml"
+    config.write_text(
+        f"rules: {REPO / 'config' / 'rules.yaml'}\n"
+        f"engines: {{dir: {REPO / 'engines'}}}\n"
+        "storage: {min_free_mb: 1}\n"
+        "dispatch: {max_attempts: 1, timeout_s: 5}\n"
+        f"http: {{admin_password_hash: '{hash_password(PASSWORD)}'}}\n"
+    )
+    with run_cadnode(
+        tmp_path / "node", f"PACS@127.0.0.1:{pacs_port}", CADNODE_CONFIG=str(config)
+    ) as cadnode:
+        wait_for(lambda: port_open(cadnode.http_port), 60, "the admin port")
+        yield cadnode, pacs_port
+
+
+def test_log_in_open_a_study_and_retry_its_dead_letter(
+    node: tuple[Cadnode, int], browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    cadnode, pacs_port = node
+    film = write_chest_radiograph(
+        tmp_path / "chest.dcm", seed=211, opacity=True, patient_id=PATIENT_ID,
+        patient_name=PATIENT_NAME,
+    )
+    assert storescu(cadnode.dicom_port, tmp_path / "chest.dcm").returncode == 0
+    row = wait_for(
+        lambda: next(
+            (r for r in cadnode.studies()
+             if r["study_uid"] == film.StudyInstanceUID and r["state"] == "failed"),
+            None,
+        ),
+        90, "the SR made and its delivery dead-lettered", interval_s=0.3,
+    )
+    [dead] = row["deliveries"]
+    assert dead["state"] == "failed" and dead["attempts"] == 1
+    base = f"http://127.0.0.1:{cadnode.http_port}"
+
+    browser.get(f"{base}/studies")
+    assert "/login" in browser.current_url  # no page without the login
+    browser.find_element(By.ID, "password").send_keys(PASSWORD)
+    browser.find_element(By.ID, "login").click()
+    wait_for(lambda: browser.current_url.endswith("/studies"), 30, "the studies page")
+
+    browser.find_element(By.CSS_SELECTOR, f'a.job-link[href="/jobs/{row["job"]}"]').click()
+    wait_for(lambda: "/jobs/" in browser.current_url, 30, "the study's page")
+    page = browser.find_element(By.TAG_NAME, "main").text
+    assert "cxr-ruleout" in page and "encoded" in page and "association not established" in page
+    thumbnail = browser.find_element(By.CSS_SELECTOR, "img.thumbnail")
+    assert browser.execute_script("return arguments[0].naturalWidth", thumbnail) > 100
+
+    storescp = _start_pacs(pacs_port, tmp_path / "pacs")
+    try:
+        retry = browser.find_element(By.CSS_SELECTOR, "button.retry")
+        action = retry.find_element(By.XPATH, "..").get_attribute("action") or ""
+        delivery = action.split("/")[-2]
+        retry.click()
+        wait_for(lambda: "/queues" in browser.current_url, 30, "the queues page")
+        note = browser.find_element(By.ID, "note").text
+        assert note == f"delivery {delivery}: pending again, due now"
+        wait_for(
+            lambda: _state_of(cadnode, film.StudyInstanceUID) == "delivered", 60,
+            "the retried delivery to be sent",
+        )
+    finally:
+        storescp.terminate()
+        storescp.wait(10)
+
+    browser.get(f"{base}/jobs/{row['job']}")
+    assert "sent" in browser.find_element(By.CSS_SELECTOR, ".delivery-state").text
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOT))
+    pixels = np.asarray(Image.open(SCREENSHOT).convert("L"), dtype=np.float32)
+    assert pixels.shape[1] >= 1000 and pixels.std() > 20  # a page, not a blank
+
+    trail = list(audit.events(Database(cadnode.data_dir / "cadnode.db")))
+    kinds = {event.kind for event in trail}
+    assert {"association", "study.received", "admin.login", "admin.delivery.retry"} <= kinds
+    assert "result.delivered" in kinds and "engine" in kinds and "rules" in kinds
+    [received] = [e for e in trail if e.kind == "study.received"]
+    assert received.details["PatientID"] == PATIENT_ID  # the trail names whose study it was
+    log = cadnode.log_text()
+    assert '"event": "admin.listening"' in log
+    for identifier in (PATIENT_NAME, PATIENT_ID, "Browsertest", "Hildegard"):
+        assert identifier not in log  # ... the logs never do
+
+
+def _start_pacs(port: int, folder: Path) -> subprocess.Popen[bytes]:
+    folder.mkdir()
+    process = subprocess.Popen(
+        [require_tool("storescp"), "-aet", "PACS", "-od", str(folder), str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: port_open(port), 30, "storescp to listen")
+    return process
+
+
+def _state_of(cadnode: Cadnode, study_uid: str) -> str:
+    rows = [r for r in cadnode.studies() if r["study_uid"] == study_uid]
+    return str(rows[-1]["state"]) if rows else ""
