@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from collections.abc import Sequence
@@ -11,9 +12,11 @@ from typing import Any
 
 from sqlmodel import select
 
-from cadnode import logs
+from cadnode import deliveries, logs
+from cadnode.admin.commands import COMMANDS as ADMIN_COMMANDS
+from cadnode.admin.commands import add_admin_commands, admin_command, hash_password_command
 from cadnode.config import Settings, load_settings
-from cadnode.db import Database, Delivery, Instance, Job, Result, Study
+from cadnode.db import Database, Delivery, DeliveryState, Instance, Job, Result, Study
 from cadnode.infer.bundle import discover
 from cadnode.prioritize.history import history_line, study_priority
 from cadnode.prioritize.policy import load_policy, unknown_engines
@@ -30,11 +33,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     studies.add_argument("--json", action="store_true", help="one JSON document")
     commands.add_parser("check", help="validate configuration, rules and engines, then exit")
     add_rules_commands(commands)
+    add_engines_commands(commands)
+    add_deliveries_commands(commands)
+    add_admin_commands(commands)
     args = parser.parse_args(argv)
 
     logs.configure()
+    if args.command == "hash-password":
+        return hash_password_command()
     try:
         settings = load_settings()
+        if args.command in ADMIN_COMMANDS:
+            return admin_command(settings, args)
         if args.command == "serve":
             from cadnode.daemon import serve
 
@@ -45,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_everything(settings)
         elif args.command == "rules":
             return rules_command(settings, args)
+        elif args.command == "engines":
+            return engines_command(settings, args)
+        elif args.command == "deliveries":
+            return deliveries_command(settings, args)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -53,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_everything(settings: Settings) -> None:
+    from cadnode.infer.backends import backend_faults
+
     engines = discover(settings.engines.dir)
+    if faults := backend_faults(settings.engines, engines):
+        raise ConfigError(faults)
     rules = configured_rules(settings)
     policy = load_policy(settings.priority.policy_file)
     print(
@@ -87,6 +105,29 @@ def add_rules_commands(commands: Any) -> None:
         command.add_argument("--rules", type=Path, help="default: the configured rules file")
 
 
+def add_engines_commands(commands: Any) -> None:
+    engines = commands.add_parser("engines", help="engine bundles: list, info, verify")
+    actions = engines.add_subparsers(dest="engines_command", required=True)
+    actions.add_parser("list", help="name, version, task, backend here, sha256, labels")
+    info = actions.add_parser("info", help="one engine's manifest: inputs, labels, provenance")
+    info.add_argument("name", metavar="NAME")
+    verify = actions.add_parser(
+        "verify", help="schema, hashes, load and a test inference per engine; exit 1 on a fault"
+    )
+    verify.add_argument("names", nargs="*", metavar="NAME", help="default: every engine")
+
+
+def engines_command(settings: Settings, args: argparse.Namespace) -> int:
+    from cadnode.infer import catalogue  # loads ONNX Runtime; only these commands need it
+
+    if args.engines_command == "list":
+        return catalogue.list_engines(settings.engines)
+    if args.engines_command == "info":
+        return catalogue.describe(settings.engines, args.name)
+    plans = settings.storage.data_dir / "plans"
+    return catalogue.verify(settings.engines, args.names, plan_cache=plans)
+
+
 def rules_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.rules_command == "check":
         rules = configured_rules(settings, args.file)
@@ -104,6 +145,44 @@ def rules_command(settings: Settings, args: argparse.Namespace) -> int:
     failed = sum(result.problem is not None for result in results)
     print(f"{len(results)} case(s), {failed} failed, rules version {rules.version}")
     return 1 if failed else 0
+
+
+def add_deliveries_commands(commands: Any) -> None:
+    deliveries = commands.add_parser(
+        "deliveries", help="the outbox: list deliveries, retry dead letters, discard"
+    )
+    actions = deliveries.add_subparsers(dest="deliveries_command", required=True)
+    listing = actions.add_parser("list", help="every delivery, its state and last error")
+    listing.add_argument("--state", choices=[s.value for s in DeliveryState])
+    listing.add_argument("--json", action="store_true", help="one JSON document")
+    retry = actions.add_parser(
+        "retry", help="failed deliveries back to pending, due now (the running node sends them)"
+    )
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("ids", nargs="*", type=int, default=[], metavar="ID")
+    which.add_argument("--all-failed", action="store_true", help="every dead letter")
+    discard = actions.add_parser("discard", help="pending or failed deliveries never to be sent")
+    discard.add_argument("ids", nargs="+", type=int, metavar="ID")
+
+
+def deliveries_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 1 when any named delivery could not be changed (each says why)."""
+    database = Database(settings.storage.database)
+    if args.deliveries_command == "list":
+        state = DeliveryState(args.state) if args.state else None
+        rows = deliveries.delivery_rows(database, state)
+        print(json.dumps(rows, indent=2) if args.json else deliveries.table(rows))
+        return 0
+    actor = f"cli:{getpass.getuser()}"
+    if args.deliveries_command == "retry":
+        outcomes = deliveries.retry(database, args.ids, actor, all_failed=args.all_failed)
+    else:
+        outcomes = deliveries.discard(database, args.ids, actor)
+    for outcome in outcomes:
+        print(outcome.line(), file=sys.stdout if outcome.done else sys.stderr)
+    if args.deliveries_command == "retry" and not outcomes:
+        print("no failed deliveries")
+    return 0 if all(outcome.done for outcome in outcomes) else 1
 
 
 def configured_rules(settings: Settings, file: Path | None = None) -> RuleSet:

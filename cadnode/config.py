@@ -46,6 +46,12 @@ class Destination(Section):
     ae_title: AETitle
     host: str
     port: Port
+    # Ask the peer to confirm it keeps each object (Storage Commitment, push model); its
+    # answer comes to the node's DICOM port, so the peer must know the node's AE and address.
+    storage_commitment: bool = False
+    # Also send a Secondary Capture with the findings drawn over the image (for a PACS that
+    # cannot show SEG or SR); only destinations that ask get one (cadnode.encode.capture).
+    secondary_capture: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -124,9 +130,27 @@ class DicomSettings(Section):
         return values
 
 
+class HttpTlsSettings(Section):
+    """HTTPS for the admin port; without it the port serves plain HTTP (loopback by default)."""
+
+    certificate: Path  # PEM: the node's certificate, then any intermediates
+    private_key: Path  # PEM, not encrypted
+
+
 class HttpSettings(Section):
+    """The admin port: health, metrics and the dashboard (cadnode.admin)."""
+
     bind: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # Argon2 hashes (`cadnode hash-password`) of the dashboard's password and of a bearer
+    # token (for Prometheus and scripts). Neither set: every admin page and /metrics refuse.
+    admin_password_hash: str | None = Field(default=None, pattern=r"^\$argon2(id|i|d)\$")
+    admin_token_hash: str | None = Field(default=None, pattern=r"^\$argon2(id|i|d)\$")
+    # Mark the session cookie Secure (sent over HTTPS only). Unset: Secure exactly when `tls`
+    # is set; set true behind a TLS-terminating proxy.
+    secure_cookie: bool | None = None
+    session_max_age_s: int = Field(default=8 * 3600, ge=60)
+    tls: HttpTlsSettings | None = None
 
 
 class StorageSettings(Section):
@@ -174,6 +198,10 @@ class DispatchSettings(Section):
     backoff_initial_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=300.0, gt=0)
     timeout_s: float = Field(default=30.0, gt=0)
+    # Storage Commitment: ask again when no answer came within this long, up to this many
+    # requests in all; then the delivery stays sent, its commitment marked as failed.
+    commitment_timeout_s: float = Field(default=600.0, gt=0)
+    commitment_max_requests: int = Field(default=3, ge=1)
 
 
 Backend = Literal["auto", "onnxruntime", "tensorrt"]
@@ -301,6 +329,7 @@ ENVIRONMENT: Mapping[str, tuple[tuple[str, ...], type]] = {
     "CADNODE_AE_TITLE": (("dicom", "ae_title"), str),
     "CADNODE_HTTP_PORT": (("http", "port"), int),
     "CADNODE_ENGINES_DIR": (("engines", "dir"), str),
+    "CADNODE_ADMIN_PASSWORD_HASH": (("http", "admin_password_hash"), str),
 }
 
 
@@ -325,6 +354,7 @@ def _resolve_relative_paths(document: dict[str, Any], base: Path) -> None:
         ("rules",),
         ("priority", "policy"),
         *(("dicom", "tls", key) for key in tls),
+        *(("http", "tls", key) for key in tls[:2]),
     ):
         parent = _parent(document, keys)
         value = parent.get(keys[-1]) if parent is not None else None

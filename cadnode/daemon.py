@@ -12,18 +12,23 @@ from types import FrameType
 
 import structlog
 
-from cadnode.admin import AdminServer
+from cadnode import audit
+from cadnode.admin.app import AdminServer
+from cadnode.admin.context import AdminContext, EngineInfo
 from cadnode.assemble import Assembler
+from cadnode.commitment import CommitmentScp
 from cadnode.config import Settings
 from cadnode.conveyor import Conveyor
 from cadnode.db import Database
 from cadnode.dispatch import Dispatcher
 from cadnode.encode.stage import Encoder
+from cadnode.infer.bundle import discover
 from cadnode.infer.runtime import load_engines
 from cadnode.infer.stage import Inference
 from cadnode.prioritize import Prioritization
 from cadnode.receive import Receiver
 from cadnode.route import LiveRules, Router
+from cadnode.serve import QueryRetrieveScp
 
 log = structlog.get_logger("cadnode.daemon")
 
@@ -32,17 +37,37 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         storage = settings.storage
         self.database = Database(storage.database)
-        engines = load_engines(settings.engines.dir)
-        self.rules = LiveRules(settings.rules, engines, settings.destinations)
+        engines = load_engines(
+            settings.engines.dir, settings.engines, plan_cache=storage.data_dir / "plans"
+        )
+        for engine in engines.values():
+            audit.record(
+                self.database, audit.ENGINE, actor="node", outcome="loaded", engine=engine.name,
+                version=engine.manifest.version, sha256=engine.bundle.sha256,
+                backend=engine.backend.name,
+            )
+        self.rules = LiveRules(
+            settings.rules, engines, settings.destinations, database=self.database
+        )
         self.priority = Prioritization(settings, self.database)
         router = Router(self.database, storage.spool, self.rules, settings.destinations)
         self.conveyor = Conveyor(
             [
                 Assembler(self.database, settings.assemble, router.quiet_period_for),
                 router,
-                Inference(self.database, storage.spool, engines),
+                Inference(
+                    self.database,
+                    storage.spool,
+                    engines,
+                    answers=storage.answers,
+                    settings=settings.engines,
+                ),
                 Encoder(
-                    self.database, storage.spool, storage.results, settings.result_destinations()
+                    self.database,
+                    storage.spool,
+                    storage.results,
+                    settings.result_destinations(),
+                    answers=storage.answers,
                 ),
                 Dispatcher(
                     self.database,
@@ -50,15 +75,30 @@ class Node:
                     settings.dispatch,
                     settings.dicom.ae_title,
                     spool=storage.spool,
+                    destinations=settings.destinations.values(),
                 ),
                 *self.priority.stages,
             ]
         )
         self.database.on_change = self.conveyor.nudge
-        self.receiver = Receiver(
-            settings, self.database, self.conveyor.nudge, services=self.priority.services
+        # Other stages' DIMSE services on the node's port: the UPS worklist, the PACS's
+        # Storage Commitment answers (N-EVENT-REPORT) to dispatch's requests, and
+        # Query/Retrieve (serve) for PACS and viewers pulling what the node holds.
+        services = [
+            *self.priority.services,
+            CommitmentScp(self.database).service(),
+            *QueryRetrieveScp(settings, self.database).services,
+        ]
+        self.receiver = Receiver(settings, self.database, self.conveyor.nudge, services=services)
+        self.admin = AdminServer(
+            AdminContext(
+                settings=settings,
+                database=self.database,
+                configured_engines=sorted(discover(settings.engines.dir)),
+                engines=EngineInfo.of_loaded(engines.values()),
+                rules=lambda: self.rules.current,
+            )
         )
-        self.admin = AdminServer(settings.http)
         log.info(
             "node.configured",
             engines=sorted(engines),

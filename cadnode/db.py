@@ -40,6 +40,7 @@ class DeliveryState(StrEnum):
     pending = "pending"
     sent = "sent"
     failed = "failed"  # dead letter: gave up after the configured attempts
+    discarded = "discarded"  # an admin chose never to send it (`cadnode deliveries discard`)
 
 
 class PriorityClass(StrEnum):
@@ -78,6 +79,13 @@ class Job(SQLModel, table=True):
     first_instance_at: dt.datetime = Field(default_factory=utcnow)
     last_instance_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
+    # Engine calls of this job that failed (error or timeout); infer retries it after
+    # next_attempt_at, and fails it once `engines.max_attempts` is reached.
+    attempts: int = 0
+    next_attempt_at: dt.datetime | None = None
+    # When the job first entered each state it has been in ({state: ISO time}), by `transition`:
+    # the dashboard's timeline and the per-stage latency metrics are read from it.
+    timeline: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
 class Instance(SQLModel, table=True):
@@ -145,6 +153,25 @@ class ResultObject(SQLModel, table=True):
     created_at: dt.datetime = Field(default_factory=utcnow)
 
 
+class QueryRecord(SQLModel, table=True):
+    """Serve's query index: one held object's query attributes, read from its file's header.
+
+    Derived data (cadnode/serve/index.py): rebuilt from the files whenever a row is missing.
+    """
+
+    sop_instance_uid: str = Field(primary_key=True)
+    held_as: str  # instance (a received image, in the spool) | result (cadnode's own object)
+    path: str  # relative to the spool or the results folder
+    patient_id: str = Field(index=True)
+    study_uid: str = Field(index=True)
+    series_uid: str = Field(index=True)
+    modality: str
+    sop_class_uid: str
+    transfer_syntax: str
+    # The patient, study, series and image attributes a query may match, as DICOM JSON.
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
 class Delivery(SQLModel, table=True):
     """The outbox: one row per (object, destination)."""
 
@@ -159,6 +186,15 @@ class Delivery(SQLModel, table=True):
     next_attempt_at: dt.datetime = Field(default_factory=utcnow)
     last_error: str | None = None
     sent_at: dt.datetime | None = None
+    discarded_by: str | None = None
+    discarded_at: dt.datetime | None = None
+    # Storage Commitment (destinations with `storage_commitment`): the N-ACTION's Transaction
+    # UID, when it was last asked (and how often), and the PACS's answer (N-EVENT-REPORT).
+    commitment_transaction_uid: str | None = Field(default=None, index=True)
+    commitment_requested_at: dt.datetime | None = None
+    commitment_requests: int = 0
+    committed_at: dt.datetime | None = None
+    commitment_failure: str | None = None
 
 
 class Priority(StrEnum):
@@ -234,6 +270,19 @@ class Publication(SQLModel, table=True):
     sent_at: dt.datetime | None = None
 
 
+class AuditEvent(SQLModel, table=True):
+    """Who did what, for the audit trail (cadnode.audit). Unlike the logs, `details` may carry
+    patient identifiers: it is read by those allowed to, through `cadnode audit`."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: dt.datetime = Field(default_factory=utcnow, index=True)
+    kind: str = Field(index=True)  # association | study.received | result.delivered | ...
+    actor: str  # a calling AE title, "admin", "cli", "node"
+    address: str | None = None  # where the actor was: host:port, or a destination AE@host:port
+    outcome: str  # accepted | rejected | sent | loaded | refused | ok | ...
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         # Called after every committed job transition; the conveyor wakes the stages with it.
@@ -255,10 +304,11 @@ class Database:
     ) -> bool:
         """Move `job` from `expect` to `to` unless another worker moved it first."""
         now = utcnow()
+        timeline = {to.value: now.isoformat(), **job.timeline}  # the first entry into each
         moved = session.execute(
             update(Job)
             .where(Job.id == job.id, Job.state == expect)  # type: ignore[arg-type]
-            .values(state=to, updated_at=now, **changes)
+            .values(state=to, updated_at=now, timeline=timeline, **changes)
         )
         if moved.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()

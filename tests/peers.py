@@ -83,7 +83,11 @@ class Orthanc:
 
 
 @contextmanager
-def run_orthanc(folder: Path, dicom_port: int | None = None) -> Iterator[Orthanc]:
+def run_orthanc(
+    folder: Path, dicom_port: int | None = None, extra: dict[str, Any] | None = None
+) -> Iterator[Orthanc]:
+    """Orthanc as the PACS; `extra` adds to (or overrides) its configuration, e.g. the
+    DicomModalities it sends Storage Commitment reports to."""
     binary = require_tool("Orthanc")
     orthanc = Orthanc(http_port=free_port(), dicom_port=dicom_port or free_port())
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,6 +103,7 @@ def run_orthanc(folder: Path, dicom_port: int | None = None) -> Iterator[Orthanc
         "DicomAlwaysAllowStore": True,
         "DicomCheckCalledAet": False,
         "Plugins": [],
+        **(extra or {}),
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
     with (folder / "orthanc.log").open("w") as log:
@@ -149,7 +154,9 @@ class Cadnode:
 @contextmanager
 def run_cadnode(folder: Path, destination: str | None, **overrides: str) -> Iterator[Cadnode]:
     """`cadnode serve` as a subprocess on the shipped config, rules and engines."""
-    dicom_port, http_port = free_port(), free_port()
+    # A test may choose the DICOM port (a peer must know it before cadnode starts).
+    dicom_port = int(overrides.get("CADNODE_DICOM_PORT") or free_port())
+    http_port = free_port()
     env = {
         **os.environ,
         "CADNODE_DATA_DIR": str(folder / "var"),

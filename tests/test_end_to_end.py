@@ -7,6 +7,7 @@ when the node stops is sent after it restarts, once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,21 @@ def test_logs_carry_no_patient_identifiers(node: Cadnode) -> None:
     assert '"event": "instance.received"' in log  # the pushes above did happen
     for identifier in (PATIENT_NAME, PATIENT_ID, "Testpatient", "Wilhelmina"):
         assert identifier not in log
+
+
+def test_the_audit_trail_names_whose_study_came_and_where_its_result_went(
+    node: Cadnode, pacs: Orthanc
+) -> None:
+    """What the logs must not say, the audit trail (`cadnode audit`) does, for those allowed."""
+    done = node.cli("audit", "--since", "1h")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    received = [e for e in events if e["kind"] == "study.received"]
+    assert any(e["details"]["PatientID"] == PATIENT_ID for e in received)
+    assert all(e["actor"] == "MODALITY" for e in received)
+    delivered = [e for e in events if e["kind"] == "result.delivered"]
+    assert delivered and delivered[0]["address"] == pacs.destination
+    assert {"association", "engine", "rules"} <= {e["kind"] for e in events}
 
 
 def test_a_pending_delivery_survives_a_restart_and_arrives_once(tmp_path: Path) -> None:

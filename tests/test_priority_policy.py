@@ -52,7 +52,7 @@ def dbt(probability: float) -> EngineResult:
     box = {
         "label": {"name": "mass"},
         "probability": probability,
-        "operating_points": {"finding": {"threshold": 0.6, "reached": probability >= 0.6}},
+        "operating_points": {"report": {"threshold": 0.6, "reached": probability >= 0.6}},
     }
     return EngineResult("dbt-detector", {"findings": [box]})
 
