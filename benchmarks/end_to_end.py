@@ -1,4 +1,8 @@
-"""End-to-end latency: a chest radiograph pushed to cadnode -> its SR stored in Orthanc.
+"""End-to-end latency: a chest radiograph pushed to cadnode -> its results stored in Orthanc.
+
+Two kinds of film: a normal one (the rule-out filter rules it out: one SR) and one with a
+pneumothorax (not ruled out, so the segmenter runs too: the rule-out SR, the SEG and the
+segmenter's SR; the time is until all three are stored).
 
 Anchor, measured in the same run: the same kind of film pushed straight into the same Orthanc
 with the same storescu (what storing alone costs). The figure is the ratio of medians:
@@ -16,18 +20,34 @@ import tempfile
 import time
 from pathlib import Path
 
+from pydicom import Dataset
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.peers import Orthanc, run_cadnode, run_orthanc, storescu, wait_for
 from training.phantoms import write_chest_radiograph
 
 
-def push_and_wait(port: int, called_ae: str, film: Path, study_uid: str, pacs: Orthanc) -> float:
+def push_and_wait(
+    port: int, called_ae: str, film: Path, study_uid: str, pacs: Orthanc, objects: int = 1
+) -> float:
     start = time.perf_counter()
     done = storescu(port, film, called_ae=called_ae)
     assert done.returncode == 0, done.stderr
-    wait_for(lambda: pacs.instances_of_study(study_uid), 60, "the object in Orthanc", 0.01)
+    wait_for(
+        lambda: len(pacs.instances_of_study(study_uid)) >= objects,
+        60,
+        f"{objects} object(s) in Orthanc",
+        0.01,
+    )
     return time.perf_counter() - start
+
+
+def summary(label: str, seconds: list[float]) -> str:
+    return (
+        f"  {label:<34} median {statistics.median(seconds):.3f} s, "
+        f"p95 {percentile(seconds, 0.95):.3f} s"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -37,35 +57,45 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--count", type=int, default=20, help="pushes per kind of film")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        films = []
-        for i in range(2 * args.count + 1):
+
+        def film(i: int, pneumothorax: bool = False) -> tuple[Path, Dataset]:
             path = folder / "films" / f"{i}.dcm"
-            films.append((path, write_chest_radiograph(path, seed=5000 + i, size=512)))
+            return path, write_chest_radiograph(
+                path, seed=5000 + i, size=512, pneumothorax=pneumothorax
+            )
+
         with run_orthanc(folder / "orthanc") as pacs, \
                 run_cadnode(folder / "cadnode", pacs.destination) as node:
-            warm_path, warm = films[0]  # the first film warms caches on both sides
-            push_and_wait(node.dicom_port, "CADNODE", warm_path, warm.StudyInstanceUID, pacs)
-            cadnode, direct = [], []
-            for i in range(args.count):  # interleaved, so both see the same machine load
-                path, ds = films[1 + 2 * i]
-                cadnode.append(push_and_wait(node.dicom_port, "CADNODE", path,
-                                             ds.StudyInstanceUID, pacs))
-                path, ds = films[2 + 2 * i]
-                direct.append(push_and_wait(pacs.dicom_port, pacs.ae_title, path,
-                                            ds.StudyInstanceUID, pacs))
+            # The first film of each kind warms caches on both sides.
+            for path, ds, objects in ((*film(0), 1), (*film(1, pneumothorax=True), 3)):
+                push_and_wait(node.dicom_port, "CADNODE", path, ds.StudyInstanceUID, pacs, objects)
+            times: dict[str, list[float]] = {"normal": [], "pneumothorax": [], "direct": []}
+            kinds = (("normal", False, 1), ("pneumothorax", True, 3))
+            for i in range(args.count):  # interleaved, so all see the same machine load
+                for kind, pneumothorax, objects in kinds:
+                    path, ds = film(10 + 3 * i + pneumothorax, pneumothorax)
+                    times[kind].append(push_and_wait(
+                        node.dicom_port, "CADNODE", path, ds.StudyInstanceUID, pacs, objects
+                    ))
+                path, ds = film(12 + 3 * i)
+                times["direct"].append(push_and_wait(
+                    pacs.dicom_port, pacs.ae_title, path, ds.StudyInstanceUID, pacs
+                ))
             states = {row["state"] for row in node.studies()}
     assert states == {"delivered"}, f"not every study was delivered: {states}"
-    print(f"end-to-end, {args.count} chest radiographs (512x512 DX), storescu -> SR in Orthanc")
-    print(f"  cadnode push -> SR stored:   median {statistics.median(cadnode):.3f} s, "
-          f"p95 {percentile(cadnode, 0.95):.3f} s")
-    print(f"  anchor push -> Orthanc:      median {statistics.median(direct):.3f} s, "
-          f"p95 {percentile(direct, 0.95):.3f} s")
-    ratio = statistics.median(cadnode) / statistics.median(direct)
-    print(f"  ratio (median cadnode end-to-end / median direct store): {ratio:.2f}x")
+    print(f"end-to-end, {args.count} chest radiographs of each kind (512x512 DX), storescu -> "
+          "results stored in Orthanc")
+    print(summary("normal film -> rule-out SR:", times["normal"]))
+    print(summary("pneumothorax -> 2 SR + SEG:", times["pneumothorax"]))
+    print(summary("anchor: push -> Orthanc:", times["direct"]))
+    direct = statistics.median(times["direct"])
+    for kind in ("normal", "pneumothorax"):
+        ratio = statistics.median(times[kind]) / direct
+        print(f"  ratio ({kind}, median end-to-end / median direct store): {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """The walking skeleton against real peers: DCMTK pushes, Orthanc is the PACS.
 
-A phantom chest radiograph pushed with `storescu` comes back as a TID 1500 SR in Orthanc
-that dciodvfy accepts; an image no rule wants is stored and ignored; a delivery pending
-when the node stops is sent after it restarts, once.
+A phantom chest radiograph pushed with `storescu` comes back in Orthanc as the rule-out
+filter's TID 1500 SR and, unless it was ruled out, the segmenter's SEG and SR; a DBT volume
+as the detector's SR with its findings on their frames; every object passes dciodvfy. An
+image no rule wants is stored and ignored; a delivery pending when the node stops is sent
+after it restarts, once.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tests.peers import (
     storescu,
     wait_for,
 )
+from training.breast_phantoms import write_tomosynthesis
 from training.phantoms import write_chest_radiograph
 
 PATIENT_NAME, PATIENT_ID = "Testpatient^Wilhelmina", "PID-E2E-7731"
@@ -49,7 +52,9 @@ def node(tmp_path_factory: pytest.TempPathFactory, pacs: Orthanc) -> Iterator[Ca
 
 
 def push(node: Cadnode, path: Path) -> None:
-    done = storescu(node.dicom_port, path)
+    # -R: propose only the file's own SOP class; storescu's default list of contexts lacks
+    # the newer ones (Breast Tomosynthesis Image).
+    done = storescu(node.dicom_port, path, options=("-R",))
     assert done.returncode == 0, done.stderr
 
 
@@ -73,43 +78,120 @@ def test_echo(node: Cadnode) -> None:
     assert echoscu(node.dicom_port).returncode == 0
 
 
-def test_a_chest_radiograph_comes_back_as_a_valid_sr_in_the_pacs(
+def results_in_pacs(pacs: Orthanc, study_uid: str, count: int, folder: Path) -> list[Path]:
+    """Wait for `count` result objects of the study in Orthanc; download each, dciodvfy it."""
+    wait_for(
+        lambda: len(pacs.instances_of_study(study_uid)) >= count,
+        60,
+        f"{count} result object(s) in Orthanc",
+        interval_s=0.1,
+    )
+    orthanc_ids = pacs.instances_of_study(study_uid)
+    assert len(orthanc_ids) == count  # and no more, ever: UIDs are stable per job and engine
+    paths = [pacs.download(i, folder / f"result-{n}.dcm") for n, i in enumerate(orthanc_ids)]
+    for path in paths:
+        assert dciodvfy_errors(path) == [], path
+    return paths
+
+
+def report_of(paths: list[Path], engine: str) -> hd.sr.Comprehensive3DSR:
+    [report] = [
+        sr
+        for sr in (hd.sr.srread(p) for p in paths if dcmread(p).Modality == "SR")
+        if engine in algorithm_texts(sr, codes.DCM.AlgorithmName)
+    ]
+    return report
+
+
+def test_a_pneumothorax_film_comes_back_as_srs_and_a_seg_in_the_pacs(
     node: Cadnode, pacs: Orthanc, tmp_path: Path
 ) -> None:
+    """The cascade on an abnormal film: the rule-out SR, then the segmenter's SEG and its SR
+    measuring the pneumothorax on the SEG's segment, all valid, all in the PACS once."""
     film = write_chest_radiograph(
         tmp_path / "chest.dcm",
         seed=101,
-        opacity=True,
+        pneumothorax=True,
         patient_id=PATIENT_ID,
         patient_name=PATIENT_NAME,
     )
     push(node, tmp_path / "chest.dcm")
+    row = wait_for_state(node, film.StudyInstanceUID, "delivered", "failed")
+    assert row["state"] == "delivered", row["reason"]
+    paths = results_in_pacs(pacs, film.StudyInstanceUID, 3, tmp_path)
 
-    [orthanc_id] = wait_for(
-        lambda: pacs.instances_of_study(film.StudyInstanceUID),
-        30,
-        "the SR to reach Orthanc",
-        interval_s=0.1,
-    )
-    path = pacs.download(orthanc_id, tmp_path / "sr.dcm")
-    assert dciodvfy_errors(path) == []
-
-    sr = hd.sr.srread(path)
-    assert sr.Modality == "SR" and sr.PatientID == PATIENT_ID
-    [group] = sr.content.get_image_measurement_groups()
+    ruleout = report_of(paths, "cxr-ruleout")
+    assert ruleout.PatientID == PATIENT_ID
+    [group] = ruleout.content.get_image_measurement_groups()
     [source] = group.source_images
     assert source.referenced_sop_instance_uid == film.SOPInstanceUID
-    [measurement] = group.get_measurements(name=codes.DCM.Probability)
+    assert group.finding_type == codes.SCT.Abnormal
+    [probability] = group.get_measurements(name=codes.DCM.Probability)
+    by_engine = {r["engine"]: r for r in row["results"]}
+    assert set(by_engine) == {"cxr-ruleout", "cxr-segmenter"}
+    assert by_engine["cxr-ruleout"]["version"] == RULEOUT.version
+    assert probability.value == pytest.approx(by_engine["cxr-ruleout"]["probability"])
+    assert algorithm_texts(ruleout, codes.DCM.AlgorithmVersion) >= {RULEOUT.version}
 
-    row = wait_for_state(node, film.StudyInstanceUID, "delivered")
+    [seg_path] = [p for p in paths if dcmread(p).Modality == "SEG"]
+    seg = hd.seg.segread(seg_path)
+    labels = [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence]
+    assert labels == ["3341006", "44029006", "36118008"]  # right lung, left lung, pneumothorax
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID \
+        == film.SOPInstanceUID
+    masks = seg.get_pixels_by_source_instance([film.SOPInstanceUID], segment_numbers=[1, 2, 3])
+    assert masks[0].any(axis=(0, 1)).all()  # both lungs and the pneumothorax were found
+
+    segmenter = report_of(paths, "cxr-segmenter")
+    ptx = segmenter.content.get_planar_roi_measurement_groups()[2]
+    [presence] = ptx.get_qualitative_evaluations()
+    assert presence.value == codes.SCT.Present
+    [area] = ptx.get_measurements(name=codes.SCT.Area)
+    assert area.value > 0 and area.unit == codes.UCUM.SquareMillimeter
+    reference = ptx.referenced_segmentation_frame
+    assert reference is not None
+    assert reference[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+    assert {d["state"] for d in row["deliveries"]} == {"sent"} and len(row["deliveries"]) == 3
+    assert row["priority"] == "HIGH"  # a pneumothorax moves the study up the worklist
+
+
+def test_a_normal_film_is_ruled_out_and_never_segmented(
+    node: Cadnode, pacs: Orthanc, tmp_path: Path
+) -> None:
+    film = write_chest_radiograph(tmp_path / "normal.dcm", seed=104)
+    push(node, tmp_path / "normal.dcm")
+    row = wait_for_state(node, film.StudyInstanceUID, "delivered", "failed")
+    assert [(r["engine"], r["ruled_out"]) for r in row["results"]] == [("cxr-ruleout", True)]
+    [path] = results_in_pacs(pacs, film.StudyInstanceUID, 1, tmp_path)
+    [group] = report_of([path], "cxr-ruleout").content.get_image_measurement_groups()
+    assert group.finding_type == codes.SCT.Normal
+    assert row["priority"] == "LOW"
+
+
+def test_a_tomosynthesis_volume_comes_back_with_its_findings_on_their_frames(
+    node: Cadnode, pacs: Orthanc, tmp_path: Path
+) -> None:
+    path = tmp_path / "dbt.dcm"
+    volume, phantom = write_tomosynthesis(path, seed=18, view="LMLO", masses=1)
+    push(node, path)
+    row = wait_for_state(node, volume.StudyInstanceUID, "delivered", "failed")
+    assert row["state"] == "delivered", row["reason"]
+    assert row["rule"] == "breast-tomosynthesis"
     [result] = row["results"]
-    assert result["engine"] == "cxr-ruleout" and result["version"] == RULEOUT.version
-    assert measurement.value == pytest.approx(result["probability"])
-    expected = codes.SCT.Normal if result["ruled_out"] else codes.SCT.Abnormal
-    assert group.finding_type == expected
-    assert algorithm_texts(sr, codes.DCM.AlgorithmName) >= {"cxr-ruleout"}
-    assert algorithm_texts(sr, codes.DCM.AlgorithmVersion) >= {RULEOUT.version}
-    assert [d["state"] for d in row["deliveries"]] == ["sent"]
+    assert result["engine"] == "dbt-detector"
+    [sr_path] = results_in_pacs(pacs, volume.StudyInstanceUID, 1, tmp_path)
+    groups = report_of([sr_path], "dbt-detector").content.get_planar_roi_measurement_groups()
+    assert groups, "the detector reported no finding on a volume it is known to find"
+    [mass] = phantom.masses
+    frames = []
+    for group in groups:
+        image = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert image.ReferencedSOPInstanceUID == volume.SOPInstanceUID
+        frames.append(int(image.ReferencedFrameNumber))
+        assert 1 <= frames[-1] <= int(volume.NumberOfFrames)
+    # A finding is drawn on the planted mass's central slice (0-based), give or take the few
+    # slices a mass is in focus on.
+    assert any(abs(frame - 1 - mass.slice) <= 3 for frame in frames), (frames, mass)
 
 
 def test_an_image_no_rule_wants_is_stored_and_ignored(

@@ -775,7 +775,7 @@ def test_rules_check_accepts_the_shipped_rules_and_lists_errors_with_exit_2(
 ) -> None:
     done = cadnode("rules", "check")
     assert done.returncode == 0, done.stderr
-    assert "2 rule(s) OK, version" in done.stdout
+    assert "3 rule(s) OK, version" in done.stdout
     bad = write(tmp_path, one_rule("{SliceThickness: {regex: '^1'}, Modality: {less_than: 3}}"))
     done = cadnode("rules", "check", str(bad))
     assert done.returncode == 2
