@@ -139,6 +139,8 @@ class Result(SQLModel, table=True):
     model_sha256: str
     sop_instance_uid: str
     answer: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # How long the engine call that gave this answer took (one call may answer a batch).
+    seconds: float | None = None
     created_at: dt.datetime = Field(default_factory=utcnow)
 
 

@@ -37,12 +37,13 @@ def redact_patient_identifiers(
     return event
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", *, cache_loggers: bool = True) -> None:
     """Every record, ours and the libraries', leaves through one stdlib handler.
 
     One handler means one lock around each write, so events from concurrent threads never
     share a line. Our loggers ("cadnode.*") log at `level`; libraries stay at WARNING,
-    since pynetdicom dumps whole datasets at DEBUG.
+    since pynetdicom dumps whole datasets at DEBUG. Tests turn `cache_loggers` off: a cached
+    logger keeps the configuration of its first use and escapes `structlog.testing.capture_logs`.
     """
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -72,5 +73,5 @@ def configure(level: str = "INFO") -> None:
         ],
         wrapper_class=structlog.stdlib.BoundLogger,
         logger_factory=structlog.stdlib.LoggerFactory(),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache_loggers,
     )

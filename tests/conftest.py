@@ -8,7 +8,8 @@ import pytest
 from cadnode import logs
 from cadnode.db import Database
 
-logs.configure()
+# Loggers not cached, so every test's structlog.testing.capture_logs sees every event.
+logs.configure(cache_loggers=False)
 
 
 @pytest.fixture

@@ -127,6 +127,7 @@ def seed(context: AdminContext) -> Seeded:
                 "operating_points": {"rule_out": {"threshold": 0.2, "reached": True}},
                 "ruled_out": False,
             },
+            seconds=0.02,
         )
         segment = Result(
             job_id=job.id, engine="cxr-segmenter", engine_version="1", model_sha256="1" * 64,
@@ -143,6 +144,7 @@ def seed(context: AdminContext) -> Seeded:
                     }
                 ],
             },
+            seconds=0.3,
         )
         dead = Delivery(
             object_uid="1.2.3.4", job_id=job.id, destination="PACS@127.0.0.1:1",
@@ -298,6 +300,9 @@ def test_metrics_need_the_token_and_count_from_the_database(client: TestClient) 
         'cadnode_stage_seconds_count{stage="routed"} 1.0',
         'cadnode_engine_positive_rate{engine="cxr-ruleout"} 1.0',
         'cadnode_engine_inference_seconds_count{engine="cxr-segmenter"} 1.0',
+        'cadnode_engine_inference_seconds_bucket{engine="cxr-segmenter",le="0.25"} 0.0',
+        'cadnode_engine_inference_seconds_bucket{engine="cxr-segmenter",le="0.5"} 1.0',
+        'cadnode_engine_inference_seconds_bucket{engine="cxr-ruleout",le="0.05"} 1.0',
         'cadnode_delivery_retries_total{destination="PACS@127.0.0.1:1"} 2.0',
         'cadnode_dead_letters{destination="PACS@127.0.0.1:1",outbox="results"} 1.0',
     ):

@@ -227,17 +227,15 @@ def _engines(session: Session) -> Iterator[Metric]:
     answers: Counter[str] = Counter()
     positives: Counter[str] = Counter()
     recent: dict[str, list[bool]] = defaultdict(list)
-    jobs_of: dict[str, set[int]] = defaultdict(set)
     rows = session.exec(
-        select(Result.engine, Result.job_id, Result.answer).order_by(Result.id.desc())  # type: ignore[union-attr]
+        select(Result.engine, Result.answer).order_by(Result.id.desc())  # type: ignore[union-attr]
     )
-    for engine, job_id, answer in rows:
+    for engine, answer in rows:
         positive = is_positive(answer)
         answers[engine] += 1
         positives[engine] += positive
         if len(recent[engine]) < DRIFT_WINDOW:
             recent[engine].append(positive)
-        jobs_of[engine].add(job_id)
     total = CounterMetricFamily(
         "cadnode_engine_answers", "Answers given, per engine", labels=["engine"]
     )
@@ -256,23 +254,27 @@ def _engines(session: Session) -> Iterator[Metric]:
         positive_total.add_metric([engine], positives[engine])
         rate.add_metric([engine], sum(recent[engine]) / len(recent[engine]))
     yield from (total, positive_total, rate)
-    yield _inference_seconds(session, jobs_of)
+    yield _inference_seconds(session)
 
 
-def _inference_seconds(session: Session, jobs_of: dict[str, set[int]]) -> Metric:
-    """The inference step (routed -> inferred) of the jobs each engine answered in."""
+def _inference_seconds(session: Session) -> Metric:
+    """Each engine call's time, per engine (a batched call answers several images at once)."""
     histogram = HistogramMetricFamily(
         "cadnode_engine_inference_seconds",
-        "Inference step time of the jobs each engine answered in (the job's whole pipeline)",
+        "Time of each engine call (reading the images, preprocessing, the model, post-processing)",
         labels=["engine"],
     )
-    step: dict[int, float] = {}
-    for job_id, timeline in session.exec(select(Job.id, Job.timeline)):
-        if job_id is not None and "routed" in timeline and "inferred" in timeline:
-            start = dt.datetime.fromisoformat(timeline["routed"])
-            step[job_id] = (dt.datetime.fromisoformat(timeline["inferred"]) - start).total_seconds()
-    for engine, jobs in sorted(jobs_of.items()):
-        _add_histogram(histogram, [engine], [step[j] for j in jobs if j in step])
+    calls = session.exec(
+        select(Result.engine, Result.job_id, Result.seconds)
+        .where(col(Result.seconds).is_not(None))
+        .distinct()
+    ).all()
+    by_engine: dict[str, list[float]] = defaultdict(list)
+    for engine, _job, seconds in calls:
+        if seconds is not None:
+            by_engine[engine].append(seconds)
+    for engine, values in sorted(by_engine.items()):
+        _add_histogram(histogram, [engine], values)
     return histogram
 
 

@@ -217,6 +217,7 @@ class Inference:
     def _answered(self, call: _Call, answers: list[dict[str, Any]]) -> None:
         progress = self._progress.setdefault(call.job_id, _Progress())
         engine = call.engine
+        seconds = round(time.monotonic() - call.started, 3)
         for uid, answer in zip(call.uids, answers, strict=True):
             progress.answers[(call.name, uid)] = answer
             progress.results.append(
@@ -227,6 +228,7 @@ class Inference:
                     model_sha256=engine.bundle.sha256,
                     sop_instance_uid=uid,
                     answer=answer,
+                    seconds=seconds,
                 )
             )
         progress.step += 1
@@ -235,7 +237,7 @@ class Inference:
             job=call.job_id,
             engine=call.name,
             images=len(call.uids),
-            seconds=round(time.monotonic() - call.started, 3),
+            seconds=seconds,
         )
 
     def _abandon_pool(self, name: str) -> None:
