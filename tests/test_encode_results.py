@@ -34,6 +34,7 @@ from cadnode.encode.seg import segmentation
 from cadnode.encode.sr import (
     PERCENT_OF_HEMITHORAX,
     Detection,
+    ReportIdentity,
     Segmented,
     detection_report,
     segmentation_report,
@@ -90,8 +91,8 @@ def segmentation_sr(tmp_path: Path, *, pneumothorax: bool) -> tuple[Path, Path, 
         sop_instance_uid=uid("seg"), content_datetime=WHEN,
     )
     sr = segmentation_report(
-        [Segmented(film, findings, seg)], SEGMENTER, series_instance_uid=uid("sr-series"),
-        sop_instance_uid=uid("sr"), content_datetime=WHEN,
+        [Segmented(film, findings, seg)], SEGMENTER,
+        ReportIdentity(uid("sr-series"), uid("sr"), content_datetime=WHEN),
     )
     return saved(sr, tmp_path / "sr.dcm"), saved(seg, tmp_path / "seg.dcm"), film
 
@@ -142,8 +143,8 @@ def test_detection_report_puts_each_finding_on_its_frame(tmp_path: Path) -> None
     assert len(boxes) == 2
     answer = detect_answer(source, boxes)
     sr = detection_report(
-        [Detection(source, answer)], DETECTOR, series_instance_uid=uid("det-series"),
-        sop_instance_uid=uid("det"), content_datetime=WHEN,
+        [Detection(source, answer)], DETECTOR,
+        ReportIdentity(uid("det-series"), uid("det"), content_datetime=WHEN),
     )
     path = valid(saved(sr, tmp_path / "det.dcm"))
     groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
@@ -174,8 +175,7 @@ def test_a_volume_without_findings_says_absent(tmp_path: Path) -> None:
     source, boxes = volume(tmp_path, masses=0)
     sr = detection_report(
         [Detection(source, detect_answer(source, boxes))], DETECTOR,
-        series_instance_uid=uid("det-series"), sop_instance_uid=uid("det0"),
-        content_datetime=WHEN,
+        ReportIdentity(uid("det-series"), uid("det0"), content_datetime=WHEN),
     )
     path = valid(saved(sr, tmp_path / "det0.dcm"))
     content = hd.sr.srread(path).content
@@ -192,7 +192,7 @@ def test_detection_report_refuses_a_box_outside_the_volume(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="outside"):
         detection_report(
             [Detection(source, detect_answer(source, [outside]))], DETECTOR,
-            series_instance_uid=uid("s"), sop_instance_uid=uid("i"),
+            ReportIdentity(uid("s"), uid("i")),
         )
 
 

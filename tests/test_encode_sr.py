@@ -17,6 +17,7 @@ from cadnode.encode.sr import (
     Algorithm,
     Classification,
     CodedLabel,
+    ReportIdentity,
     classification_report,
 )
 from tests.dicom_validation import dciodvfy_errors, dciodvfy_warnings
@@ -69,9 +70,7 @@ def build(*classifications: Classification) -> hd.sr.Comprehensive3DSR:
     return classification_report(
         list(classifications),
         ALGORITHM,
-        series_instance_uid=SERIES_UID,
-        sop_instance_uid=SOP_UID,
-        content_datetime=WHEN,
+        ReportIdentity(SERIES_UID, SOP_UID, content_datetime=WHEN),
     )
 
 
@@ -217,8 +216,7 @@ def test_without_a_time_only_the_clock_differs(film: pydicom.Dataset) -> None:
         return classification_report(
             [answer(film, 0.87)],
             ALGORITHM,
-            series_instance_uid=SERIES_UID,
-            sop_instance_uid=SOP_UID,
+            ReportIdentity(SERIES_UID, SOP_UID),
         )
 
     assert content(unstamped()) == content(unstamped())

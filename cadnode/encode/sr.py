@@ -150,14 +150,18 @@ class Detection:
 
 
 @dataclass(frozen=True)
-class _Identity:
-    """Where the report goes: its UIDs, numbers and time."""
+class ReportIdentity:
+    """Where a report goes: its UIDs, numbers and time.
+
+    `content_datetime` is written as Content Date/Time, Instance Creation Date/Time and
+    highdicom's Contribution DateTime; left out, they are the current time.
+    """
 
     series_instance_uid: str
     sop_instance_uid: str
-    series_number: int
-    instance_number: int
-    content_datetime: dt.datetime | None
+    series_number: int = SR_SERIES_NUMBER
+    instance_number: int = 1
+    content_datetime: dt.datetime | None = None
 
     def tracking(self, *parts: str, identifier: str) -> hd.sr.TrackingIdentifier:
         uid = generate_uid(entropy_srcs=["cadnode-tracking", self.sop_instance_uid, *parts])
@@ -187,18 +191,11 @@ _Group = (
 def classification_report(
     classifications: list[Classification],
     algorithm: Algorithm,
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int = SR_SERIES_NUMBER,
-    instance_number: int = 1,
-    content_datetime: dt.datetime | None = None,
+    identity: ReportIdentity,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with one measurement group per classified source image.
 
-    All sources must belong to one study (the SR joins that study). `content_datetime`
-    is written as Content Date/Time, Instance Creation Date/Time and highdicom's
-    Contribution DateTime; left out, they are the current time.
+    All sources must belong to one study (the SR joins that study).
     Raises ValueError on an empty list, mixed studies or patients, a repeated source,
     an out-of-range probability or threshold, or a `ruled_out` that contradicts them.
     """
@@ -206,9 +203,6 @@ def classification_report(
         raise ValueError("a classification report needs at least one classification")
     for item in classifications:
         _check(item)
-    identity = _Identity(
-        series_instance_uid, sop_instance_uid, series_number, instance_number, content_datetime
-    )
     groups: list[_Group] = [
         _classification_group(item, algorithm, identity, index=index)
         for index, item in enumerate(classifications, start=1)
@@ -219,7 +213,7 @@ def classification_report(
 
 
 def _classification_group(
-    item: Classification, algorithm: Algorithm, identity: _Identity, *, index: int
+    item: Classification, algorithm: Algorithm, identity: ReportIdentity, *, index: int
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     source_uid = str(item.source.SOPInstanceUID)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -255,12 +249,7 @@ def _check(item: Classification) -> None:
 def segmentation_report(
     segmented: list[Segmented],
     algorithm: Algorithm,
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int = SR_SERIES_NUMBER,
-    instance_number: int = 1,
-    content_datetime: dt.datetime | None = None,
+    identity: ReportIdentity,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with one ROI group per (source image, label), on its SEG segment.
 
@@ -269,9 +258,6 @@ def segmentation_report(
     """
     if not segmented:
         raise ValueError("a segmentation report needs at least one segmented image")
-    identity = _Identity(
-        series_instance_uid, sop_instance_uid, series_number, instance_number, content_datetime
-    )
     groups: list[_Group] = []
     for item in segmented:
         _check_segmentation(item)
@@ -289,7 +275,7 @@ def segmentation_report(
 
 
 def _segment_group(
-    item: Segmented, finding: SegmentFinding, algorithm: Algorithm, identity: _Identity
+    item: Segmented, finding: SegmentFinding, algorithm: Algorithm, identity: ReportIdentity
 ) -> _Group:
     seg, source = item.segmentation, item.source
     number = finding.segment_number
@@ -374,12 +360,7 @@ def _check_segmentation(item: Segmented) -> None:
 def detection_report(
     detections: list[Detection],
     algorithm: Algorithm,
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int = SR_SERIES_NUMBER,
-    instance_number: int = 1,
-    content_datetime: dt.datetime | None = None,
+    identity: ReportIdentity,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report: one image-region group per finding, or "absent" per empty volume.
 
@@ -388,9 +369,6 @@ def detection_report(
     """
     if not detections:
         raise ValueError("a detection report needs at least one detection")
-    identity = _Identity(
-        series_instance_uid, sop_instance_uid, series_number, instance_number, content_datetime
-    )
     groups: list[_Group] = []
     for item in detections:
         _check_probability(item.answer.probability)
@@ -424,7 +402,7 @@ def _region_group(
     source: pydicom.Dataset,
     finding: DetectFinding,
     algorithm: Algorithm,
-    identity: _Identity,
+    identity: ReportIdentity,
     *,
     index: int,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
@@ -487,7 +465,7 @@ def _report(
     groups: list[_Group],
     algorithm: Algorithm,
     procedure: hd.sr.CodedConcept | Code,
-    identity: _Identity,
+    identity: ReportIdentity,
     *,
     derived: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:

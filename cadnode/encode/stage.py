@@ -46,6 +46,7 @@ from cadnode.encode.seg import segmentation
 from cadnode.encode.sr import (
     Classification,
     Detection,
+    ReportIdentity,
     Segmented,
     classification_report,
     detection_report,
@@ -232,9 +233,7 @@ class _Objects:
             classification_report(
                 classifications,
                 self.algorithm,
-                series_instance_uid=self.sr_series_uid,
-                sop_instance_uid=self.sr_uid,
-                content_datetime=self.when,
+                ReportIdentity(self.sr_series_uid, self.sr_uid, content_datetime=self.when),
             ),
             for_all=True,
         )
@@ -267,9 +266,7 @@ class _Objects:
             segmentation_report(
                 segmented,
                 self.algorithm,
-                series_instance_uid=self.sr_series_uid,
-                sop_instance_uid=self.sr_uid,
-                content_datetime=self.when,
+                ReportIdentity(self.sr_series_uid, self.sr_uid, content_datetime=self.when),
             ),
             for_all=True,
         )
@@ -288,9 +285,7 @@ class _Objects:
             detection_report(
                 detections,
                 self.algorithm,
-                series_instance_uid=self.sr_series_uid,
-                sop_instance_uid=self.sr_uid,
-                content_datetime=self.when,
+                ReportIdentity(self.sr_series_uid, self.sr_uid, content_datetime=self.when),
             ),
             for_all=True,
         )
