@@ -17,6 +17,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pydicom
 import pytest
 
 _ERROR = re.compile(r"(^|\s-\s)(Error|Abort)\s+-")
@@ -66,3 +67,21 @@ def dciodvfy_warnings(path: Path | str) -> list[str]:
     """The warnings dciodvfy reports for the file (acceptable, but worth a look)."""
     _, lines = dciodvfy_output(path)
     return [line for line in lines if _WARNING.search(line)]
+
+
+def saved(ds: pydicom.Dataset, path: Path) -> Path:
+    """`ds` written to `path` as a DICOM file (preamble and file meta); the path."""
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def assert_valid(path: Path, allowed_warning: str | None = None) -> Path:
+    """dciodvfy finds no error in the file, and no warning but those containing
+    `allowed_warning` (none today otherwise; a new one deserves a look); the path."""
+    errors = dciodvfy_errors(path)
+    assert errors == [], errors  # (a helper module: pytest does not spell out its asserts)
+    warnings = dciodvfy_warnings(path)
+    print(f"dciodvfy {path.name}: 0 errors, {len(warnings)} warnings")
+    unexpected = [w for w in warnings if allowed_warning is None or allowed_warning not in w]
+    assert unexpected == [], unexpected
+    return path

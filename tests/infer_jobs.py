@@ -8,15 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset
-from sqlmodel import select
 
 from cadnode.config import EngineOptions
-from cadnode.db import Database, Instance, Job, JobState, PriorityClass, Result, Study
+from cadnode.db import Database, JobState, PriorityClass
 from cadnode.infer.answers import Answer
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
 from tests.peers import wait_for
+from tests.rows import instance_row, new_job
 
 RULEOUT = [{"engine": "cxr-ruleout"}]
 CASCADE = [
@@ -37,52 +37,19 @@ def routed_job(
     """A job in state routed for one image `ds` written at `path` under `spool`, with the
     given pipeline (default: the rule-out engine alone)."""
     with database.session() as session:
-        study = session.exec(select(Study).where(Study.study_uid == ds.StudyInstanceUID)).first()
-        if study is None:
-            study = Study(study_uid=str(ds.StudyInstanceUID))
-            session.add(study)
-            session.flush()
-        assert study.id is not None
-        versions = session.exec(select(Job).where(Job.study_id == study.id)).all()
-        job = Job(
-            study_id=study.id,
-            version=len(versions) + 1,
+        job = new_job(
+            session,
+            str(ds.StudyInstanceUID),
             state=JobState.routed,
             priority=priority,
             pipeline=pipeline or RULEOUT,
             inputs=[str(ds.SOPInstanceUID)],
             instance_count=1,
         )
-        session.add(job)
-        session.flush()
-        assert job.id is not None
-        session.add(
-            Instance(
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=ds.SOPClassUID,
-                series_uid=ds.SeriesInstanceUID,
-                transfer_syntax="1.2.840.10008.1.2.1",
-                path=str(path.relative_to(spool)),
-                size=1,
-                calling_ae="A",
-                peer="127.0.0.1:1",
-                job_id=job.id,
-            )
-        )
+        session.add(instance_row(ds, str(path.relative_to(spool)), job))
         session.commit()
+        assert job.id is not None
         return job.id
-
-
-def job_of(database: Database, job_id: int) -> Job:
-    with database.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
-
-
-def results_of(database: Database, job_id: int) -> list[Result]:
-    with database.session() as session:
-        return list(session.exec(select(Result).where(Result.job_id == job_id)).all())
 
 
 def run_until(

@@ -28,18 +28,16 @@ from cadnode.db import (
     Database,
     Delivery,
     DeliveryState,
-    Instance,
-    Job,
     JobState,
     PriorityClass,
     Result,
-    Study,
     utcnow,
 )
 from cadnode.infer.answers import save_masks
 from cadnode.infer.bundle import discover
 from cadnode.route import load_rules
 from tests.peers import REPO, free_port, port_open, wait_for
+from tests.rows import instance_row, new_job
 from training.phantoms import write_chest_radiograph
 
 PASSWORD = "correct horse battery"
@@ -98,27 +96,15 @@ def seed(context: AdminContext) -> Seeded:
         for state, offset in (("complete", 1), ("routed", 1.5), ("inferred", 3.5), ("encoded", 4))
     }
     with context.database.session() as session:
-        study = Study(study_uid=str(film.StudyInstanceUID))
-        session.add(study)
-        session.flush()
-        assert study.id is not None
-        job = Job(
-            study_id=study.id, version=1, state=JobState.failed, rule="chest-radiograph",
+        job = new_job(
+            session, str(film.StudyInstanceUID), state=JobState.failed, rule="chest-radiograph",
             reason="a result could not be delivered (dead letter)",
             priority=PriorityClass.urgent, instance_count=1, first_instance_at=start,
             pipeline=[{"engine": "cxr-ruleout"}, {"engine": "cxr-segmenter"}],
             timeline={**timeline, "failed": (start + dt.timedelta(seconds=9)).isoformat()},
         )
-        session.add(job)
-        session.flush()
         assert job.id is not None
-        session.add(
-            Instance(
-                sop_instance_uid=str(film.SOPInstanceUID), sop_class_uid=str(film.SOPClassUID),
-                series_uid=str(film.SeriesInstanceUID), transfer_syntax="1.2.840.10008.1.2.1",
-                path="chest.dcm", size=1, calling_ae="MOD1", peer="127.0.0.1:1", job_id=job.id,
-            )
-        )
+        session.add(instance_row(film, "chest.dcm", job, calling_ae="MOD1"))
         classify = Result(
             job_id=job.id, engine="cxr-ruleout", engine_version="1", model_sha256="0" * 64,
             sop_instance_uid=str(film.SOPInstanceUID),

@@ -2,49 +2,33 @@ from __future__ import annotations
 
 import datetime as dt
 
+from pydicom import Dataset
 from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation
 
 from cadnode.assemble import Assembler
 from cadnode.config import AssembleSettings
-from cadnode.db import Database, Instance, Job, JobState, Study, utcnow
+from cadnode.db import Database, JobState, utcnow
+from tests.rows import instance_row, job_of, new_job
 
 
 def add_job(database: Database, sop_classes: list[str], quiet_for_s: float) -> int:
+    study_uid = f"1.2.{len(sop_classes)}.{int(quiet_for_s)}"
     with database.session() as session:
-        study = Study(study_uid=f"1.2.{len(sop_classes)}.{int(quiet_for_s)}")
-        session.add(study)
-        session.flush()
-        assert study.id is not None
         last = utcnow() - dt.timedelta(seconds=quiet_for_s)
-        job = Job(
-            study_id=study.id, version=1, instance_count=len(sop_classes), last_instance_at=last
-        )
-        session.add(job)
-        session.flush()
-        assert job.id is not None
+        job = new_job(session, study_uid, instance_count=len(sop_classes), last_instance_at=last)
         for i, sop_class in enumerate(sop_classes):
-            session.add(
-                Instance(
-                    sop_instance_uid=f"{study.study_uid}.{i}",
-                    sop_class_uid=sop_class,
-                    series_uid="1.2",
-                    transfer_syntax="1.2.840.10008.1.2.1",
-                    path="x",
-                    size=1,
-                    calling_ae="A",
-                    peer="p",
-                    job_id=job.id,
-                )
-            )
+            image = Dataset()
+            image.SOPInstanceUID = f"{study_uid}.{i}"
+            image.SOPClassUID = sop_class
+            image.SeriesInstanceUID = "1.2"
+            session.add(instance_row(image, "x", job))
         session.commit()
+        assert job.id is not None
         return job.id
 
 
 def state(database: Database, job_id: int) -> JobState:
-    with database.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job.state
+    return job_of(database, job_id).state
 
 
 def test_a_single_radiograph_is_released_on_arrival(database: Database) -> None:

@@ -14,16 +14,10 @@ from cadnode.db import Database, Delivery, DeliveryState, Job, JobState, ResultO
 from cadnode.deliveries import commitment_of, delivery_rows, discard, retry
 from cadnode.dispatch import DEAD_LETTER, Dispatcher
 from tests.peers import free_port, run_orthanc
+from tests.rows import job_of
 from tests.test_dispatch import queue_one, the_delivery
 
 FAST = DispatchSettings(max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.01, timeout_s=5)
-
-
-def job_of(database: Database, job_id: int) -> Job:
-    with database.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
 
 
 def dead_letter(database: Database, folder: Path, destination: str) -> tuple[Dispatcher, int]:

@@ -13,24 +13,18 @@ from cadnode.db import (
     Job,
     JobState,
     ResultObject,
-    Study,
     utcnow,
 )
 from cadnode.dispatch import Dispatcher
 from tests.peers import free_port
+from tests.rows import new_job
 from training.phantoms import write_chest_radiograph
 
 
 def queue_one(database: Database, results: Path, destination: str) -> int:
     ds = write_chest_radiograph(results / "obj.dcm", seed=5)
     with database.session() as session:
-        study = Study(study_uid="1.2.3")
-        session.add(study)
-        session.flush()
-        assert study.id is not None
-        job = Job(study_id=study.id, version=1, state=JobState.encoded)
-        session.add(job)
-        session.flush()
+        job = new_job(session, "1.2.3", state=JobState.encoded)
         assert job.id is not None
         session.add(
             ResultObject(

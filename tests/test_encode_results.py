@@ -16,20 +16,19 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from cadnode.config import Destination
 from cadnode.db import (
     Database,
     Delivery,
-    Instance,
     Job,
     JobState,
     Result,
     ResultObject,
-    Study,
 )
 from cadnode.encode.capture import secondary_capture
+from cadnode.encode.provenance import Algorithm
 from cadnode.encode.seg import segmentation
 from cadnode.encode.sr import (
     PERCENT_OF_HEMITHORAX,
@@ -40,8 +39,8 @@ from cadnode.encode.sr import (
     segmentation_report,
 )
 from cadnode.encode.stage import Encoder
-from cadnode.infer.answers import dump_answer, save_masks
-from tests.dicom_validation import dciodvfy_errors, dciodvfy_warnings
+from cadnode.infer.answers import Answer, dump_answer, save_masks
+from tests.dicom_validation import assert_valid, saved
 from tests.encode_cases import (
     DETECTOR,
     SEGMENTER,
@@ -52,27 +51,13 @@ from tests.encode_cases import (
     volume,
 )
 from tests.peers import run_orthanc, wait_for
+from tests.rows import instance_row, job_of, new_job
 
 WHEN = dt.datetime(2026, 1, 2, 9, 30, 0)
 
 
 def uid(*parts: str) -> str:
     return generate_uid(entropy_srcs=["test-encode-results", *parts])
-
-
-def saved(ds: pydicom.Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def valid(path: Path, allowed_warning: str | None = None) -> Path:
-    """dciodvfy finds no error; warnings other than `allowed_warning`: none either."""
-    assert dciodvfy_errors(path) == []
-    warnings = dciodvfy_warnings(path)
-    print(f"dciodvfy {path.name}: 0 errors, {len(warnings)} warnings")
-    unexpected = [w for w in warnings if allowed_warning is None or allowed_warning not in w]
-    assert unexpected == []
-    return path
 
 
 # The percent of the hemithorax is coded in cadnode's private scheme (declared in the
@@ -100,7 +85,7 @@ def segmentation_sr(tmp_path: Path, *, pneumothorax: bool) -> tuple[Path, Path, 
 @pytest.mark.parametrize("pneumothorax", [True, False], ids=["pneumothorax", "none"])
 def test_segmentation_report_references_its_segments(tmp_path: Path, pneumothorax: bool) -> None:
     sr_path, seg_path, film = segmentation_sr(tmp_path, pneumothorax=pneumothorax)
-    valid(sr_path, PRIVATE_SCHEME_WARNING)
+    assert_valid(sr_path, PRIVATE_SCHEME_WARNING)
     seg = pydicom.dcmread(seg_path)
     sr = hd.sr.srread(sr_path)
     assert isinstance(sr.content, hd.sr.MeasurementReport)
@@ -146,7 +131,7 @@ def test_detection_report_puts_each_finding_on_its_frame(tmp_path: Path) -> None
         [Detection(source, answer)], DETECTOR,
         ReportIdentity(uid("det-series"), uid("det"), content_datetime=WHEN),
     )
-    path = valid(saved(sr, tmp_path / "det.dcm"))
+    path = assert_valid(saved(sr, tmp_path / "det.dcm"))
     groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
     assert len(groups) == 2
     for group, finding in zip(groups, answer.findings, strict=True):
@@ -177,7 +162,7 @@ def test_a_volume_without_findings_says_absent(tmp_path: Path) -> None:
         [Detection(source, detect_answer(source, boxes))], DETECTOR,
         ReportIdentity(uid("det-series"), uid("det0"), content_datetime=WHEN),
     )
-    path = valid(saved(sr, tmp_path / "det0.dcm"))
+    path = assert_valid(saved(sr, tmp_path / "det0.dcm"))
     content = hd.sr.srread(path).content
     assert content.get_planar_roi_measurement_groups() == []
     [group] = content.get_image_measurement_groups()
@@ -208,7 +193,7 @@ def test_secondary_capture_is_marked_derived(tmp_path: Path) -> None:
             masks=masks[0], summary="pneumothorax present", content_datetime=WHEN,
         )
 
-    path = valid(saved(build(), tmp_path / "sc.dcm"))
+    path = assert_valid(saved(build(), tmp_path / "sc.dcm"))
     assert saved(build(), tmp_path / "again.dcm").read_bytes() == path.read_bytes()
     sc = pydicom.dcmread(path)
     assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
@@ -231,7 +216,7 @@ def test_secondary_capture_of_a_volume_frame(tmp_path: Path) -> None:
         frame=box.frame, boxes=[(box.x, box.y, box.width, box.height, "mass 0.90")],
         content_datetime=WHEN,
     )
-    path = valid(saved(sc, tmp_path / "scv.dcm"))
+    path = assert_valid(saved(sc, tmp_path / "scv.dcm"))
     read = pydicom.dcmread(path)
     assert int(read.SourceImageSequence[0].ReferencedFrameNumber) == box.frame
     assert read.PatientOrientation == ["L", "P"]
@@ -248,63 +233,46 @@ def prepare_job(database: Database, spool: Path, answers: Path) -> int:
         spool, pneumothorax=False, seed=4, study_uid=film.StudyInstanceUID
     )
     with database.session() as session:
-        study = Study(study_uid=film.StudyInstanceUID)
-        session.add(study)
-        session.flush()
-        assert study.id is not None
-        job = Job(study_id=study.id, version=1, state=JobState.inferred)
-        session.add(job)
-        session.flush()
-        assert job.id is not None
+        job = new_job(session, film.StudyInstanceUID, state=JobState.inferred)
         for index, (source, source_masks) in enumerate(((film, masks), (second, second_masks))):
             mask_file = f"{job.id}/{index}.npz"
             save_masks(answers / mask_file, source_masks)
-            session.add(instance_row(source, spool, job.id))
-            session.add(
-                Result(
-                    job_id=job.id, engine=SEGMENTER.name, engine_version=SEGMENTER.version,
-                    model_sha256=SEGMENTER.sha256, sop_instance_uid=source.SOPInstanceUID,
-                    answer=dump_answer(segment_answer(source, source_masks, mask_file)),
-                    created_at=WHEN.replace(tzinfo=dt.UTC),
-                )
-            )
+            answer = segment_answer(source, source_masks, mask_file)
+            add_answered(session, spool, job, source, SEGMENTER, answer)
         session.commit()
+        assert job.id is not None
         return job.id
 
 
 def prepare_detection_job(database: Database, spool: Path) -> int:
     source, boxes = volume(spool, masses=1)
     with database.session() as session:
-        study = Study(study_uid=source.StudyInstanceUID)
-        session.add(study)
-        session.flush()
-        assert study.id is not None
-        job = Job(study_id=study.id, version=1, state=JobState.inferred)
-        session.add(job)
-        session.flush()
-        assert job.id is not None
-        session.add(instance_row(source, spool, job.id))
-        session.add(
-            Result(
-                job_id=job.id, engine=DETECTOR.name, engine_version=DETECTOR.version,
-                model_sha256=DETECTOR.sha256, sop_instance_uid=source.SOPInstanceUID,
-                answer=dump_answer(detect_answer(source, boxes)),
-                created_at=WHEN.replace(tzinfo=dt.UTC),
-            )
-        )
+        job = new_job(session, source.StudyInstanceUID, state=JobState.inferred)
+        add_answered(session, spool, job, source, DETECTOR, detect_answer(source, boxes))
         session.commit()
+        assert job.id is not None
         return job.id
 
 
-def instance_row(source: pydicom.Dataset, spool: Path, job_id: int) -> Instance:
+def add_answered(
+    session: Session,
+    spool: Path,
+    job: Job,
+    source: pydicom.Dataset,
+    engine: Algorithm,
+    answer: Answer,
+) -> None:
+    """`source` (a file in `spool`) in `job`, with `engine`'s answer about it."""
     path = next(p for p in spool.glob("*.dcm") if pydicom.dcmread(
         p, stop_before_pixels=True).SOPInstanceUID == source.SOPInstanceUID)
-    return Instance(
-        sop_instance_uid=source.SOPInstanceUID, sop_class_uid=source.SOPClassUID,
-        series_uid=source.SeriesInstanceUID,
-        transfer_syntax=str(source.file_meta.TransferSyntaxUID),
-        path=path.name, size=path.stat().st_size, calling_ae="MODALITY", peer="127.0.0.1:1",
-        job_id=job_id,
+    session.add(instance_row(source, path.name, job, size=path.stat().st_size))
+    session.add(
+        Result(
+            job_id=job.id, engine=engine.name, engine_version=engine.version,
+            model_sha256=engine.sha256, sop_instance_uid=source.SOPInstanceUID,
+            answer=dump_answer(answer),
+            created_at=WHEN.replace(tzinfo=dt.UTC),
+        )
     )
 
 
@@ -320,11 +288,10 @@ def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> Non
     encoder = Encoder(database, spool, results, [pacs, old_pacs], answers=answers)
     encoder.advance()
 
+    for job_id in (segmented_job, detected_job):
+        job = job_of(database, job_id)
+        assert (job.state, job.reason) == (JobState.encoded, None)
     with database.session() as session:
-        for job_id in (segmented_job, detected_job):
-            job = session.get(Job, job_id)
-            assert job is not None
-            assert (job.state, job.reason) == (JobState.encoded, None)
         objects = session.exec(select(ResultObject)).all()
         deliveries = session.exec(select(Delivery)).all()
     kinds = sorted((o.job_id, o.modality) for o in objects)
@@ -340,7 +307,7 @@ def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> Non
 
     paths = {u: results / o.path for u, o in by_uid.items()}
     for path in paths.values():
-        valid(path, PRIVATE_SCHEME_WARNING)
+        assert_valid(path, PRIVATE_SCHEME_WARNING)
     # The report references both SEGs, each derived from its film.
     [sr_object] = [o for o in objects if o.job_id == segmented_job and o.modality == "SR"]
     report = hd.sr.srread(results / sr_object.path)
@@ -394,12 +361,11 @@ def test_a_mask_file_gone_fails_the_job_with_its_reason(tmp_path: Path) -> None:
     for mask_file in answers.rglob("*.npz"):
         mask_file.unlink()
     Encoder(database, spool, tmp_path / "results", [], answers=answers).advance()
+    job = job_of(database, job_id)
+    assert job.state is JobState.failed
+    assert job.reason is not None and "encoding failed" in job.reason
+    assert "npz" in job.reason
     with database.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        assert job.state is JobState.failed
-        assert job.reason is not None and "encoding failed" in job.reason
-        assert "npz" in job.reason
         assert session.exec(select(ResultObject)).all() == []
 
 

@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from cadnode.encode.seg import segment_frames, segmentation
 from cadnode.infer.answers import PointReached, SegmentFinding
-from tests.dicom_validation import dciodvfy_errors, dciodvfy_warnings
+from tests.dicom_validation import assert_valid, saved
 from tests.encode_cases import MASS, SEGMENTER, film_with_masks, segment_findings, volume
 
 WHEN = dt.datetime(2026, 1, 2, 9, 30, 0)
@@ -34,18 +34,6 @@ def build(
         sop_instance_uid=SOP_UID,
         content_datetime=WHEN,
     )
-
-
-def saved(seg: hd.seg.Segmentation, path: Path) -> Path:
-    seg.save_as(path, enforce_file_format=True)
-    return path
-
-
-def assert_valid(path: Path) -> None:
-    assert dciodvfy_errors(path) == []
-    warnings = dciodvfy_warnings(path)
-    print(f"dciodvfy {path.name}: 0 errors, {len(warnings)} warnings")
-    assert warnings == []  # none today; a new one deserves a look
 
 
 @pytest.mark.parametrize("pneumothorax", [True, False], ids=["pneumothorax", "none"])

@@ -23,8 +23,9 @@ from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
 from cadnode.preprocess import Geometry
-from tests.infer_jobs import CASCADE, job_of, results_of, routed_job, run_until
+from tests.infer_jobs import CASCADE, routed_job, run_until
 from tests.peers import REPO
+from tests.rows import job_of, results_of
 from training import detector
 from training.breast_phantoms import make_breast_phantom, tomosynthesis_dataset
 from training.phantoms import write_chest_radiograph

@@ -14,8 +14,9 @@ from cadnode.infer.runtime import Engine, load_engines
 from cadnode.infer.stage import Inference
 from cadnode.route import LiveRules, Router
 from tests import infer_jobs
-from tests.infer_jobs import Gated, job_of, results_of
+from tests.infer_jobs import Gated
 from tests.peers import REPO, wait_for
+from tests.rows import job_of, results_of
 from training.breast_phantoms import write_tomosynthesis
 from training.phantoms import write_chest_radiograph
 

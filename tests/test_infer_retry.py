@@ -17,8 +17,9 @@ from cadnode.infer.answers import Answer
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
-from tests.infer_jobs import Gated, job_of, results_of, routed_job, run_until
+from tests.infer_jobs import Gated, routed_job, run_until
 from tests.peers import REPO, wait_for
+from tests.rows import job_of, results_of
 from training.phantoms import write_chest_radiograph
 
 RULEOUT = Bundle(REPO / "engines" / "cxr-ruleout")

@@ -226,50 +226,42 @@ def test_patient_root_finds_the_patient(held: Held, tmp_path: Path) -> None:
 
 def test_move_sends_the_held_datasets_to_a_configured_destination(held: Held) -> None:
     ct_study = held.ct[0].StudyInstanceUID
-    output = dcmtk(
-        "movescu",
-        held.node,
-        "-S",
-        "-aem",
-        VIEWER_AE,
-        *keys(QueryRetrieveLevel="STUDY", StudyInstanceUID=ct_study),
-    )
+    output = move(held, VIEWER_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=ct_study)
     assert output.startswith("rc=0") and MOVED in output, output
     for ds in held.ct:
-        arrived = wait_for(
-            lambda ds=ds: list(held.viewer.glob(f"*{ds.SOPInstanceUID}*")), 20, "the moved file"
-        )
-        assert dataset_bytes(arrived[0]) == dataset_bytes(held.spool_file(ds))
+        assert dataset_bytes(moved(held, ds.SOPInstanceUID)) == dataset_bytes(held.spool_file(ds))
 
     [report] = [r for r in _results_of(held, held.film.StudyInstanceUID) if r.Modality == "SR"]
-    output = dcmtk(
-        "movescu",
-        held.node,
-        "-S",
-        "-aem",
+    output = move(
+        held,
         VIEWER_AE,
-        *keys(
-            QueryRetrieveLevel="IMAGE",
-            StudyInstanceUID=held.film.StudyInstanceUID,
-            SeriesInstanceUID=report.SeriesInstanceUID,
-            SOPInstanceUID=report.SOPInstanceUID,
-        ),
+        QueryRetrieveLevel="IMAGE",
+        StudyInstanceUID=held.film.StudyInstanceUID,
+        SeriesInstanceUID=report.SeriesInstanceUID,
+        SOPInstanceUID=report.SOPInstanceUID,
     )
     assert MOVED in output, output
-    [arrived] = wait_for(
-        lambda: list(held.viewer.glob(f"*{report.SOPInstanceUID}*")), 20, "the moved SR"
-    )
+    arrived = moved(held, report.SOPInstanceUID)
     assert dataset_bytes(arrived) == dataset_bytes(_result_file(held, report.SOPInstanceUID))
 
 
+def move(held: Held, destination: str, **identifiers: str) -> str:
+    """movescu (study root) asking the node to send what `identifiers` match to `destination`."""
+    return dcmtk("movescu", held.node, "-S", "-aem", destination, *keys(**identifiers))
+
+
+def moved(held: Held, sop_instance_uid: str) -> Path:
+    """The file the viewer (storescp) wrote for that instance, once it has arrived."""
+    files = wait_for(
+        lambda: list(held.viewer.glob(f"*{sop_instance_uid}*")), 20, f"{sop_instance_uid} moved"
+    )
+    first: Path = files[0]
+    return first
+
+
 def test_move_to_an_unknown_destination_fails(held: Held) -> None:
-    output = dcmtk(
-        "movescu",
-        held.node,
-        "-S",
-        "-aem",
-        "NOBODY",
-        *keys(QueryRetrieveLevel="STUDY", StudyInstanceUID=held.ct[0].StudyInstanceUID),
+    output = move(
+        held, "NOBODY", QueryRetrieveLevel="STUDY", StudyInstanceUID=held.ct[0].StudyInstanceUID
     )
     assert "MoveDestinationUnknown" in output, output  # DCMTK's name for 0xA801
 

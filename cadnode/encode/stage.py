@@ -188,15 +188,11 @@ class _Objects:
     def uid(self, *parts: str) -> str:
         return generate_uid(entropy_srcs=[*self.key, *parts])
 
-    # The classifier's SR had these UID parts before SEG and SC existed: unchanged, so
-    # results encoded by an earlier release keep their UIDs.
+    # Every report's UIDs use the parts the classifier's SR had before SEG and SC existed:
+    # unchanged, so results encoded by an earlier release keep their UIDs.
     @property
-    def sr_series_uid(self) -> str:
-        return self.uid("series")
-
-    @property
-    def sr_uid(self) -> str:
-        return self.uid("sr")
+    def report_identity(self) -> ReportIdentity:
+        return ReportIdentity(self.uid("series"), self.uid("sr"), content_datetime=self.when)
 
     def build(self, answered: list[_Answered]) -> Iterator[_Made]:
         tasks = {item.answer.task for item in answered}
@@ -229,14 +225,8 @@ class _Objects:
             if self.captures:
                 verdict = "no abnormality detected" if answer.ruled_out else answer.label.name
                 yield self._capture(item, summary=f"{verdict} ({answer.probability:.2f})")
-        yield _Made(
-            classification_report(
-                classifications,
-                self.algorithm,
-                ReportIdentity(self.sr_series_uid, self.sr_uid, content_datetime=self.when),
-            ),
-            for_all=True,
-        )
+        report = classification_report(classifications, self.algorithm, self.report_identity)
+        yield _Made(report, for_all=True)
 
     def _segmented(self, answered: list[_Answered]) -> Iterator[_Made]:
         segmented = []
@@ -262,14 +252,8 @@ class _Objects:
                 yield self._capture(
                     item, frame=frame, masks=masks[frame - 1], summary=_segment_summary(answer)
                 )
-        yield _Made(
-            segmentation_report(
-                segmented,
-                self.algorithm,
-                ReportIdentity(self.sr_series_uid, self.sr_uid, content_datetime=self.when),
-            ),
-            for_all=True,
-        )
+        report = segmentation_report(segmented, self.algorithm, self.report_identity)
+        yield _Made(report, for_all=True)
 
     def _detected(self, answered: list[_Answered]) -> Iterator[_Made]:
         detections = []
@@ -281,14 +265,8 @@ class _Objects:
                 frame, boxes = _boxes_on_best_frame(answer)
                 summary = f"{len(answer.findings)} {answer.label.name} finding(s)"
                 yield self._capture(item, frame=frame, boxes=boxes, summary=summary)
-        yield _Made(
-            detection_report(
-                detections,
-                self.algorithm,
-                ReportIdentity(self.sr_series_uid, self.sr_uid, content_datetime=self.when),
-            ),
-            for_all=True,
-        )
+        report = detection_report(detections, self.algorithm, self.report_identity)
+        yield _Made(report, for_all=True)
 
     def _capture(
         self,
