@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from sqlmodel import select
 
 from cadnode.config import EMBEDDED_CONFIG, Destination
-from cadnode.db import Database, Delivery, Instance, Job, JobState, PriorityClass, Result, Study
+from cadnode.db import Database, Delivery, JobState, PriorityClass, Result
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
@@ -28,11 +28,12 @@ from cadnode.route import LiveRules, Router, RuleSet, Subject, load_rules
 from cadnode.route.explain import run_cases
 from cadnode.yamlfile import ConfigError
 from tests.peers import REPO, wait_for
+from tests.rows import instance_row, job_of, new_job
 from tests.test_cli import cadnode
 from training.phantoms import chest_dataset, make_chest_phantom, write_chest_radiograph
 
 SHIPPED_RULES = EMBEDDED_CONFIG.parent / "rules.yaml"
-ENGINES = ["cxr-ruleout"]
+ENGINES = ["cxr-ruleout", "cxr-segmenter", "dbt-detector"]  # the shipped bundles
 STUDY, SERIES = generate_uid(), generate_uid()
 
 
@@ -88,7 +89,7 @@ def problems(tmp_path: Path, text: str, engines: list[str] = ENGINES, **kw: Any)
         ({"Modality": "CT"}, "everything-else"),
     ],
 )
-def test_shipped_rules_send_frontal_chest_films_to_the_rule_out_engine(
+def test_shipped_rules_send_frontal_chest_films_to_the_rule_out_cascade(
     changes: dict[str, str], rule: str
 ) -> None:
     rules = load_rules(SHIPPED_RULES, ENGINES)
@@ -96,7 +97,11 @@ def test_shipped_rules_send_frontal_chest_films_to_the_rule_out_engine(
     decision = rules.decide([subject(**attributes)])
     assert decision.rule_names == [rule]
     if rule == "chest-radiograph":
-        assert [s.engine for s in decision.steps()] == ["cxr-ruleout"]
+        ruleout, segmenter = decision.steps()
+        assert (ruleout.engine, ruleout.when) == ("cxr-ruleout", None)
+        assert segmenter.engine == "cxr-segmenter"  # only on the films not ruled out
+        assert segmenter.when is not None
+        assert (segmenter.when.step, segmenter.when.ruled_out) == ("cxr-ruleout", False)
         assert decision.priority is PriorityClass.urgent
     else:
         assert not decision.acts
@@ -606,32 +611,14 @@ def test_every_error_is_listed_top_down_and_a_name_is_used_once(tmp_path: Path) 
 def store(database: Database, spool: Path, films: list[Dataset], **arrival: str) -> int:
     """The films as receive leaves them: written to the spool, indexed, the job complete."""
     with database.session() as session:
-        study = Study(study_uid=str(films[0].StudyInstanceUID))
-        session.add(study)
-        session.flush()
-        assert study.id is not None
-        job = Job(study_id=study.id, version=1, state=JobState.complete)
-        session.add(job)
-        session.flush()
-        assert job.id is not None
+        job = new_job(session, str(films[0].StudyInstanceUID), state=JobState.complete)
         for film in films:
-            relative = Path(f"{film.SOPInstanceUID}.dcm")
+            relative = f"{film.SOPInstanceUID}.dcm"
             film.save_as(spool / relative, enforce_file_format=True)
-            session.add(
-                Instance(
-                    sop_instance_uid=str(film.SOPInstanceUID),
-                    sop_class_uid=str(film.SOPClassUID),
-                    series_uid=str(film.SeriesInstanceUID),
-                    transfer_syntax=str(film.file_meta.TransferSyntaxUID),
-                    path=str(relative),
-                    size=1,
-                    calling_ae=arrival.get("calling_ae", "MODALITY"),
-                    called_ae=arrival.get("called_ae", "CADNODE"),
-                    peer=arrival.get("peer", "127.0.0.1:40000"),
-                    job_id=job.id,
-                )
-            )
+            arrived = {"called_ae": "CADNODE", "peer": "127.0.0.1:40000", **arrival}
+            session.add(instance_row(film, relative, job, **arrived))
         session.commit()
+        assert job.id is not None
         return job.id
 
 
@@ -647,13 +634,6 @@ def spool(tmp_path: Path) -> Path:
     folder = tmp_path / "spool"
     folder.mkdir()
     return folder
-
-
-def job_of(database: Database, job_id: int) -> Job:
-    with database.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        return job
 
 
 def test_the_router_records_the_decision_on_the_job(
@@ -795,10 +775,13 @@ def test_rules_explain_says_which_rule_fires_and_why_the_others_do_not(tmp_path:
     text = done.stdout
     assert text.index(str(frontal)) < text.index(str(lateral))
     by_file = text.split(str(lateral))
-    assert "chest-radiograph  FIRES    infer cxr-ruleout; priority urgent; stops here" in by_file[0]
-    assert "everything-else   skipped  not reached: 'chest-radiograph' stopped" in by_file[0]
     assert (
-        "chest-radiograph  no       line 38: ViewPosition in [PA, AP] (actual: 'LL')"
+        "chest-radiograph      FIRES    infer cxr-ruleout, then cxr-segmenter (only where "
+        "cxr-ruleout: ruled_out is false); priority urgent; stops here"
+    ) in by_file[0]
+    assert "everything-else       skipped  not reached: 'chest-radiograph' stopped" in by_file[0]
+    assert (
+        "chest-radiograph      no       line 38: ViewPosition in [PA, AP] (actual: 'LL')"
         in (by_file[1])
     )
     assert "=> everything-else" in by_file[1]
