@@ -17,6 +17,7 @@ from cadnode.admin.commands import COMMANDS as ADMIN_COMMANDS
 from cadnode.admin.commands import add_admin_commands, admin_command, hash_password_command
 from cadnode.config import Settings, load_settings
 from cadnode.db import Database, Delivery, DeliveryState, Instance, Job, Result, Study
+from cadnode.infer.answers import ClassifyAnswer, SegmentAnswer, parse_answer, summary
 from cadnode.infer.bundle import discover
 from cadnode.prioritize.history import history_line, study_priority
 from cadnode.prioritize.policy import load_policy, unknown_engines
@@ -251,8 +252,8 @@ def show_studies(settings: Settings, *, as_json: bool) -> None:
     )
     for row in rows:
         outcome = "; ".join(
-            f"{r['engine']}: p={r['probability']:.3f}"
-            + (" ruled out" if r.get("ruled_out") else "")
+            f"{r['engine']}: {r['summary']}"
+            + ("" if r["probability"] is None else f" (p={r['probability']:.3f})")
             for r in row["results"]
         ) or (row["reason"] or "")
         print(
@@ -263,8 +264,15 @@ def show_studies(settings: Settings, *, as_json: bool) -> None:
             print(f"{'':>9}priority: {history_line(row)}")
 
 
-def _summary(answer: dict[str, Any]) -> dict[str, Any]:
-    return {"probability": answer.get("probability"), "ruled_out": answer.get("ruled_out")}
+def _summary(stored: dict[str, Any]) -> dict[str, Any]:
+    answer = parse_answer(stored)
+    probability = None if isinstance(answer, SegmentAnswer) else answer.probability
+    return {
+        "task": answer.task,
+        "summary": summary(answer),
+        "probability": probability,
+        "ruled_out": answer.ruled_out if isinstance(answer, ClassifyAnswer) else None,
+    }
 
 
 if __name__ == "__main__":

@@ -33,8 +33,15 @@ from cadnode.db import (
     Result,
     utcnow,
 )
-from cadnode.infer.answers import save_masks
-from cadnode.infer.bundle import discover
+from cadnode.infer.answers import (
+    ClassifyAnswer,
+    PointReached,
+    SegmentAnswer,
+    SegmentFinding,
+    dump_answer,
+    save_masks,
+)
+from cadnode.infer.bundle import Bundle, discover
 from cadnode.route import load_rules
 from tests.peers import REPO, free_port, port_open, wait_for
 from tests.rows import instance_row, new_job
@@ -45,6 +52,8 @@ TOKEN = "scrape-token-0123456789"
 PASSWORD_HASH = hash_password(PASSWORD)
 TOKEN_HASH = hash_password(TOKEN)
 ENGINES = REPO / "engines"
+RULEOUT = Bundle(ENGINES / "cxr-ruleout").manifest
+SEGMENTER = Bundle(ENGINES / "cxr-segmenter").manifest
 PAGES = ["/studies", "/queues", "/rules", "/engines", "/charts", "/audit", "/jobs/1"]
 
 
@@ -108,28 +117,24 @@ def seed(context: AdminContext) -> Seeded:
         classify = Result(
             job_id=job.id, engine="cxr-ruleout", engine_version="1", model_sha256="0" * 64,
             sop_instance_uid=str(film.SOPInstanceUID),
-            answer={
-                "task": "classify", "label": {"name": "abnormal"}, "probability": 0.91,
-                "operating_points": {"rule_out": {"threshold": 0.2, "reached": True}},
-                "ruled_out": False,
-            },
+            answer=dump_answer(ClassifyAnswer(
+                label=RULEOUT.labels[0], probability=0.91,
+                operating_points={"rule_out": PointReached(threshold=0.2, reached=True)},
+                ruled_out=False,
+            )),
             seconds=0.02,
         )
         segment = Result(
             job_id=job.id, engine="cxr-segmenter", engine_version="1", model_sha256="1" * 64,
             sop_instance_uid=str(film.SOPInstanceUID),
-            answer={
-                "task": "segment", "mask_file": "seg.npz", "frames": 1, "rows": rows,
-                "columns": columns,
-                "findings": [
-                    {
-                        "label": {"name": "pneumothorax"}, "segment_number": 1,
-                        "probability": 0.8,
-                        "operating_points": {"present": {"threshold": 0.5, "reached": True}},
-                        "measurements": {"percent_of_hemithorax": 12.0},
-                    }
-                ],
-            },
+            answer=dump_answer(SegmentAnswer(
+                mask_file="seg.npz", frames=1, rows=rows, columns=columns,
+                findings=[SegmentFinding(
+                    label=SEGMENTER.labels[2], segment_number=1, probability=0.8,
+                    operating_points={"present": PointReached(threshold=0.5, reached=True)},
+                    measurements={"percent_of_hemithorax": 12.0},
+                )],
+            )),
             seconds=0.3,
         )
         dead = Delivery(

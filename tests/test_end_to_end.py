@@ -153,6 +153,9 @@ def test_a_pneumothorax_film_comes_back_as_srs_and_a_seg_in_the_pacs(
     assert reference[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
     assert {d["state"] for d in row["deliveries"]} == {"sent"} and len(row["deliveries"]) == 3
     assert row["priority"] == "HIGH"  # a pneumothorax moves the study up the worklist
+    table = node.cli("studies").stdout
+    assert "cxr-ruleout: abnormal (p=" in table
+    assert "cxr-segmenter: right lung, left lung, pneumothorax (" in table
 
 
 def test_a_normal_film_is_ruled_out_and_never_segmented(

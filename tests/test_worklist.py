@@ -111,7 +111,8 @@ def test_a_worklist_client_finds_the_workitem_and_hears_its_priority_change(
     assert item.ReferencedRequestSequence[0].StudyInstanceUID == film.StudyInstanceUID
     [series] = item.InputInformationSequence
     assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == film.SOPInstanceUID
-    assert "abnormal" in item.CommentsOnTheScheduledProcedureStep
+    # The segmenter measured the pneumothorax: the policy's first rule says why it is HIGH.
+    assert "pneumothorax above 10 %" in item.CommentsOnTheScheduledProcedureStep
     status, attributes = client.get(node.dicom_port, uid, [0x00741200, 0x00741000])
     assert status == SUCCESS and attributes is not None
     assert attributes.ScheduledProcedureStepPriority == "HIGH"
@@ -119,7 +120,7 @@ def test_a_worklist_client_finds_the_workitem_and_hears_its_priority_change(
     history = study_row(node, film.StudyInstanceUID)["priority_history"]
     assert [(h["priority"], h["rule"]) for h in history] == [
         ("MEDIUM", "arrival"),
-        ("HIGH", "chest-urgent"),
+        ("HIGH", "pneumothorax-large"),
     ]
     assert "MEDIUM" in node.cli("studies").stdout.split("priority:")[-1]
 

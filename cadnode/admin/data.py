@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -24,6 +23,7 @@ from cadnode.db import (
     StudyPriority,
     utcnow,
 )
+from cadnode.infer.answers import SegmentAnswer, parse_answer, summary
 
 FLOW = ("received", "complete", "routed", "inferred", "encoded", "delivered")
 
@@ -56,38 +56,23 @@ class JobRow:
 
 def describe(result: Result) -> Finding:
     """One line for an engine's answer, whatever its task (cadnode.infer.answers)."""
-    answer = result.answer
-    task = str(answer.get("task", "classify"))
-    label = str(answer.get("label", {}).get("name", "finding"))
-    probability = answer.get("probability")
-    if task == "segment":
-        present = [f for f in answer.get("findings", []) if is_positive(f)]
-        text = ", ".join(_segment_text(f) for f in present) or "nothing segmented"
-        probability = max((f.get("probability", 0.0) for f in present), default=None)
-    elif task == "detect":
-        count = len(answer.get("findings", []))
-        text = f"{count} {label} finding(s)" if count else f"no {label} reported"
-    elif answer.get("ruled_out") is True:
-        text = "ruled out"
+    answer = parse_answer(result.answer)
+    if isinstance(answer, SegmentAnswer):  # the most confident segment shown
+        present = [f.probability for f in answer.findings if is_positive(f.model_dump())]
+        probability = max(present, default=None)
     else:
-        text = label if is_positive(answer) else f"not {label}"
+        probability = answer.probability
     assert result.id is not None
     return Finding(
         result_id=result.id,
         engine=result.engine,
         version=result.engine_version,
-        task=task,
-        text=text,
-        probability=None if probability is None else float(probability),
-        positive=is_positive(answer),
+        task=answer.task,
+        text=summary(answer),
+        probability=probability,
+        positive=is_positive(result.answer),
         source_uid=result.sop_instance_uid,
     )
-
-
-def _segment_text(finding: dict[str, Any]) -> str:
-    name = str(finding.get("label", {}).get("name", "segment"))
-    share = finding.get("measurements", {}).get("percent_of_hemithorax")
-    return f"{name} ({share:.0f}% of hemithorax)" if share is not None else name
 
 
 def job_rows(session: Session, limit: int = 200, job_id: int | None = None) -> list[JobRow]:

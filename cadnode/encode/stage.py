@@ -60,6 +60,7 @@ from cadnode.infer.answers import (
     SegmentAnswer,
     load_masks,
     parse_answer,
+    summary,
 )
 from cadnode.overlay import BoxSpec
 
@@ -223,8 +224,7 @@ class _Objects:
                 )
             )
             if self.captures:
-                verdict = "no abnormality detected" if answer.ruled_out else answer.label.name
-                yield self._capture(item, summary=f"{verdict} ({answer.probability:.2f})")
+                yield self._capture(item, summary=f"{summary(answer)} ({answer.probability:.2f})")
         report = classification_report(classifications, self.algorithm, self.report_identity)
         yield _Made(report, for_all=True)
 
@@ -250,7 +250,7 @@ class _Objects:
                 # The frame with the most segmented pixels (a film has one).
                 frame = int(np.argmax(masks.sum(axis=(1, 2, 3)))) + 1
                 yield self._capture(
-                    item, frame=frame, masks=masks[frame - 1], summary=_segment_summary(answer)
+                    item, frame=frame, masks=masks[frame - 1], summary=summary(answer)
                 )
         report = segmentation_report(segmented, self.algorithm, self.report_identity)
         yield _Made(report, for_all=True)
@@ -263,8 +263,7 @@ class _Objects:
             detections.append(Detection(item.source, answer))
             if self.captures:
                 frame, boxes = _boxes_on_best_frame(answer)
-                summary = f"{len(answer.findings)} {answer.label.name} finding(s)"
-                yield self._capture(item, frame=frame, boxes=boxes, summary=summary)
+                yield self._capture(item, frame=frame, boxes=boxes, summary=summary(answer))
         report = detection_report(detections, self.algorithm, self.report_identity)
         yield _Made(report, for_all=True)
 
@@ -290,19 +289,6 @@ class _Objects:
             content_datetime=self.when,
         )
         return _Made(sc, for_all=False)
-
-def _segment_summary(answer: SegmentAnswer) -> str:
-    parts = []
-    for finding in answer.findings:
-        present = finding.operating_points.get("present")
-        if present is None:
-            continue
-        state = "present" if present.reached else "absent"
-        percent = finding.measurements.get("percent_of_hemithorax")
-        extra = f" {percent:.1f}% of hemithorax" if present.reached and percent else ""
-        parts.append(f"{finding.label.name.replace('_', ' ')} {state}{extra}")
-    return ", ".join(parts)
-
 
 def _boxes_on_best_frame(answer: DetectAnswer) -> tuple[int, list[BoxSpec]]:
     """The frame of the best finding (the middle frame without one) and the boxes on it."""

@@ -113,6 +113,33 @@ def dump_answer(answer: Answer) -> dict[str, Any]:
     return answer.model_dump(mode="json")
 
 
+def summary(answer: Answer) -> str:
+    """What the engine said, in one line for a person (the CLI, the dashboard, a Secondary
+    Capture's caption): "no abnormality detected (ruled out)", "abnormal", "pneumothorax
+    (35% of hemithorax), right lung", "2 mass finding(s)". The probability is left to the
+    caller to show or not."""
+    if isinstance(answer, SegmentAnswer):
+        present = [f for f in answer.findings if _reached(f.operating_points)]
+        return ", ".join(_segment_text(f) for f in present) or "nothing segmented"
+    if isinstance(answer, DetectAnswer):
+        name, count = answer.label.name, len(answer.findings)
+        return f"{count} {name} finding(s)" if count else f"no {name} reported"
+    if answer.ruled_out:
+        return "no abnormality detected (ruled out)"
+    name = answer.label.name
+    return name if _reached(answer.operating_points) else f"not {name}"
+
+
+def _reached(points: dict[str, PointReached]) -> bool:
+    return any(point.reached for point in points.values())
+
+
+def _segment_text(finding: SegmentFinding) -> str:
+    name = finding.label.name.replace("_", " ")
+    share = finding.measurements.get("percent_of_hemithorax")
+    return f"{name} ({share:.0f}% of hemithorax)" if share is not None else name
+
+
 def save_masks(path: Path, masks: np.ndarray) -> None:
     """Boolean masks shaped (frames, labels, rows, columns), written durably (compressed)."""
     if masks.ndim != 4 or masks.dtype != np.bool_:
