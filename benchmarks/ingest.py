@@ -6,7 +6,10 @@ processes), TCP_NODELAY=1 for the DCMTK tools. Every receiver starts empty for e
 The figures are throughput ratios in the same run (cadnode / storescp, cadnode / Orthanc):
 the machines here are shared and noisy, absolute seconds mean little.
 
-    .venv/bin/python benchmarks/ingest.py [--repeat 3] [--ct 300] [--dx 20]
+    .venv/bin/python benchmarks/ingest.py [--repeat 3] [--ct 300] [--dx 20] [--targets ...]
+
+Targets: cadnode (receiving in the node's process), cadnode-2p and cadnode-4p (two or four
+receiver processes, `dicom.receivers`), storescp, orthanc.
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ class Target:
 TargetFactory = Callable[[Path], AbstractContextManager[Target]]
 
 
-@contextmanager
-def cadnode(folder: Path) -> Iterator[Target]:
-    with run_cadnode(folder, None) as node:
-        spool = node.data_dir / "spool"
-        yield Target(node.dicom_port, "CADNODE", lambda: sum(1 for _ in spool.rglob("*.dcm")))
+def cadnode_with(receivers: int) -> TargetFactory:
+    """cadnode with `dicom.receivers` receiver processes (1: receiving in the node's own)."""
+
+    @contextmanager
+    def cadnode(folder: Path) -> Iterator[Target]:
+        with run_cadnode(folder, None, CADNODE_DICOM_RECEIVERS=str(receivers)) as node:
+            spool = node.data_dir / "spool"
+            yield Target(node.dicom_port, "CADNODE", lambda: sum(1 for _ in spool.rglob("*.dcm")))
+
+    return cadnode
 
 
 @contextmanager
@@ -75,7 +83,13 @@ def orthanc(folder: Path) -> Iterator[Target]:
         )
 
 
-TARGETS: dict[str, TargetFactory] = {"cadnode": cadnode, "storescp": storescp, "orthanc": orthanc}
+TARGETS: dict[str, TargetFactory] = {
+    "cadnode": cadnode_with(1),
+    "cadnode-2p": cadnode_with(2),  # two receiver processes
+    "cadnode-4p": cadnode_with(4),
+    "storescp": storescp,
+    "orthanc": orthanc,
+}
 
 
 def push(target: Target, files: list[Path], associations: int) -> float:
@@ -120,7 +134,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="pushes per figure (median)")
     parser.add_argument("--ct", type=int, default=300, help="CT instances")
     parser.add_argument("--dx", type=int, default=20, help="DX images")
-    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated")
+    parser.add_argument(
+        "--targets", default="cadnode,cadnode-2p,storescp,orthanc", help="comma-separated"
+    )
     parser.add_argument("--associations", default="1,4", help="comma-separated")
     args = parser.parse_args()
     names = args.targets.split(",")
@@ -153,18 +169,17 @@ def main() -> None:
 def report_row(study: str, megabytes: float, associations: int, median: dict[str, float]) -> None:
     print(f"{study} ({megabytes:.0f} MB), {associations} association(s):")
     for name, value in median.items():
-        print(f"  {name:<9} {value:7.2f} s  {megabytes / value:7.1f} MB/s")
+        print(f"  {name:<10} {value:7.2f} s  {megabytes / value:7.1f} MB/s")
     print("  " + ratios(median))
 
 
 def ratios(median: dict[str, float]) -> str:
-    if "cadnode" not in median:
-        return ""
-    return "  ".join(
-        f"cadnode/{name} {median[name] / median['cadnode']:.2f}x"
-        for name in median
-        if name != "cadnode"
-    )
+    """Each cadnode's throughput over each anchor's, and the receiver processes' over one."""
+    ours = [name for name in median if name.startswith("cadnode")]
+    anchors = [name for name in median if name not in ours]
+    pairs = [(mine, name) for mine in ours for name in anchors]
+    pairs += [(mine, "cadnode") for mine in ours if mine != "cadnode" and "cadnode" in median]
+    return "  ".join(f"{mine}/{name} {median[name] / median[mine]:.2f}x" for mine, name in pairs)
 
 
 if __name__ == "__main__":

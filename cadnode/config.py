@@ -107,7 +107,10 @@ class DicomSettings(Section):
     # Loopback by default: the embedded node accepts any calling AE, so only local peers.
     bind: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 11112
-    max_associations: int = Field(default=16, ge=1)
+    max_associations: int = Field(default=16, ge=1)  # per receiver process
+    # Receiver processes sharing the port (cadnode/dicomport.py): more than one lets
+    # concurrent associations run past the interpreter lock; 1 receives in the node's process.
+    receivers: int = Field(default=1, ge=1, le=64)
     # A peer silent this long (between messages or in the middle of a PDU) is aborted.
     network_timeout_s: float = Field(default=60, gt=0)
     # A connection that sends no association request within this long is closed.
@@ -327,6 +330,7 @@ ENVIRONMENT: Mapping[str, tuple[tuple[str, ...], type]] = {
     "CADNODE_DATA_DIR": (("storage", "data_dir"), str),
     "CADNODE_DICOM_PORT": (("dicom", "port"), int),
     "CADNODE_AE_TITLE": (("dicom", "ae_title"), str),
+    "CADNODE_DICOM_RECEIVERS": (("dicom", "receivers"), int),
     "CADNODE_HTTP_PORT": (("http", "port"), int),
     "CADNODE_ENGINES_DIR": (("engines", "dir"), str),
     "CADNODE_ADMIN_PASSWORD_HASH": (("http", "admin_password_hash"), str),

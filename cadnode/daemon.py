@@ -16,10 +16,10 @@ from cadnode import audit
 from cadnode.admin.app import AdminServer
 from cadnode.admin.context import AdminContext, EngineInfo
 from cadnode.assemble import Assembler
-from cadnode.commitment import CommitmentScp
 from cadnode.config import Settings
 from cadnode.conveyor import Conveyor
 from cadnode.db import Database
+from cadnode.dicomport import ReceiverProcesses, receiver_in_process
 from cadnode.dispatch import Dispatcher
 from cadnode.encode.stage import Encoder
 from cadnode.infer.bundle import discover
@@ -28,7 +28,6 @@ from cadnode.infer.stage import Inference
 from cadnode.prioritize import Prioritization
 from cadnode.receive import Receiver
 from cadnode.route import LiveRules, Router
-from cadnode.serve import QueryRetrieveScp
 
 log = structlog.get_logger("cadnode.daemon")
 
@@ -81,15 +80,13 @@ class Node:
             ]
         )
         self.database.on_change = self.conveyor.nudge
-        # Other stages' DIMSE services on the node's port: the UPS worklist, the PACS's
-        # Storage Commitment answers (N-EVENT-REPORT) to dispatch's requests, and
-        # Query/Retrieve (serve) for PACS and viewers pulling what the node holds.
-        services = [
-            *self.priority.services,
-            CommitmentScp(self.database).service(),
-            *QueryRetrieveScp(settings, self.database).services,
-        ]
-        self.receiver = Receiver(settings, self.database, self.conveyor.nudge, services=services)
+        # The DICOM port, with every stage's DIMSE services on it (cadnode/dicomport.py): in
+        # this process, or in `dicom.receivers` processes that wake the stages here.
+        self.receiver: Receiver | ReceiverProcesses = (
+            ReceiverProcesses(settings, self.database, self.conveyor.nudge)
+            if settings.dicom.receivers > 1
+            else receiver_in_process(settings, self.database, self.conveyor.nudge)
+        )
         self.admin = AdminServer(
             AdminContext(
                 settings=settings,

@@ -18,6 +18,7 @@ assemble may then release the study without waiting out its quiet period.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import socketserver
 import threading
@@ -48,6 +49,7 @@ from cadnode.config import Settings
 from cadnode.db import CompletionSignal, Database
 from cadnode.dicomnet import Service, routed_handlers, set_tcp_nodelay
 from cadnode.files import is_valid_uid
+from cadnode.locks import KeyedLocks, lock_file
 from cadnode.mpps import MppsScp
 from cadnode.spool import HEADER_TAGS, Arrival, OutOfSpace, Spool, cut_short
 
@@ -65,6 +67,10 @@ DEFER_SIZE = 64 * 1024
 # The largest PDU we ask peers to send (pynetdicom's default is 16 KiB; DCMTK sends up to
 # 128 KiB): fewer, larger PDUs mean fewer trips through pynetdicom's per-PDU machinery.
 MAXIMUM_PDU_SIZE = 4 * 2**20
+# With receiver processes sharing the port: how long a process waits per association it
+# serves before it accepts again, so that idler processes take the next (see accept_in_turn).
+TURN_S = 0.005
+TURN_MAX_S = 0.05
 
 
 class Rejected(Exception):
@@ -105,14 +111,21 @@ class Receiver:
         self.services = [*services, MppsScp(database, on_signal=on_indexed).service()]
         self._sending: dict[int, _Sending] = {}
         self._sending_lock = threading.Lock()
+        # While any of its associations sends a study, this process marks it, so a receiver
+        # process releasing an association sees the others' (cadnode/dicomport.py).
+        self._studies_sent = KeyedLocks(lock_file(database, "studies-sent"))
         self._server: _Server | None = None
 
     def reconcile(self) -> dict[str, int]:
         """Make spool and index agree before the first association (see cadnode/spool.py)."""
         return self.spool.reconcile(self.quarantine)
 
-    def start(self) -> int:
-        """Start serving in the background; returns the bound port (useful with port 0)."""
+    def start(self, listening: socket.socket | None = None) -> int:
+        """Start serving in the background; returns the bound port (useful with port 0).
+
+        `listening`: a socket already bound and listening, shared with other receiver
+        processes (cadnode/dicomport.py); by default the receiver binds its own.
+        """
         dicom = self.settings.dicom
         ae = AE(ae_title=dicom.ae_title)
         ae.maximum_associations = dicom.max_associations
@@ -144,11 +157,16 @@ class Receiver:
         server = cast(
             _Server,
             ae.make_server(
-                address, ssl_context=self.tls, evt_handlers=handlers, server_class=_Server
+                address,
+                ssl_context=self.tls,
+                evt_handlers=handlers,
+                server_class=_Server,
+                listening=listening,
             ),
         )
         ae._servers.append(server)  # as AE.start_server does: the server's shutdown expects it
-        threading.Thread(target=server.serve_forever, name="receive-accept", daemon=True).start()
+        accept = server.serve_forever if listening is None else server.accept_in_turn
+        threading.Thread(target=accept, name="receive-accept", daemon=True).start()
         self._server = server
         port = int(server.server_address[1])
         log.info(
@@ -157,6 +175,7 @@ class Receiver:
             bind=dicom.bind,
             port=port,
             tls=bool(self.tls),
+            shared=listening is not None,
         )
         return port
 
@@ -203,7 +222,12 @@ class Receiver:
         event.assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the peer has gone
 
     def _on_accepted(self, event: Any) -> None:
-        log.info("association.accepted", calling_ae=_calling_ae(event), peer=_peer(event))
+        log.info(
+            "association.accepted",
+            calling_ae=_calling_ae(event),
+            peer=_peer(event),
+            pid=os.getpid(),  # which receiver process, where there are several
+        )
         self._audit_association(event, "accepted")
 
     def _on_rejected(self, event: Any) -> None:
@@ -247,7 +271,7 @@ class Receiver:
             log.exception("instance.not_stored", calling_ae=calling_ae, peer=peer)
             sending.refused += 1
             return PROCESSING_FAILURE
-        sending.studies.add(arrival.study_uid)
+        self._sending_study(sending, arrival.study_uid)
         if indexed is None:
             sending.duplicates += 1
             log.info("instance.duplicate", calling_ae=calling_ae)
@@ -286,14 +310,24 @@ class Receiver:
         with self._sending_lock:
             return self._sending.setdefault(id(association), _Sending())
 
+    def _sending_study(self, sending: _Sending, study_uid: str) -> None:
+        with self._sending_lock:
+            if study_uid in sending.studies:
+                return
+            if not any(study_uid in s.studies for s in self._sending.values()):
+                self._studies_sent.mark(study_uid)
+            sending.studies.add(study_uid)
+
     def _on_released(self, event: Any) -> None:
-        """The sender is done: studies no other live association is sending are signalled."""
+        """The sender is done: studies no other live association is sending (in this process
+        or another receiver process) are signalled."""
         with self._sending_lock:
             mine = self._sending.get(id(event.assoc), _Sending())
             others = set().union(
                 *(s.studies for key, s in self._sending.items() if key != id(event.assoc))
             )
-        done = sorted(mine.studies - others)
+            elsewhere = {uid for uid in mine.studies if self._studies_sent.marked_elsewhere(uid)}
+        done = sorted(mine.studies - others - elsewhere)
         if done:
             with self.database.session() as session:
                 session.add_all(
@@ -310,7 +344,10 @@ class Receiver:
 
     def _on_closed(self, event: Any) -> None:
         with self._sending_lock:
-            self._sending.pop(id(event.assoc), None)
+            mine = self._sending.pop(id(event.assoc), _Sending())
+            for study_uid in mine.studies:
+                if not any(study_uid in s.studies for s in self._sending.values()):
+                    self._studies_sent.unmark(study_uid)
 
 
 class _Server(ThreadedAssociationServer):
@@ -320,7 +357,53 @@ class _Server(ThreadedAssociationServer):
     peer stalling mid-PDU would hold its reader for good: each gets the network timeout. The
     TLS handshake happens on the association's first read, in its own thread, so a peer that
     stalls it holds up nobody else (pynetdicom would do it in the accept loop).
+
+    Given a `listening` socket, it accepts on that one instead of binding its own: several
+    receiver processes then take turns on one port (`accept_in_turn`).
     """
+
+    def __init__(self, *args: Any, listening: socket.socket | None = None, **kwargs: Any) -> None:
+        self._listening = listening
+        self._closing = False
+        super().__init__(*args, **kwargs)
+
+    def accept_in_turn(self) -> None:
+        """Accept on the shared socket with a blocking accept(), not serve_forever's select():
+        the kernel then hands each connection to one process waiting in accept(), the one
+        that has waited longest. (After a select() every process wakes, and the one already
+        running, the busiest, wins.) A process serving associations comes back to accept()
+        a little later the more it serves, so a burst of connections is spread over the
+        idle receivers rather than taken by the first one woken."""
+        while not self._closing:
+            try:
+                request, address = self.get_request()
+            except OSError:
+                if not self._closing:  # not listening yet (the node listens once every
+                    time.sleep(0.05)  # receiver is up), out of descriptors: try again soon
+                continue
+            if self._closing:  # it came while this process was stopping: not ours to serve
+                self.shutdown_request(request)
+                break
+            try:
+                self.process_request(request, address)
+            except Exception:
+                self.handle_error(request, address)
+                self.shutdown_request(request)
+            time.sleep(min(TURN_MAX_S, TURN_S * len(self.active_associations)))
+
+    def server_bind(self) -> None:
+        if self._listening is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()  # the unbound one socketserver made
+        self.socket = self._listening
+        self.socket.setblocking(True)  # see accept_in_turn
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._listening is None:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         assert self.socket is not None
@@ -334,8 +417,14 @@ class _Server(ThreadedAssociationServer):
 
     def stop_accepting(self) -> list[Any]:
         """Close the listening socket (new peers are refused); the running associations."""
-        socketserver.BaseServer.shutdown(self)  # ends serve_forever
-        AssociationServer.server_close(self)  # pynetdicom's own close, without waiting on them
+        if self._listening is not None:
+            self._closing = True
+            # This process's copy only (a shutdown() would stop every receiver's). An accept()
+            # already waiting may still take one connection: accept_in_turn closes it.
+            self._listening.close()
+        else:
+            socketserver.BaseServer.shutdown(self)  # ends serve_forever
+            AssociationServer.server_close(self)  # pynetdicom's close, without waiting on them
         return list(self.active_associations)
 
 

@@ -19,7 +19,6 @@ import shutil
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from sqlmodel import select
 
 from cadnode.db import Database, Instance, Job, JobState, Study, utcnow
 from cadnode.files import is_temporary, is_valid_uid, write_durably
+from cadnode.locks import KeyedLocks, lock_file
 
 log = structlog.get_logger("cadnode.spool")
 
@@ -113,9 +113,9 @@ class Spool:
         self._connection.exec_driver_sql("PRAGMA synchronous=NORMAL")  # see the module doc
         self._connection.commit()
         self._writer = _IndexWriter(self._connection)
-        # SOP Instance UIDs being written now: a second copy waits for the first to settle.
-        self._writing: set[str] = set()
-        self._settled = threading.Condition()
+        # A second copy of a SOP Instance UID being written now waits for the first to settle,
+        # in this process or another receiver process (cadnode/dicomport.py).
+        self._instances = KeyedLocks(lock_file(database, "spool-instances"))
 
     def close(self) -> None:
         with self._lock:
@@ -124,6 +124,7 @@ class Spool:
             # Never hand a NORMAL-synchronous connection back to the pool the stages share.
             self._connection.invalidate()
             self._connection.close()
+            self._instances.close()
 
     def store(
         self, arrival: Arrival, chunks: Sequence[bytes | bytearray | memoryview]
@@ -135,7 +136,7 @@ class Spool:
         """
         relative = arrival.relative_path
         path = self.folder / relative
-        with self._one_writer(arrival.sop_instance_uid):
+        with self._instances.hold(arrival.sop_instance_uid):
             if path.exists():
                 return self.index(arrival, relative, path.stat().st_size)
             self.disk.check(sum(len(chunk) for chunk in chunks))
@@ -163,18 +164,6 @@ class Spool:
             path = self._writer.indexed_path(sop_instance_uid)
             self._connection.rollback()
         return path
-
-    @contextmanager
-    def _one_writer(self, sop_instance_uid: str) -> Iterator[None]:
-        with self._settled:
-            self._settled.wait_for(lambda: sop_instance_uid not in self._writing)
-            self._writing.add(sop_instance_uid)
-        try:
-            yield
-        finally:
-            with self._settled:
-                self._writing.discard(sop_instance_uid)
-                self._settled.notify_all()
 
     def reconcile(self, quarantine: Path) -> dict[str, int]:
         """Make spool and index agree; run before the first association is accepted."""

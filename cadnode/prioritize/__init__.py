@@ -40,6 +40,12 @@ class Prioritization:
             Prioritizer(database, settings.storage.spool, self.policy, priority, ae_title),
             Publisher(database, channels, settings.dispatch),
         ]
-        self.services: list[Service] = []
-        if priority.ups.enabled:
-            self.services.append(UpsScp(database, by_ae_title).service())
+        self.services = ups_services(settings, database)
+
+
+def ups_services(settings: Settings, database: Database) -> list[Service]:
+    """The UPS worklist on the node's DICOM port, if enabled (built in every receiver process)."""
+    if not settings.priority.ups.enabled:
+        return []
+    by_ae_title = {d.ae_title: d for d in settings.destinations.values()}
+    return [UpsScp(database, by_ae_title).service()]

@@ -107,7 +107,7 @@ class Prioritizer:
         self, session: Session, study_id: int | None, job: Job | None, decision: Decision
     ) -> int:
         assert study_id is not None
-        with worklist.LOCK:
+        with worklist.lock(self.database):
             current = _current(session, study_id)
             changed = current is None or current.level != decision.level
             row = StudyPriority(

@@ -127,7 +127,7 @@ class UpsScp:
     def on_set(self, event: Any) -> Status:
         changes: Dataset = event.modification_list
         calling_ae = _calling_ae(event)
-        with worklist.LOCK, self.database.session() as session:
+        with worklist.lock(self.database), self.database.session() as session:
             item = session.get(Workitem, str(event.request.RequestedSOPInstanceUID))
             if item is None:
                 return NO_SUCH_UPS, None
@@ -176,7 +176,7 @@ class UpsScp:
             return NO_SUCH_ACTION, None
         uid = str(event.request.RequestedSOPInstanceUID)
         info: Dataset = event.action_information
-        with worklist.LOCK, self.database.session() as session:
+        with worklist.lock(self.database), self.database.session() as session:
             status = action(session, uid, info, _calling_ae(event))
             session.commit()
         log.info(

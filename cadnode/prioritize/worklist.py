@@ -8,7 +8,6 @@ must hear about is queued in the publication outbox, in the same commit as the c
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +18,7 @@ from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from cadnode.db import (
+    Database,
     Instance,
     Priority,
     Publication,
@@ -28,6 +28,7 @@ from cadnode.db import (
     Workitem,
     utcnow,
 )
+from cadnode.locks import ProcessLock, named_lock
 from cadnode.matching import matches
 
 UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
@@ -47,9 +48,13 @@ CANCEL_REQUESTED = 2
 
 UPS_EVENT_CHANNEL = "ups-event"
 
-# Workitems are read, changed and written back by the prioritize stage and by UPS requests on
-# association threads: one lock keeps those read-modify-writes from overwriting each other.
-LOCK = threading.RLock()
+
+def lock(database: Database) -> ProcessLock:
+    """Workitems are read, changed and written back by the prioritize stage and by UPS requests
+    on association threads, perhaps in other receiver processes: one lock keeps those
+    read-modify-writes from overwriting each other."""
+    return named_lock(database, "worklist")
+
 
 # Study-level attributes a workitem copies from the images, and the request they belong to.
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")

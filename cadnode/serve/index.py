@@ -19,7 +19,6 @@ attributes as DICOM JSON.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from sqlalchemy import select as select_columns
 from sqlmodel import col, select
 
 from cadnode.db import Database, Instance, QueryRecord, ResultObject
+from cadnode.locks import named_lock
 
 log = structlog.get_logger("cadnode.serve")
 
@@ -137,7 +137,8 @@ class QueryIndex:
     def __init__(self, database: Database, spool: Path, results: Path) -> None:
         self.database = database
         self.folders = {INSTANCE: spool, RESULT: results}
-        self._lock = threading.Lock()  # one refresh at a time; queries wait for it
+        # One refresh at a time, in any receiver process; queries wait for it.
+        self._lock = named_lock(database, "query-index")
         self._unreadable: set[str] = set()  # logged once, not on every query
 
     def file(self, held: Held) -> Path:
