@@ -82,7 +82,9 @@ def test_log_in_open_a_study_and_retry_its_dead_letter(
     row = wait_for(
         lambda: next(
             (r for r in cadnode.studies()
-             if r["study_uid"] == film.StudyInstanceUID and r["state"] == "failed"),
+             if r["study_uid"] == film.StudyInstanceUID and r["state"] == "failed"
+             and len(r["deliveries"]) == 3
+             and all(d["state"] == "failed" for d in r["deliveries"])),
             None,
         ),
         90, "the results made and their deliveries dead-lettered", interval_s=0.3,
