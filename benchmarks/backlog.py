@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -90,11 +91,22 @@ def main() -> None:
             processed = time.perf_counter() - start
             done.set()
             sampler.join()
-            time.sleep(1)  # anything sent twice would show now
-            in_pacs = stored(pacs)
-            states = [row["state"] for row in node.studies()]
+            # A job is `delivered` once dispatch has recorded every one of its deliveries.
+            try:
+                wait_for(
+                    lambda: [r["state"] for r in node.studies()].count("delivered") == count,
+                    120,
+                    "every job recorded as delivered",
+                    0.5,
+                )
+            except AssertionError as error:
+                print(f"  {error}")
+            states = [r["state"] for r in node.studies()]
+            in_pacs = stored(pacs)  # anything sent twice would show now
 
     delivered = states.count("delivered")
+    if delivered != count:
+        print(f"  job states: {dict(Counter(states))}")
     early = next(mb for n, mb in samples if n >= count // 10)
     peak = max(mb for _, mb in samples)
     print(f"backlog: {count} chest studies pushed at once over one association")
