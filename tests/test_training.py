@@ -22,9 +22,8 @@ from cadnode.preprocess import image_to_tensor
 from cadnode.yamlfile import ConfigError
 from training.cli import main
 from training.export import ExportMismatch, check_against_torch, export_onnx
-from training.phantoms import make_chest_phantom
+from training.phantoms import Case, make_chest_phantom, plan_cases, render
 from training.ruleout import (
-    Case,
     RuleoutNet,
     TrainSpec,
     auc,
@@ -32,10 +31,8 @@ from training.ruleout import (
     controlled_batches,
     epoch_batches,
     load_config,
-    plan_cases,
     prior_thresholded,
     rates,
-    render,
     steps_per_epoch,
 )
 

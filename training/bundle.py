@@ -41,8 +41,9 @@ from cadnode.infer.bundle import (
     sha256_of,
 )
 from training.export import INPUT, OUTPUT, TOLERANCE
+from training.phantoms import Case
 from training.plots import draw_calibration, draw_roc
-from training.ruleout import Case, Evaluation, RuleoutConfig
+from training.ruleout import Evaluation, RuleoutConfig
 
 MODEL_FILE, CARD_FILE, ROC_FILE = "model.onnx", "MODEL_CARD.md", "roc.png"
 FROC_FILE, CALIBRATION_FILE = "froc.png", "calibration.png"

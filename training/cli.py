@@ -22,29 +22,14 @@ from pathlib import Path
 from cadnode.infer.backends import plan_for_bundle
 from cadnode.infer.bundle import Bundle
 from cadnode.yamlfile import ConfigError
-from training import detector, segmenter
-from training.bundle import MODEL_FILE, staged, write_ruleout_bundle
-from training.checkpoint import fit, save_checkpoint
 from training.datasets import read_duke_boxes, read_duke_labels
-from training.export import ExportMismatch, check_against_torch, export_onnx, onnx_probabilities
 from training.froc import MIN_DISTANCE_PX, froc, read_predictions, write_predictions
 from training.phantom_sets import LABELS_CSV, write_chest_set, write_dbt_set
-from training.ruleout import (
-    Case,
-    RuleoutConfig,
-    RuleoutNet,
-    SplitTensors,
-    evaluate,
-    load_config,
-    make_deterministic,
-    plan_cases,
-    tensors,
-    train,
-)
 
+# Commands that train, build or run a model import torch (the `train` extra) when they run,
+# so `phantoms` and `froc` work on the daemon's own install.
 CXR_SIZE, DBT_SIZE = 512, 128
 ENGINES = {"ruleout": "cxr-ruleout", "segmenter": "cxr-segmenter", "dbt": "dbt-detector"}
-CHECK_BATCH = 64  # test films run through both PyTorch and ONNX Runtime after export
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -174,6 +159,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 def detect_command(args: argparse.Namespace) -> int:
     """Predictions in the Duke format (PatientID, StudyUID, View, X, Y, Z, Width, Height,
     Depth, Score), ready for `cadnode-train froc`."""
+    from training import detector  # torch: the `train` extra
+
     try:
         bundle = Bundle(args.bundle)
         predictions = detector.detect_files(bundle, args.files)
@@ -190,13 +177,14 @@ def train_command(args: argparse.Namespace) -> int:
     """Only the training step: the weights go to a checkpoint for `build --checkpoint`."""
     started = time.monotonic()
     config = args.config or Path(f"training/configs/{args.engine}.yaml")
-    trainers = {"ruleout": trained_ruleout, "segmenter": segmenter.trained, "dbt": detector.trained}
+    from training import builds  # torch: the `train` extra
+
     try:
-        model = trainers[args.engine](config)[-1]
+        model = builds.TRAINERS[args.engine](config)[-1]
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 2
-    save_checkpoint(model, args.out, engine=args.engine, config_path=config)
+    builds.save_checkpoint(model, args.out, engine=args.engine, config_path=config)
     print(f"{args.engine}: trained in {time.monotonic() - started:.1f} s -> {args.out}")
     return 0
 
@@ -208,86 +196,20 @@ def build_command(args: argparse.Namespace) -> int:
     rebuild = shlex.join(
         ["cadnode-train", "build", args.engine, "--config", str(config), "--out", str(out)]
     )
+    from training import builds  # torch: the `train` extra
+
     try:
-        if args.engine == "ruleout":
-            bundle = build_ruleout(config, out, args.checkpoint)
-        elif args.engine == "segmenter":
-            bundle = segmenter.build(config, out, rebuild, args.checkpoint)
-        else:
-            bundle = detector.build(config, out, rebuild, args.checkpoint)
+        bundle = builds.BUILDERS[args.engine](config, out, rebuild, args.checkpoint)
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 2
-    except ExportMismatch as error:
+    except builds.ExportMismatch as error:
         print(f"cadnode-train build: export check FAILED: {error}", file=sys.stderr)
         return 1
     summarise(bundle, time.monotonic() - started)
     # The plan is for this GPU and TensorRT version only; a node with another builds its own.
     print(f"  {plan_for_bundle(bundle)}")
     return 0
-
-
-def trained_ruleout(
-    config_path: Path, checkpoint: Path | None = None
-) -> tuple[RuleoutConfig, dict[str, list[Case]], SplitTensors, RuleoutNet]:
-    """The config, its cases and tensors, and the model trained on them (or the checkpoint's)."""
-    config = load_config(config_path)
-    make_deterministic(config.seed, config.threads)
-    cases = {
-        name: plan_cases(split.seeds, config.positive_fraction)
-        for name, split in config.splits.named().items()
-    }
-    data = {
-        name: tensors(split_cases, config.phantom_size, config.input_size, name)
-        for name, split_cases in cases.items()
-    }
-    model = RuleoutNet(config.model.channels)
-    fit(
-        model,
-        lambda: train(model, *data["train"], config.training, config.seed),
-        checkpoint=checkpoint,
-        engine="ruleout",
-        config_path=config_path,
-    )
-    return config, cases, data, model
-
-
-def build_ruleout(config_path: Path, out: Path, checkpoint: Path | None = None) -> Bundle:
-    """Train on phantoms (or take a checkpoint's weights), export, check ONNX against
-    PyTorch, calibrate, write the bundle.
-
-    Calibration and test metrics use ONNX Runtime scores of the exported file: the
-    thresholds are set on exactly the numbers the daemon will compare them with.
-    """
-    config, cases, data, model = trained_ruleout(config_path, checkpoint)
-    with staged(out) as folder:
-        onnx_path = folder / MODEL_FILE
-        export_onnx(model, onnx_path, config.input_size)
-        difference = check_against_torch(
-            model, onnx_path, data["test"][0][:CHECK_BATCH], config.threads
-        )
-        scores = {
-            name: onnx_probabilities(onnx_path, data[name][0], config.threads)
-            for name in ("validation", "test")
-        }
-        evaluation = evaluate(
-            (scores["validation"], data["validation"][1]),
-            scores["test"],
-            cases["test"],
-            config.calibration,
-        )
-        rebuild = shlex.join(
-            ["cadnode-train", "build", "ruleout", "--config", str(config_path), "--out", str(out)]
-        )
-        write_ruleout_bundle(
-            folder,
-            config=config,
-            cases=cases,
-            evaluation=evaluation,
-            export_difference=difference,
-            rebuild=rebuild,
-        )
-    return Bundle(out)
 
 
 def summarise(bundle: Bundle, seconds: float) -> None:

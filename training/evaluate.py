@@ -19,7 +19,8 @@ from training.breast_phantoms import plan_volumes
 from training.export import onnx_probabilities
 from training.froc import froc
 from training.metrics import auc, dice_per_image, pooled_dice
-from training.ruleout import plan_cases, rates, render
+from training.phantoms import plan_cases, render
+from training.ruleout import rates
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 

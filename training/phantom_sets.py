@@ -19,8 +19,7 @@ from tqdm import tqdm
 from training import datasets
 from training.breast_phantoms import plan_volumes, render_volume
 from training.datasets import DukeBox
-from training.phantoms import chest_dataset, make_chest_phantom
-from training.ruleout import plan_cases
+from training.phantoms import chest_dataset, make_chest_phantom, plan_cases
 
 LABELS_CSV = "labels.csv"
 

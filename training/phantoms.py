@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from itertools import cycle
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,62 @@ def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray
     coarse = rng.normal(0, 1, (size // scale + 2, size // scale + 2)).astype(np.float32)
     fine = Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(fine, dtype=np.float32)
+
+
+# --- planned phantom sets -------------------------------------------------------------------
+
+# Abnormal films rotate through these (opacity, pneumothorax) findings so that each kind,
+# alone and together, is represented in every split.
+FINDINGS: tuple[tuple[bool, bool], ...] = ((True, False), (False, True), (True, True))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One phantom film: its seed and which findings it carries."""
+
+    seed: int
+    opacity: bool
+    pneumothorax: bool
+
+    @property
+    def abnormal(self) -> bool:
+        return self.opacity or self.pneumothorax
+
+    @property
+    def finding(self) -> str:
+        """One of normal, opacity, pneumothorax, opacity+pneumothorax (for counts and metrics)."""
+        present = [("opacity", self.opacity), ("pneumothorax", self.pneumothorax)]
+        return "+".join(name for name, shown in present if shown) or "normal"
+
+    @property
+    def patient_id(self) -> str:
+        return f"PHANTOM{self.seed:08d}"
+
+
+def plan_cases(seeds: range, positive_fraction: float) -> list[Case]:
+    """Which seeds are abnormal (chosen at random, reproducibly) and with which findings."""
+    count = len(seeds)
+    rng = np.random.default_rng(seeds.start)
+    abnormal = np.zeros(count, dtype=bool)
+    abnormal[rng.permutation(count)[: round(count * positive_fraction)]] = True
+    findings = cycle(FINDINGS)
+    return [
+        Case(seed, *next(findings)) if is_abnormal else Case(seed, False, False)
+        for seed, is_abnormal in zip(seeds, abnormal, strict=True)
+    ]
+
+
+def render(case: Case, phantom_size: int) -> Dataset:
+    """The DICOM dataset of a case, built in memory exactly as it would be written to disk."""
+    return render_with_phantom(case, phantom_size)[0]
+
+
+def render_with_phantom(case: Case, phantom_size: int) -> tuple[Dataset, ChestPhantom]:
+    """The dataset and the phantom it holds (its masks and boxes are the truth)."""
+    phantom = make_chest_phantom(
+        case.seed, size=phantom_size, opacity=case.opacity, pneumothorax=case.pneumothorax
+    )
+    ds = chest_dataset(
+        phantom, patient_id=case.patient_id, patient_name="Phantom^Chest", seed=case.seed
+    )
+    return ds, phantom

@@ -57,15 +57,9 @@ from training.bundle import (
 from training.checkpoint import fit
 from training.export import INPUT, OUTPUT, check_against_torch, export_onnx, onnx_probabilities
 from training.metrics import bootstrap_interval, dice, dice_per_image, pooled_dice
+from training.phantoms import Case, plan_cases, render_with_phantom
 from training.plots import calibration_bins, draw_calibration
-from training.ruleout import (
-    Case,
-    Splits,
-    SplitTensors,
-    make_deterministic,
-    plan_cases,
-    render_with_phantom,
-)
+from training.ruleout import Splits, SplitTensors, make_deterministic
 
 ANATOMY = Code(value="91723000", scheme="SCT", meaning="Anatomical Structure")
 ABNORMAL_STRUCTURE = Code(

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from training.metrics import Confusion, coefficient_of_variation
+from training.phantoms import plan_cases
 from training.ruleout import (
     RuleoutNet,
     TrainSpec,
     make_deterministic,
-    plan_cases,
     prior_thresholded,
     tensors,
     train,
