@@ -12,12 +12,14 @@ cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from cadnode.infer.backends import plan_for_bundle
 from cadnode.infer.bundle import Bundle
@@ -30,6 +32,20 @@ from training.phantom_sets import LABELS_CSV, write_chest_set, write_dbt_set
 # so `phantoms` and `froc` work on the daemon's own install.
 CXR_SIZE, DBT_SIZE = 512, 128
 ENGINES = {"ruleout": "cxr-ruleout", "segmenter": "cxr-segmenter", "dbt": "dbt-detector"}
+
+
+def needing_torch(module: str) -> ModuleType | None:
+    """A training module that needs the `train` extra (torch, MONAI); None, said why, if
+    that is not installed."""
+    try:
+        return importlib.import_module(f"training.{module}")
+    except ModuleNotFoundError as error:
+        print(
+            f"cadnode-train: this command needs the `train` extra ({error.name} is not "
+            "installed): run `make install-dev`",
+            file=sys.stderr,
+        )
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,8 +175,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 def detect_command(args: argparse.Namespace) -> int:
     """Predictions in the Duke format (PatientID, StudyUID, View, X, Y, Z, Width, Height,
     Depth, Score), ready for `cadnode-train froc`."""
-    from training import detector  # torch: the `train` extra
-
+    if (detector := needing_torch("detector")) is None:
+        return 2
     try:
         bundle = Bundle(args.bundle)
         predictions = detector.detect_files(bundle, args.files)
@@ -177,8 +193,8 @@ def train_command(args: argparse.Namespace) -> int:
     """Only the training step: the weights go to a checkpoint for `build --checkpoint`."""
     started = time.monotonic()
     config = args.config or Path(f"training/configs/{args.engine}.yaml")
-    from training import builds  # torch: the `train` extra
-
+    if (builds := needing_torch("builds")) is None:
+        return 2
     try:
         model = builds.TRAINERS[args.engine](config)[-1]
     except ConfigError as error:
@@ -196,8 +212,8 @@ def build_command(args: argparse.Namespace) -> int:
     rebuild = shlex.join(
         ["cadnode-train", "build", args.engine, "--config", str(config), "--out", str(out)]
     )
-    from training import builds  # torch: the `train` extra
-
+    if (builds := needing_torch("builds")) is None:
+        return 2
     try:
         bundle = builds.BUILDERS[args.engine](config, out, rebuild, args.checkpoint)
     except ConfigError as error:
