@@ -155,14 +155,14 @@ def froc_command(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """Fresh-phantom figures next to what the bundle's manifest claims."""
-    from training.evaluate import EVALUATORS
-
+    if (evaluation := needing_torch("evaluate")) is None:
+        return 2
     try:
         bundle = Bundle(args.bundle or Path("engines") / ENGINES[args.engine])
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 2
-    measured = EVALUATORS[args.engine](bundle, range(args.seed, args.seed + args.count))
+    measured = evaluation.EVALUATORS[args.engine](bundle, range(args.seed, args.seed + args.count))
     claimed = bundle.manifest.provenance.metrics
     report = {
         name: {"measured": round(value, 6), "manifest": claimed.get(name)}
