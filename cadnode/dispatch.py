@@ -22,6 +22,7 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import structlog
 from pydicom import Dataset, dcmread
@@ -56,6 +57,28 @@ def next_attempt_at(settings: DispatchSettings, attempts: int) -> dt.datetime | 
         return None
     delay = min(settings.backoff_initial_s * 2 ** (attempts - 1), settings.backoff_max_s)
     return utcnow() + dt.timedelta(seconds=delay)
+
+
+class OutboxRow(Protocol):
+    """A row of an outbox (a result's Delivery, a worklist Publication)."""
+
+    state: Any
+    attempts: int
+    last_error: str | None
+    next_attempt_at: dt.datetime
+
+
+def record_failure(settings: DispatchSettings, row: OutboxRow, reason: str, failed: Any) -> bool:
+    """Count a failed try on `row`: the next one is scheduled with back-off, or, at the
+    limit, the row goes to its `failed` state (a dead letter). True when dead-lettered."""
+    row.attempts += 1
+    row.last_error = reason
+    retry_at = next_attempt_at(settings, row.attempts)
+    if retry_at is None:
+        row.state = failed
+        return True
+    row.next_attempt_at = retry_at
+    return False
 
 
 class Dispatcher:
@@ -221,19 +244,11 @@ class Dispatcher:
         return True
 
     def _failed(self, session: Session, delivery: Delivery, reason: str) -> None:
-        delivery.attempts += 1
-        delivery.last_error = reason
-        retry_at = next_attempt_at(self.settings, delivery.attempts)
-        if retry_at is None:
-            delivery.state = DeliveryState.failed
-            event = "delivery.dead_lettered"
-        else:
-            delivery.next_attempt_at = retry_at
-            event = "delivery.retry_scheduled"
+        dead = record_failure(self.settings, delivery, reason, DeliveryState.failed)
         session.add(delivery)
         session.commit()
         log.warning(
-            event,
+            "delivery.dead_lettered" if dead else "delivery.retry_scheduled",
             delivery=delivery.id,
             job=delivery.job_id,
             destination=delivery.destination,

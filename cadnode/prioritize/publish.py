@@ -24,7 +24,7 @@ from cadnode.db import (
     StudyPriority,
     utcnow,
 )
-from cadnode.dispatch import next_attempt_at
+from cadnode.dispatch import record_failure
 from cadnode.prioritize import worklist
 from cadnode.prioritize.notice import Channel, Notice, PublishError
 
@@ -154,19 +154,11 @@ class Publisher:
         )
 
     def _failed(self, session: Session, row: Publication, reason: str) -> None:
-        row.attempts += 1
-        row.last_error = reason
-        retry_at = next_attempt_at(self.retry, row.attempts)
-        if retry_at is None:
-            row.state = PublicationState.failed
-            event = "publication.dead_lettered"
-        else:
-            row.next_attempt_at = retry_at
-            event = "publication.retry_scheduled"
+        dead = record_failure(self.retry, row, reason, PublicationState.failed)
         session.add(row)
         session.commit()
         log.warning(
-            event,
+            "publication.dead_lettered" if dead else "publication.retry_scheduled",
             publication=row.id,
             study=row.study_id,
             channel=row.channel,
