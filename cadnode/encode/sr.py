@@ -60,7 +60,7 @@ import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+from pydicom.uid import DigitalXRayImageStorageForPresentation, generate_uid
 
 import cadnode
 from cadnode.encode.provenance import (
@@ -562,3 +562,26 @@ def _uses(item: pydicom.Dataset, scheme: str) -> bool:
         element.keyword == "CodingSchemeDesignator" and element.value == scheme
         for element in item.iterall()
     )
+
+
+def warm_up() -> None:
+    """Build one report and drop it. highdicom reads the standard's module tables when it
+    makes its first object (about half a second here): done at start, not on a study."""
+    source = pydicom.Dataset()
+    source.SOPClassUID = DigitalXRayImageStorageForPresentation
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        setattr(source, keyword, generate_uid(entropy_srcs=["cadnode-warm-up", keyword]))
+    source.Modality = "DX"
+    classification = Classification(
+        source=source,
+        label=CodedLabel(value="263654008", scheme="SCT", meaning="Abnormal"),
+        probability=0.5,
+        operating_point="warm-up",
+        threshold=0.5,
+        ruled_out=False,
+    )
+    identity = ReportIdentity(
+        generate_uid(entropy_srcs=["cadnode-warm-up", "series"]),
+        generate_uid(entropy_srcs=["cadnode-warm-up", "sr"]),
+    )
+    classification_report([classification], Algorithm("warm-up", "0", "0" * 64), identity)

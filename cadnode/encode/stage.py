@@ -51,6 +51,7 @@ from cadnode.encode.sr import (
     classification_report,
     detection_report,
     segmentation_report,
+    warm_up,
 )
 from cadnode.files import write_durably
 from cadnode.infer.answers import (
@@ -97,6 +98,7 @@ class Encoder:
         self.spool = spool
         self.results = results
         self.answers = answers  # mask files (cadnode.infer.answers.save_masks)
+        warm_up()  # the first study does not wait for highdicom to read its tables
         self.destinations = destinations
 
     @property
