@@ -28,6 +28,7 @@ log = structlog.get_logger("cadnode.audit")
 ASSOCIATION = "association"
 STUDY_RECEIVED = "study.received"
 RESULT_DELIVERED = "result.delivered"
+RETRIEVED = "retrieved"  # a C-MOVE or C-GET of held images or results
 RULES = "rules"
 ENGINE = "engine"
 ADMIN = "admin"  # admin.login, admin.logout, admin.delivery.retry, ...

@@ -286,6 +286,25 @@ def test_get_sends_on_the_same_association(held: Held, tmp_path: Path) -> None:
         assert dataset_bytes(arrived) == dataset_bytes(held.spool_file(ds))
 
 
+def test_retrievals_are_in_the_audit_trail(held: Held, tmp_path: Path) -> None:
+    """Who took which study where, for C-MOVE and C-GET alike (the audit trail, not the log)."""
+    ct_study = held.ct[0].StudyInstanceUID
+    assert move(held, VIEWER_AE, QueryRetrieveLevel="STUDY", StudyInstanceUID=ct_study).startswith(
+        "rc=0"
+    )
+    keys_ = keys(QueryRetrieveLevel="STUDY", StudyInstanceUID=ct_study)
+    assert dcmtk("getscu", held.node, "-S", "-od", str(tmp_path), *keys_).startswith("rc=0")
+    done = held.node.cli("audit", "--since", "1h", "--kind", "retrieved")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    by_way = {e["details"]["destination"].endswith("(C-GET)"): e for e in events}
+    moved_event, got_event = by_way[False], by_way[True]
+    assert moved_event["details"]["destination"].startswith(f"{VIEWER_AE}@")
+    for event in (moved_event, got_event):
+        assert event["outcome"] == "sent" and event["details"]["study_uids"] == [ct_study]
+        assert event["details"]["completed"] == len(held.ct) and event["details"]["failed"] == 0
+
+
 def test_get_decompresses_for_a_peer_that_takes_no_jpeg_2000(held: Held, tmp_path: Path) -> None:
     image = held.jpeg2000
     assert image.file_meta.TransferSyntaxUID == JPEG2000

@@ -22,6 +22,7 @@ import structlog
 from pydicom import Dataset
 from pynetdicom import evt
 
+from cadnode import audit
 from cadnode.config import Destination, Settings
 from cadnode.db import Database
 from cadnode.dicomnet import Service
@@ -69,6 +70,7 @@ class QueryRetrieveScp:
         self, settings: Settings, database: Database, index: QueryIndex | None = None
     ) -> None:
         storage = settings.storage
+        self.database = database
         self.index = index or QueryIndex(database, storage.spool, storage.results)
         self.ae_title = settings.dicom.ae_title
         self.destinations: Mapping[str, Destination] = {
@@ -162,6 +164,7 @@ class QueryRetrieveScp:
         yield len(held)
         yield from self._sub_operations(event, held, tally, lambda: opened[0] if opened else None)
         log.info("retrieve.move", **outcome, matches=len(held), **tally.counts())
+        self._audit(event, held, tally, destination=str(destination))
 
     # C-GET -------------------------------------------------------------------------------
 
@@ -186,6 +189,21 @@ class QueryRetrieveScp:
         finally:
             event.assoc.unbind(evt.EVT_DIMSE_RECV, tally.on_response)
         log.info("retrieve.get", **outcome, **tally.counts())
+        self._audit(event, held, tally, destination=f"{calling_ae} (C-GET)")
+
+    def _audit(self, event: Any, held: list[Held], tally: Tally, *, destination: str) -> None:
+        """Who took which studies where: the audit trail's record of a retrieval."""
+        counts = tally.counts()
+        audit.record(
+            self.database,
+            audit.RETRIEVED,
+            actor=_calling_ae(event),
+            address=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+            outcome="sent" if counts["failed"] == 0 else "partly failed",
+            destination=destination,
+            study_uids=sorted({item.study_uid for item in held}),
+            **counts,
+        )
 
     # -------------------------------------------------------------------------------------
 
