@@ -20,6 +20,8 @@ import pytest
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.webdriver.support.wait import WebDriverWait
 
 from cadnode import audit
 from cadnode.admin.auth import hash_password
@@ -117,6 +119,8 @@ def test_log_in_open_a_study_and_retry_its_dead_letter(
             action = retry.find_element(By.XPATH, "..").get_attribute("action") or ""
             delivery = action.split("/")[-2]
             retry.click()
+            # The press answers with a new page: wait until the one pressed on is gone.
+            WebDriverWait(browser, 30).until(staleness_of(retry))
             wait_for(lambda: "/queues" in browser.current_url, 30, "the queues page")
             note = browser.find_element(By.ID, "note").text
             assert note == f"delivery {delivery}: pending again, due now"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import os
 import signal
 import threading
 from collections import Counter
@@ -104,9 +105,9 @@ def test_concurrent_pushes_are_each_stored_exactly_once(tmp_path: Path) -> None:
     assert len(named(events, "receive.listening")) == 2
     accepted = named(events, "association.accepted")
     assert len(accepted) == 4
-    # The kernel picks; a receiver busy with associations waits a little before it accepts
-    # again, so four at once do not all land on the first receiver woken.
-    assert len({e["pid"] for e in accepted}) == 2
+    # Which receiver takes which association is the kernel's choice (a busy receiver waits a
+    # little before it accepts again, so they spread; benchmarks/ingest.py shows the gain):
+    # not asserted here, where a loaded machine may hand all four to one.
     assert [e["stored"] for e in named(events, "association.released")] == [40] * 4
 
 
@@ -119,8 +120,8 @@ def test_one_instance_sent_on_two_associations_at_once_is_stored_once(tmp_path: 
     released = named(events, "association.released")
     assert sum(e["stored"] for e in released) == 60
     assert sum(e["duplicates"] for e in released) == 60
-    # Two receivers (see above), so the two copies raced across processes.
-    assert len({e["pid"] for e in named(events, "association.accepted")}) == 2
+    # Whether the two copies raced in one receiver or across two is the kernel's choice; the
+    # race across processes is forced in the next test.
 
 
 def _store_in_another_process(data_dir: Path, files: list[Path], go: Any) -> None:
@@ -244,3 +245,27 @@ def test_a_study_another_process_is_sending_is_seen_as_such(tmp_path: Path) -> N
         done.set()
         other.join(60)
     assert not mine.marked_elsewhere("1.2.3"), "its process gone, its marks go with it"
+
+
+def test_a_receiver_that_dies_is_replaced_and_the_port_keeps_serving(tmp_path: Path) -> None:
+    files = write_ct_series(tmp_path / "study", 30, size=64)
+    with run_cadnode(tmp_path / "node", None, **RECEIVERS) as node:
+        [first, second] = sorted(receivers_of(node.process.pid))
+        os.kill(first, signal.SIGKILL)  # as the kernel's OOM killer would
+        wait_for(
+            lambda: len(receivers_of(node.process.pid)) == 2 and first not in receivers_of(
+                node.process.pid
+            ),
+            30,
+            "a new receiver in place of the killed one",
+        )
+        assert running(second)
+        # Every association is served by whichever receiver takes it, the new one included.
+        assert pushed_at_once(node, [files[:15], files[15:]]) == [0, 0]
+        assert_stored_once(node, files)
+        events = log_events(node)
+    [died] = named(events, "receive.process_died")
+    assert died["exit_code"] == -signal.SIGKILL
+    started = named(events, "receive.process_started")
+    assert len(started) == 3  # two at start, then one in place of the dead one
+    assert started[-1]["receiver"] == died["receiver"]
