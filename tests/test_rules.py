@@ -722,7 +722,7 @@ def live(tmp_path: Path) -> Iterator[LiveRules]:
 def test_a_changed_file_is_swapped_in_and_an_invalid_one_refused(live: LiveRules) -> None:
     first = live.current
     live.path.write_text(VALID.format(name="second"))
-    wait_for(lambda: live.current.rules[0].name == "second", 5, "the changed file to load")
+    wait_for(lambda: live.current.rules[0].name == "second", 20, "the changed file to load")
     assert live.current.version != first.version
     second = live.current
     with structlog.testing.capture_logs() as events:
@@ -744,7 +744,7 @@ def test_sighup_reloads_what_the_file_watch_cannot_see(live: LiveRules) -> None:
         time.sleep(0.2)
         assert live.current.rules[0].name == "first"
     live.request_reload()
-    wait_for(lambda: live.current.rules[0].name == "third", 5, "the reload on request")
+    wait_for(lambda: live.current.rules[0].name == "third", 20, "the reload on request")
 
 
 # --- the commands ---------------------------------------------------------------------

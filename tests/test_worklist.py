@@ -91,7 +91,7 @@ def test_a_worklist_client_finds_the_workitem_and_hears_its_priority_change(
     film = push(node, tmp_path, seed=801, pneumothorax=True)
     found = wait_for(
         lambda: client.find(node.dicom_port, study_query(film.StudyInstanceUID)),
-        10,
+        30,
         "the workitem on the worklist",
     )
     uid = found[0].SOPInstanceUID
@@ -131,7 +131,7 @@ def test_a_reader_claims_the_workitem_and_subscribers_hear_it(
     film = push(node, tmp_path, seed=802)
     uid = wait_for(
         lambda: client.find(node.dicom_port, study_query(film.StudyInstanceUID)),
-        10,
+        30,
         "the workitem",
     )[0].SOPInstanceUID
     claim = Dataset()
@@ -161,7 +161,7 @@ def test_the_webhook_gets_the_change(
     def posted() -> Any:
         return [p for p in webhook.posts if p[1]["study_instance_uid"] == film.StudyInstanceUID]
 
-    [(_, body, headers)] = wait_for(posted, 15, "the webhook POST")
+    [(_, body, headers)] = wait_for(posted, 30, "the webhook POST")
     assert body["priority"] == "HIGH" and body["previous_priority"] == "MEDIUM"
     assert body["accession_number"] == film.AccessionNumber
     assert body["rule"] == "chest-urgent" and body["reason"]
@@ -178,7 +178,7 @@ def test_the_ris_gets_the_order_update_once_it_is_back(
         hl7 = [p for p in row["publications"] if p["channel"] == "hl7"]
         return hl7 and hl7[0]["attempts"] >= 2 and hl7[0]
 
-    pending = wait_for(waiting, 15, "the HL7 message to be retried", interval_s=0.2)
+    pending = wait_for(waiting, 30, "the HL7 message to be retried", interval_s=0.2)
     assert pending["state"] == "pending" and "refused" in pending["last_error"].lower()
 
     ris = MllpListener(ris_port).start()
@@ -191,7 +191,7 @@ def test_the_ris_gets_the_order_update_once_it_is_back(
                 if m.message.omi_o23_order.ipc.ipc_3.to_er7() == film.StudyInstanceUID
             ]
 
-        [message] = wait_for(received, 15, "the order update at the RIS")
+        [message] = wait_for(received, 30, "the order update at the RIS")
         order = message.omi_o23_order
         assert order.omi_o23_timing.tq1.tq1_9.to_er7() == "R"  # LOW: routine by default
         assert order.obr.obr_5.to_er7() == "R"
@@ -203,7 +203,7 @@ def test_the_ris_gets_the_order_update_once_it_is_back(
                 for p in study_row(node, film.StudyInstanceUID)["publications"]
                 if p["channel"] == "hl7"
             ),
-            10,
+            30,
             "the ACK to be recorded",
         )
         assert sent
@@ -217,7 +217,7 @@ def test_the_workitem_is_pushed_to_another_worklist_manager(
     film = push(node, tmp_path, seed=805, pneumothorax=True)
     uid = wait_for(
         lambda: client.find(node.dicom_port, study_query(film.StudyInstanceUID)),
-        10,
+        30,
         "the workitem",
     )[0].SOPInstanceUID
 
@@ -225,7 +225,7 @@ def test_the_workitem_is_pushed_to_another_worklist_manager(
         mine = [(op, ds) for op, u, ds in external.requests if u == uid]
         return mine and mine[-1][1].ScheduledProcedureStepPriority == "HIGH" and mine
 
-    requests = wait_for(pushed_high, 15, "the workitem pushed, then at priority HIGH")
+    requests = wait_for(pushed_high, 30, "the workitem pushed, then at priority HIGH")
     first, created = requests[0]
     # MEDIUM at arrival; when the result lands before the N-CREATE has gone out, the outbox
     # sends the newer priority instead of the stale one, so HIGH is right too.
