@@ -54,6 +54,13 @@ PHANTOM_CAVEAT = (
     "works, not that the model would detect disease in patients."
 )
 ABNORMAL = Code(value="263654008", scheme="SCT", meaning="Abnormal")
+# What the chest engines (rule-out filter, segmenter) accept: frontal CR/DX chest films.
+CHEST_FILMS = Inputs(
+    modalities=["CR", "DX"],
+    sop_classes=[ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation],
+    body_parts=["CHEST"],
+    views=["PA", "AP"],
+)
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 
@@ -188,12 +195,7 @@ def make_manifest(
         task=TaskKind.classify,
         description="Chest radiograph normal-vs-abnormal classifier (abnormal: lung opacity "
         "and/or pneumothorax) that rules out normal films. Output: P(abnormal).",
-        inputs=Inputs(
-            modalities=["CR", "DX"],
-            sop_classes=[ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation],
-            body_parts=["CHEST"],
-            views=["PA", "AP"],
-        ),
+        inputs=CHEST_FILMS,
         preprocessing=Preprocessing(size=config.input_size),
         labels=[Label(name="abnormal", code=ABNORMAL)],
         operating_points={

@@ -23,7 +23,6 @@ import torch
 from monai.losses import DiceLoss
 from monai.networks.nets import UNet
 from pydantic import Field
-from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 from torch import nn
 from tqdm import tqdm
 
@@ -31,7 +30,6 @@ from cadnode.infer.bundle import (
     Bundle,
     Cascade,
     Code,
-    Inputs,
     Label,
     Manifest,
     ModelFile,
@@ -46,6 +44,7 @@ from cadnode.preprocess import fit_square, image_to_tensor
 from cadnode.yamlfile import load_model
 from training.bundle import (
     CALIBRATION_FILE,
+    CHEST_FILMS,
     MODEL_FILE,
     PHANTOM_CAVEAT,
     compose_card,
@@ -398,12 +397,7 @@ def make_manifest(
         task=TaskKind.segment,
         description="Chest radiograph U-Net segmenting the right and left lung fields and "
         "pneumothorax. Output: one probability map per label at the model resolution.",
-        inputs=Inputs(
-            modalities=["CR", "DX"],
-            sop_classes=[ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation],
-            body_parts=["CHEST"],
-            views=["PA", "AP"],
-        ),
+        inputs=CHEST_FILMS,
         preprocessing=Preprocessing(size=config.input_size),
         labels=list(LABELS),
         operating_points={
