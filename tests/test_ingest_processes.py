@@ -14,19 +14,22 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.uid import CTImageStorage
+from pynetdicom import AE
 from sqlmodel import select
 
-from cadnode.db import Database, Instance, Job
+from cadnode.db import CompletionSignal, Database, Instance, Job, JobState
 from cadnode.files import is_temporary
 from cadnode.locks import KeyedLocks
 from cadnode.spool import Spool, examine
 from tests.ingest import named
-from tests.peers import Cadnode, run_cadnode, storescu, wait_for
+from tests.peers import REPO, Cadnode, run_cadnode, storescu, wait_for
 from tests.synthetic import write_ct_series
 from tests.test_ingest_durability import log_events, push
 from training.phantoms import write_chest_radiograph
@@ -253,8 +256,9 @@ def test_a_receiver_that_dies_is_replaced_and_the_port_keeps_serving(tmp_path: P
         [first, second] = sorted(receivers_of(node.process.pid))
         os.kill(first, signal.SIGKILL)  # as the kernel's OOM killer would
         wait_for(
-            lambda: len(receivers_of(node.process.pid)) == 2 and first not in receivers_of(
-                node.process.pid
+            lambda: (
+                len(receivers_of(node.process.pid)) == 2
+                and first not in receivers_of(node.process.pid)
             ),
             30,
             "a new receiver in place of the killed one",
@@ -269,3 +273,71 @@ def test_a_receiver_that_dies_is_replaced_and_the_port_keeps_serving(tmp_path: P
     started = named(events, "receive.process_started")
     assert len(started) == 3  # two at start, then one in place of the dead one
     assert started[-1]["receiver"] == died["receiver"]
+
+
+def _opened_in(node: Cadnode, association: Any) -> int:
+    """The receiver process serving `association` (its `association.accepted` event's pid)."""
+    port = association.dul.socket.socket.getsockname()[1]
+
+    def accepted() -> list[dict[str, Any]]:
+        events = named(log_events(node), "association.accepted")
+        return [e for e in events if e["peer"] == f"127.0.0.1:{port}"]
+
+    [event] = wait_for(accepted, 30, "the association's accepted event")
+    return int(event["pid"])
+
+
+def _open_elsewhere(node: Cadnode, ae: AE, busy_pid: int) -> Any:
+    """An association served by another receiver process than `busy_pid`.
+
+    Which process accepts is the kernel's choice; with one busy and one idle, the idle one
+    (waiting in accept() the longest) takes nearly every new connection, so a few tries do.
+    """
+    for _ in range(20):
+        association = ae.associate("127.0.0.1", node.dicom_port, ae_title="CADNODE")
+        assert association.is_established
+        if _opened_in(node, association) != busy_pid:
+            return association
+        association.release()
+    raise AssertionError("20 associations in a row went to the busy receiver process")
+
+
+def test_a_release_in_one_process_does_not_close_a_study_another_process_is_receiving(
+    tmp_path: Path,
+) -> None:
+    """`close_on_association_release` across receiver processes: association A (one
+    process) has sent part of a study and stays open; B (the other process) sends the rest
+    and is released. The study must wait for A, which may send more, and close when A ends."""
+    files = write_ct_series(tmp_path / "ct", 3, size=32)
+    config = tmp_path / "cadnode.yaml"
+    config.write_text(
+        f"rules: {REPO / 'config' / 'rules.yaml'}\n"
+        "assemble:\n  quiet_period_s: 600\n  close_on_association_release: true\n"
+    )
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    with run_cadnode(tmp_path / "node", None, CADNODE_CONFIG=str(config), **RECEIVERS) as node:
+        first = ae.associate("127.0.0.1", node.dicom_port, ae_title="CADNODE")
+        assert first.send_c_store(dcmread(files[0])).Status == 0
+        second = _open_elsewhere(node, ae, busy_pid=_opened_in(node, first))
+        for file in files[1:]:
+            assert second.send_c_store(dcmread(file)).Status == 0
+        second.release()
+        wait_for(
+            lambda: len(named(log_events(node), "association.released")) == 1,
+            30,
+            "the second association's release to be handled",
+        )
+        time.sleep(1.0)  # room for a wrong completion signal to reach assemble
+        database = Database(node.data_dir / "cadnode.db")
+        with database.session() as session:
+            signals = list(session.exec(select(CompletionSignal)).all())
+        [study] = node.studies()
+        waiting = study["state"]
+        first.release()
+        wait_for(lambda: named(log_events(node), "job.released"), 30, "the study to be released")
+        events = log_events(node)
+    assert signals == [], "signalled while another process was still receiving the study"
+    assert waiting == JobState.received
+    assert [e["by"] for e in named(events, "job.released")] == ["association-released"]
+    assert sorted(e["stored"] for e in named(events, "association.released")) == [1, 2]
