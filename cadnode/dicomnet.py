@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 
-def set_tcp_nodelay(event: Any) -> None:
-    """Send each PDU at once: Nagle's algorithm stalls DIMSE's small request/response turns.
+def tune_connection(event: Any) -> None:
+    """Bound to pynetdicom's EVT_CONN_OPEN, for both accepted and requested associations.
 
-    Bound to pynetdicom's EVT_CONN_OPEN, for both accepted and requested associations.
+    - TCP_NODELAY: send each PDU at once (Nagle's algorithm stalls DIMSE's small
+      request/response turns).
+    - Whole-PDU reads: pynetdicom reads a PDU 4 KiB per recv() call (4,600 calls and as many
+      bytearray extensions for an 18 MB radiograph); reading into one buffer of the PDU's
+      size takes a few calls. Measured on an 18 MB DX push: the receiving process's system
+      CPU per image fell from 42-74 ms to 24-29 ms.
     """
-    sock = event.assoc.dul.socket.socket
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    connection = event.assoc.dul.socket
+    sock = connection.socket
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    connection.recv = functools.partial(read_exactly, sock)
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytearray:
+    """`size` bytes from `sock`, or fewer if the peer closed the connection first (what
+    pynetdicom's AssociationSocket.recv returns, so its callers see no difference)."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        count = sock.recv_into(view[received:], size - received)
+        if not count:
+            del view
+            del buffer[received:]
+            break
+        received += count
+    return buffer
 
 
 def status_is_success(status: int) -> bool:

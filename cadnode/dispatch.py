@@ -43,7 +43,7 @@ from cadnode.db import (
     ResultObject,
     utcnow,
 )
-from cadnode.dicomnet import set_tcp_nodelay, status_is_success
+from cadnode.dicomnet import status_is_success, tune_connection
 
 log = structlog.get_logger("cadnode.dispatch")
 
@@ -177,7 +177,7 @@ class Dispatcher:
             address.port,
             ae_title=address.ae_title,
             evt_handlers=[
-                (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+                (evt.EVT_CONN_OPEN, tune_connection),
                 (evt.EVT_N_EVENT_REPORT, self.commitment_reports.on_event_report),
             ],
         )

@@ -40,7 +40,9 @@ def write_durably(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) 
                 handle.write(chunk)
                 size += len(chunk)
             handle.flush()
-            os.fsync(handle.fileno())
+            # fdatasync: the data and what reading it back needs (size, block map), without
+            # the timestamps a full fsync also flushes; the name is made durable below.
+            os.fdatasync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

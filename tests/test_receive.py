@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import JPEG2000, UID, CTImageStorage
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from sqlmodel import select
 
 from cadnode.config import DicomSettings, Settings, StorageSettings
 from cadnode.db import Database, Instance, Job, JobState
-from cadnode.receive import Receiver
+from cadnode.receive import Receiver, file_meta
 from tests.peers import echoscu, storescu
 from training.phantoms import write_chest_radiograph
 
@@ -93,3 +96,18 @@ def test_missing_uids_are_refused_with_a_status_and_the_node_goes_on(
     done = storescu(port, bad, good, options=("--no-halt", "-v"))
     assert "Received Store Response (Error: CannotUnderstand)" in done.stderr, done.stderr
     assert [i.sop_instance_uid for i in instances(database)] == [dcmread(good).SOPInstanceUID]
+
+
+@pytest.mark.parametrize("uid", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498." + "1" * 37])
+def test_file_meta_from_the_cached_encoding_is_pydicoms_own(uid: str) -> None:
+    """receive encodes File Meta Information once per SOP class, syntax, sender and UID
+    length, and splices each instance's UID in: the bytes must be what pydicom writes."""
+    meta = create_file_meta(
+        sop_class_uid=CTImageStorage, sop_instance_uid=UID(uid), transfer_syntax=JPEG2000
+    )
+    meta.SourceApplicationEntityTitle = "CT_ROOM_1"
+    written = file_meta(CTImageStorage, uid, JPEG2000, "CT_ROOM_1")
+    assert written == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+    read = dcmread(io.BytesIO(written + b"\x08\x00\x18\x00UI\x00\x00"), force=True).file_meta
+    assert read.MediaStorageSOPInstanceUID == uid
+    assert read.SourceApplicationEntityTitle == "CT_ROOM_1"

@@ -17,7 +17,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from cadnode.config import Destination
-from cadnode.dicomnet import set_tcp_nodelay, status_is_success
+from cadnode.dicomnet import status_is_success, tune_connection
 from cadnode.prioritize.notice import Link, Notice, PublishError
 from cadnode.prioritize.worklist import UPS_EVENT, UPS_PULL, UPS_PUSH
 
@@ -37,7 +37,7 @@ def _association(
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        evt_handlers=[(evt.EVT_CONN_OPEN, tune_connection)],
     )
     if not assoc.is_established:
         raise PublishError(f"association with {destination} not established")

@@ -21,7 +21,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 
-from cadnode.dicomnet import set_tcp_nodelay, status_is_success
+from cadnode.dicomnet import status_is_success, tune_connection
 from cadnode.serve.index import Held, QueryIndex
 
 log = structlog.get_logger("cadnode.serve")
@@ -147,7 +147,7 @@ def sub_association_handlers(tally: Tally, opened: list[Any]) -> list[Any]:
         opened.append(event.assoc)
 
     return [
-        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_CONN_OPEN, tune_connection),
         (evt.EVT_ACCEPTED, on_accepted),
         (evt.EVT_DIMSE_RECV, tally.on_response),
     ]
