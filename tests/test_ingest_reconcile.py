@@ -15,8 +15,8 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage
 from sqlmodel import select
 
-from cadnode.db import Database, Instance, Job
-from cadnode.spool import Spool, examine
+from cadnode.db import Database, Instance, Job, utcnow
+from cadnode.spool import Spool, examine, instance_row
 from tests.ingest import captured_events, named
 from tests.synthetic import write_image
 
@@ -99,3 +99,27 @@ def test_a_file_cut_short_anywhere_is_not_taken_for_whole(
     (tmp_path / "cut.dcm").write_bytes(data[:end])
     arrival, problem = examine(tmp_path / "cut.dcm")
     assert arrival is None and problem is not None and "truncated" in problem, where
+
+
+def test_the_index_row_receive_writes_names_every_column_of_the_model(
+    tmp_path: Path, database: Database
+) -> None:
+    """The hot path inserts an instance's row without the model filling in defaults, so a
+    column added to the model must be added there too."""
+    file = tmp_path / "ct.dcm"
+    write_image(file, CTImageStorage, "CT")
+    arrival, _ = examine(file)
+    assert arrival is not None
+    assert set(instance_row(arrival, "a/b/c.dcm", 1, 1, utcnow())) == set(Instance.model_fields)
+    spool = Spool(tmp_path / "spool", database, min_free_bytes=0)
+    indexed = spool.store(arrival, [file.read_bytes()])
+    spool.close()
+    assert indexed is not None
+    row = instances(database)[arrival.sop_instance_uid]
+    assert (row.sop_class_uid, row.transfer_syntax, row.size, row.job_id) == (
+        CTImageStorage,
+        arrival.transfer_syntax,
+        file.stat().st_size,
+        indexed.job_id,
+    )
+    assert row.received_at is not None and row.missing_since is None
