@@ -162,29 +162,23 @@ def test_eight_associations_are_served_while_the_engine_runs(tmp_path: Path) -> 
     for i, film in enumerate(films):
         film.parent.mkdir(exist_ok=True)
         write_chest_radiograph(film, seed=900 + i)
-    series = [write_ct_series(tmp_path / f"ct{i}", 15, size=64, seed=i) for i in range(8)]
+    series = [write_ct_series(tmp_path / f"ct{i}", 30, size=64, seed=i) for i in range(8)]
     tool = require_tool("storescu")
+    senders = [("FILMS", films)] + [(f"CT{i}", files) for i, files in enumerate(series)]
     with run_cadnode(tmp_path / "node", None) as node:
-        assert storescu(node.dicom_port, *films).returncode == 0
-        pushes = [  # eight modalities at once, while the films' jobs go through the engine
+        # Eight modalities at once, beside the films, whose jobs go through the engine as
+        # each film lands (a radiograph is released on arrival).
+        pushes = [
             subprocess.Popen(
-                [
-                    tool,
-                    "-aet",
-                    f"CT{i}",
-                    "-aec",
-                    "CADNODE",
-                    "127.0.0.1",
-                    str(node.dicom_port),
-                    *map(str, files),
-                ],
+                [tool, "-aet", ae, "-aec", "CADNODE", "127.0.0.1", str(node.dicom_port)]
+                + [str(f) for f in files],
                 env={**os.environ, "TCP_NODELAY": "1"},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            for i, files in enumerate(series)
+            for ae, files in senders
         ]
-        assert [push.wait(120) for push in pushes] == [0] * 8
+        assert [push.wait(120) for push in pushes] == [0] * 9
         events = json_events(node.log_text())
     at = {(e["event"], e.get("job")): dt.datetime.fromisoformat(e["timestamp"]) for e in events}
     running = [
@@ -197,6 +191,6 @@ def test_eight_associations_are_served_while_the_engine_runs(tmp_path: Path) -> 
         for e in events
         if e["event"] == "instance.received" and str(e["calling_ae"]).startswith("CT")
     ]
-    assert len(ct_arrivals) == 8 * 15
+    assert len(ct_arrivals) == 8 * 30
     during = [t for t in ct_arrivals if any(start < t < end for start, end in running)]
     assert during, "no instance was received while an engine was running"
