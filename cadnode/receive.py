@@ -121,11 +121,17 @@ class Receiver:
         """Make spool and index agree before the first association (see cadnode/spool.py)."""
         return self.spool.reconcile(self.quarantine)
 
-    def start(self, listening: socket.socket | None = None) -> int:
+    def start(
+        self,
+        listening: socket.socket | None = None,
+        observers: Sequence[tuple[Any, Callable[[Any], None]]] = (),
+    ) -> int:
         """Start serving in the background; returns the bound port (useful with port 0).
 
         `listening`: a socket already bound and listening, shared with other receiver
         processes (cadnode/dicomport.py); by default the receiver binds its own.
+        `observers`: more handlers of pynetdicom notification events (PDU and DIMSE traffic),
+        e.g. benchmarks/ingest_budget.py timing each step of a C-STORE.
         """
         dicom = self.settings.dicom
         ae = AE(ae_title=dicom.ae_title)
@@ -153,6 +159,7 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_CONN_CLOSE, self._on_closed),
             *routed_handlers(self.services),
+            *observers,
         ]
         address = (dicom.bind, dicom.port)
         server = cast(
