@@ -113,8 +113,21 @@ class DicomSettings(Section):
     receivers: int = Field(default=1, ge=1, le=64)
     # A peer silent this long (between messages or in the middle of a PDU) is aborted.
     network_timeout_s: float = Field(default=60, gt=0)
-    # A connection that sends no association request within this long is closed.
+    # A connection whose whole association request has not arrived this long after it was
+    # accepted is closed (one deadline, however the bytes trickle in); also how long the
+    # node waits for a peer's answer to its own association requests and releases.
     acse_timeout_s: float = Field(default=30, gt=0)
+    # One PDU's bytes, first to last, must arrive within this long (not per read: a peer
+    # sending a byte now and then is cut off too).
+    pdu_timeout_s: float = Field(default=60, gt=0)
+    # The largest association request accepted (PS3.8 A-ASSOCIATE-RQ, before the peer is
+    # known); after association, a PDU longer than the node's negotiated maximum is aborted.
+    max_request_pdu_kb: int = Field(default=256, ge=16, le=16384)
+    # Connections that have not yet completed an association request wait here without a
+    # thread, at most this many from one address and in all; past either the oldest waiting
+    # one is closed (an honest modality sends its request at once).
+    max_pending_per_address: int = Field(default=8, ge=1)
+    max_pending: int = Field(default=128, ge=1)
     # On SIGTERM: how long running associations may take to finish before they are aborted.
     drain_timeout_s: float = Field(default=30, ge=0)
     # Who may send: a calling AE title not listed here is rejected at association
@@ -153,6 +166,14 @@ class HttpSettings(Section):
     # is set; set true behind a TLS-terminating proxy.
     secure_cookie: bool | None = None
     session_max_age_s: int = Field(default=8 * 3600, ge=60)
+    # The largest request body any endpoint reads (a DICOM file for `/rules/explain`);
+    # forms are held to `max_form_kb`. Bigger: 413 before a byte of it is stored.
+    max_upload_mb: float = Field(default=64, gt=0)
+    max_form_kb: int = Field(default=64, ge=1)
+    # Password and token checks (Argon2, 64 MiB each) run this many at once, off the event loop.
+    auth_workers: int = Field(default=2, ge=1, le=16)
+    # Failed logins or tokens from one address: past this many a minute, 429 with Retry-After.
+    auth_failures_per_minute: int = Field(default=10, ge=1)
     tls: HttpTlsSettings | None = None
 
 
@@ -183,6 +204,26 @@ class StorageSettings(Section):
 
     # Below this much free space where the spool lies, C-STORE answers 0xA700 (out of resources).
     min_free_mb: float = Field(default=1024, ge=0)
+
+
+class LimitsSettings(Section):
+    """What one object may cost the node to decode (docs/security.md)."""
+
+    # Decoded pixel data (rows x columns x samples x frames x bits allocated) any decode path
+    # may produce: inference, Q/R transcoding, thumbnails, overlays, `rules explain`. Larger
+    # images fail their job naming this limit instead of being decoded.
+    max_decoded_image_mb: float = Field(default=2048, gt=0)
+    # A Deflated Explicit VR Little Endian dataset is inflated as a stream; larger, C-STORE
+    # answers 0xA700 (out of resources) and the association goes on.
+    max_inflated_mb: float = Field(default=512, gt=0)
+
+    @property
+    def max_decoded_image_bytes(self) -> int:
+        return int(self.max_decoded_image_mb * 2**20)
+
+    @property
+    def max_inflated_bytes(self) -> int:
+        return int(self.max_inflated_mb * 2**20)
 
 
 class AssembleSettings(Section):
@@ -303,6 +344,7 @@ class Settings(Section):
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()
     storage: StorageSettings = StorageSettings()
+    limits: LimitsSettings = LimitsSettings()
     assemble: AssembleSettings = AssembleSettings()
     dispatch: DispatchSettings = DispatchSettings()
     engines: EngineSettings = EngineSettings()

@@ -48,8 +48,9 @@ from cadnode.admission import (
 )
 from cadnode.config import Settings
 from cadnode.db import CompletionSignal, Database
-from cadnode.dicomnet import Service, routed_handlers, tune_connection
+from cadnode.dicomnet import PduLimits, Service, routed_handlers, tune_connection
 from cadnode.files import is_valid_uid
+from cadnode.gatekeeper import Gatekeeper, GateLimits, RefusalHook
 from cadnode.locks import KeyedLocks, lock_file
 from cadnode.mpps import MppsScp
 from cadnode.spool import HEADER_TAGS, Arrival, OutOfSpace, Spool, cut_short
@@ -152,7 +153,7 @@ class Receiver:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_CONN_OPEN, tune_connection),
+            (evt.EVT_CONN_OPEN, tune_connection, [self._pdu_limits()]),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -170,6 +171,8 @@ class Receiver:
                 evt_handlers=handlers,
                 server_class=_Server,
                 listening=listening,
+                gate=self._gate_limits(),
+                on_refused=self._on_refused_at_gate,
             ),
         )
         ae._servers.append(server)  # as AE.start_server does: the server's shutdown expects it
@@ -205,6 +208,32 @@ class Receiver:
             server.ae._servers.remove(server)
             log.info("receive.stopped", drained=len(running) - len(aborted), aborted=len(aborted))
         self.spool.close()
+
+    def _pdu_limits(self) -> PduLimits:
+        dicom = self.settings.dicom
+        return PduLimits(dicom.pdu_timeout_s, other_pdu_bytes=dicom.max_request_pdu_kb * 1024)
+
+    def _gate_limits(self) -> GateLimits:
+        dicom = self.settings.dicom
+        return GateLimits(
+            request_timeout_s=dicom.acse_timeout_s,
+            max_request_bytes=dicom.max_request_pdu_kb * 1024,
+            max_pending_per_address=dicom.max_pending_per_address,
+            max_pending=dicom.max_pending,
+            max_associations=dicom.max_associations,
+        )
+
+    def _on_refused_at_gate(self, address: tuple[Any, ...], calling_ae: str, reason: str) -> None:
+        """The gatekeeper refused a request (too long, not a request, too many associations)."""
+        audit.record(
+            self.database,
+            audit.ASSOCIATION,
+            actor=calling_ae,
+            address=f"{address[0]}:{address[1]}",
+            outcome="rejected",
+            tls=self.tls is not None,
+            reason=reason,
+        )
 
     def _on_requested(self, event: Any) -> None:
         """Reject an association request from a peer the configuration does not admit."""
@@ -359,21 +388,36 @@ class Receiver:
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's server, with a deadline on every read and TLS off the accept loop.
+    """pynetdicom's server, behind a gatekeeper (cadnode/gatekeeper.py).
 
-    Sockets accepted from a listening socket with a timeout come back blocking forever, so a
-    peer stalling mid-PDU would hold its reader for good: each gets the network timeout. The
-    TLS handshake happens on the association's first read, in its own thread, so a peer that
-    stalls it holds up nobody else (pynetdicom would do it in the accept loop).
+    An accepted connection waits, with no thread of its own, until its whole association
+    request has arrived within its deadline (the TLS handshake too); only then does
+    pynetdicom take it, and only while fewer than the maximum number of associations run.
+    Every later read has a per-PDU deadline and length limit (cadnode/dicomnet.py).
 
     Given a `listening` socket, it accepts on that one instead of binding its own: several
     receiver processes then take turns on one port (`accept_in_turn`).
     """
 
-    def __init__(self, *args: Any, listening: socket.socket | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        gate: GateLimits,
+        on_refused: RefusalHook,
+        listening: socket.socket | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._listening = listening
         self._closing = False
+        self._requests: dict[socket.socket, bytes] = {}
         super().__init__(*args, **kwargs)
+        self.gatekeeper = Gatekeeper(
+            gate,
+            hand_over=self._hand_over,
+            running=lambda: len(self.active_associations),
+            on_refused=on_refused,
+            ssl_context=self.ssl_context,
+        )
 
     def accept_in_turn(self) -> None:
         """Accept on the shared socket with a blocking accept(), not serve_forever's select():
@@ -392,12 +436,25 @@ class _Server(ThreadedAssociationServer):
             if self._closing:  # it came while this process was stopping: not ours to serve
                 self.shutdown_request(request)
                 break
-            try:
-                self.process_request(request, address)
-            except Exception:
-                self.handle_error(request, address)
-                self.shutdown_request(request)
+            self.process_request(request, address)
             time.sleep(min(TURN_MAX_S, TURN_S * len(self.active_associations)))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.gatekeeper.admit(request, client_address)
+
+    def _hand_over(self, sock: socket.socket, address: Any, request: bytes) -> None:
+        """A whole association request: pynetdicom's association takes it from here (in the
+        gatekeeper's thread: creating the association is quick, and it runs in its own)."""
+        sock.settimeout(self.ae.network_timeout)
+        self._requests[sock] = request
+        try:
+            self.finish_request(sock, address)
+        finally:
+            self._requests.pop(sock, None)
+
+    def received_before(self, sock: socket.socket) -> bytes:
+        """The association request the gatekeeper read from `sock` (cadnode/dicomnet.py)."""
+        return self._requests.pop(sock, b"")
 
     def server_bind(self) -> None:
         if self._listening is None:
@@ -414,17 +471,13 @@ class _Server(ThreadedAssociationServer):
             super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept only: the gatekeeper does the TLS handshake, off the accept loop."""
         assert self.socket is not None
-        client, address = self.socket.accept()
-        client.settimeout(self.ae.network_timeout)
-        if self.ssl_context is not None:
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
+        return self.socket.accept()
 
     def stop_accepting(self) -> list[Any]:
-        """Close the listening socket (new peers are refused); the running associations."""
+        """Close the listening socket (new peers are refused) and every connection still
+        waiting to associate; the running associations."""
         if self._listening is not None:
             self._closing = True
             # This process's copy only (a shutdown() would stop every receiver's). An accept()
@@ -433,6 +486,7 @@ class _Server(ThreadedAssociationServer):
         else:
             socketserver.BaseServer.shutdown(self)  # ends serve_forever
             AssociationServer.server_close(self)  # pynetdicom's close, without waiting on them
+        self.gatekeeper.close()
         return list(self.active_associations)
 
 
