@@ -27,6 +27,7 @@ log = structlog.get_logger("cadnode.audit")
 # The kinds recorded; `cadnode audit --kind` takes any of them (or a prefix such as "admin").
 ASSOCIATION = "association"
 STUDY_RECEIVED = "study.received"
+INSTANCE_REFUSED = "instance.refused"  # a C-STORE answered with a failure status
 RESULT_DELIVERED = "result.delivered"
 RETRIEVED = "retrieved"  # a C-MOVE or C-GET of held images or results
 RULES = "rules"

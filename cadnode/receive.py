@@ -26,10 +26,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 import structlog
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -47,6 +47,7 @@ from cadnode.admission import (
     server_tls_context,
 )
 from cadnode.config import Settings
+from cadnode.dataset_checks import TooLarge, inflated, pixel_data_problem, undecodable
 from cadnode.db import CompletionSignal, Database
 from cadnode.dicomnet import PduLimits, Service, routed_handlers, tune_connection
 from cadnode.files import is_valid_uid
@@ -105,6 +106,7 @@ class Receiver:
         storage = settings.storage
         self.spool = Spool(storage.spool, database, int(storage.min_free_mb * 2**20))
         self.quarantine = storage.quarantine
+        self.scratch = Scratch(storage.spool, settings.limits.max_inflated_bytes)
         # Called when a new job appears or a sender says it is done: assemble looks again.
         self.on_indexed = on_indexed
         self.policy = PeerPolicy(settings.dicom)
@@ -294,7 +296,7 @@ class Receiver:
         sending = self._sending_of(event.assoc)
         try:
             meta = _file_meta(event, calling_ae)
-            arrival = _read_arrival(event, meta, calling_ae, peer)
+            arrival = _read_arrival(event, calling_ae, peer, self.scratch)
             with event.request.DataSet.getbuffer() as dataset:
                 indexed = self.spool.store(arrival, [meta, dataset])
         except Rejected as rejection:
@@ -340,6 +342,15 @@ class Receiver:
         sending.refused += 1
         log.warning(
             "instance.rejected", calling_ae=calling_ae, peer=peer, status=hex(status), reason=reason
+        )
+        audit.record(
+            self.database,
+            audit.INSTANCE_REFUSED,
+            actor=calling_ae,
+            address=peer,
+            outcome="refused",
+            status=hex(status),
+            reason=reason,
         )
         return status
 
@@ -534,11 +545,15 @@ def file_meta_around_uid(
     return encoded[:start], encoded[start + uid_length + uid_length % 2 :]
 
 
-def _read_arrival(event: Any, meta: bytes, calling_ae: str, peer: str) -> Arrival:
+def _read_arrival(event: Any, calling_ae: str, peer: str, scratch: Scratch) -> Arrival:
     """Decode the whole dataset's structure (not its pixels) and check its identity."""
     try:
-        header = _decode(event.request.DataSet, UID(event.context.transfer_syntax), meta)
+        header = _decode(event.request.DataSet, UID(event.context.transfer_syntax), scratch)
         uids = {tag: str(header.get(tag, "")) for tag in HEADER_TAGS}
+    except TooLarge as error:
+        raise Rejected(OUT_OF_RESOURCES, f"dataset {error}") from error
+    except Rejected:
+        raise
     except Exception as error:  # pydicom raises many kinds on a malformed stream
         raise Rejected(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {error}") from error
     bad = [tag for tag, value in uids.items() if not is_valid_uid(value)]
@@ -565,21 +580,42 @@ def _read_arrival(event: Any, meta: bytes, calling_ae: str, peer: str) -> Arriva
     )
 
 
-def _decode(dataset: io.BytesIO, transfer_syntax: UID, meta: bytes) -> Dataset:
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:  # pydicom inflates in dcmread only
-        return dcmread(io.BytesIO(meta + dataset.getvalue()))
-    dataset.seek(0)
+@dataclass(frozen=True)
+class Scratch:
+    """Where a deflated dataset is inflated to be checked, and how large it may grow."""
+
+    folder: Path
+    max_inflated_bytes: int
+
+
+def _decode(dataset: io.BytesIO, transfer_syntax: UID, scratch: Scratch) -> Dataset:
+    if transfer_syntax != DeflatedExplicitVRLittleEndian:
+        return _checked(dataset, transfer_syntax, len(dataset.getbuffer()))
+    with (
+        dataset.getbuffer() as deflated,
+        inflated(deflated, scratch.max_inflated_bytes, scratch.folder) as stream,
+    ):
+        return _checked(stream, transfer_syntax, os.fstat(stream.fileno()).st_size)
+
+
+def _checked(stream: BinaryIO, transfer_syntax: UID, size: int) -> Dataset:
+    """The dataset's elements, large values skipped over (not copied); ValueError naming
+    what does not decode, or Rejected for an image whose Pixel Data does not fit it."""
+    stream.seek(0)
     decoded = read_dataset(
-        dataset,
+        stream,
         is_implicit_VR=transfer_syntax.is_implicit_VR,
         is_little_endian=transfer_syntax.is_little_endian,
         defer_size=DEFER_SIZE,  # large values (pixels) are skipped over, not copied
     )
-    if dataset.tell() > len(dataset.getbuffer()):
+    if stream.tell() > size:
         raise ValueError("a value runs past the end of the dataset")
-    problem = cut_short(decoded)
+    problem = cut_short(decoded) or undecodable(decoded)
     if problem:
         raise ValueError(problem)
+    problem = pixel_data_problem(decoded, transfer_syntax)
+    if problem:
+        raise Rejected(CANNOT_UNDERSTAND, problem)
     return decoded
 
 

@@ -17,7 +17,13 @@ import structlog
 from pydicom import dcmread
 from pydicom import uid as uids
 
-from cadnode.config import AssembleSettings, DicomSettings, Settings, StorageSettings
+from cadnode.config import (
+    AssembleSettings,
+    DicomSettings,
+    LimitsSettings,
+    Settings,
+    StorageSettings,
+)
 from cadnode.db import Database
 from cadnode.receive import Receiver
 from tests.dicom_validation import require_tool
@@ -72,6 +78,7 @@ def node_settings(folder: Path, **sections: Any) -> Settings:
         storage=StorageSettings(data_dir=folder / "var", **sections.get("storage", {})),
         dicom=DicomSettings(port=0, **sections.get("dicom", {})),
         assemble=AssembleSettings(**sections.get("assemble", {})),
+        limits=LimitsSettings(**sections.get("limits", {})),
     )
 
 

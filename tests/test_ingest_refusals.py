@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlmodel import select
 
+from cadnode import audit
 from cadnode.config import load_settings
 from cadnode.db import Database, Instance
 from cadnode.yamlfile import ConfigError
@@ -211,3 +212,86 @@ def test_peer_and_tls_settings_are_checked_at_load_with_their_position(tmp_path:
     config.write_text("dicom:\n  tls:\n    certificate: tls/node.crt\n    private_key: k.pem\n")
     tls = load_settings({"CADNODE_CONFIG": str(config)}).dicom.tls
     assert tls is not None and tls.certificate == tmp_path / "tls" / "node.crt"  # file-relative
+
+
+def _with_bytes_replaced(source: Path, target: Path, old: bytes, new: bytes) -> Path:
+    data = source.read_bytes()
+    assert data.count(old) == 1, old
+    target.write_bytes(data.replace(old, new))
+    return target
+
+
+def test_what_does_not_decode_or_fit_its_image_is_refused_at_the_door(
+    tmp_path: Path, database: Database
+) -> None:
+    """Answered with a failure status, an event and an audit entry, never 0x0000 and then a
+    failure inside a stage; the association goes on."""
+    good = tmp_path / "good.dcm"
+    write_image(good, CTImageStorage, "CT")
+    labelled = dcmread(good)
+    labelled.add_new(0x00091010, "LO", "abcd")
+    labelled.save_as(tmp_path / "labelled.dcm")
+    unknown_vr = _with_bytes_replaced(
+        tmp_path / "labelled.dcm", tmp_path / "zz.dcm", b"\x09\x00\x10\x10LO", b"\x09\x00\x10\x10ZZ"
+    )
+    rows = dcmread(good).Rows.to_bytes(2, "little")
+    odd_us = _with_bytes_replaced(
+        good, tmp_path / "us3.dcm", b"\x28\x00\x10\x00US\x02\x00" + rows,
+        b"\x28\x00\x10\x00US\x03\x00" + rows + b"\x00",
+    )  # fmt: skip
+    no_pixels = dcmread(good)
+    del no_pixels.PixelData
+    no_pixels.save_as(tmp_path / "no-pixels.dcm")
+    short = dcmread(good)
+    short.PixelData = short.PixelData[:-64]
+    short.save_as(tmp_path / "short.dcm")
+    sent = [unknown_vr, odd_us, tmp_path / "no-pixels.dcm", tmp_path / "short.dcm", good]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    with (
+        captured_events() as events,
+        receiving(tmp_path, database) as node,
+        raw_store_sending(),
+    ):
+        association = ae.associate("127.0.0.1", node.port, ae_title="CADNODE")
+        assert association.is_established
+        statuses = [association.send_c_store(path).Status for path in sent]
+        association.release()
+    assert statuses == [0xC000, 0xC000, 0xC000, 0xC000, 0x0000]
+    reasons = [event["reason"] for event in named(events, "instance.rejected")]
+    assert "unknown VR 'ZZ'" in reasons[0]
+    assert "(0028,0010): a US value of 3 bytes" in reasons[1]
+    assert "without Pixel Data" in reasons[2]
+    assert "Pixel Data of" in reasons[3] and "image attributes give" in reasons[3]
+    refusals = [e for e in audit.events(database) if e.kind == audit.INSTANCE_REFUSED]
+    assert [e.details["status"] for e in refusals] == ["0xc000"] * 4
+    with database.session() as session:
+        assert len(session.exec(select(Instance)).all()) == 1
+
+
+def test_a_deflated_dataset_inflating_past_the_limit_is_refused_and_the_association_goes_on(
+    tmp_path: Path, database: Database
+) -> None:
+    deflated, good = tmp_path / "deflated.dcm", tmp_path / "ct.dcm"
+    write_image(good, CTImageStorage, "CT")
+    image = dcmread(good)
+    image.PixelData = b"\x00" * (3 * 2**20)  # inflates to 3 MiB; compresses to a few KB
+    image.Rows, image.Columns = 1024, 1536
+    image.save_as(deflated, implicit_vr=False, little_endian=True)
+    as_deflated = dcmread(deflated)
+    as_deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    as_deflated.save_as(deflated, enforce_file_format=True)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, DeflatedExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    limits = {"max_inflated_mb": 2}
+    with (
+        captured_events() as events,
+        receiving(tmp_path, database, limits=limits) as node,
+    ):
+        association = ae.associate("127.0.0.1", node.port, ae_title="CADNODE")
+        statuses = [association.send_c_store(path).Status for path in (deflated, good)]
+        association.release()
+    assert statuses == [0xA700, 0x0000]
+    [rejected] = named(events, "instance.rejected")
+    assert "limits.max_inflated_mb" in rejected["reason"]

@@ -15,7 +15,15 @@ import structlog
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    ComputedRadiographyImageStorage as CR_IMAGE,
+)
+from pydicom.uid import (
+    DigitalXRayImageStorageForPresentation,
+    EncapsulatedPDFStorage,
+    SecondaryCaptureImageStorage,
+    generate_uid,
+)
 from sqlmodel import select
 
 from cadnode.config import EMBEDDED_CONFIG, Destination
@@ -83,17 +91,26 @@ def problems(tmp_path: Path, text: str, engines: list[str] = ENGINES, **kw: Any)
     ("changes", "rule"),
     [
         ({}, "chest-radiograph"),
-        ({"Modality": "CR", "ViewPosition": "AP"}, "chest-radiograph"),
+        ({"Modality": "CR", "ViewPosition": "AP", "SOPClassUID": CR_IMAGE}, "chest-radiograph"),
         ({"ViewPosition": "LL"}, "everything-else"),
         ({"BodyPartExamined": "HAND"}, "everything-else"),
         ({"Modality": "CT"}, "everything-else"),
+        # A PDF or a screenshot labelled as a chest film is not a film.
+        ({"SOPClassUID": EncapsulatedPDFStorage}, "everything-else"),
+        ({"SOPClassUID": SecondaryCaptureImageStorage}, "everything-else"),
     ],
 )
 def test_shipped_rules_send_frontal_chest_films_to_the_rule_out_cascade(
     changes: dict[str, str], rule: str
 ) -> None:
     rules = load_rules(SHIPPED_RULES, ENGINES)
-    attributes = {"Modality": "DX", "BodyPartExamined": "CHEST", "ViewPosition": "PA", **changes}
+    attributes = {
+        "SOPClassUID": DigitalXRayImageStorageForPresentation,
+        "Modality": "DX",
+        "BodyPartExamined": "CHEST",
+        "ViewPosition": "PA",
+        **changes,
+    }
     decision = rules.decide([subject(**attributes)])
     assert decision.rule_names == [rule]
     if rule == "chest-radiograph":
@@ -781,7 +798,7 @@ def test_rules_explain_says_which_rule_fires_and_why_the_others_do_not(tmp_path:
     ) in by_file[0]
     assert "everything-else       skipped  not reached: 'chest-radiograph' stopped" in by_file[0]
     assert (
-        "chest-radiograph      no       line 38: ViewPosition in [PA, AP] (actual: 'LL')"
+        "chest-radiograph      no       line 43: ViewPosition in [PA, AP] (actual: 'LL')"
         in (by_file[1])
     )
     assert "=> everything-else" in by_file[1]
@@ -796,14 +813,16 @@ def test_rules_test_runs_the_shipped_cases_and_fails_on_a_mismatch(tmp_path: Pat
         tmp_path,
         """cases:
   - name: frontal chest
-    attributes: {Modality: DX, BodyPartExamined: CHEST, ViewPosition: AP, PatientAge: 045Y}
+    attributes: {SOPClassUID: 1.2.840.10008.5.1.4.1.1.1.1, Modality: DX, BodyPartExamined: CHEST,
+                 ViewPosition: AP, PatientAge: 045Y}
     expect: chest-radiograph
     priority: urgent
   - name: a lateral film expected (wrongly) to run the engine
     file: lateral.dcm
     expect: chest-radiograph
   - name: priority expected wrongly
-    attributes: {Modality: CR, BodyPartExamined: CHEST, ViewPosition: PA}
+    attributes: {SOPClassUID: 1.2.840.10008.5.1.4.1.1.1, Modality: CR, BodyPartExamined: CHEST,
+                 ViewPosition: PA}
     expect: chest-radiograph
     priority: background
 """,
@@ -815,7 +834,7 @@ def test_rules_test_runs_the_shipped_cases_and_fails_on_a_mismatch(tmp_path: Pat
     assert lines[0] == "PASS  frontal chest"
     assert lines[1].startswith(
         "FAIL  a lateral film expected (wrongly) to run the engine: expected chest-radiograph, "
-        "fired everything-else ('chest-radiograph': line 38: ViewPosition in [PA, AP] "
+        "fired everything-else ('chest-radiograph': line 43: ViewPosition in [PA, AP] "
         "(actual: 'LL'))"
     )
     assert lines[2] == "FAIL  priority expected wrongly: expected priority background, got urgent"

@@ -38,3 +38,10 @@ def peak_mb(pid: int) -> float:
 
 def threads(pid: int) -> int:
     return sum(_status(p, "Threads") for p in [pid, *children(pid)])
+
+
+def reset_peak(pid: int) -> None:
+    """Start the high-water mark afresh (Linux: 5 to clear_refs), so `peak_mb` measures the
+    attack, not the node's start-up."""
+    for p in [pid, *children(pid)]:
+        Path(f"/proc/{p}/clear_refs").write_text("5")

@@ -21,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from cadnode.dicomnet import ABORT_INVALID_PARAMETER
-from tests.hostile.memory import resident_mb, threads
+from tests.hostile.memory import peak_mb, reset_peak, resident_mb, threads
 from tests.hostile.node import attacked_node
 from tests.ingest import json_events, named
 from tests.peers import Cadnode, echoscu, storescu, wait_for
@@ -103,6 +103,7 @@ def held_open(port: int, silent: int, trickling: int) -> Iterator[list[socket.so
 
 def test_declared_4_gib_pdus_are_aborted_and_cost_no_memory(node: Cadnode) -> None:
     before = resident_mb(node.process.pid)
+    reset_peak(node.process.pid)
     attackers = [connect(node.dicom_port) for _ in range(3)]
     for sock in attackers:
         sock.sendall(header(0x01, FOUR_GIB))  # an association request "of 4 GiB"
@@ -116,7 +117,7 @@ def test_declared_4_gib_pdus_are_aborted_and_cost_no_memory(node: Cadnode) -> No
             sock.settimeout(10)
             assert sock.recv(100) == ABORT_INVALID_PARAMETER
         wait_for(lambda: association.is_aborted, 10, "the association to be aborted")
-        growth = resident_mb(node.process.pid) - before
+        growth = peak_mb(node.process.pid) - before
         echoed = echoscu(node.dicom_port)
     finally:
         association.abort()

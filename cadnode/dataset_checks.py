@@ -1,0 +1,140 @@
+"""What receive checks in a dataset before it answers Success (docs/security.md).
+
+A dataset is refused at the door, with a status and a reason, rather than accepted and then
+failing inside a stage: every element's value must decode as its VR says, an image must
+carry Pixel Data of the size its Rows, Columns, Samples, Bits Allocated and Frames give
+(uncompressed), and a deflated dataset is inflated as a stream, to a scratch file, never
+past `limits.max_inflated_mb`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
+from pydicom.valuerep import VR
+
+INFLATE_CHUNK = 1 * 2**20
+UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_TAGS = (Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))
+KNOWN_VRS = frozenset(vr.value for vr in VR)
+# VRs whose value is a run of fixed-size numbers: a length not a multiple is not decodable.
+VALUE_SIZE = {
+    "US": 2, "SS": 2, "OW": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "OF": 4, "OL": 4,
+    "FD": 8, "OD": 8, "SV": 8, "UV": 8, "OV": 8,
+}  # fmt: skip
+
+
+class TooLarge(Exception):
+    """Inflating the dataset would pass the configured limit."""
+
+
+def inflated(deflated: bytes | memoryview, limit: int, scratch: Path) -> BinaryIO:
+    """The inflated dataset in a scratch file beside the spool (deleted when closed), read
+    from the start; TooLarge as soon as more than `limit` bytes come out."""
+    out = tempfile.TemporaryFile(dir=scratch, prefix=".inflating-")  # noqa: SIM115 - returned
+    try:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # PS3.5 A.5: raw deflate, as pydicom
+        pending: bytes | memoryview = deflated
+        written = 0
+        while pending:
+            chunk = inflater.decompress(pending, INFLATE_CHUNK)
+            pending = inflater.unconsumed_tail
+            written += len(chunk)
+            if written > limit:
+                raise TooLarge(f"inflates past limits.max_inflated_mb ({limit // 2**20} MiB)")
+            out.write(chunk)
+            if not chunk:
+                break
+        out.write(inflater.flush())
+        out.seek(0)
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def undecodable(dataset: Dataset) -> str | None:
+    """The first element whose value does not decode as its VR says, in words; None if all do.
+    Large values skipped over when reading (pixels) are checked by their length only."""
+    for tag in list(dataset.keys()):
+        problem = _element_problem(dataset, tag)
+        if problem:
+            return problem
+    return None
+
+
+def _element_problem(dataset: Dataset, tag: BaseTag) -> str | None:
+    raw = dataset.get_item(tag, keep_deferred=True)
+    if not isinstance(raw, RawDataElement):
+        return None  # decoded already
+    vr = str(raw.VR) if raw.VR else ""
+    if vr and vr not in KNOWN_VRS:
+        return f"{tag}: unknown VR {vr!r}"
+    size = VALUE_SIZE.get(vr)
+    if size and raw.length not in (UNDEFINED_LENGTH, 0) and raw.length % size:
+        return f"{tag}: a {vr} value of {raw.length} bytes"
+    if tag in PIXEL_TAGS or (raw.value is None and raw.length):
+        return None  # pixels are checked against the image's size; deferred values stay put
+    try:
+        element = dataset[tag]
+    except Exception as error:  # pydicom raises many kinds for a value it cannot read
+        # Its message may quote the value (a name, an ID): only the element and the kind go out.
+        return f"{tag} {vr} value does not decode ({type(error).__name__})"
+    if element.VR == "SQ":
+        for item in element.value:
+            problem = undecodable(item)
+            if problem:
+                return f"{tag} > {problem}"
+    return None
+
+
+def pixel_data_problem(dataset: Dataset, transfer_syntax: UID) -> str | None:
+    """Why an image's Pixel Data is missing or not of its declared size; None if it fits."""
+    pixel_tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
+    if pixel_tag is None:
+        return "an image without Pixel Data" if _is_image(dataset) else None
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if not dataset.get(k)]
+    if missing:
+        return f"Pixel Data without {', '.join(missing)}"
+    length = _length(dataset, pixel_tag)
+    if transfer_syntax.is_encapsulated and pixel_tag == PIXEL_TAGS[0]:
+        return None if length == UNDEFINED_LENGTH else "compressed Pixel Data not encapsulated"
+    expected = _uncompressed_size(dataset)
+    if length == UNDEFINED_LENGTH:
+        return "encapsulated Pixel Data in an uncompressed transfer syntax"
+    if length not in (expected, expected + expected % 2):
+        return f"Pixel Data of {length} bytes, where its image attributes give {expected}"
+    return None
+
+
+def _length(dataset: Dataset, tag: BaseTag) -> int:
+    element = dataset.get_item(tag, keep_deferred=True)
+    if isinstance(element, RawDataElement):
+        return int(element.length)
+    if element.is_undefined_length:
+        return UNDEFINED_LENGTH
+    return len(element.value) if element.value is not None else 0
+
+
+def _uncompressed_size(dataset: Dataset) -> int:
+    bits = (
+        int(dataset.Rows)
+        * int(dataset.Columns)
+        * int(dataset.get("SamplesPerPixel") or 1)
+        * int(dataset.get("NumberOfFrames") or 1)
+        * int(dataset.BitsAllocated)
+    )
+    return math.ceil(bits / 8)
+
+
+def _is_image(dataset: Dataset) -> bool:
+    sop_class = UID(str(dataset.get("SOPClassUID", "")))
+    return "Rows" in dataset or "Image Storage" in sop_class.name
