@@ -10,6 +10,7 @@ object after a crash reproduces the one its UID names.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,11 +19,22 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DA, DT, TM
 
+from cadnode.encode.charset import utf8_header
+
 MANUFACTURER = "cadnode"
 # CID 7162 Algorithm Families: every cadnode engine is a trained model.
 ALGORITHM_FAMILY = codes.DCM.ArtificialIntelligence
 # Said wherever a reader may mistake a derived object for an acquisition.
 NOT_FOR_DIAGNOSIS = "AI result, not for primary diagnosis"
+
+# highdicom warns of a one-component person name (valid DICOM: a name written whole, e.g. in
+# Greek or Korean) by quoting it, and warnings reach the log, where no patient name may go.
+warnings.filterwarnings(
+    "ignore",
+    message="The string .* is unlikely to represent the intended person name",
+    category=UserWarning,
+    module="highdicom",
+)
 
 # Type 2 attributes highdicom reads from the first source by attribute access; a source
 # header lacking one gets it empty rather than failing.
@@ -128,11 +140,10 @@ def check_sources(sources: list[pydicom.Dataset]) -> None:
 
 
 def source_header(source: pydicom.Dataset) -> pydicom.Dataset:
-    """The source's attributes without pixel data, missing type 2 ones present but empty."""
-    header = pydicom.Dataset()
-    for element in source:
-        if element.tag.group < 0x7FE0:
-            header.add(element)
+    """What a derived object copies from its source: the source's attributes without pixel
+    data, text decoded and declared UTF-8 whatever the source's character set
+    (`cadnode.encode.charset`), missing type 2 ones present but empty."""
+    header = utf8_header(source)
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in header:
             setattr(header, keyword, None)

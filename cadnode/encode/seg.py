@@ -37,6 +37,7 @@ from cadnode.encode.provenance import (
     Algorithm,
     check_sources,
     concept,
+    source_header,
     split,
     stamp,
 )
@@ -71,7 +72,8 @@ def segmentation(
     every_segment_has_a_frame = all(masks[:, index].any() for index in range(masks.shape[1]))
     content_date, content_time = split(content_datetime)
     seg = hd.seg.Segmentation(
-        source_images=[source],
+        # What it copies (patient, study, ...) comes decoded and in UTF-8 from the header.
+        source_images=[source_header(source)],
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[

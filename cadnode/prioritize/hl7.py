@@ -32,6 +32,9 @@ START, END = b"\x0b", b"\x1c\x0d"  # MLLP framing
 ACCEPTED = ("AA", "CA")
 # DICOM Patient's Sex -> HL7 table 0001.
 SEX = {"M": "M", "F": "F", "O": "O"}
+# HL7 table 4000 (name representation) for a DICOM name's component groups, in their order.
+_REPRESENTATIONS = ("A", "I", "P")
+UTF8 = "UNICODE UTF-8"  # HL7 table 0211
 
 
 class Hl7Channel:
@@ -68,8 +71,13 @@ def order_update(notice: Notice, publisher: Hl7Publisher, control_id: str) -> Me
         raise ValueError("an HL7 order update needs a priority decision")
     code = getattr(publisher.codes, notice.level.value)
     if publisher.message == "OMI^O23":
-        return _omi(notice, publisher, control_id, code)
-    return _orm(notice, publisher, control_id, code)
+        message = _omi(notice, publisher, control_id, code)
+    else:
+        message = _orm(notice, publisher, control_id, code)
+    if not message.to_er7().isascii():
+        # `exchange` sends UTF-8; without MSH-18 a RIS reads the message as ASCII.
+        message.msh.msh_18 = UTF8
+    return message
 
 
 def _omi(notice: Notice, publisher: Hl7Publisher, control_id: str, code: str) -> Message:
@@ -146,17 +154,32 @@ def _message(
 def _patient(group: object, workitem: Dataset, version: str) -> None:
     pid = group.pid  # type: ignore[attr-defined]
     _set(pid.pid_3.cx_1, str(workitem.get("PatientID", "")), version)
-    name = str(workitem.get("PatientName", "")).split("=")[0].split("^")
-    _set(pid.pid_5.xpn_1.fn_1, name[0], version)  # DICOM PN and HL7 XPN share the order,
-    # but for prefix and suffix: family^given^middle^prefix^suffix vs ...^suffix^prefix.
-    for component, part in zip(("xpn_2", "xpn_3", "xpn_5", "xpn_4"), name[1:], strict=False):
-        _set(getattr(pid.pid_5, component), part, version)
+    _name(pid, str(workitem.get("PatientName", "")), version)
     birth = str(workitem.get("PatientBirthDate", ""))
     if birth:
         pid.pid_7 = birth
     sex = SEX.get(str(workitem.get("PatientSex", "")))
     if sex:
         pid.pid_8 = sex
+
+
+def _name(pid: object, name: str, version: str) -> None:
+    """PID-5, one repetition per component group of the DICOM name (alphabetic, ideographic,
+    phonetic: PS3.5 6.2.1.2), each with its representation code (XPN-8, HL7 table 4000),
+    which a lone alphabetic group, the usual case, goes without."""
+    # A name has at most three groups (more is malformed): `strict=False` drops the rest.
+    named = zip(_REPRESENTATIONS, name.split("="), strict=False)
+    groups = [(code, group) for code, group in named if group]
+    coded = [code for code, _ in groups] != ["A"]
+    for index, (code, group) in enumerate(groups):
+        xpn = pid.pid_5 if index == 0 else pid.add_field("PID_5")  # type: ignore[attr-defined]
+        parts = group.split("^")
+        _set(xpn.xpn_1.fn_1, parts[0], version)  # DICOM PN and HL7 XPN share the order,
+        # but for prefix and suffix: family^given^middle^prefix^suffix vs ...^suffix^prefix.
+        for component, part in zip(("xpn_2", "xpn_3", "xpn_5", "xpn_4"), parts[1:], strict=False):
+            _set(getattr(xpn, component), part, version)
+        if coded:
+            _set(xpn.xpn_8, code, version)
 
 
 def _request(workitem: Dataset) -> tuple[str, Dataset]:

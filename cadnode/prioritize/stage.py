@@ -29,6 +29,7 @@ from cadnode.db import (
     StudyPriority,
     Workitem,
 )
+from cadnode.encode.charset import utf8_header
 from cadnode.prioritize import worklist
 from cadnode.prioritize.policy import Decision, EngineResult, Policy, StudyOutcome
 from cadnode.prioritize.worklist import FINAL_STATES, STATE_REPORT
@@ -199,7 +200,9 @@ class Prioritizer:
                 worklist.queue_publication(session, study_id, decision.id, "webhook", name)
 
     def _header(self, instance: Instance) -> Dataset:
-        return dcmread(self.spool / instance.path, stop_before_pixels=True)
+        """What the workitem (and the HL7 and webhook notices made from it) copies: decoded
+        whatever the image's character set, as the workitem is UTF-8."""
+        return utf8_header(dcmread(self.spool / instance.path, stop_before_pixels=True))
 
 
 def _outcome(session: Session, study_id: int) -> StudyOutcome:
