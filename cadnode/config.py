@@ -170,8 +170,9 @@ class HttpSettings(Section):
     # forms are held to `max_form_kb`. Bigger: 413 before a byte of it is stored.
     max_upload_mb: float = Field(default=64, gt=0)
     max_form_kb: int = Field(default=64, ge=1)
-    # Password and token checks (Argon2, 64 MiB each) run this many at once, off the event loop.
-    auth_workers: int = Field(default=2, ge=1, le=16)
+    # Password and token checks (Argon2, 64 MiB each) run this many at once, off the event loop;
+    # one keeps a flood of wrong ones under 100 MB (docs/security.md).
+    auth_workers: int = Field(default=1, ge=1, le=16)
     # Failed logins or tokens from one address: past this many a minute, 429 with Retry-After.
     auth_failures_per_minute: int = Field(default=10, ge=1)
     tls: HttpTlsSettings | None = None

@@ -3,11 +3,14 @@ trail and the admin's commands, on a database seeded as the stages would have le
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import json
+import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +22,10 @@ from PIL import Image
 
 from cadnode import audit
 from cadnode.admin.app import AdminServer, create_app
-from cadnode.admin.auth import hash_password
+from cadnode.admin.auth import Gate, Outcome, Verdict, hash_password
 from cadnode.admin.commands import show_status
 from cadnode.admin.context import AdminContext, EngineInfo
+from cadnode.admin.throttle import Busy, CheckPool, FailureLimiter
 from cadnode.cli import main
 from cadnode.config import HttpSettings, Settings
 from cadnode.db import (
@@ -410,3 +414,186 @@ def test_rules_explain_for_an_uploaded_file(client: TestClient, tmp_path: Path) 
         files={"file": ("notes.txt", b"hello", "text/plain")},
     )
     assert "notes.txt: not a DICOM file" in garbage.text
+
+
+# -- hardening: the guard, the limits, the check pool ---------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_failure_limiter_counts_a_sliding_minute_and_checks_in_flight() -> None:
+    clock = Clock()
+    limiter = FailureLimiter(3, clock=clock)
+    for _ in range(3):  # three checks at once fill the allowance before any has failed
+        assert limiter.admit("10.0.0.1") is None
+    lockout = limiter.admit("10.0.0.1")
+    assert lockout is not None and lockout.new and lockout.retry_after_s == 1
+    assert limiter.admit("10.0.0.2") is None  # another address is its own
+    for seconds in (0, 10, 20):
+        clock.now += seconds
+        limiter.settle("10.0.0.1", failed=True)
+    clock.now += 1
+    lockout = limiter.check("10.0.0.1")
+    assert lockout is not None and lockout.failures == 3 and lockout.new
+    assert lockout.retry_after_s == 60 - 31  # until the first failure is a minute old
+    clock.now += 5
+    again = limiter.admit("10.0.0.1")
+    assert again is not None and not again.new  # one lockout is audited once
+    clock.now += again.retry_after_s
+    assert limiter.admit("10.0.0.1") is None  # the oldest failure aged out: one more try
+    limiter.settle("10.0.0.1", failed=False)
+
+
+def test_the_failure_limiter_forgets_the_least_recent_address_past_its_table() -> None:
+    limiter = FailureLimiter(1, max_addresses=2)
+    limiter.admit("a")
+    limiter.settle("a", failed=True)
+    limiter.admit("b")
+    limiter.admit("c")  # a, seen least recently, is forgotten
+    assert limiter.check("a") is None
+    assert limiter.check("b") is not None  # b's check is still in flight
+
+
+def test_the_check_pool_refuses_past_its_queue_and_frees_slots_as_checks_end() -> None:
+    release = threading.Event()
+
+    async def scenario() -> list[object]:
+        pool = CheckPool(workers=1, queue=1)
+        first = asyncio.ensure_future(pool.run(release.wait))
+        second = asyncio.ensure_future(pool.run(lambda: "queued"))
+        await asyncio.sleep(0)
+        with pytest.raises(Busy):
+            await pool.run(lambda: "one too many")
+        release.set()
+        done = [await first, await second, await pool.run(lambda: "after")]
+        pool.close()
+        return done
+
+    assert asyncio.run(scenario()) == [True, "queued", "after"]
+
+
+def test_checks_beyond_the_pool_are_answered_busy_without_a_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release, running = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def slow_verify(hashed: str | None, secret: str) -> bool:
+        calls.append(secret)
+        running.set()
+        release.wait(10)
+        return False
+
+    monkeypatch.setattr("cadnode.admin.auth.verify", slow_verify)
+    context = make_context(tmp_path / "var")
+    gate = Gate(context.settings.http, context.database)
+    gate.pool = CheckPool(workers=1, queue=0)
+
+    async def scenario() -> tuple[Verdict, Verdict]:
+        first = asyncio.ensure_future(gate.check_password("10.0.0.1", "guess one"))
+        await asyncio.get_running_loop().run_in_executor(None, running.wait, 10)
+        second = await gate.check_password("10.0.0.2", "guess two")
+        release.set()
+        return await first, second
+
+    first, second = asyncio.run(scenario())
+    gate.close()
+    assert first.outcome is Outcome.wrong
+    assert second.outcome is Outcome.busy and second.retry_after_s >= 1
+    assert calls == ["guess one"]
+
+
+def test_anonymous_requests_are_turned_away_before_their_body(client: TestClient) -> None:
+    upload = client.post(
+        "/rules/explain", files={"file": ("big.dcm", bytes(2**20), "application/dicom")}
+    )
+    assert upload.status_code == 303 and upload.headers["location"] == "/login?next=/rules/explain"
+    assert upload.headers["connection"] == "close"  # the rest is not read to be thrown away
+    assert client.post("/metrics", content=b"x" * 100).status_code == 401
+
+
+def test_bodies_past_their_limit_are_refused(tmp_path: Path) -> None:
+    context = make_context(tmp_path / "var", max_form_kb=1, max_upload_mb=0.01)
+    with TestClient(create_app(context), follow_redirects=False) as client:
+        csrf = csrf_of(client.get("/login").text)
+        form = client.post("/login", data={"password": "x" * 2000, "csrf": csrf})
+        assert form.status_code == 413
+        assert log_in(client) == 303
+        csrf = csrf_of(client.get("/rules").text)
+        file = {"file": ("big.dcm", bytes(20_000), "application/dicom")}
+        assert client.post("/rules/explain", data={"csrf": csrf}, files=file).status_code == 413
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it comes
+            yield from (b"x" * 512 for _ in range(8))
+
+        chunked = client.post("/deliveries/1/retry", content=chunks())
+        assert chunked.status_code == 413
+        assert client.post("/logout", headers={"content-length": "ten"}).status_code == 400
+
+
+def test_wrong_tokens_lock_the_address_out_and_are_audited(tmp_path: Path) -> None:
+    context = make_context(tmp_path / "var", auth_failures_per_minute=3)
+    with TestClient(create_app(context), follow_redirects=False) as client:
+        answers = [
+            client.get("/metrics", headers={"Authorization": f"Bearer wrong-{n}"})
+            for n in range(4)
+        ]
+        assert [a.status_code for a in answers] == [401, 401, 401, 429]
+        assert 1 <= int(answers[-1].headers["retry-after"]) <= 60
+        right = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert right.status_code == 429  # locked out: not even the right token is checked
+        assert log_in(client) == 429  # nor the password
+    kinds = [(e.kind, e.outcome) for e in audit.events(context.database, kind="admin")]
+    assert kinds == [("admin.token", "refused")] * 3 + [("admin.lockout", "refused")]
+
+
+def test_wrong_passwords_lock_the_login_out(tmp_path: Path) -> None:
+    context = make_context(tmp_path / "var", auth_failures_per_minute=2)
+    with TestClient(create_app(context), follow_redirects=False) as client:
+        assert [log_in(client, "guess") for _ in range(2)] == [401, 401]
+        page = client.get("/login")
+        answer = client.post(
+            "/login", data={"password": PASSWORD, "csrf": csrf_of(page.text), "next": "/"}
+        )
+        assert answer.status_code == 429 and int(answer.headers["retry-after"]) >= 1
+        assert "try again" in answer.text
+    [lockout] = audit.events(context.database, kind="admin.lockout")
+    assert lockout.address == "testclient" and lockout.details["failures"] == 2
+
+
+@pytest.mark.parametrize("bad", [str(10**22), str(2**63), "0", "-4", "12a", "\u00b2"])
+def test_ids_that_cannot_name_a_row_are_not_found(
+    client: TestClient, seeded: Seeded, bad: str
+) -> None:
+    log_in(client)
+    assert client.get(f"/jobs/{bad}").status_code == 404
+    assert client.get(f"/results/{bad}/overlay.png").status_code == 404
+    csrf = csrf_of(client.get("/queues").text)
+    for action in ("retry", "discard"):
+        assert client.post(f"/deliveries/{bad}/{action}", data={"csrf": csrf}).status_code == 404
+    assert client.get(f"/jobs/{seeded.job_id}").status_code == 200
+
+
+def test_readyz_writes_to_the_database_file_it_opened(tmp_path: Path) -> None:
+    context = make_context(tmp_path / "var")
+    client = TestClient(create_app(context))
+    ready = client.get("/readyz").json()["checks"]["database"]
+    assert ready["ok"] and "round trip" in ready["detail"]
+    database = context.settings.storage.database
+    kept = tmp_path / "kept.db"
+    os.link(database, kept)
+    database.unlink()
+    gone = client.get("/readyz")
+    assert gone.status_code == 503 and "deleted" in gone.json()["checks"]["database"]["detail"]
+    os.link(kept, database)
+    assert client.get("/readyz").status_code == 200
+    shutil.copy(database, tmp_path / "copy.db")
+    os.replace(tmp_path / "copy.db", database)
+    replaced = client.get("/readyz").json()["checks"]["database"]
+    assert not replaced["ok"] and "replaced" in replaced["detail"]

@@ -1,7 +1,8 @@
 """The admin port (FastAPI): health, readiness, metrics and the dashboard.
 
 /healthz and /readyz answer anyone (probes; they carry no patient data). /metrics needs the
-bearer token or a logged-in browser; every dashboard page needs the login (cadnode.admin.auth).
+bearer token or a logged-in browser; every dashboard page needs the login (cadnode.admin.auth),
+checked by the guard (cadnode.admin.guard) before any request body is read.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cadnode import __version__
 from cadnode.admin import metrics, views
 from cadnode.admin.auth import SESSION_COOKIE, Gate, NotLoggedIn
 from cadnode.admin.context import AdminContext
+from cadnode.admin.guard import Guard
 from cadnode.admin.health import readiness
 
 log = structlog.get_logger("cadnode.admin")
@@ -42,11 +44,14 @@ SECURITY_HEADERS = [
 
 def create_app(context: AdminContext) -> FastAPI:
     http = context.settings.http
-    gate = Gate(http)
+    gate = Gate(http, context.database)
     app = FastAPI(title="cadnode", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.context = context
     app.state.gate = gate
+    # Added first, so innermost: it sees the session the session middleware decoded, and
+    # runs before any route reads a body.
+    app.add_middleware(Guard, gate=gate, settings=http)
     app.add_middleware(
         SessionMiddleware,
         secret_key=secrets.token_urlsafe(32),
@@ -63,7 +68,7 @@ def create_app(context: AdminContext) -> FastAPI:
         return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
     @app.get("/readyz")
@@ -100,8 +105,10 @@ class AdminServer:
         if http.tls is not None:
             options = {"ssl_certfile": str(http.tls.certificate),
                        "ssl_keyfile": str(http.tls.private_key)}
+        app = create_app(context)
+        self._gate: Gate = app.state.gate
         config = uvicorn.Config(
-            create_app(context),
+            app,
             host=http.bind,
             port=http.port,
             log_level="warning",
@@ -128,3 +135,4 @@ class AdminServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+        self._gate.close()

@@ -6,6 +6,10 @@ TLS) naming a random session id that the server keeps while it is live, so loggi
 it for good, not only in that browser. Each session carries a CSRF token that every form
 posts back; a POST without the session's token is refused. Sessions live in memory: a
 restart logs everyone out (its signing key is made afresh at each start too).
+
+Password and token checks are bounded (cadnode.admin.throttle): a few at once in their own
+threads, and a limited number of failures a minute per source address, past which the
+address is locked out. Every failed check and every lockout is audited.
 """
 
 from __future__ import annotations
@@ -13,16 +17,27 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
+import structlog
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
+from cadnode import audit
+from cadnode.admin.throttle import Busy, CheckPool, FailureLimiter, Lockout
 from cadnode.config import HttpSettings
+from cadnode.db import Database
+
+log = structlog.get_logger("cadnode.admin")
 
 SESSION_COOKIE = "cadnode_session"
+# Set in the request's state by the guard (cadnode.admin.guard): how the request got in.
+AUTHENTICATED_BY = "authenticated_by"
 
 
 def hash_password(password: str) -> str:
@@ -43,13 +58,36 @@ class NotLoggedIn(Exception):
     """A page asked for without a session: the browser is sent to the login page."""
 
 
-@dataclass
+class Outcome(StrEnum):
+    ok = "ok"
+    wrong = "wrong"
+    locked_out = "locked out"  # too many failures from the address: 429
+    busy = "busy"  # every check worker busy, the queue full: 503
+
+
+@dataclass(frozen=True)
+class Verdict:
+    outcome: Outcome
+    retry_after_s: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome is Outcome.ok
+
+
+BUSY = Verdict(Outcome.busy, retry_after_s=1)
+
+
 class Gate:
-    settings: HttpSettings
-    _sessions: set[str] = field(default_factory=set)
-    # SHA-256 of bearer tokens already verified, so each scrape is not another Argon2 run.
-    _tokens: set[str] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, settings: HttpSettings, database: Database | None = None) -> None:
+        self.settings = settings
+        self.database = database  # for the audit trail; None in the odd unit test
+        self.limiter = FailureLimiter(settings.auth_failures_per_minute)
+        self.pool = CheckPool(settings.auth_workers)
+        self._sessions: set[str] = set()
+        # SHA-256 of the bearer token once verified, so each scrape is not another Argon2 run.
+        self._tokens: set[str] = set()
+        self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -60,38 +98,99 @@ class Gate:
         configured = self.settings.secure_cookie
         return self.settings.tls is not None if configured is None else configured
 
-    def log_in(self, request: Request, password: str) -> bool:
-        if not verify(self.settings.admin_password_hash, password):
-            return False
+    # -- sessions -------------------------------------------------------------------------
+
+    def start_session(self, request: Request) -> None:
+        """After a right password: a fresh session, not one a visitor before the login knew."""
         session_id = secrets.token_urlsafe(32)
         with self._lock:
             self._sessions.add(session_id)
-        request.session.clear()  # a fresh session, not one a visitor before the login knew
+        request.session.clear()
         request.session.update({"id": session_id, "csrf": secrets.token_urlsafe(32)})
-        return True
 
     def log_out(self, request: Request) -> None:
         with self._lock:
             self._sessions.discard(request.session.get("id", ""))
         request.session.clear()
 
-    def logged_in(self, request: Request) -> bool:
+    def session_live(self, session: Mapping[str, Any]) -> bool:
         with self._lock:
-            return request.session.get("id") in self._sessions
+            return session.get("id") in self._sessions
 
-    def bearer_ok(self, request: Request) -> bool:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return False
+    def logged_in(self, request: Request) -> bool:
+        return self.session_live(request.session)
+
+    # -- password and token checks --------------------------------------------------------
+
+    async def check_password(self, address: str, password: str) -> Verdict:
+        hashed = self.settings.admin_password_hash
+        return await self._check(f"{audit.ADMIN}.login", address, hashed, password)
+
+    async def check_token(self, address: str, token: str) -> Verdict:
+        lockout = await self.lockout(address)
+        if lockout is not None:  # the right token too: the address is locked out
+            return lockout
         digest = hashlib.sha256(token.encode()).hexdigest()
         with self._lock:
             if digest in self._tokens:
-                return True
-        if not verify(self.settings.admin_token_hash, token):
-            return False
-        with self._lock:
-            self._tokens.add(digest)
-        return True
+                return Verdict(Outcome.ok)
+        verdict = await self._check(
+            f"{audit.ADMIN}.token", address, self.settings.admin_token_hash, token
+        )
+        if verdict.ok:
+            with self._lock:
+                self._tokens.add(digest)
+        return verdict
+
+    async def lockout(self, address: str) -> Verdict | None:
+        """A 429 verdict while `address` is locked out (checked before a body is read)."""
+        return await self._locked_out(address, self.limiter.check(address))
+
+    async def _check(self, kind: str, address: str, hashed: str | None, secret: str) -> Verdict:
+        locked = await self._locked_out(address, self.limiter.admit(address))
+        if locked is not None:
+            return locked
+        failed = True  # unless the check says otherwise: a cancelled one counts as a failure
+        try:
+            ok = await self.pool.run(lambda: self._verify_audited(kind, address, hashed, secret))
+            failed = not ok
+        except Busy:
+            failed = False  # never checked
+            log.warning("admin.auth_busy", kind=kind)
+            return BUSY
+        finally:
+            self.limiter.settle(address, failed=failed)
+        return Verdict(Outcome.ok if ok else Outcome.wrong)
+
+    def _verify_audited(self, kind: str, address: str, hashed: str | None, secret: str) -> bool:
+        """In a check worker: the Argon2 check and, if it failed, its audit event."""
+        ok = verify(hashed, secret)
+        if not ok:
+            self._audit(kind, address, "refused")
+        return ok
+
+    async def _locked_out(self, address: str, lockout: Lockout | None) -> Verdict | None:
+        if lockout is None:
+            return None
+        if lockout.new:
+            log.warning("admin.lockout", failures=lockout.failures,
+                        retry_after_s=lockout.retry_after_s)
+            await run_in_threadpool(
+                self._audit, f"{audit.ADMIN}.lockout", address, "refused",
+                failures=lockout.failures, retry_after_s=lockout.retry_after_s,
+            )
+        return Verdict(Outcome.locked_out, lockout.retry_after_s)
+
+    def _audit(self, kind: str, address: str, outcome: str, **details: Any) -> None:
+        if self.database is not None:
+            audit.record(
+                self.database, kind, actor="admin", address=address, outcome=outcome, **details
+            )
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- forms and dependencies -----------------------------------------------------------
 
     def csrf_token(self, request: Request) -> str:
         """The token forms carry; a visitor not yet logged in gets one for the login form."""
@@ -111,13 +210,19 @@ class Gate:
             raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
 
     def page(self, request: Request) -> None:
-        """For HTML pages: logged in, or off to the login page."""
+        """For HTML pages: logged in, or off to the login page. The guard has already
+        refused anyone else; this holds should a route ever be mounted outside it."""
         if not self.logged_in(request):
             raise NotLoggedIn()
 
     def api(self, request: Request) -> None:
-        """For machine endpoints (/metrics): a bearer token or a logged-in browser."""
-        if not (self.bearer_ok(request) or self.logged_in(request)):
+        """For machine endpoints (/metrics): let in by the guard, on a token or a session."""
+        if not (getattr(request.state, AUTHENTICATED_BY, None) or self.logged_in(request)):
             raise HTTPException(
                 401, "authentication required", headers={"WWW-Authenticate": "Bearer"}
             )
+
+
+def client_address(scope: Mapping[str, Any]) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"

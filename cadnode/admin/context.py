@@ -6,6 +6,7 @@ Everything else it shows comes from the database, as every stage writes it there
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,3 +59,18 @@ class AdminContext:
     engines: list[EngineInfo]
     rules: Callable[[], RuleSet]  # the rules in force now
     started_at: dt.datetime = field(default_factory=utcnow)
+    # (device, inode) of the database file as the node opened it: /readyz says not ready
+    # once the path names another file (deleted, or replaced under the running node).
+    database_file: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.database_file is None:
+            self.database_file = file_identity(self.settings.storage.database)
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino

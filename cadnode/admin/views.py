@@ -17,10 +17,11 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 from sqlmodel import col, select
+from starlette.concurrency import run_in_threadpool
 
 from cadnode import audit, deliveries
 from cadnode.admin import charts, data
-from cadnode.admin.auth import Gate
+from cadnode.admin.auth import Gate, Outcome, Verdict, client_address
 from cadnode.admin.context import AdminContext
 from cadnode.admin.thumbnails import overlay_png
 from cadnode.db import AuditEvent, Instance, Result
@@ -31,7 +32,8 @@ TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 DASHBOARD_ACTOR = "admin (dashboard)"
 MODEL_CARD = "MODEL_CARD.md"
 _PLOT = re.compile(r"^[A-Za-z0-9_.-]+\.png$")
-MAX_UPLOAD_BYTES = 64 * 2**20
+# SQLite's integer primary keys are signed 64-bit: a larger id cannot name a row.
+MAX_ROW_ID = 2**63 - 1
 
 
 def context_of(request: Request) -> AdminContext:
@@ -40,6 +42,14 @@ def context_of(request: Request) -> AdminContext:
 
 def gate_of(request: Request) -> Gate:
     return request.app.state.gate  # type: ignore[no-any-return]
+
+
+def row_id(text: str, what: str) -> int:
+    """An id from the path: any that cannot name a row (too large, not a number) is 404."""
+    value = int(text) if text.isascii() and text.isdigit() and len(text) <= 19 else 0
+    if not 1 <= value <= MAX_ROW_ID:
+        raise HTTPException(404, f"no {what} {text[:40]}")
+    return value
 
 
 def logged_in(request: Request) -> None:
@@ -84,21 +94,37 @@ async def login(
 ) -> Response:
     gate = gate_of(request)
     gate.check_csrf(request, csrf)
-    address = request.client.host if request.client else None
-    if not gate.log_in(request, password):
-        audit.record(
-            context_of(request).database, f"{audit.ADMIN}.login", actor="admin",
-            address=address, outcome="refused",
-        )
-        return render(
-            request, "login.html", 401, next=_local(next), enabled=gate.enabled,
-            error="Wrong password.",
-        )
-    audit.record(
-        context_of(request).database, f"{audit.ADMIN}.login", actor="admin", address=address,
-        outcome="ok",
+    address = client_address(request.scope)
+    # Off the event loop, a few at once, limited per address; failures are audited there.
+    verdict = await gate.check_password(address, password)
+    if not verdict.ok:
+        return _login_refused(request, verdict, next)
+    gate.start_session(request)
+    await run_in_threadpool(
+        audit.record, context_of(request).database, f"{audit.ADMIN}.login", actor="admin",
+        address=address, outcome="ok",
     )
     return RedirectResponse(_local(next), status_code=303)
+
+
+LOGIN_REFUSALS = {
+    Outcome.wrong: (401, "Wrong password."),
+    Outcome.locked_out: (
+        429, "Too many failed logins from this address: try again in {0.retry_after_s} s."
+    ),
+    Outcome.busy: (503, "The server is busy checking other logins: try again in a moment."),
+}
+
+
+def _login_refused(request: Request, verdict: Verdict, next: str) -> HTMLResponse:
+    status, error = LOGIN_REFUSALS[verdict.outcome]
+    answer = render(
+        request, "login.html", status, next=_local(next), enabled=gate_of(request).enabled,
+        error=error.format(verdict),
+    )
+    if verdict.retry_after_s:
+        answer.headers["Retry-After"] = str(verdict.retry_after_s)
+    return answer
 
 
 @actions.post("/logout")
@@ -132,19 +158,19 @@ def studies(request: Request) -> HTMLResponse:
 
 
 @pages.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(request: Request, job_id: int) -> HTMLResponse:
+def job_page(request: Request, job_id: str) -> HTMLResponse:
     with context_of(request).database.session() as session:
-        detail = data.job_detail(session, job_id)
+        detail = data.job_detail(session, row_id(job_id, "job"))
     if detail is None:
         raise HTTPException(404, f"no job {job_id}")
     return render(request, "job.html", detail=detail, active="studies")
 
 
 @pages.get("/results/{result_id}/overlay.png")
-def result_overlay(request: Request, result_id: int) -> Response:
+def result_overlay(request: Request, result_id: str) -> Response:
     context = context_of(request)
     with context.database.session() as session:
-        result = session.get(Result, result_id)
+        result = session.get(Result, row_id(result_id, "result"))
         source = None if result is None else session.get(Instance, result.sop_instance_uid)
     if result is None or source is None:
         raise HTTPException(404, f"no result {result_id}, or its image is gone")
@@ -164,14 +190,16 @@ def queues(request: Request, note: str | None = None) -> HTMLResponse:
 
 
 @actions.post("/deliveries/{delivery_id}/retry")
-def retry_delivery(request: Request, delivery_id: int) -> RedirectResponse:
-    [outcome] = deliveries.retry(context_of(request).database, [delivery_id], DASHBOARD_ACTOR)
+def retry_delivery(request: Request, delivery_id: str) -> RedirectResponse:
+    ids = [row_id(delivery_id, "delivery")]
+    [outcome] = deliveries.retry(context_of(request).database, ids, DASHBOARD_ACTOR)
     return RedirectResponse(f"/queues?note={outcome.line()}", status_code=303)
 
 
 @actions.post("/deliveries/{delivery_id}/discard")
-def discard_delivery(request: Request, delivery_id: int) -> RedirectResponse:
-    [outcome] = deliveries.discard(context_of(request).database, [delivery_id], DASHBOARD_ACTOR)
+def discard_delivery(request: Request, delivery_id: str) -> RedirectResponse:
+    ids = [row_id(delivery_id, "delivery")]
+    [outcome] = deliveries.discard(context_of(request).database, ids, DASHBOARD_ACTOR)
     return RedirectResponse(f"/queues?note={outcome.line()}", status_code=303)
 
 
@@ -191,9 +219,11 @@ async def rules_explain(
 ) -> HTMLResponse:
     """`cadnode rules explain` for an uploaded file, against the rules in force."""
     context = context_of(request)
-    body = await file.read(MAX_UPLOAD_BYTES + 1)
-    if len(body) > MAX_UPLOAD_BYTES:
-        return _rules(request, error=f"the file is over {MAX_UPLOAD_BYTES // 2**20} MB")
+    # The guard held the whole body to this already; the file alone cannot be larger.
+    limit_mb = context.settings.http.max_upload_mb
+    body = await file.read(int(limit_mb * 2**20) + 1)
+    if len(body) > limit_mb * 2**20:
+        return _rules(request, error=f"the file is over {limit_mb:g} MB")
     connection = Connection(calling_ae.strip() or None, context.settings.dicom.ae_title, None)
     with tempfile.TemporaryDirectory(prefix="cadnode-explain-") as folder:
         path = Path(folder) / "upload.dcm"

@@ -1,0 +1,166 @@
+"""The admin port's gate, in front of every route: who is asking, and how much they may send.
+
+FastAPI parses a route's form and file parameters before its dependencies run, so a login
+check written as a dependency comes after an anonymous upload has been read, and spooled to
+disk. This ASGI middleware answers first, from the headers alone: a request for a non-public
+route without a live session (or, for /metrics, a valid bearer token) is turned away before
+a byte of its body is read. Then the body itself is bounded: a declared Content-Length over
+the route's limit is refused at once, and a chunked body is counted as it arrives and
+refused the moment it passes the limit; only a body within it is handed to the route.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from urllib.parse import quote
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cadnode.admin.auth import AUTHENTICATED_BY, Gate, Outcome, Verdict, client_address
+from cadnode.config import HttpSettings
+
+# Answer anyone: probes, the login page and its form, the stylesheet.
+PUBLIC = frozenset({"/healthz", "/readyz", "/login"})
+PUBLIC_PREFIXES = ("/static/",)
+# Machine endpoints: a bearer token (or a logged-in browser); 401 rather than a redirect.
+TOKEN_ROUTES = frozenset({"/metrics"})
+# Routes that take a file, up to `http.max_upload_mb`; every other body is a form.
+UPLOAD_ROUTES = frozenset({"/rules/explain"})
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its body was being read."""
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, gate: Gate, settings: HttpSettings) -> None:
+        self.app = app
+        self.gate = gate
+        self.upload_bytes = int(settings.max_upload_mb * 2**20)
+        self.form_bytes = settings.max_form_kb * 2**10
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        refusal = await self._authenticate(scope, headers)
+        if refusal is None:
+            try:
+                refusal, receive = await self._bounded_body(scope, headers, receive)
+            except _ClientGone:
+                return
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        if _declares_body(headers):  # unread: close rather than read the rest to discard it
+            refusal.headers["connection"] = "close"
+        await refusal(scope, receive, send)
+
+    # -- who ------------------------------------------------------------------------------
+
+    async def _authenticate(self, scope: Scope, headers: Headers) -> Response | None:
+        path: str = scope["path"]
+        address = client_address(scope)
+        if path in PUBLIC or path.startswith(PUBLIC_PREFIXES):
+            if path == "/login" and scope["method"] == "POST":
+                return _refusal(await self.gate.lockout(address))
+            return None
+        if self.gate.session_live(scope.get("session") or {}):
+            scope.setdefault("state", {})[AUTHENTICATED_BY] = "session"
+            return None
+        if path not in TOKEN_ROUTES:
+            return RedirectResponse(f"/login?next={quote(path)}", status_code=303)
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _unauthorized()
+        verdict = await self.gate.check_token(address, token.strip())
+        if verdict.ok:
+            scope.setdefault("state", {})[AUTHENTICATED_BY] = "token"
+            return None
+        return _refusal(verdict) or _unauthorized()
+
+    # -- how much -------------------------------------------------------------------------
+
+    async def _bounded_body(
+        self, scope: Scope, headers: Headers, receive: Receive
+    ) -> tuple[Response | None, Receive]:
+        limit = self.upload_bytes if scope["path"] in UPLOAD_ROUTES else self.form_bytes
+        lengths = {_length(value) for value in headers.getlist("content-length")}
+        if None in lengths or len(lengths) > 1:
+            return PlainTextResponse("invalid Content-Length", 400), receive
+        if any(length is not None and length > limit for length in lengths):
+            return _too_large(limit), receive  # declared too large: refused unread
+        if not _declares_body(headers):
+            return None, receive
+        chunks = await _read_at_most(receive, limit)
+        if chunks is None:
+            return _too_large(limit), receive
+        return None, _replay(chunks, receive)
+
+
+def _declares_body(headers: Headers) -> bool:
+    return "transfer-encoding" in headers or (_length(headers.get("content-length")) or 0) > 0
+
+
+def _length(value: str | None) -> int | None:
+    value = (value or "").strip()
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+async def _read_at_most(receive: Receive, limit: int) -> list[bytes] | None:
+    """The body's chunks, or None as soon as they add up to more than `limit` bytes. Held in
+    memory (at most `limit`), so nothing past the limit, and nothing refused, is written."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks
+
+
+def _replay(chunks: list[bytes], receive: Receive) -> Receive:
+    """The body as it came, then whatever the server says next (a disconnect)."""
+    pending = deque(chunks)
+
+    async def replayed() -> Message:
+        if pending:
+            return {"type": "http.request", "body": pending.popleft(), "more_body": bool(pending)}
+        return await receive()
+
+    return replayed
+
+
+def _too_large(limit: int) -> Response:
+    size = f"{limit // 2**20} MB" if limit >= 2**20 else f"{limit // 2**10} KB"
+    return PlainTextResponse(f"request body over this route's {size} limit", 413)
+
+
+def _unauthorized() -> Response:
+    return JSONResponse(
+        {"detail": "authentication required"}, 401, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def _refusal(verdict: Verdict | None) -> Response | None:
+    """429 for a locked-out address, 503 when every check worker is busy; None otherwise."""
+    if verdict is None or verdict.outcome not in (Outcome.locked_out, Outcome.busy):
+        return None
+    text = (
+        f"too many failed logins or tokens from this address: try again in "
+        f"{verdict.retry_after_s} s"
+        if verdict.outcome is Outcome.locked_out
+        else "busy checking other logins: try again in a moment"
+    )
+    status = 429 if verdict.outcome is Outcome.locked_out else 503
+    return PlainTextResponse(text, status, headers={"Retry-After": str(verdict.retry_after_s)})
+
