@@ -44,6 +44,7 @@ from cadnode.config import EngineOptions
 from cadnode.infer.backends import OnnxRuntimeBackend, select_backend
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.preprocess import frames_to_tensor, image_to_tensor
 from training import detector, ruleout, segmenter
 from training.breast_phantoms import make_breast_phantom, tomosynthesis_dataset
@@ -132,7 +133,7 @@ def chest_batch(size: int) -> np.ndarray:
         )
         for seed in range(CHEST_BATCH)
     ]
-    return np.stack([image_to_tensor(film, size)[0] for film in films])
+    return np.stack([image_to_tensor(film, size, limit=DEFAULT_LIMIT)[0] for film in films])
 
 
 def dbt_volume() -> Dataset:
@@ -163,7 +164,7 @@ def cpu_section(rounds: int) -> None:
         bundle = Bundle(ENGINES / name)
         size = bundle.manifest.preprocessing.size
         if name == "dbt-detector":
-            batch, unit = frames_to_tensor(volume, size)[0], "slices"
+            batch, unit = frames_to_tensor(volume, size, limit=DEFAULT_LIMIT)[0], "slices"
         else:
             batch, unit = chest_batch(size), "films"
         backend = OnnxRuntimeBackend(bundle)
@@ -179,7 +180,11 @@ def cpu_section(rounds: int) -> None:
             f" {unit}/s, PyTorch eager {len(batch) / torch_s:8.1f} {unit}/s, ratio "
             f"{torch_s / onnx_s:.2f}x (max difference {difference:.1e})"
         )
-    engine = Engine(Bundle(ENGINES / "dbt-detector"), EngineOptions(backend="onnxruntime"))
+    engine = Engine(
+        Bundle(ENGINES / "dbt-detector"),
+        EngineOptions(backend="onnxruntime"),
+        max_decoded_bytes=DEFAULT_LIMIT,
+    )
     per_volume = seconds_per_call(lambda: engine.answer([volume]), rounds)
     frames = int(volume.NumberOfFrames)
     print(
@@ -205,7 +210,7 @@ def cuda_section(rounds: int) -> None:
             bundle = Bundle(ENGINES / name)
             size = bundle.manifest.preprocessing.size
             if name == "dbt-detector":
-                batch = frames_to_tensor(volume, size)[0]
+                batch = frames_to_tensor(volume, size, limit=DEFAULT_LIMIT)[0]
             else:
                 batch = chest_batch(size)
             backend = select_backend(bundle, "tensorrt", max_batch=len(batch), cache=Path(plans))

@@ -126,7 +126,9 @@ def engines_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.engines_command == "info":
         return catalogue.describe(settings.engines, args.name)
     plans = settings.storage.data_dir / "plans"
-    return catalogue.verify(settings.engines, args.names, plan_cache=plans)
+    return catalogue.verify(
+        settings.engines, args.names, limits=settings.limits, plan_cache=plans
+    )
 
 
 def rules_command(settings: Settings, args: argparse.Namespace) -> int:

@@ -37,7 +37,10 @@ class Node:
         storage = settings.storage
         self.database = Database(storage.database)
         engines = load_engines(
-            settings.engines.dir, settings.engines, plan_cache=storage.data_dir / "plans"
+            settings.engines.dir,
+            settings.engines,
+            limits=settings.limits,
+            plan_cache=storage.data_dir / "plans",
         )
         for engine in engines.values():
             audit.record(
@@ -67,6 +70,7 @@ class Node:
                     storage.results,
                     settings.result_destinations(),
                     answers=storage.answers,
+                    max_decoded_bytes=settings.limits.max_decoded_image_bytes,
                 ),
                 Dispatcher(
                     self.database,

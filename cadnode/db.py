@@ -79,8 +79,9 @@ class Job(SQLModel, table=True):
     first_instance_at: dt.datetime = Field(default_factory=utcnow)
     last_instance_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
-    # Engine calls of this job that failed (error or timeout); infer retries it after
-    # next_attempt_at, and fails it once `engines.max_attempts` is reached.
+    # Engine attempts started for this job, counted before its first image is decoded (so
+    # one that kills the node still counts); infer retries a failed one after
+    # next_attempt_at, and fails the job once `engines.max_attempts` is reached.
     attempts: int = 0
     next_attempt_at: dt.datetime | None = None
     # When the job first entered each state it has been in ({state: ISO time}), by `transition`:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 
+from cadnode.pixels import decoded_pixels
 from cadnode.preprocess import display_pixels, frame_rescale, frame_window
 
 # One colour per label, in label order (repeats after the last): distinguishable on grey.
@@ -46,6 +47,7 @@ def render_overlay(
     colours: Sequence[tuple[int, int, int]] = PALETTE,
     caption: str | None = None,
     max_size: int | None = None,
+    limit: int,
 ) -> np.ndarray:
     """The 1-based `frame` of `ds` as (rows, columns, 3) uint8 RGB with findings drawn.
 
@@ -53,8 +55,9 @@ def render_overlay(
     `boxes` are in source pixels. With `max_size`, the picture is shrunk (keeping aspect) so
     its longer side is at most that; lines and text are drawn after shrinking so they stay
     legible. `caption` is written on a dark band across the top (burned-in annotation).
+    The image is decoded within `limit` bytes (cadnode.pixels.ImageRefused past it).
     """
-    grey = _to_bytes(frame_pixels(ds, frame))
+    grey = _to_bytes(frame_pixels(ds, frame, limit))
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     if masks is not None:
         rgb = _blend(rgb, _checked_masks(masks, grey.shape), colours)
@@ -73,16 +76,18 @@ def render_overlay(
     return np.asarray(picture, dtype=np.uint8)
 
 
-def frame_pixels(ds: Dataset, frame: int = 1) -> np.ndarray:
-    """The 1-based `frame` as float display values (per-frame rescale and window applied)."""
+def frame_pixels(ds: Dataset, frame: int, limit: int) -> np.ndarray:
+    """The 1-based `frame` as float display values (per-frame rescale and window applied);
+    only that frame is decoded."""
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if not 1 <= frame <= frames:
         raise ValueError(f"frame {frame} is outside 1..{frames}")
     if frames == 1:
-        return display_pixels(ds)
+        return display_pixels(ds, limit)
     index = frame - 1
     slope, intercept = frame_rescale(ds, index)
-    values: np.ndarray = ds.pixel_array[index].astype(np.float32) * slope + intercept
+    pixels = decoded_pixels(ds, limit, frame=index)
+    values: np.ndarray = pixels.astype(np.float32) * slope + intercept
     window = frame_window(ds, index)
     if window is not None:
         centre, width = window

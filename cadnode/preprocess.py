@@ -1,7 +1,9 @@
 """DICOM image to model tensor: the one path shared by training and inference.
 
 Training (`training/`) and the daemon (`cadnode.infer`) both call `image_to_tensor`, so an
-engine sees at inference exactly the pixels it was trained on.
+engine sees at inference exactly the pixels it was trained on. Pixels are decoded through
+`cadnode.pixels`, within `limit` bytes (ImageRefused past it, or when a codestream's header
+disagrees with its dataset).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from PIL import Image
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+from cadnode.pixels import decoded_pixels
 
 
 @dataclass(frozen=True)
@@ -27,11 +31,9 @@ class Geometry:
     pixel_spacing_mm: tuple[float, float] | None
 
 
-def display_pixels(ds: Dataset) -> np.ndarray:
+def display_pixels(ds: Dataset, limit: int) -> np.ndarray:
     """The first frame as a radiologist would see it: rescaled, windowed, bright = dense."""
-    pixels = ds.pixel_array
-    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[0]
+    pixels = decoded_pixels(ds, limit, frame=0)  # of a volume, only the frame shown
     values = apply_modality_lut(pixels, ds)
     values = apply_voi_lut(values, ds) if _has_voi(ds) else values
     values = values.astype(np.float32)
@@ -40,12 +42,14 @@ def display_pixels(ds: Dataset) -> np.ndarray:
     return values
 
 
-def image_to_tensor(ds: Dataset, size: int) -> tuple[np.ndarray, Geometry]:
+def image_to_tensor(
+    ds: Dataset, size: int, *, limit: int
+) -> tuple[np.ndarray, Geometry]:
     """Normalise to [0, 1], fit into `size` x `size` keeping aspect, pad with zeros.
 
     Returns a float32 array shaped (1, size, size) and the geometry to map results back.
     """
-    values = display_pixels(ds)
+    values = display_pixels(ds, limit)
     low, high = float(values.min()), float(values.max())
     values = (values - low) / (high - low) if high > low else np.zeros_like(values)
     square, (scale, pad_top, pad_left) = fit_square(values, size)
@@ -73,7 +77,9 @@ def fit_square(values: np.ndarray, size: int) -> tuple[np.ndarray, tuple[float, 
     return square, (scale, pad_top, pad_left)
 
 
-def frames_to_tensor(ds: Dataset, size: int) -> tuple[np.ndarray, Geometry]:
+def frames_to_tensor(
+    ds: Dataset, size: int, *, limit: int
+) -> tuple[np.ndarray, Geometry]:
     """Every frame of a multi-frame image (e.g. a DBT volume) as model input (F, 1, S, S).
 
     Each frame is rescaled and windowed with its own functional groups (per-frame first,
@@ -82,7 +88,7 @@ def frames_to_tensor(ds: Dataset, size: int) -> tuple[np.ndarray, Geometry]:
     without any window is min-max normalised. Pixels keep their orientation: boxes found in
     model space map back through the returned geometry.
     """
-    pixels = ds.pixel_array
+    pixels = decoded_pixels(ds, limit)
     volume = pixels[None] if pixels.ndim == 2 else pixels
     tensors = np.empty((len(volume), 1, size, size), dtype=np.float32)
     scale, pad_top, pad_left = 1.0, 0, 0

@@ -15,6 +15,7 @@ from cadnode.infer.answers import Answer
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
+from cadnode.pixels import DEFAULT_LIMIT
 from tests.peers import wait_for
 from tests.rows import instance_row, new_job
 
@@ -68,7 +69,7 @@ class Gated(Engine):
     """A real engine whose calls wait until the test opens `gate`, counting themselves."""
 
     def __init__(self, bundle: Bundle, options: EngineOptions | None = None) -> None:
-        super().__init__(bundle, options)
+        super().__init__(bundle, options, max_decoded_bytes=DEFAULT_LIMIT)
         self.gate = threading.Event()
         self.started = threading.Event()
         self.running = 0

@@ -39,6 +39,7 @@ from cadnode.encode.sr import (
     classification_report,
     segmentation_report,
 )
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.prioritize.hl7 import order_update
 from cadnode.prioritize.notice import Notice
 from cadnode.prioritize.webhook import document
@@ -231,6 +232,7 @@ def _capture(film: pydicom.Dataset, masks: np.ndarray) -> pydicom.Dataset:
         masks=masks[0],
         summary="pneumothorax",
         content_datetime=WHEN,
+        limit=DEFAULT_LIMIT,
     )
 
 
@@ -295,9 +297,7 @@ def _workitem(film: pydicom.Dataset) -> pydicom.Dataset:
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.id)
-def test_the_workitem_keeps_the_name_and_the_description(
-    tmp_path: Path, example: Example
-) -> None:
+def test_the_workitem_keeps_the_name_and_the_description(tmp_path: Path, example: Example) -> None:
     film, _ = film_in(tmp_path, example)
     film.AccessionNumber = ACCESSION
     ds = _workitem(film)

@@ -40,6 +40,7 @@ from cadnode.encode.sr import (
 )
 from cadnode.encode.stage import Encoder
 from cadnode.infer.answers import Answer, dump_answer, save_masks
+from cadnode.pixels import DEFAULT_LIMIT
 from tests.dicom_validation import assert_valid, saved
 from tests.encode_cases import (
     DETECTOR,
@@ -72,11 +73,17 @@ def segmentation_sr(tmp_path: Path, *, pneumothorax: bool) -> tuple[Path, Path, 
     film, masks = film_with_masks(tmp_path, pneumothorax=pneumothorax)
     findings = segment_findings(film, masks)
     seg = segmentation(
-        film, masks, findings, SEGMENTER, series_instance_uid=uid("seg-series"),
-        sop_instance_uid=uid("seg"), content_datetime=WHEN,
+        film,
+        masks,
+        findings,
+        SEGMENTER,
+        series_instance_uid=uid("seg-series"),
+        sop_instance_uid=uid("seg"),
+        content_datetime=WHEN,
     )
     sr = segmentation_report(
-        [Segmented(film, findings, seg)], SEGMENTER,
+        [Segmented(film, findings, seg)],
+        SEGMENTER,
         ReportIdentity(uid("sr-series"), uid("sr"), content_datetime=WHEN),
     )
     return saved(sr, tmp_path / "sr.dcm"), saved(seg, tmp_path / "seg.dcm"), film
@@ -116,8 +123,10 @@ def test_segmentation_report_references_its_segments(tmp_path: Path, pneumothora
     # The SEG is evidence of the report, next to the film.
     evidence = {item[2] for item in sr.get_evidence()}
     assert evidence == {film.SOPInstanceUID, seg.SOPInstanceUID}
-    assert pydicom.dcmread(sr_path).CodingSchemeIdentificationSequence[0].CodingSchemeDesignator \
+    assert (
+        pydicom.dcmread(sr_path).CodingSchemeIdentificationSequence[0].CodingSchemeDesignator
         == "99CADNODE"
+    )
 
 
 # --- detector SR --------------------------------------------------------------------------
@@ -128,7 +137,8 @@ def test_detection_report_puts_each_finding_on_its_frame(tmp_path: Path) -> None
     assert len(boxes) == 2
     answer = detect_answer(source, boxes)
     sr = detection_report(
-        [Detection(source, answer)], DETECTOR,
+        [Detection(source, answer)],
+        DETECTOR,
         ReportIdentity(uid("det-series"), uid("det"), content_datetime=WHEN),
     )
     path = assert_valid(saved(sr, tmp_path / "det.dcm"))
@@ -159,7 +169,8 @@ def test_detection_report_puts_each_finding_on_its_frame(tmp_path: Path) -> None
 def test_a_volume_without_findings_says_absent(tmp_path: Path) -> None:
     source, boxes = volume(tmp_path, masses=0)
     sr = detection_report(
-        [Detection(source, detect_answer(source, boxes))], DETECTOR,
+        [Detection(source, detect_answer(source, boxes))],
+        DETECTOR,
         ReportIdentity(uid("det-series"), uid("det0"), content_datetime=WHEN),
     )
     path = assert_valid(saved(sr, tmp_path / "det0.dcm"))
@@ -176,7 +187,8 @@ def test_detection_report_refuses_a_box_outside_the_volume(tmp_path: Path) -> No
     outside = boxes[0].model_copy(update={"x": 120.0})
     with pytest.raises(ValueError, match="outside"):
         detection_report(
-            [Detection(source, detect_answer(source, [outside]))], DETECTOR,
+            [Detection(source, detect_answer(source, [outside]))],
+            DETECTOR,
             ReportIdentity(uid("s"), uid("i")),
         )
 
@@ -189,8 +201,14 @@ def test_secondary_capture_is_marked_derived(tmp_path: Path) -> None:
 
     def build() -> pydicom.Dataset:
         return secondary_capture(
-            film, SEGMENTER, series_instance_uid=uid("sc-series"), sop_instance_uid=uid("sc"),
-            masks=masks[0], summary="pneumothorax present", content_datetime=WHEN,
+            film,
+            SEGMENTER,
+            series_instance_uid=uid("sc-series"),
+            sop_instance_uid=uid("sc"),
+            masks=masks[0],
+            summary="pneumothorax present",
+            content_datetime=WHEN,
+            limit=DEFAULT_LIMIT,
         )
 
     path = assert_valid(saved(build(), tmp_path / "sc.dcm"))
@@ -212,9 +230,14 @@ def test_secondary_capture_of_a_volume_frame(tmp_path: Path) -> None:
     source, boxes = volume(tmp_path, masses=1)
     box = boxes[0]
     sc = secondary_capture(
-        source, DETECTOR, series_instance_uid=uid("sc-series"), sop_instance_uid=uid("scv"),
-        frame=box.frame, boxes=[(box.x, box.y, box.width, box.height, "mass 0.90")],
+        source,
+        DETECTOR,
+        series_instance_uid=uid("sc-series"),
+        sop_instance_uid=uid("scv"),
+        frame=box.frame,
+        boxes=[(box.x, box.y, box.width, box.height, "mass 0.90")],
         content_datetime=WHEN,
+        limit=DEFAULT_LIMIT,
     )
     path = assert_valid(saved(sc, tmp_path / "scv.dcm"))
     read = pydicom.dcmread(path)
@@ -263,13 +286,19 @@ def add_answered(
     answer: Answer,
 ) -> None:
     """`source` (a file in `spool`) in `job`, with `engine`'s answer about it."""
-    path = next(p for p in spool.glob("*.dcm") if pydicom.dcmread(
-        p, stop_before_pixels=True).SOPInstanceUID == source.SOPInstanceUID)
+    path = next(
+        p
+        for p in spool.glob("*.dcm")
+        if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == source.SOPInstanceUID
+    )
     session.add(instance_row(source, path.name, job, size=path.stat().st_size))
     session.add(
         Result(
-            job_id=job.id, engine=engine.name, engine_version=engine.version,
-            model_sha256=engine.sha256, sop_instance_uid=source.SOPInstanceUID,
+            job_id=job.id,
+            engine=engine.name,
+            engine_version=engine.version,
+            model_sha256=engine.sha256,
+            sop_instance_uid=source.SOPInstanceUID,
             answer=dump_answer(answer),
             created_at=WHEN.replace(tzinfo=dt.UTC),
         )
@@ -281,11 +310,12 @@ def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> Non
     spool.mkdir()
     database = Database(tmp_path / "cadnode.db")
     pacs = Destination(ae_title="PACS", host="127.0.0.1", port=11112)
-    old_pacs = Destination(ae_title="OLDPACS", host="127.0.0.1", port=11113,
-                           secondary_capture=True)
+    old_pacs = Destination(ae_title="OLDPACS", host="127.0.0.1", port=11113, secondary_capture=True)
     segmented_job = prepare_job(database, spool, answers)
     detected_job = prepare_detection_job(database, spool)
-    encoder = Encoder(database, spool, results, [pacs, old_pacs], answers=answers)
+    encoder = Encoder(
+        database, spool, results, [pacs, old_pacs], answers=answers, max_decoded_bytes=DEFAULT_LIMIT
+    )
     encoder.advance()
 
     for job_id in (segmented_job, detected_job):
@@ -296,7 +326,9 @@ def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> Non
         deliveries = session.exec(select(Delivery)).all()
     kinds = sorted((o.job_id, o.modality) for o in objects)
     assert kinds == sorted(
-        [(segmented_job, "SEG")] * 2 + [(segmented_job, "SR")] + [(segmented_job, "OT")] * 2
+        [(segmented_job, "SEG")] * 2
+        + [(segmented_job, "SR")]
+        + [(segmented_job, "OT")] * 2
         + [(detected_job, "SR"), (detected_job, "OT")]
     )
     by_uid = {o.sop_instance_uid: o for o in objects}
@@ -360,7 +392,9 @@ def test_a_mask_file_gone_fails_the_job_with_its_reason(tmp_path: Path) -> None:
     job_id = prepare_job(database, spool, answers)
     for mask_file in answers.rglob("*.npz"):
         mask_file.unlink()
-    Encoder(database, spool, tmp_path / "results", [], answers=answers).advance()
+    Encoder(
+        database, spool, tmp_path / "results", [], answers=answers, max_decoded_bytes=DEFAULT_LIMIT
+    ).advance()
     job = job_of(database, job_id)
     assert job.state is JobState.failed
     assert job.reason is not None and "encoding failed" in job.reason

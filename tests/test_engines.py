@@ -32,6 +32,7 @@ from cadnode.infer.backends import (
 from cadnode.infer.bundle import Bundle, sha256_of
 from cadnode.infer.catalogue import SampleFault, check_output, model_input
 from cadnode.infer.sample import sample_images
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.yamlfile import ConfigError
 from tests.peers import REPO
 
@@ -97,7 +98,7 @@ def test_auto_runs_onnxruntime_on_the_cpu_and_logs_why() -> None:
     assert chosen[0]["why"].startswith("auto: ")
     assert "not installed" in chosen[0]["why"] or "no CUDA GPU" in chosen[0]["why"]
     films = sample_images(bundle.manifest)
-    batch = np.concatenate([model_input(bundle.manifest, film) for film in films])
+    batch = np.concatenate([model_input(bundle.manifest, film, DEFAULT_LIMIT) for film in films])
     probabilities = backend.run(batch)
     assert probabilities.shape == (2,)
     assert probabilities[0] < 0.5 < probabilities[1]  # the normal sample, the abnormal one
@@ -175,7 +176,7 @@ def test_tensorrt_plan_built_from_the_shipped_onnx_agrees_with_onnxruntime(
         pytest.skip(str(reason))
     bundle = Bundle(copy_bundle(tmp_path))
     films = sample_images(bundle.manifest) * 3  # 6 films: chunks of 4 and 2
-    batch = np.concatenate([model_input(bundle.manifest, film) for film in films])
+    batch = np.concatenate([model_input(bundle.manifest, film, DEFAULT_LIMIT) for film in films])
     expected = OnnxRuntimeBackend(bundle).run(batch)
 
     backend = TensorRTBackend(bundle, max_batch=4)

@@ -22,6 +22,7 @@ from cadnode.infer.answers import (
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.preprocess import Geometry
 from tests.infer_jobs import CASCADE, routed_job, run_until
 from tests.peers import REPO
@@ -35,7 +36,11 @@ SPACING = (0.5, 0.25)
 
 
 def engine(name: str, max_batch: int = 8) -> Engine:
-    return Engine(Bundle(REPO / "engines" / name), EngineOptions(max_batch=max_batch))
+    return Engine(
+        Bundle(REPO / "engines" / name),
+        EngineOptions(max_batch=max_batch),
+        max_decoded_bytes=DEFAULT_LIMIT,
+    )
 
 
 # --- segment post-processing on a hand-made probability map -----------------------------------
@@ -96,9 +101,10 @@ def test_segment_keeps_the_largest_component_back_on_the_source_image_and_measur
     assert ptx.measurements["percent_of_hemithorax"] == pytest.approx(expected_percent)
     assert 100 * 13 / 40 - 3 < expected_percent < 100 * 13 / 40 + 3  # 13 of its 40 rows
     assert ptx.operating_points["present"].reached
-    assert ptx.operating_points["present"].threshold == manifest.operating_points[
-        "pneumothorax"
-    ].threshold
+    assert (
+        ptx.operating_points["present"].threshold
+        == manifest.operating_points["pneumothorax"].threshold
+    )
     assert ptx.probability >= 0.97
     assert "percent_of_hemithorax" not in by_name["right_lung"].measurements
 

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from sqlmodel import select
 
+from cadnode.config import LimitsSettings
 from cadnode.db import Database, Instance, Job, JobState, PriorityClass
 from cadnode.infer.answers import DetectAnswer, parse_answer
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine, load_engines
 from cadnode.infer.stage import Inference
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.route import LiveRules, Router
 from tests import infer_jobs
 from tests.infer_jobs import Gated
@@ -31,7 +33,9 @@ def test_urgent_work_overtakes_routine_and_background_work_queued_before_it(
     database: Database, tmp_path: Path
 ) -> None:
     engines = {
-        name: e for name, e in load_engines(REPO / "engines").items() if name == "cxr-ruleout"
+        name: e
+        for name, e in load_engines(REPO / "engines", limits=LimitsSettings()).items()
+        if name == "cxr-ruleout"
     }
     background = routed_job(database, tmp_path, 1, PriorityClass.background)
     routine = routed_job(database, tmp_path, 2, PriorityClass.routine)
@@ -51,7 +55,7 @@ def test_an_urgent_film_overtakes_a_background_dbt_volume_in_its_engine_call(
     """The chest film runs on its own engine's workers while the volume's call is still in
     progress: it waits for no queue, not even the call in progress."""
     detector = Gated(Bundle(REPO / "engines" / "dbt-detector"))
-    ruleout = Engine(Bundle(REPO / "engines" / "cxr-ruleout"))
+    ruleout = Engine(Bundle(REPO / "engines" / "cxr-ruleout"), max_decoded_bytes=DEFAULT_LIMIT)
     engines = {"dbt-detector": detector, "cxr-ruleout": ruleout}
     path = tmp_path / "volume.dcm"
     volume, _ = write_tomosynthesis(path, seed=18, view="LMLO", masses=1)

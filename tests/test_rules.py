@@ -32,6 +32,7 @@ from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
 from cadnode.pipeline import Step
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.route import LiveRules, Router, RuleSet, Subject, load_rules
 from cadnode.route.explain import run_cases
 from cadnode.yamlfile import ConfigError
@@ -699,7 +700,7 @@ def test_the_router_matches_on_the_called_ae_and_forwards_originals(
 
 @pytest.fixture(scope="module")
 def ruleout() -> Engine:
-    return Engine(Bundle(REPO / "engines" / "cxr-ruleout"))
+    return Engine(Bundle(REPO / "engines" / "cxr-ruleout"), max_decoded_bytes=DEFAULT_LIMIT)
 
 
 def test_inference_skips_a_step_whose_condition_fails(

@@ -266,6 +266,18 @@ def test_move_to_an_unknown_destination_fails(held: Held) -> None:
     assert "MoveDestinationUnknown" in output, output  # DCMTK's name for 0xA801
 
 
+def test_move_refuses_identifiers_outside_the_model(held: Held) -> None:
+    """0xA900, as C-FIND answers them, whatever the move destination would take."""
+    study = held.ct[0].StudyInstanceUID
+    for asked in (
+        keys(StudyInstanceUID=study),  # no level
+        keys(QueryRetrieveLevel="PATIENT", StudyInstanceUID=study),  # not in study root
+        keys(QueryRetrieveLevel="SERIES", SeriesInstanceUID=""),  # no study named
+    ):
+        output = dcmtk("movescu", held.node, "-S", "-aem", VIEWER_AE, *asked)
+        assert REFUSED in output, output
+
+
 def test_get_sends_on_the_same_association(held: Held, tmp_path: Path) -> None:
     ct = held.ct[0]
     output = dcmtk(
@@ -333,8 +345,12 @@ def test_events_name_peers_and_counts_not_patients(held: Held) -> None:
     gets = [tuple(e.get(k) for k in counts) for e in events if e["event"] == "retrieve.get"]
     assert ("STUDY", 3, 0, 0) in moves and ("IMAGE", 1, 0, 0) in moves
     assert ("SERIES", 3, 0, 0) in gets and ("STUDY", 1, 0, 1) in gets  # the JPEG 2000 image
-    unknown = [e for e in events if e["event"] == "retrieve.move" and e["destination"] == "NOBODY"]
+    unknown = [
+        e for e in events if e["event"] == "retrieve.move" and e.get("destination") == "NOBODY"
+    ]
     assert [e["outcome"] for e in unknown] == ["move destination unknown"]
+    refused = [e for e in events if e["event"] == "retrieve.move" and "status" in e]
+    assert {e["status"] for e in refused} == {"0xa900"} and len(refused) == 3
     for identifier in (*FILM_PATIENT, "Synthetic^Ingest", "SYNTH-INGEST"):
         assert identifier not in text
 

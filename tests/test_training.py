@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from cadnode.infer.bundle import Bundle
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.preprocess import image_to_tensor
 from cadnode.yamlfile import ConfigError
 from training.cli import main
@@ -47,7 +48,12 @@ def build(out: Path) -> Path:
 def probabilities(bundle: Bundle, cases: list[Case], phantom_size: int) -> np.ndarray:
     """What the daemon would compute: render, image_to_tensor, ONNX Runtime."""
     size = bundle.manifest.preprocessing.size
-    images = np.stack([image_to_tensor(render(case, phantom_size), size)[0] for case in cases])
+    images = np.stack(
+        [
+            image_to_tensor(render(case, phantom_size), size, limit=DEFAULT_LIMIT)[0]
+            for case in cases
+        ]
+    )
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
     return session.run([bundle.manifest.model.output], {bundle.manifest.model.input: images})[0]
 

@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.preprocess import frame_window, frames_to_tensor, image_to_tensor
 from tests.dicom_validation import dciodvfy_errors, dciodvfy_output, require_tool
 from training import datasets
@@ -85,7 +86,7 @@ def test_frames_to_tensor_windows_each_frame() -> None:
     ds.PerFrameFunctionalGroupsSequence[2].FrameVOILUTSequence = [pydicom.Dataset()]
     ds.PerFrameFunctionalGroupsSequence[2].FrameVOILUTSequence[0].WindowCenter = 3000
     ds.PerFrameFunctionalGroupsSequence[2].FrameVOILUTSequence[0].WindowWidth = 2000
-    tensors, geometry = frames_to_tensor(ds, 32)
+    tensors, geometry = frames_to_tensor(ds, 32, limit=DEFAULT_LIMIT)
     assert tensors.shape == (4, 1, 32, 32) and geometry.scale == 0.5
     assert geometry.pixel_spacing_mm == (0.5, 0.5)
     expected = np.clip((phantom.volume[0].astype(np.float32) - 500) / 1000, 0, 1)
@@ -245,7 +246,10 @@ def test_generic_folder_loader(tmp_path: Path) -> None:
         ("a.dcm", {"abnormal": 0.0}),
         ("b.dcm", {"abnormal": 1.0}),
     ]
-    tensors = [image_to_tensor(ds, 32)[0] for ds in datasets.iter_dicom(f.path for f in files)]
+    tensors = [
+        image_to_tensor(ds, 32, limit=DEFAULT_LIMIT)[0]
+        for ds in datasets.iter_dicom(f.path for f in files)
+    ]
     assert all(t.shape == (1, 32, 32) for t in tensors)
     (tmp_path / "bad.csv").write_text("file,abnormal\nmissing.dcm,1\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"missing\.dcm"):

@@ -14,6 +14,7 @@ pytest.importorskip("torch", reason="needs the `train` extra")
 
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
+from cadnode.pixels import DEFAULT_LIMIT
 from training import detector, segmenter
 from training.cli import main
 from training.evaluate import evaluate_ruleout, evaluate_segmenter
@@ -55,7 +56,9 @@ def test_segmenter_bundle(tiny_segmenter: Bundle) -> None:
     assert 0 <= metrics["test_dice_per_image_pneumothorax"] <= 1
     assert "test_dice_per_image_pneumothorax" in manifest.provenance.confidence_intervals
     size = manifest.preprocessing.size
-    engine = Engine(tiny_segmenter)  # what the daemon does at start: load and warm up
+    engine = Engine(
+        tiny_segmenter, max_decoded_bytes=DEFAULT_LIMIT
+    )  # what the daemon does at start: load and warm up
     maps = engine._run(np.zeros((2, 1, size, size), np.float32))
     assert maps.shape == (2, 3, size, size) and 0 <= maps.min() <= maps.max() <= 1
     card = (tiny_segmenter.folder / "MODEL_CARD.md").read_text(encoding="utf-8")
@@ -74,7 +77,9 @@ def test_detector_bundle_and_duke_round_trip(
     assert "test_lesion_sensitivity_at_2_fp" in manifest.provenance.metrics
     assert (tiny_detector.folder / "froc.png").stat().st_size > 0
     size = manifest.preprocessing.size
-    boxes = Engine(tiny_detector)._run(np.zeros((3, 1, size, size), np.float32))
+    boxes = Engine(tiny_detector, max_decoded_bytes=DEFAULT_LIMIT)._run(
+        np.zeros((3, 1, size, size), np.float32)
+    )
     assert boxes.shape == (3, (size // 16) ** 2, 5)
 
     volumes = tmp_path / "volumes"

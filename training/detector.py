@@ -54,6 +54,7 @@ from cadnode.infer.bundle import (
     sha256_of,
 )
 from cadnode.infer.postprocess import Fusion, fuse_slices, source_box
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.preprocess import Geometry, frames_to_tensor
 from cadnode.yamlfile import load_model
 from training.breast_phantoms import VolumeCase, plan_volumes, render_volume
@@ -288,7 +289,7 @@ def training_slices(cases: Sequence[VolumeCase], config: DetectorConfig) -> Slic
     images, targets, positive = [], [], []
     for case in tqdm(cases, desc="slices", unit="volume"):
         ds, boxes = volume_truth(case, config.slices, config.phantom_size)
-        frames, geometry = frames_to_tensor(ds, config.input_size)
+        frames, geometry = frames_to_tensor(ds, config.input_size, limit=DEFAULT_LIMIT)
         if not boxes:
             count = min(len(frames), config.training.negatives_per_volume)
             chosen_slices = np.sort(rng.choice(len(frames), count, replace=False))
@@ -375,7 +376,7 @@ def detect(
 ) -> list[Prediction]:
     """The volume's Duke prediction rows, boxes in the volume's own pixels: fused and mapped
     back by the daemon's own post-processing (cadnode.infer.postprocess)."""
-    frames, geometry = frames_to_tensor(ds, input_size)
+    frames, geometry = frames_to_tensor(ds, input_size, limit=DEFAULT_LIMIT)
     boxes = onnx_probabilities(model_path, frames, threads, batch_size=32)
     key = volume_key(ds)
     fusion = fusion_of(settings)

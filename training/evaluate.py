@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cadnode.infer.bundle import Bundle
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.preprocess import image_to_tensor
 from training import detector, segmenter
 from training.breast_phantoms import plan_volumes
@@ -29,7 +30,12 @@ def evaluate_ruleout(bundle: Bundle, seeds: range, phantom_size: int = 256) -> d
     """AUC and sensitivity/specificity at each operating point on balanced fresh films."""
     cases = plan_cases(seeds, 0.5)
     size = bundle.manifest.preprocessing.size
-    images = np.stack([image_to_tensor(render(case, phantom_size), size)[0] for case in cases])
+    images = np.stack(
+        [
+            image_to_tensor(render(case, phantom_size), size, limit=DEFAULT_LIMIT)[0]
+            for case in cases
+        ]
+    )
     scores = onnx_probabilities(bundle.model_path, images, threads=2)
     labels = np.array([case.abnormal for case in cases], dtype=np.float32)
     figures = {"test_auc": auc(scores, labels)}

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cadnode.infer.bundle import Strict
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.preprocess import image_to_tensor
 from cadnode.yamlfile import load_model
 from training.metrics import auc, bootstrap_interval
@@ -111,12 +112,18 @@ def load_config(path: Path) -> RuleoutConfig:
 
 # --- data ------------------------------------------------------------------------------------
 
+
 def tensors(
     cases: Sequence[Case], phantom_size: int, input_size: int, desc: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model inputs (N, 1, S, S) via the daemon's own preprocessing, and 0/1 labels (N,)."""
     progress = tqdm(cases, desc=desc, unit="film")
-    images = np.stack([image_to_tensor(render(c, phantom_size), input_size)[0] for c in progress])
+    images = np.stack(
+        [
+            image_to_tensor(render(c, phantom_size), input_size, limit=DEFAULT_LIMIT)[0]
+            for c in progress
+        ]
+    )
     labels = np.array([case.abnormal for case in cases], dtype=np.float32)
     return images, labels
 

@@ -40,6 +40,7 @@ from cadnode.infer.bundle import (
     TaskKind,
     sha256_of,
 )
+from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.preprocess import fit_square, image_to_tensor
 from cadnode.yamlfile import load_model
 from training.bundle import (
@@ -166,7 +167,7 @@ def tensors(
     images, masks = [], []
     for case in tqdm(cases, desc=desc, unit="film"):
         ds, phantom = render_with_phantom(case, phantom_size)
-        images.append(image_to_tensor(ds, input_size)[0])
+        images.append(image_to_tensor(ds, input_size, limit=DEFAULT_LIMIT)[0])
         truth = (phantom.right_lung_mask, phantom.left_lung_mask, phantom.pneumothorax_mask)
         masks.append(
             np.stack([fit_square(m.astype(np.float32), input_size)[0] >= 0.5 for m in truth])
@@ -317,7 +318,10 @@ def ruled_out_by(
     bundle = Bundle(bundle_path)
     size = bundle.manifest.preprocessing.size
     images = np.stack(
-        [image_to_tensor(render_with_phantom(c, phantom_size)[0], size)[0] for c in cases]
+        [
+            image_to_tensor(render_with_phantom(c, phantom_size)[0], size, limit=DEFAULT_LIMIT)[0]
+            for c in cases
+        ]
     )
     scores = onnx_probabilities(bundle.model_path, images, threads=2)
     return np.asarray(scores < bundle.manifest.operating_points["rule_out"].threshold)

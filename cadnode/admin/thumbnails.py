@@ -16,9 +16,12 @@ from cadnode.overlay import BoxSpec, render_overlay
 THUMBNAIL_SIZE = 384
 
 
-def overlay_png(image: Path, answer: dict[str, Any], answers_dir: Path) -> bytes:
+def overlay_png(
+    image: Path, answer: dict[str, Any], answers_dir: Path, *, limit: int
+) -> bytes:
     """PNG of `image` (a spooled instance) with `answer`'s findings (cadnode.infer.answers):
-    a segmentation's masks, a detector's boxes on the frame where the best one scores highest."""
+    a segmentation's masks, a detector's boxes on the frame where the best one scores highest.
+    Only that frame is decoded, within `limit` bytes (cadnode.pixels.ImageRefused past it)."""
     dataset = dcmread(image)
     frame, masks, boxes = 1, None, []
     if answer.get("task") == "segment":
@@ -30,7 +33,7 @@ def overlay_png(image: Path, answer: dict[str, Any], answers_dir: Path) -> bytes
         frame = int(best["box"]["frame"])
         boxes = [_box(f) for f in findings if _shows_on(f["box"], frame)]
     rgb = render_overlay(
-        dataset, frame=frame, masks=masks, boxes=boxes, max_size=THUMBNAIL_SIZE
+        dataset, frame=frame, masks=masks, boxes=boxes, max_size=THUMBNAIL_SIZE, limit=limit
     )
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb), mode="RGB").save(buffer, format="PNG")

@@ -25,6 +25,7 @@ from cadnode.admin.auth import Gate, Outcome, Verdict, client_address
 from cadnode.admin.context import AdminContext
 from cadnode.admin.thumbnails import overlay_png
 from cadnode.db import AuditEvent, Instance, Result
+from cadnode.pixels import ImageRefused
 from cadnode.route.explain import Connection, explain, read_subjects
 from cadnode.yamlfile import ConfigError
 
@@ -175,7 +176,11 @@ def result_overlay(request: Request, result_id: str) -> Response:
     if result is None or source is None:
         raise HTTPException(404, f"no result {result_id}, or its image is gone")
     storage = context.settings.storage
-    png = overlay_png(storage.spool / source.path, result.answer, storage.answers)
+    limit = context.settings.limits.max_decoded_image_bytes
+    try:
+        png = overlay_png(storage.spool / source.path, result.answer, storage.answers, limit=limit)
+    except ImageRefused as refused:  # the image, not the request: say so rather than a 500
+        raise HTTPException(422, str(refused)) from refused
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
 

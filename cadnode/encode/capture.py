@@ -51,18 +51,21 @@ def secondary_capture(
     series_number: int = SC_SERIES_NUMBER,
     instance_number: int = 1,
     content_datetime: dt.datetime | None = None,
+    limit: int,
 ) -> hd.sc.SCImage:
     """The source's 1-based `frame` with `masks` (labels, rows, columns) and `boxes` drawn.
 
     The caption names the engine and says it is not for primary diagnosis; `summary` (e.g.
     "pneumothorax present 12.5% of hemithorax") follows it.
 
-    `source` needs its pixel data. Raises ValueError for a frame outside the image or masks
-    that do not fit it.
+    `source` needs its pixel data, decoded within `limit` bytes (cadnode.pixels). Raises
+    ValueError for a frame outside the image or masks that do not fit it.
     """
     check_sources([source])
     caption = capture_caption(algorithm) + (f": {summary}" if summary else "")
-    pixels = render_overlay(source, frame=frame, masks=masks, boxes=boxes, caption=caption)
+    pixels = render_overlay(
+        source, frame=frame, masks=masks, boxes=boxes, caption=caption, limit=limit
+    )
     header = source_header(source)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,

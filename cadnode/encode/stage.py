@@ -93,8 +93,10 @@ class Encoder:
         destinations: list[Destination],
         *,
         answers: Path,
+        max_decoded_bytes: int,
     ) -> None:
         self.database = database
+        self.max_decoded_bytes = max_decoded_bytes
         self.spool = spool
         self.results = results
         self.answers = answers  # mask files (cadnode.infer.answers.save_masks)
@@ -135,6 +137,7 @@ class Encoder:
                 when=min(r.created_at for r in results),
                 answers_dir=self.answers,
                 captures=self.wants_captures,
+                max_decoded_bytes=self.max_decoded_bytes,
             )
             answered = [self._answered(session, result) for result in results]
             for made in objects.build(answered):
@@ -187,6 +190,7 @@ class _Objects:
     when: dt.datetime
     answers_dir: Path
     captures: bool
+    max_decoded_bytes: int  # the source's pixels, decoded for a Secondary Capture
 
     def uid(self, *parts: str) -> str:
         return generate_uid(entropy_srcs=[*self.key, *parts])
@@ -289,6 +293,7 @@ class _Objects:
             boxes=boxes,
             summary=summary,
             content_datetime=self.when,
+            limit=self.max_decoded_bytes,
         )
         return _Made(sc, for_all=False)
 

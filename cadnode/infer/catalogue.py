@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 
-from cadnode.config import EngineSettings
+from cadnode.config import EngineSettings, LimitsSettings
 from cadnode.infer.answers import SegmentAnswer
 from cadnode.infer.backends import decide
 from cadnode.infer.bundle import MANIFEST, Bundle, Manifest, OperatingPoint, TaskKind
@@ -181,6 +181,7 @@ def verify(
     settings: EngineSettings,
     names: Sequence[str] = (),
     *,
+    limits: LimitsSettings,
     plan_cache: Path | None = None,
     say: Say = print,
 ) -> int:
@@ -196,7 +197,7 @@ def verify(
         return 1
     for entry in chosen:
         try:
-            summary = _verify_bundle(entry, settings, plan_cache)
+            summary = _verify_bundle(entry, settings, limits, plan_cache)
         except (ConfigError, NoSample, SampleFault) as error:
             problems = error.problems if isinstance(error, ConfigError) else [str(error)]
             say(f"FAULT {entry.name}: " + "\n      ".join(problems))
@@ -210,12 +211,19 @@ class SampleFault(Exception):
     """The engine ran on the sample, but what it answered is wrong."""
 
 
-def _verify_bundle(entry: Entry, settings: EngineSettings, plan_cache: Path | None) -> str:
+def _verify_bundle(
+    entry: Entry, settings: EngineSettings, limits: LimitsSettings, plan_cache: Path | None
+) -> str:
     if entry.bundle is None:  # the manifest's schema or the model's hash
         raise ConfigError(list(entry.problems))
     bundle = entry.bundle
     manifest = bundle.manifest
-    engine = Engine(bundle, settings.for_engine(manifest.name), plan_cache=plan_cache)
+    engine = Engine(
+        bundle,
+        settings.for_engine(manifest.name),
+        plan_cache=plan_cache,
+        max_decoded_bytes=limits.max_decoded_image_bytes,
+    )
     images = sample_images(manifest)
     try:
         checked = [check_raw(engine, image) for image in images]
@@ -231,12 +239,13 @@ def _verify_bundle(entry: Entry, settings: EngineSettings, plan_cache: Path | No
     )
 
 
-def model_input(manifest: Manifest, image: Dataset) -> np.ndarray:
-    """The daemon's preprocessing: every frame of a volume for a detector, else one image."""
+def model_input(manifest: Manifest, image: Dataset, limit: int) -> np.ndarray:
+    """The daemon's preprocessing: every frame of a volume for a detector, else one image;
+    decoded within `limit` bytes (cadnode.pixels)."""
     size = manifest.preprocessing.size
     if _volumes(manifest):
-        return frames_to_tensor(image, size)[0]
-    return image_to_tensor(image, size)[0][None]
+        return frames_to_tensor(image, size, limit=limit)[0]
+    return image_to_tensor(image, size, limit=limit)[0][None]
 
 
 def _volumes(manifest: Manifest) -> bool:
@@ -245,7 +254,7 @@ def _volumes(manifest: Manifest) -> bool:
 
 def check_raw(engine: Engine, image: Dataset) -> str:
     """The backend's own output for one sample image (a film, or a volume's frames)."""
-    batch = model_input(engine.manifest, image)
+    batch = model_input(engine.manifest, image, engine.max_decoded_bytes)
     return check_output(engine.manifest, engine.backend.run(batch), len(batch))
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import structlog
 from pydicom import Dataset
 
-from cadnode.config import EngineOptions, EngineSettings
+from cadnode.config import EngineOptions, EngineSettings, LimitsSettings
 from cadnode.infer import postprocess
 from cadnode.infer.answers import Answer, ClassifyAnswer, DetectAnswer, SegmentAnswer, save_masks
 from cadnode.infer.backends import Backend, select_backend
 from cadnode.infer.bundle import Bundle, TaskKind, discover
-from cadnode.preprocess import frames_to_tensor, image_to_tensor
+from cadnode.preprocess import Geometry, frames_to_tensor, image_to_tensor
 
 log = structlog.get_logger("cadnode.infer")
 Item = TypeVar("Item")
@@ -33,10 +33,14 @@ class Engine:
         options: EngineOptions | None = None,
         *,
         plan_cache: Path | None = None,
+        max_decoded_bytes: int,
     ) -> None:
+        """`max_decoded_bytes`: an image larger once decoded, or whose codestream disagrees
+        with its dataset, is refused before it is decoded (cadnode.pixels.ImageRefused)."""
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.options = options or EngineOptions(backend="auto")
+        self.max_decoded_bytes = max_decoded_bytes
         self.backend: Backend = select_backend(
             bundle,
             self.options.backend or "auto",
@@ -82,7 +86,7 @@ class Engine:
     def _classify(self, images: Sequence[Dataset]) -> Iterator[ClassifyAnswer]:
         size = self.manifest.preprocessing.size
         for chunk in _chunks(images, self.options.max_batch):
-            batch = np.stack([image_to_tensor(image, size)[0] for image in chunk])
+            batch = np.stack([self._tensor(image, size)[0] for image in chunk])
             for probability in self._run(batch).reshape(len(chunk)):
                 yield postprocess.classify_answer(self.manifest, float(probability))
 
@@ -91,7 +95,7 @@ class Engine:
     ) -> Iterator[SegmentAnswer]:
         size = self.manifest.preprocessing.size
         for chunk in _chunks(images, self.options.max_batch):
-            tensors = [image_to_tensor(image, size) for image in chunk]
+            tensors = [self._tensor(image, size) for image in chunk]
             maps = self._run(np.stack([tensor for tensor, _ in tensors]))
             for image, (_, geometry), probabilities in zip(chunk, tensors, maps, strict=True):
                 found = postprocess.segment(self.manifest, probabilities, geometry)
@@ -103,7 +107,8 @@ class Engine:
 
     def _detect(self, volume: Dataset) -> DetectAnswer:
         """Every frame through the model, max_batch slices a call, then fused across slices."""
-        frames, geometry = frames_to_tensor(volume, self.manifest.preprocessing.size)
+        size = self.manifest.preprocessing.size
+        frames, geometry = frames_to_tensor(volume, size, limit=self.max_decoded_bytes)
         step = self.options.max_batch
         boxes = np.concatenate(
             [self._run(frames[start : start + step]) for start in range(0, len(frames), step)]
@@ -111,17 +116,28 @@ class Engine:
         found = postprocess.detect_boxes(self.manifest, boxes, frames, geometry)
         return postprocess.detect_answer(self.manifest, found, len(frames), geometry)
 
+    def _tensor(self, image: Dataset, size: int) -> tuple[np.ndarray, Geometry]:
+        return image_to_tensor(image, size, limit=self.max_decoded_bytes)
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self.backend.run(batch)
 
 
 def load_engines(
-    engines_dir: Path, settings: EngineSettings | None = None, *, plan_cache: Path | None = None
+    engines_dir: Path,
+    settings: EngineSettings | None = None,
+    *,
+    limits: LimitsSettings,
+    plan_cache: Path | None = None,
 ) -> dict[str, Engine]:
-    """Every bundle in `engines_dir`, each on the backend its options pick (`engines.*`)."""
+    """Every bundle in `engines_dir`, each on the backend its options pick (`engines.*`),
+    decoding images within `limits.max_decoded_image_mb`."""
     settings = settings or EngineSettings()
+    limit = limits.max_decoded_image_bytes
     return {
-        name: Engine(bundle, settings.for_engine(name), plan_cache=plan_cache)
+        name: Engine(
+            bundle, settings.for_engine(name), plan_cache=plan_cache, max_decoded_bytes=limit
+        )
         for name, bundle in discover(engines_dir).items()
     }
 

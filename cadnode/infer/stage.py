@@ -8,12 +8,18 @@ in progress on its engine, never for a queue. A job's pipeline goes one step (on
 call, on the images the step's condition lets through) at a time; the answers so far are
 kept in memory and written with the job's move to `inferred`, so a restart redoes the job.
 
-A call that raises, or runs past its engine's `timeout_s`, fails that attempt: the job waits
+An attempt (the job's pipeline from its first step) is counted in the database when its
+first call starts, before any image is decoded, so an image that kills the node is not
+decoded forever: at the next start, an attempt counted but never ended (no retry time set)
+is a failed one (so is one cut off by a stop that outlasted the conveyor's deadline). A call
+that raises, or runs past its engine's `timeout_s`, fails that attempt: the job waits
 `retry_backoff_s * 2**(attempts - 1)` and runs again from its first step, until
-`engines.max_attempts`, when it fails with the reason. A thread stuck in a model call cannot
-be killed: it is abandoned (its answer, if it ever comes, is dropped) and the engine gets a
-fresh pool, so its later calls are not stuck behind it; the stuck thread keeps its CPU (and
-Python waits for it at exit) until the call returns.
+`engines.max_attempts`, when it fails with the reason. An image refused by cadnode.pixels
+(over `limits.max_decoded_image_mb`, or a codestream that disagrees with its dataset) fails
+the job at once: the same bytes would be refused again. A thread stuck in a model call
+cannot be killed: it is abandoned (its answer, if it ever comes, is dropped) and the engine
+gets a fresh pool, so its later calls are not stuck behind it; the stuck thread keeps its
+CPU (and Python waits for it at exit) until the call returns.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from cadnode.infer.answers import dump_answer
 from cadnode.infer.bundle import TaskKind
 from cadnode.infer.runtime import Engine
 from cadnode.pipeline import Step
+from cadnode.pixels import ImageRefused
 
 log = structlog.get_logger("cadnode.infer")
 
@@ -54,6 +61,7 @@ class _Progress:
     step: int = 0
     answers: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     results: list[Result] = field(default_factory=list)
+    counted: bool = False  # this attempt is in the job's attempts
 
 
 @dataclass
@@ -95,10 +103,13 @@ class Inference:
         self._calls: dict[int, _Call] = {}  # by job id
         self._progress: dict[int, _Progress] = {}
         self._call_ended = threading.Event()
+        self._recovered = False
 
     def advance(self) -> float | None:
         """Start every call that can start, most urgent job first; collect them as they end
         and start the next; return when none is running (the seconds until a retry is due)."""
+        if not self._recovered:
+            self._recover()
         while True:
             self._call_ended.clear()
             with self.database.session() as session:
@@ -165,6 +176,10 @@ class Inference:
     def _submit(self, session: Session, job: Job, name: str, chosen: list[str]) -> None:
         assert job.id is not None
         engine = self.engines[name]
+        progress = self._progress[job.id]
+        if not progress.counted:
+            self._count_attempt(session, job)
+            progress.counted = True
         instances = session.exec(
             select(Instance).where(Instance.sop_instance_uid.in_(chosen))  # type: ignore[attr-defined]
         ).all()
@@ -187,8 +202,19 @@ class Inference:
             engine=name,
             images=len(uids),
             priority=job.priority.value,
-            attempt=job.attempts + 1,
+            attempt=job.attempts,
         )
+
+    def _count_attempt(self, session: Session, job: Job) -> None:
+        """Record the attempt before its first image is decoded (and clear the retry time:
+        an attempt counted with none set has not ended, see `_recover`)."""
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.state == JobState.routed)  # type: ignore[arg-type]
+            .values(attempts=Job.attempts + 1, next_attempt_at=None)
+        )
+        session.commit()
+        session.refresh(job)
 
     def _call(self, engine: Engine, paths: Sequence[Path], folder: str) -> list[dict[str, Any]]:
         """On an engine worker: read the images, run the engine, the answers as stored."""
@@ -207,12 +233,14 @@ class Inference:
                 if error is None:
                     self._answered(call, call.future.result())
                 else:
-                    self._attempt_failed(session, call, f"{type(error).__name__}: {error}")
+                    failure = f"{type(error).__name__}: {error}"
+                    final = isinstance(error, ImageRefused)  # the same bytes, refused again
+                    self._attempt_failed(session, job_id, call.name, failure, final=final)
             elif time.monotonic() >= call.deadline:
                 del self._calls[job_id]
                 self._abandon_pool(call.name)
                 timeout = call.engine.options.timeout_s
-                self._attempt_failed(session, call, f"timed out after {timeout:g} s")
+                self._attempt_failed(session, job_id, call.name, f"timed out after {timeout:g} s")
 
     def _answered(self, call: _Call, answers: list[dict[str, Any]]) -> None:
         progress = self._progress.setdefault(call.job_id, _Progress())
@@ -246,23 +274,30 @@ class Inference:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _attempt_failed(self, session: Session, call: _Call, error: str) -> None:
-        job = session.get(Job, call.job_id)
-        self._progress.pop(call.job_id, None)  # a retry starts from the first step
+    def _attempt_failed(
+        self, session: Session, job_id: int, engine: str | None, error: str, *, final: bool = False
+    ) -> None:
+        """The job's attempt in progress (already counted) failed: it runs again after its
+        back-off, or fails with the reason when `final` or its attempts are spent. `engine`:
+        the step's engine, None when the node stopped during the attempt."""
+        job = session.get(Job, job_id)
+        self._progress.pop(job_id, None)  # a retry starts from the first step
         if job is None or job.state is not JobState.routed:
             return
-        attempts = job.attempts + 1
-        limit = self.settings.max_attempts
-        reason = f"{call.name} failed (attempt {attempts} of {limit}): {error}"
-        if attempts >= limit:
-            log.warning("inference.gave_up", job=job.id, engine=call.name, reason=error)
-            self._fail(session, job, reason, attempts=attempts)
+        attempts, limit = job.attempts, self.settings.max_attempts
+        what = f"{engine} failed" if engine else "interrupted"
+        reason = (
+            f"{what} (attempt {attempts} of {limit}{', not retried' if final else ''}): {error}"
+        )
+        if final or attempts >= limit:
+            log.warning("inference.gave_up", job=job.id, engine=engine, reason=error)
+            self._fail(session, job, reason)
             return
         delay = self.settings.retry_backoff_s * 2 ** (attempts - 1)
         log.warning(
             "inference.retry",
             job=job.id,
-            engine=call.name,
+            engine=engine,
             attempt=attempts,
             max_attempts=limit,
             retry_in_s=delay,
@@ -272,13 +307,19 @@ class Inference:
         session.execute(
             update(Job)
             .where(Job.id == job.id, Job.state == JobState.routed)  # type: ignore[arg-type]
-            .values(
-                attempts=attempts,
-                next_attempt_at=utcnow() + dt.timedelta(seconds=delay),
-                reason=reason,
-            )
+            .values(next_attempt_at=utcnow() + dt.timedelta(seconds=delay), reason=reason)
         )
         session.commit()
+
+    def _recover(self) -> None:
+        """At the first advance: an attempt counted but never ended was running when the node
+        stopped, perhaps killed by the image it decoded. It failed; it is not replayed as new."""
+        self._recovered = True
+        with self.database.session() as session:
+            for job in self.database.jobs_in(session, JobState.routed):
+                if job.id is not None and job.attempts > 0 and job.next_attempt_at is None:
+                    stopped = "the node stopped during this attempt"
+                    self._attempt_failed(session, job.id, None, stopped)
 
     # --- ending jobs -----------------------------------------------------------------------
 
@@ -288,11 +329,11 @@ class Inference:
         session.add_all(progress.results)
         self.database.transition(session, job, JobState.inferred, expect=JobState.routed)
 
-    def _fail(self, session: Session, job: Job, reason: str, **changes: Any) -> None:
+    def _fail(self, session: Session, job: Job, reason: str) -> None:
         assert job.id is not None
         self._progress.pop(job.id, None)
         self.database.transition(
-            session, job, JobState.failed, expect=JobState.routed, reason=reason, **changes
+            session, job, JobState.failed, expect=JobState.routed, reason=reason
         )
 
     # --- timing ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 from pydicom import Dataset
-from pynetdicom import evt
+from pynetdicom import build_context, evt
 
 from cadnode import audit
 from cadnode.config import Destination, Settings
@@ -48,6 +48,7 @@ from cadnode.serve.retrieve import (
 log = structlog.get_logger("cadnode.serve")
 
 SUCCESS, PENDING, PENDING_UNSUPPORTED_KEYS, CANCEL = 0x0000, 0xFF00, 0xFF01, 0xFE00
+VERIFICATION_CONTEXT = build_context("1.2.840.10008.1.1")  # the Verification SOP class
 # The Query/Retrieve Information Model SOP classes (PS3.4 C.6).
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
@@ -73,6 +74,9 @@ class QueryRetrieveScp:
         self.database = database
         self.index = index or QueryIndex(database, storage.spool, storage.results)
         self.ae_title = settings.dicom.ae_title
+        # A compressed object is decompressed for a peer that takes it no other way only
+        # within this (cadnode.pixels): a C-GET must not make the node decode a bomb.
+        self.max_decoded_bytes = settings.limits.max_decoded_image_bytes
         self.destinations: Mapping[str, Destination] = {
             d.ae_title: d for d in settings.destinations.values()
         }
@@ -143,9 +147,11 @@ class QueryRetrieveScp:
             held = self.index.held(request.narrowing)
         except Refused as refusal:
             # pynetdicom takes a status only after the destination and a count, and opens
-            # the association first; the one sub-operation named is reported as failed.
+            # that association first: with one context it will accept (Verification; with
+            # none pynetdicom cannot associate and answers 0xC515). The one sub-operation
+            # named is reported as failed.
             _log_refusal("retrieve.move", calling_ae, model, refusal)
-            yield destination.host, destination.port
+            yield destination.host, destination.port, {"contexts": [VERIFICATION_CONTEXT]}
             yield 1
             yield refusal.status_dataset(), None
             return
@@ -223,7 +229,8 @@ class QueryRetrieveScp:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
-            yield PENDING, sendable(self.index, item, accepted_by(association()), tally)
+            accepts = accepted_by(association())
+            yield PENDING, sendable(self.index, item, accepts, tally, self.max_decoded_bytes)
 
 
 def _model(event: Any) -> Model:

@@ -4,9 +4,11 @@ An object goes as it was stored: pydicom re-encodes a file read whole into the s
 so the peer receives the dataset exactly as cadnode received (or made) it. Only when the
 peer accepted no context for its transfer syntax is it converted: a compressed image is
 decompressed (same SOP Instance UID: a change of transfer syntax is not a new object) and
-pynetdicom re-encodes the uncompressed kinds among themselves. What cannot be read or sent
-fails its sub-operation, counted in the response and named in the Failed SOP Instance UID
-List.
+pynetdicom re-encodes the uncompressed kinds among themselves. Decompression goes through
+cadnode.pixels: an image over `limits.max_decoded_image_mb`, or whose codestream disagrees
+with its dataset, is not decompressed (`retrieve.refused`). What cannot be read, converted
+or sent fails its sub-operation, counted in the response and named in the Failed SOP
+Instance UID List; the association goes on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 
 from cadnode.dicomnet import status_is_success, tune_connection
+from cadnode.pixels import ImageRefused, decompress
 from cadnode.serve.index import Held, QueryIndex
 
 log = structlog.get_logger("cadnode.serve")
@@ -106,8 +109,9 @@ def proposed_contexts(held: Sequence[Held]) -> list[PresentationContext]:
     return contexts[:MAXIMUM_CONTEXTS]
 
 
-def sendable(index: QueryIndex, held: Held, accepts: Accepts, tally: Tally) -> Dataset:
-    """The object to send for one sub-operation, converted if the peer needs it to be."""
+def sendable(index: QueryIndex, held: Held, accepts: Accepts, tally: Tally, limit: int) -> Dataset:
+    """The object to send for one sub-operation, converted if the peer needs it to be; an
+    image is decompressed only within `limit` bytes (cadnode.pixels)."""
     try:
         dataset = dcmread(index.file(held))
         syntax = UID(dataset.file_meta.TransferSyntaxUID)
@@ -117,17 +121,26 @@ def sendable(index: QueryIndex, held: Held, accepts: Accepts, tally: Tally) -> D
         return _unsendable(held)
     if accepts(held.sop_class_uid, syntax):
         return dataset
-    if syntax.is_compressed:
-        try:
-            dataset.decompress(generate_instance_uid=False)
-        except Exception as error:
-            log.warning("retrieve.not_converted", syntax=str(syntax), reason=str(error))
-        else:
-            if accepts(held.sop_class_uid, UID(dataset.file_meta.TransferSyntaxUID)):
-                tally.converted += 1
-                return dataset
+    converted = syntax.is_compressed and _decompressed(dataset, held, limit)
+    if converted and accepts(held.sop_class_uid, UID(dataset.file_meta.TransferSyntaxUID)):
+        tally.converted += 1
+        return dataset
     tally.unsendable += 1
     return _unsendable(held)
+
+
+def _decompressed(dataset: Dataset, held: Held, limit: int) -> bool:
+    """Decompress in place; False (and why, logged) where it was refused or failed."""
+    syntax = str(dataset.file_meta.TransferSyntaxUID)
+    try:
+        decompress(dataset, limit)
+    except ImageRefused as refusal:
+        log.warning("retrieve.refused", held_as=held.held_as, syntax=syntax, reason=str(refusal))
+        return False
+    except Exception as error:
+        log.warning("retrieve.not_converted", syntax=syntax, reason=str(error))
+        return False
+    return True
 
 
 def _unsendable(held: Held) -> Dataset:
