@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.peers import Orthanc, run_cadnode, run_orthanc, wait_for
-from training.phantoms import write_chest_radiograph
 
 
 def resident_mb(pid: int) -> float:

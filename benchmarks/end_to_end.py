@@ -24,8 +24,8 @@ from pydicom import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.peers import Orthanc, run_cadnode, run_orthanc, storescu, wait_for
-from training.phantoms import write_chest_radiograph
 
 
 def push_and_wait(

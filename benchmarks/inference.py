@@ -40,15 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import structlog
 
-from cadnode.config import EngineOptions
+from cadnode.core.config import EngineOptions
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.backends import OnnxRuntimeBackend, select_backend
 from cadnode.infer.bundle import Bundle
+from cadnode.infer.phantoms.breast import make_breast_phantom, tomosynthesis_dataset
+from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom
+from cadnode.infer.preprocess import frames_to_tensor, image_to_tensor
 from cadnode.infer.runtime import Engine
-from cadnode.pixels import DEFAULT_LIMIT
-from cadnode.preprocess import frames_to_tensor, image_to_tensor
 from training import detector, ruleout, segmenter
-from training.breast_phantoms import make_breast_phantom, tomosynthesis_dataset
-from training.phantoms import chest_dataset, make_chest_phantom
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "training" / "configs"

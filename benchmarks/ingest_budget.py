@@ -12,7 +12,7 @@ run. pynetdicom's own notification events time each instance's steps in cadnode:
   answer   response handed over -> on the wire (pynetdicom's 1 ms poll again)
 
 Also, in the same run, what writing one such file costs: plainly (what storescp does) and
-durably as cadnode does (`cadnode.files.write_durably`: write, fdatasync, rename, folder
+durably as cadnode does (`cadnode.core.files.write_durably`: write, fdatasync, rename, folder
 fsync), the floor of any receiver with cadnode's durability. Every figure is also printed in
 units of storescp's time per instance (storescp writes without fsync). The last lines are the
 throughput ratios to storescp: cadnode's, and the ceilings for a receiver that did nothing
@@ -42,8 +42,8 @@ from pynetdicom import evt
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.ingest import Target, measure, push, storescp
-from cadnode.db import Database
-from cadnode.files import write_durably
+from cadnode.core.db import Database
+from cadnode.core.files import write_durably
 from tests.ingest import node_settings
 from tests.synthetic import write_ct_series
 
@@ -96,11 +96,11 @@ class StepClock:
 
 def cadnode_push(files: list[Path], scratch: Path) -> tuple[float, dict[str, list[float]]]:
     """Seconds for storescu to push `files` to a fresh in-process receiver; its steps."""
-    from cadnode.receive import Receiver
+    from cadnode.ingest.receive import Receiver
 
     clock = StepClock()
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
-        database = Database(Path(folder) / "cadnode.db")
+        database = Database(Path(folder) / "cadnode.core.db")
         receiver = Receiver(node_settings(Path(folder)), database, lambda: None)
         port = receiver.start(observers=clock.observers())
         try:

@@ -25,10 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.end_to_end import percentile
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.prioritize.worklist import workitem_uid
 from tests.peers import free_port, run_cadnode, storescu, wait_for
 from tests.worklist_peers import MllpListener, WorklistClient, priority_config
-from training.phantoms import write_chest_radiograph
 
 
 def measure(

@@ -12,18 +12,19 @@ from typing import Any
 
 from sqlmodel import select
 
-from cadnode import deliveries, logs
 from cadnode.admin.commands import COMMANDS as ADMIN_COMMANDS
 from cadnode.admin.commands import add_admin_commands, admin_command, hash_password_command
-from cadnode.config import Settings, load_settings
-from cadnode.db import Database, Delivery, DeliveryState, Instance, Job, Result, Study
+from cadnode.core import logs
+from cadnode.core.config import Settings, load_settings
+from cadnode.core.db import Database, Delivery, DeliveryState, Instance, Job, Result, Study
+from cadnode.core.yamlfile import ConfigError
+from cadnode.deliver import outbox_admin as deliveries
 from cadnode.infer.answers import ClassifyAnswer, SegmentAnswer, parse_answer, summary
 from cadnode.infer.bundle import discover
 from cadnode.prioritize.history import history_line, study_priority
 from cadnode.prioritize.policy import load_policy, unknown_engines
 from cadnode.route import RuleSet, load_rules
 from cadnode.route.explain import CASES, Connection, explain, read_subjects, run_cases
-from cadnode.yamlfile import ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,9 +127,7 @@ def engines_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.engines_command == "info":
         return catalogue.describe(settings.engines, args.name)
     plans = settings.storage.data_dir / "plans"
-    return catalogue.verify(
-        settings.engines, args.names, limits=settings.limits, plan_cache=plans
-    )
+    return catalogue.verify(settings.engines, args.names, limits=settings.limits, plan_cache=plans)
 
 
 def rules_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -249,9 +248,7 @@ def show_studies(settings: Settings, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    print(
-        f"{'JOB':>4} {'VER':>3} {'STATE':<10} {'PRIO':<6} {'RULE':<18} {'N':>3}  RESULT / REASON"
-    )
+    print(f"{'JOB':>4} {'VER':>3} {'STATE':<10} {'PRIO':<6} {'RULE':<18} {'N':>3}  RESULT / REASON")
     for row in rows:
         outcome = "; ".join(
             f"{r['engine']}: {r['summary']}"

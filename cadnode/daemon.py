@@ -12,21 +12,21 @@ from types import FrameType
 
 import structlog
 
-from cadnode import audit
 from cadnode.admin.app import AdminServer
 from cadnode.admin.context import AdminContext, EngineInfo
-from cadnode.assemble import Assembler
-from cadnode.config import Settings
-from cadnode.conveyor import Conveyor
-from cadnode.db import Database
-from cadnode.dicomport import ReceiverProcesses, receiver_in_process
-from cadnode.dispatch import Dispatcher
+from cadnode.core import audit
+from cadnode.core.config import Settings
+from cadnode.core.db import Database
+from cadnode.core.runner import Conveyor
+from cadnode.deliver.dispatch import Dispatcher
 from cadnode.encode.stage import Encoder
 from cadnode.infer.bundle import discover
 from cadnode.infer.runtime import load_engines
 from cadnode.infer.stage import Inference
+from cadnode.ingest.assemble import Assembler
+from cadnode.ingest.receive import Receiver
+from cadnode.port import ReceiverProcesses, receiver_in_process
 from cadnode.prioritize import Prioritization
-from cadnode.receive import Receiver
 from cadnode.route import LiveRules, Router
 
 log = structlog.get_logger("cadnode.daemon")
@@ -44,8 +44,13 @@ class Node:
         )
         for engine in engines.values():
             audit.record(
-                self.database, audit.ENGINE, actor="node", outcome="loaded", engine=engine.name,
-                version=engine.manifest.version, sha256=engine.bundle.sha256,
+                self.database,
+                audit.ENGINE,
+                actor="node",
+                outcome="loaded",
+                engine=engine.name,
+                version=engine.manifest.version,
+                sha256=engine.bundle.sha256,
                 backend=engine.backend.name,
             )
         self.rules = LiveRules(
@@ -84,7 +89,7 @@ class Node:
             ]
         )
         self.database.on_change = self.conveyor.nudge
-        # The DICOM port, with every stage's DIMSE services on it (cadnode/dicomport.py): in
+        # The DICOM port, with every stage's DIMSE services on it (cadnode/port.py): in
         # this process, or in `dicom.receivers` processes that wake the stages here.
         self.receiver: Receiver | ReceiverProcesses = (
             ReceiverProcesses(settings, self.database, self.conveyor.nudge)

@@ -21,8 +21,8 @@ from cadnode.infer.answers import (
     SegmentFinding,
 )
 from cadnode.infer.bundle import Code, Label
-from training.breast_phantoms import write_tomosynthesis
-from training.phantoms import make_chest_phantom, write_chest_radiograph
+from cadnode.infer.phantoms.breast import write_tomosynthesis
+from cadnode.infer.phantoms.chest import make_chest_phantom, write_chest_radiograph
 
 SEGMENTER = Algorithm(name="cxr-segmenter", version="0.1.0", sha256="ab" * 32)
 DETECTOR = Algorithm(name="dbt-detector", version="0.1.0", sha256="cd" * 32)
@@ -30,12 +30,21 @@ DETECTOR = Algorithm(name="dbt-detector", version="0.1.0", sha256="cd" * 32)
 _ANATOMY = Code(value="91723000", scheme="SCT", meaning="Anatomical Structure")
 _ABNORMAL = Code(value="49755003", scheme="SCT", meaning="Morphologically Abnormal Structure")
 LABELS = [
-    Label(name="right_lung", code=Code(value="3341006", scheme="SCT", meaning="Right lung"),
-          category=_ANATOMY),
-    Label(name="left_lung", code=Code(value="44029006", scheme="SCT", meaning="Left lung"),
-          category=_ANATOMY),
-    Label(name="pneumothorax", code=Code(value="36118008", scheme="SCT", meaning="Pneumothorax"),
-          category=_ABNORMAL),
+    Label(
+        name="right_lung",
+        code=Code(value="3341006", scheme="SCT", meaning="Right lung"),
+        category=_ANATOMY,
+    ),
+    Label(
+        name="left_lung",
+        code=Code(value="44029006", scheme="SCT", meaning="Left lung"),
+        category=_ANATOMY,
+    ),
+    Label(
+        name="pneumothorax",
+        code=Code(value="36118008", scheme="SCT", meaning="Pneumothorax"),
+        category=_ABNORMAL,
+    ),
 ]
 MASS = Label(
     name="mass",
@@ -50,8 +59,14 @@ def film_with_masks(
 ) -> tuple[pydicom.Dataset, np.ndarray]:
     """A chest film as received (written, read back) and its masks (1, 3, rows, columns)."""
     path = folder / f"film-{seed}-{pneumothorax}.dcm"
-    write_chest_radiograph(path, seed=seed, pneumothorax=pneumothorax, size=FILM_SIZE,
-                           patient_id="PID-7", patient_name="Doe^Jane")
+    write_chest_radiograph(
+        path,
+        seed=seed,
+        pneumothorax=pneumothorax,
+        size=FILM_SIZE,
+        patient_id="PID-7",
+        patient_name="Doe^Jane",
+    )
     if study_uid is not None:  # a second film of the same study
         ds = pydicom.dcmread(path)
         ds.StudyInstanceUID = study_uid
@@ -108,8 +123,15 @@ def volume(folder: Path, *, masses: int, seed: int = 5) -> tuple[pydicom.Dataset
     for mass in phantom.masses:
         first = max(1, mass.slice)  # 0-based slice: frames slice .. slice + 2 (1-based)
         boxes.append(
-            Box(x=mass.x, y=mass.y, width=mass.width, height=mass.height, frame=mass.slice + 1,
-                first_frame=first, depth=min(3, frames - first + 1))
+            Box(
+                x=mass.x,
+                y=mass.y,
+                width=mass.width,
+                height=mass.height,
+                frame=mass.slice + 1,
+                first_frame=first,
+                depth=min(3, frames - first + 1),
+            )
         )
     return pydicom.dcmread(path), boxes
 
@@ -117,8 +139,9 @@ def volume(folder: Path, *, masses: int, seed: int = 5) -> tuple[pydicom.Dataset
 def detect_answer(source: pydicom.Dataset, boxes: list[Box]) -> DetectAnswer:
     report = PointReached(threshold=0.47, reached=True)
     findings = [
-        DetectFinding(label=MASS, probability=0.9 - 0.1 * i, operating_points={"report": report},
-                      box=box)
+        DetectFinding(
+            label=MASS, probability=0.9 - 0.1 * i, operating_points={"report": report}, box=box
+        )
         for i, box in enumerate(boxes)
     ]
     best = max((f.probability for f in findings), default=0.0)

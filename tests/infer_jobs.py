@@ -9,13 +9,13 @@ from typing import Any
 
 from pydicom import Dataset
 
-from cadnode.config import EngineOptions
-from cadnode.db import Database, JobState, PriorityClass
+from cadnode.core.config import EngineOptions
+from cadnode.core.db import Database, JobState, PriorityClass
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.answers import Answer
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
-from cadnode.pixels import DEFAULT_LIMIT
 from tests.peers import wait_for
 from tests.rows import instance_row, new_job
 
@@ -53,9 +53,7 @@ def routed_job(
         return job.id
 
 
-def run_until(
-    stage: Inference, condition: Callable[[], bool], timeout_s: float, what: str
-) -> None:
+def run_until(stage: Inference, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     """Advance the stage (as the conveyor would, retries included) until `condition` holds."""
 
     def advanced() -> bool:

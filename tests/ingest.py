@@ -17,15 +17,15 @@ import structlog
 from pydicom import dcmread
 from pydicom import uid as uids
 
-from cadnode.config import (
+from cadnode.core.config import (
     AssembleSettings,
     DicomSettings,
     LimitsSettings,
     Settings,
     StorageSettings,
 )
-from cadnode.db import Database
-from cadnode.receive import Receiver
+from cadnode.core.db import Database
+from cadnode.ingest.receive import Receiver
 from tests.dicom_validation import require_tool
 from tests.peers import echoscu, free_port, port_open, wait_for
 

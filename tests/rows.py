@@ -9,7 +9,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlmodel import Session, select
 
-from cadnode.db import Database, Instance, Job, Result, Study
+from cadnode.core.db import Database, Instance, Job, Result, Study
 
 
 def new_job(session: Session, study_uid: str, **fields: Any) -> Job:

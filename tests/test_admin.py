@@ -20,15 +20,15 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from cadnode import audit
 from cadnode.admin.app import AdminServer, create_app
 from cadnode.admin.auth import Gate, Outcome, Verdict, hash_password
 from cadnode.admin.commands import show_status
 from cadnode.admin.context import AdminContext, EngineInfo
 from cadnode.admin.throttle import Busy, CheckPool, FailureLimiter
 from cadnode.cli import main
-from cadnode.config import HttpSettings, Settings
-from cadnode.db import (
+from cadnode.core import audit
+from cadnode.core.config import HttpSettings, Settings
+from cadnode.core.db import (
     Database,
     Delivery,
     DeliveryState,
@@ -46,10 +46,10 @@ from cadnode.infer.answers import (
     save_masks,
 )
 from cadnode.infer.bundle import Bundle, discover
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.route import load_rules
 from tests.peers import REPO, free_port, port_open, wait_for
 from tests.rows import instance_row, new_job
-from training.phantoms import write_chest_radiograph
 
 PASSWORD = "correct horse battery"
 TOKEN = "scrape-token-0123456789"

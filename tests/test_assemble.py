@@ -5,9 +5,9 @@ import datetime as dt
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation
 
-from cadnode.assemble import Assembler
-from cadnode.config import AssembleSettings
-from cadnode.db import Database, JobState, utcnow
+from cadnode.core.config import AssembleSettings
+from cadnode.core.db import Database, JobState, utcnow
+from cadnode.ingest.assemble import Assembler
 from tests.rows import instance_row, job_of, new_job
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.peers import Cadnode, Orthanc, run_cadnode, run_orthanc
 from tests.test_encode_charsets import BY_ID, Example, assert_kept, carry
 from tests.test_end_to_end import push, results_in_pacs, wait_for_state
-from training.phantoms import write_chest_radiograph
 
 # The Annex H, I and J examples (Latin-1 and the default repertoire need no PACS to show).
 EXAMPLES = [

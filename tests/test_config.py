@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cadnode.config import EMBEDDED_CONFIG, Destination, load_settings
-from cadnode.yamlfile import ConfigError
+from cadnode.core.config import EMBEDDED_CONFIG, Destination, load_settings
+from cadnode.core.yamlfile import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> dict[str, str]:

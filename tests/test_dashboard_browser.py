@@ -23,12 +23,12 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.wait import WebDriverWait
 
-from cadnode import audit
 from cadnode.admin.auth import hash_password
-from cadnode.db import Database
+from cadnode.core import audit
+from cadnode.core.db import Database
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.dicom_validation import require_tool
 from tests.peers import REPO, Cadnode, free_port, port_open, run_cadnode, storescu, wait_for
-from training.phantoms import write_chest_radiograph
 
 PASSWORD = "browser test password"
 # The README's picture: rewritten only when asked, so a test run leaves the checkout clean.
@@ -139,7 +139,7 @@ def test_log_in_open_a_study_and_retry_its_dead_letter(
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float32)
     assert pixels.shape[1] >= 1000 and pixels.std() > 20  # a page, not a blank
 
-    trail = list(audit.events(Database(cadnode.data_dir / "cadnode.db")))
+    trail = list(audit.events(Database(cadnode.data_dir / "cadnode.core.db")))
     kinds = {event.kind for event in trail}
     assert {"association", "study.received", "admin.login", "admin.delivery.retry"} <= kinds
     assert "result.delivered" in kinds and "engine" in kinds and "rules" in kinds

@@ -1,5 +1,6 @@
-"""The admin's outbox actions (cadnode/deliveries.py) and Storage Commitment answers
-(cadnode/commitment.py), on the dispatcher in this process with a real Orthanc as the PACS."""
+"""The admin's outbox actions (cadnode/deliver/outbox_admin.py) and Storage Commitment
+answers (cadnode/deliver/commitment.py), on the dispatcher in this process with a real Orthanc
+as the PACS."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from cadnode.commitment import CommitmentScp
-from cadnode.config import Destination, DispatchSettings
-from cadnode.db import Database, Delivery, DeliveryState, Job, JobState, ResultObject
-from cadnode.deliveries import commitment_of, delivery_rows, discard, retry
-from cadnode.dispatch import DEAD_LETTER, Dispatcher
+from cadnode.core.config import Destination, DispatchSettings
+from cadnode.core.db import Database, Delivery, DeliveryState, Job, JobState, ResultObject
+from cadnode.deliver.commitment import CommitmentScp
+from cadnode.deliver.dispatch import DEAD_LETTER, Dispatcher
+from cadnode.deliver.outbox_admin import commitment_of, delivery_rows, discard, retry
 from tests.peers import free_port, run_orthanc
 from tests.rows import job_of
 from tests.test_dispatch import queue_one, the_delivery

@@ -15,8 +15,9 @@ from typing import Any
 from pydicom import Dataset
 
 from cadnode.cli import study_rows
-from cadnode.db import Database
-from cadnode.deliveries import delivery_rows
+from cadnode.core.db import Database
+from cadnode.deliver.outbox_admin import delivery_rows
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.peers import (
     REPO,
     Cadnode,
@@ -27,7 +28,6 @@ from tests.peers import (
     storescu,
     wait_for,
 )
-from training.phantoms import write_chest_radiograph
 
 FILMS = 4
 
@@ -68,12 +68,12 @@ def deliveries(node: Cadnode, *state: str) -> list[dict[str, Any]]:
 
 def studies(node: Cadnode) -> list[dict[str, Any]]:
     """`cadnode studies --json`'s rows, read here."""
-    return study_rows(Database(node.data_dir / "cadnode.db"))
+    return study_rows(Database(node.data_dir / "cadnode.core.db"))
 
 
 def outbox(node: Cadnode) -> list[dict[str, Any]]:
     """The same rows read here: polling through the CLI would cost a process start each time."""
-    return delivery_rows(Database(node.data_dir / "cadnode.db"))
+    return delivery_rows(Database(node.data_dir / "cadnode.core.db"))
 
 
 def srs_in(pacs: Orthanc, film: Dataset) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""PDU reads (cadnode/dicomnet.py `PduReader`), installed on every association: whole PDUs,
+"""PDU reads (cadnode/dicom/pdu.py `PduReader`), installed on every association: whole PDUs,
 a length limit checked before any allocation, one deadline per PDU."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cadnode.dicomnet import ABORT_INVALID_PARAMETER, PduLimits, PduReader
+from cadnode.dicom.pdu import ABORT_INVALID_PARAMETER, PduLimits, PduReader
 
 LIMITS = PduLimits(timeout_s=5.0, other_pdu_bytes=64 * 1024, data_pdu_bytes=2 * 2**20)
 

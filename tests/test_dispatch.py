@@ -5,8 +5,8 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from cadnode.config import DispatchSettings
-from cadnode.db import (
+from cadnode.core.config import DispatchSettings
+from cadnode.core.db import (
     Database,
     Delivery,
     DeliveryState,
@@ -15,10 +15,10 @@ from cadnode.db import (
     ResultObject,
     utcnow,
 )
-from cadnode.dispatch import Dispatcher
+from cadnode.deliver.dispatch import Dispatcher
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.peers import free_port
 from tests.rows import new_job
-from training.phantoms import write_chest_radiograph
 
 
 def queue_one(database: Database, results: Path, destination: str) -> int:

@@ -26,8 +26,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
-from cadnode.config import Hl7Codes, Hl7Publisher
-from cadnode.db import Instance, Priority, Workitem
+from cadnode.core.config import Hl7Codes, Hl7Publisher
+from cadnode.core.db import Instance, Priority, Workitem
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.encode.capture import secondary_capture
 from cadnode.encode.charset import utf8_header
 from cadnode.encode.provenance import CodedLabel
@@ -39,7 +40,6 @@ from cadnode.encode.sr import (
     classification_report,
     segmentation_report,
 )
-from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.prioritize.hl7 import order_update
 from cadnode.prioritize.notice import Notice
 from cadnode.prioritize.webhook import document

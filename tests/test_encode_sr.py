@@ -20,8 +20,8 @@ from cadnode.encode.sr import (
     ReportIdentity,
     classification_report,
 )
+from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom, write_chest_radiograph
 from tests.dicom_validation import assert_valid, dciodvfy_errors, saved
-from training.phantoms import chest_dataset, make_chest_phantom, write_chest_radiograph
 
 ALGORITHM = Algorithm(name="cxr-ruleout", version="0.1.0", sha256="0123456789abcdef" * 4)
 ABNORMAL = CodedLabel(value="263654008", scheme="SCT", meaning="Abnormal")

@@ -20,6 +20,8 @@ from pydicom import Dataset, dcmread
 from pydicom.sr.codedict import codes
 
 from cadnode.infer.bundle import Bundle
+from cadnode.infer.phantoms.breast import write_tomosynthesis
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.dicom_validation import dciodvfy_errors
 from tests.peers import (
     REPO,
@@ -32,8 +34,6 @@ from tests.peers import (
     storescu,
     wait_for,
 )
-from training.breast_phantoms import write_tomosynthesis
-from training.phantoms import write_chest_radiograph
 
 PATIENT_NAME, PATIENT_ID = "Testpatient^Wilhelmina", "PID-E2E-7731"
 RULEOUT = Bundle(REPO / "engines" / "cxr-ruleout").manifest

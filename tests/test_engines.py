@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import structlog
 
+from cadnode.core.yamlfile import ConfigError
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.backends import (
     Gpu,
     OnnxRuntimeBackend,
@@ -32,8 +34,6 @@ from cadnode.infer.backends import (
 from cadnode.infer.bundle import Bundle, sha256_of
 from cadnode.infer.catalogue import SampleFault, check_output, model_input
 from cadnode.infer.sample import sample_images
-from cadnode.pixels import DEFAULT_LIMIT
-from cadnode.yamlfile import ConfigError
 from tests.peers import REPO
 
 ENGINES = REPO / "engines"

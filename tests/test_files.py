@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cadnode.files import is_valid_uid, write_durably
+from cadnode.core.files import is_valid_uid, write_durably
 
 
 def test_writes_all_chunks_and_leaves_no_temporary_file(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cadnode.config import EngineOptions
-from cadnode.db import Database, JobState
+from cadnode.core.config import EngineOptions
+from cadnode.core.db import Database, JobState
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer import postprocess
 from cadnode.infer.answers import (
     ClassifyAnswer,
@@ -20,16 +21,15 @@ from cadnode.infer.answers import (
     parse_answer,
 )
 from cadnode.infer.bundle import Bundle
+from cadnode.infer.phantoms.breast import make_breast_phantom, tomosynthesis_dataset
+from cadnode.infer.phantoms.chest import write_chest_radiograph
+from cadnode.infer.preprocess import Geometry
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
-from cadnode.pixels import DEFAULT_LIMIT
-from cadnode.preprocess import Geometry
 from tests.infer_jobs import CASCADE, routed_job, run_until
 from tests.peers import REPO
 from tests.rows import job_of, results_of
 from training import detector
-from training.breast_phantoms import make_breast_phantom, tomosynthesis_dataset
-from training.phantoms import write_chest_radiograph
 
 SEGMENTER = Bundle(REPO / "engines" / "cxr-segmenter")
 SPACING = (0.5, 0.25)

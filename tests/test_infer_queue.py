@@ -7,20 +7,20 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from cadnode.config import LimitsSettings
-from cadnode.db import Database, Instance, Job, JobState, PriorityClass
+from cadnode.core.config import LimitsSettings
+from cadnode.core.db import Database, Instance, Job, JobState, PriorityClass
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.answers import DetectAnswer, parse_answer
 from cadnode.infer.bundle import Bundle
+from cadnode.infer.phantoms.breast import write_tomosynthesis
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.infer.runtime import Engine, load_engines
 from cadnode.infer.stage import Inference
-from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.route import LiveRules, Router
 from tests import infer_jobs
 from tests.infer_jobs import Gated
 from tests.peers import REPO, wait_for
 from tests.rows import job_of, results_of
-from training.breast_phantoms import write_tomosynthesis
-from training.phantoms import write_chest_radiograph
 
 
 def routed_job(database: Database, spool: Path, seed: int, priority: PriorityClass) -> int:

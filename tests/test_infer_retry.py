@@ -1,7 +1,7 @@
 """Engine faults: a failing or stuck engine call is retried with back-off and then fails its
 job with the reason, while other jobs and engines go on; per-engine concurrency limits. An
 attempt is counted before its images are decoded (one that never ended failed), and an image
-refused by cadnode.pixels fails its job at once."""
+refused by cadnode.dicom.pixels fails its job at once."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from typing import Any
 import structlog
 from pydicom import Dataset
 
-from cadnode.config import EngineOptions, EngineSettings
-from cadnode.db import Database, JobState, PriorityClass
+from cadnode.core.config import EngineOptions, EngineSettings
+from cadnode.core.db import Database, JobState, PriorityClass
+from cadnode.dicom.pixels import DEFAULT_LIMIT, LIMIT_KEY
 from cadnode.infer.answers import Answer
 from cadnode.infer.bundle import Bundle
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
-from cadnode.pixels import DEFAULT_LIMIT, LIMIT_KEY
 from tests.infer_jobs import Gated, routed_job, run_until
 from tests.peers import REPO, wait_for
 from tests.rows import job_of, results_of
-from training.phantoms import write_chest_radiograph
 
 RULEOUT = Bundle(REPO / "engines" / "cxr-ruleout")
 

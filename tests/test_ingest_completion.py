@@ -14,14 +14,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep as MPPS  # type: ignore[attr-defined]
 from sqlmodel import select
 
-from cadnode.assemble import Assembler
-from cadnode.config import AssembleSettings, load_settings
-from cadnode.db import Database, Job, JobState, PerformedProcedureStep
+from cadnode.core.config import AssembleSettings, load_settings
+from cadnode.core.db import Database, Job, JobState, PerformedProcedureStep
+from cadnode.infer.phantoms.chest import write_chest_radiograph
+from cadnode.ingest.assemble import Assembler
 from tests.dicom_validation import require_tool
 from tests.ingest import captured_events, json_events, named, receiving
 from tests.peers import run_cadnode, storescu, wait_for
 from tests.synthetic import write_ct_series
-from training.phantoms import write_chest_radiograph
 
 LONG_WAIT = {"quiet_period_s": 600}  # only the sender's word can release within a test
 

@@ -22,8 +22,8 @@ from typing import Any
 from pydicom import dcmread
 from sqlmodel import select
 
-from cadnode.db import Database, Instance, Job, JobState, Study
-from cadnode.files import is_temporary
+from cadnode.core.db import Database, Instance, Job, JobState, Study
+from cadnode.core.files import is_temporary
 from tests.dicom_validation import require_tool
 from tests.ingest import json_events
 from tests.peers import Cadnode, run_cadnode, wait_for
@@ -113,7 +113,7 @@ def test_killed_again_and_again_mid_push_nothing_acknowledged_is_lost(tmp_path: 
             wait_until_processed(node)
             events = log_events(node)
             break
-    database = Database(node.data_dir / "cadnode.db")
+    database = Database(node.data_dir / "cadnode.core.db")
     with database.session() as session:
         rows = session.exec(select(Instance)).all()
         jobs = session.exec(select(Job)).all()

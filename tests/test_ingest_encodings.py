@@ -20,7 +20,7 @@ from pydicom import uid as uids
 from pydicom.uid import generate_uid
 from sqlmodel import select
 
-from cadnode.db import Database, Instance
+from cadnode.core.db import Database, Instance
 from tests.dicom_validation import require_tool
 from tests.ingest import dataset_bytes, receiving, sending_as_is, storescp
 from tests.peers import storescu

@@ -15,8 +15,8 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage
 from sqlmodel import select
 
-from cadnode.db import Database, Instance, Job, utcnow
-from cadnode.spool import Spool, examine, instance_row
+from cadnode.core.db import Database, Instance, Job, utcnow
+from cadnode.ingest.spool import Spool, examine, instance_row
 from tests.ingest import captured_events, named
 from tests.synthetic import write_image
 

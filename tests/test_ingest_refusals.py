@@ -20,10 +20,10 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlmodel import select
 
-from cadnode import audit
-from cadnode.config import load_settings
-from cadnode.db import Database, Instance
-from cadnode.yamlfile import ConfigError
+from cadnode.core import audit
+from cadnode.core.config import load_settings
+from cadnode.core.db import Database, Instance
+from cadnode.core.yamlfile import ConfigError
 from tests.ingest import captured_events, echo, named, receiving
 from tests.peers import storescu
 from tests.synthetic import write_image

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydicom.uid import CTImageStorage
 
-from cadnode.db import Database
+from cadnode.core.db import Database
 from tests.ingest import receiving
 from tests.peers import storescu
 from tests.synthetic import write_image

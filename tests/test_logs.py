@@ -9,7 +9,7 @@ from tests.peers import REPO
 
 SCRIPT = """
 import logging, structlog
-from cadnode import logs
+from cadnode.core import logs
 logs.configure()
 log = structlog.get_logger("cadnode.test")
 log.info("instance.received", job=3, patient_id="PID-9", PatientName="Doe^J")
@@ -19,7 +19,7 @@ logging.getLogger("pynetdicom").debug("a dataset dump that must not appear")
 
 CONCURRENT = """
 import logging, threading, structlog
-from cadnode import logs
+from cadnode.core import logs
 logs.configure()
 ours, library = structlog.get_logger("cadnode.test"), logging.getLogger("pynetdicom")
 def chatter(n):

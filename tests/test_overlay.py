@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cadnode.overlay import BOX_COLOUR, PALETTE, frame_pixels, render_overlay
-from cadnode.pixels import DEFAULT_LIMIT
+from cadnode.dicom.pixels import DEFAULT_LIMIT
+from cadnode.encode.overlay import BOX_COLOUR, PALETTE, frame_pixels, render_overlay
 from tests.encode_cases import film_with_masks, volume
 
 

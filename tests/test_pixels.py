@@ -1,4 +1,4 @@
-"""cadnode.pixels: images decoded only within the limit, and only when each codestream's own
+"""cadnode.dicom.pixels: images decoded only within the limit, and only when each codestream's own
 header agrees with its dataset; honest images decode exactly as `pixel_array` does."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, JPEG2000Lossless
 
-from cadnode.pixels import (
+from cadnode.dicom.pixels import (
     DEFAULT_LIMIT,
     LIMIT_KEY,
     ImageRefused,

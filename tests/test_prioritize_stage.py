@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlmodel import col, select
 
-from cadnode.config import Hl7Publisher, PrioritySettings, WebhookPublisher
-from cadnode.db import (
+from cadnode.core.config import Hl7Publisher, PrioritySettings, WebhookPublisher
+from cadnode.core.db import (
     Database,
     Instance,
     Job,
@@ -23,11 +23,11 @@ from cadnode.db import (
     UpsSubscription,
     Workitem,
 )
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.prioritize.policy import load_policy
 from cadnode.prioritize.stage import Prioritizer
 from cadnode.prioritize.worklist import GLOBAL_SUBSCRIPTION, dataset_of
 from tests.peers import REPO
-from training.phantoms import write_chest_radiograph
 
 SETTINGS = PrioritySettings(
     hl7={"ris": Hl7Publisher(host="127.0.0.1", port=1)},

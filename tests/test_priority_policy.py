@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from cadnode.config import load_settings
-from cadnode.db import Priority
+from cadnode.core.config import load_settings
+from cadnode.core.db import Priority
+from cadnode.core.yamlfile import ConfigError
 from cadnode.prioritize.policy import EngineResult, Policy, StudyOutcome, load_policy
-from cadnode.yamlfile import ConfigError
 from tests.peers import REPO
 
 SHIPPED = load_policy(REPO / "config" / "priority.yaml")

@@ -13,11 +13,11 @@ from pydicom.uid import JPEG2000, UID, CTImageStorage
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from sqlmodel import select
 
-from cadnode.config import DicomSettings, Settings, StorageSettings
-from cadnode.db import Database, Instance, Job, JobState
-from cadnode.receive import Receiver, file_meta
+from cadnode.core.config import DicomSettings, Settings, StorageSettings
+from cadnode.core.db import Database, Instance, Job, JobState
+from cadnode.infer.phantoms.chest import write_chest_radiograph
+from cadnode.ingest.receive import Receiver, file_meta
 from tests.peers import echoscu, storescu
-from training.phantoms import write_chest_radiograph
 
 
 @pytest.fixture

@@ -26,20 +26,20 @@ from pydicom.uid import (
 )
 from sqlmodel import select
 
-from cadnode.config import EMBEDDED_CONFIG, Destination
-from cadnode.db import Database, Delivery, JobState, PriorityClass, Result
+from cadnode.core.config import EMBEDDED_CONFIG, Destination
+from cadnode.core.db import Database, Delivery, JobState, PriorityClass, Result
+from cadnode.core.yamlfile import ConfigError
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import Bundle
+from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom, write_chest_radiograph
 from cadnode.infer.runtime import Engine
 from cadnode.infer.stage import Inference
-from cadnode.pipeline import Step
-from cadnode.pixels import DEFAULT_LIMIT
 from cadnode.route import LiveRules, Router, RuleSet, Subject, load_rules
 from cadnode.route.explain import run_cases
-from cadnode.yamlfile import ConfigError
+from cadnode.route.steps import Step
 from tests.peers import REPO, wait_for
 from tests.rows import instance_row, job_of, new_job
 from tests.test_cli import cadnode
-from training.phantoms import chest_dataset, make_chest_phantom, write_chest_radiograph
 
 SHIPPED_RULES = EMBEDDED_CONFIG.parent / "rules.yaml"
 ENGINES = ["cxr-ruleout", "cxr-segmenter", "dbt-detector"]  # the shipped bundles

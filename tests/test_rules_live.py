@@ -24,13 +24,13 @@ from pydicom.data import get_testdata_file
 from ruamel.yaml import YAML
 
 from cadnode.cli import study_rows
-from cadnode.config import EMBEDDED_CONFIG, Destination, DispatchSettings
-from cadnode.db import Database, Job, JobState
-from cadnode.dispatch import Dispatcher
+from cadnode.core.config import EMBEDDED_CONFIG, Destination, DispatchSettings
+from cadnode.core.db import Database, Job, JobState
+from cadnode.deliver.dispatch import Dispatcher
+from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom, write_chest_radiograph
 from cadnode.route import LiveRules, Router
 from tests.peers import REPO, Cadnode, Orthanc, run_cadnode, run_orthanc, storescu, wait_for
 from tests.test_rules import store
-from training.phantoms import chest_dataset, make_chest_phantom, write_chest_radiograph
 
 RULES = """rules:
   - name: {name}
@@ -94,7 +94,7 @@ def events(node: Cadnode, name: str) -> list[dict[str, Any]]:
 
 def routed_row(node: Cadnode, study_uid: str) -> dict[str, Any]:
     """The study's row once routed, read from the node's database as the CLI does."""
-    database = Database(node.data_dir / "cadnode.db")
+    database = Database(node.data_dir / "cadnode.core.db")
 
     def row() -> dict[str, Any] | None:
         rows = [r for r in study_rows(database) if r["study_uid"] == study_uid]

@@ -19,11 +19,11 @@ from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian
 
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.dicom_validation import require_tool
 from tests.ingest import dataset_bytes, json_events, sending_as_is, storescp
 from tests.peers import REPO, Cadnode, run_cadnode, storescu, wait_for
 from tests.synthetic import write_ct_series
-from training.phantoms import write_chest_radiograph
 
 FILM_PATIENT = ("Servetest^Ada", "PID-SERVE-7")
 VIEWER_AE = "STORESCP"  # tests.ingest.storescp's AE title

@@ -17,13 +17,13 @@ import pydicom
 import torch
 from PIL import Image
 
+from cadnode.core.yamlfile import ConfigError
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import Bundle
-from cadnode.pixels import DEFAULT_LIMIT
-from cadnode.preprocess import image_to_tensor
-from cadnode.yamlfile import ConfigError
+from cadnode.infer.phantoms.chest import Case, make_chest_phantom, plan_cases, render
+from cadnode.infer.preprocess import image_to_tensor
 from training.cli import main
 from training.export import ExportMismatch, check_against_torch, export_onnx
-from training.phantoms import Case, make_chest_phantom, plan_cases, render
 from training.ruleout import (
     RuleoutNet,
     TrainSpec,

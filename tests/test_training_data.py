@@ -11,13 +11,13 @@ import pydicom
 import pytest
 from PIL import Image
 
-from cadnode.pixels import DEFAULT_LIMIT
-from cadnode.preprocess import frame_window, frames_to_tensor, image_to_tensor
+from cadnode.dicom.pixels import DEFAULT_LIMIT
+from cadnode.infer.phantoms.breast import make_breast_phantom, tomosynthesis_dataset
+from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom
+from cadnode.infer.preprocess import frame_window, frames_to_tensor, image_to_tensor
 from tests.dicom_validation import dciodvfy_errors, dciodvfy_output, require_tool
 from training import datasets
-from training.breast_phantoms import make_breast_phantom, tomosynthesis_dataset
 from training.cli import main
-from training.phantoms import chest_dataset, make_chest_phantom
 
 
 @pytest.fixture(scope="module")

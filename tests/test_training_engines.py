@@ -12,9 +12,9 @@ import pytest
 
 pytest.importorskip("torch", reason="needs the `train` extra")
 
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.runtime import Engine
-from cadnode.pixels import DEFAULT_LIMIT
 from training import detector, segmenter
 from training.cli import main
 from training.evaluate import evaluate_ruleout, evaluate_segmenter

@@ -14,6 +14,7 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import generate_uid
 
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.peers import Cadnode, free_port, run_cadnode, storescu, wait_for
 from tests.worklist_peers import (
     MllpListener,
@@ -23,7 +24,6 @@ from tests.worklist_peers import (
     priority_config,
     study_query,
 )
-from training.phantoms import write_chest_radiograph
 
 CHANGE_STATE = 1
 SUCCESS, WRONG_TRANSACTION_UID, UNKNOWN_RECEIVING_AE = 0x0000, 0xC301, 0xC308

@@ -10,14 +10,14 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 from pydicom import Dataset
 
-from cadnode.config import Hl7Codes, Hl7Publisher
-from cadnode.db import Instance, Priority
-from cadnode.matching import matches, response
+from cadnode.core.config import Hl7Codes, Hl7Publisher
+from cadnode.core.db import Instance, Priority
+from cadnode.dicom.matching import matches, response
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.prioritize.hl7 import order_update
 from cadnode.prioritize.notice import Notice
 from cadnode.prioritize.worklist import build_workitem, workitem_uid
 from tests.worklist_peers import study_query
-from training.phantoms import write_chest_radiograph
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from cadnode.infer.bundle import Bundle
+from cadnode.infer.phantoms.chest import Case, plan_cases
 from training import detector, segmenter
 from training.bundle import MODEL_FILE, staged, write_ruleout_bundle
 from training.checkpoint import fit, save_checkpoint
 from training.export import ExportMismatch, check_against_torch, export_onnx, onnx_probabilities
-from training.phantoms import Case, plan_cases
 from training.ruleout import (
     RuleoutConfig,
     RuleoutNet,

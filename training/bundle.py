@@ -40,8 +40,8 @@ from cadnode.infer.bundle import (
     TaskKind,
     sha256_of,
 )
+from cadnode.infer.phantoms.chest import Case
 from training.export import INPUT, OUTPUT, TOLERANCE
-from training.phantoms import Case
 from training.plots import draw_calibration, draw_roc
 from training.ruleout import Evaluation, RuleoutConfig
 
@@ -239,9 +239,9 @@ def describe_data(config: RuleoutConfig, cases: Mapping[str, Sequence[Case]]) ->
             f"({findings})."
         )
     return (
-        "Synthetic chest radiograph phantoms (training/phantoms.py, "
+        "Synthetic chest radiograph phantoms (cadnode/infer/phantoms/chest.py, "
         f"{config.phantom_size}x{config.phantom_size} px DX, MONOCHROME2), preprocessed by "
-        f"cadnode.preprocess.image_to_tensor to {config.input_size} px. Abnormal = opacity "
+        f"cadnode.infer.preprocess.image_to_tensor to {config.input_size} px. Abnormal = opacity "
         "and/or pneumothorax. " + " ".join(parts)
     )
 
@@ -284,7 +284,8 @@ def model_card(
     )
     sections = [
         "## What it does\n\n" + manifest.description + " Inputs: CR/DX chest films, PA or AP, "
-        f"preprocessed by `cadnode.preprocess.image_to_tensor` to {config.input_size} px (the "
+        "preprocessed by `cadnode.infer.preprocess.image_to_tensor` to "
+        f"{config.input_size} px (the "
         "same function the daemon uses). The ONNX graph takes `image` (N, 1, "
         f"{config.input_size}, {config.input_size}) and returns `probability` (N,).",
         "## Data\n\n" + manifest.provenance.training_data + "\n\n" + PHANTOM_CAVEAT,

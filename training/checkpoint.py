@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cadnode.yamlfile import ConfigError
+from cadnode.core.yamlfile import ConfigError
 
 
 def config_digest(config_path: Path) -> str:

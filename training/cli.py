@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+from cadnode.core.yamlfile import ConfigError
 from cadnode.infer.backends import plan_for_bundle
 from cadnode.infer.bundle import Bundle
-from cadnode.yamlfile import ConfigError
 from training.datasets import read_duke_boxes, read_duke_labels
 from training.froc import MIN_DISTANCE_PX, froc, read_predictions, write_predictions
 from training.phantom_sets import LABELS_CSV, write_chest_set, write_dbt_set

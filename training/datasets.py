@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from cadnode.preprocess import frame_window
+from cadnode.infer.preprocess import frame_window
 
 # --- CSV helpers -------------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ from pydicom.uid import BreastTomosynthesisImageStorage
 from torch import nn
 from tqdm import tqdm
 
+from cadnode.core.yamlfile import load_model
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import (
     Bundle,
     Code,
@@ -53,11 +55,9 @@ from cadnode.infer.bundle import (
     TaskKind,
     sha256_of,
 )
+from cadnode.infer.phantoms.breast import VolumeCase, plan_volumes, render_volume
 from cadnode.infer.postprocess import Fusion, fuse_slices, source_box
-from cadnode.pixels import DEFAULT_LIMIT
-from cadnode.preprocess import Geometry, frames_to_tensor
-from cadnode.yamlfile import load_model
-from training.breast_phantoms import VolumeCase, plan_volumes, render_volume
+from cadnode.infer.preprocess import Geometry, frames_to_tensor
 from training.bundle import (
     FROC_FILE,
     MODEL_FILE,
@@ -631,7 +631,8 @@ def make_manifest(
             fields=FIELDS,
             description=f"One box per {config.model.cell} px grid cell of each slice: score "
             "(sigmoid objectness) and the box's top-left corner, width and height in model-input "
-            "pixels; map back through cadnode.preprocess.Geometry (frames_to_tensor). Fuse across "
+            "pixels; map back through cadnode.infer.preprocess.Geometry (frames_to_tensor). "
+            "Fuse across "
             "slices (cadnode.infer.postprocess.fuse_slices) before reporting.",
             parameters={
                 "cell": float(config.model.cell),
@@ -655,10 +656,10 @@ def describe_data(config: DetectorConfig, cases: Mapping[str, Sequence[VolumeCas
             f"({positive} with masses, {lesions} masses planned)."
         )
     return (
-        "Synthetic DBT phantoms (training/breast_phantoms.py: Breast Tomosynthesis Image "
+        "Synthetic DBT phantoms (cadnode/infer/phantoms/breast.py: Breast Tomosynthesis Image "
         f"multi-frame DICOM, {config.slices} slices of {config.phantom_size}x{config.phantom_size} "
         "px at 0.5 mm), windowed from their functional groups by "
-        f"cadnode.preprocess.frames_to_tensor to {config.input_size} px. " + " ".join(parts)
+        f"cadnode.infer.preprocess.frames_to_tensor to {config.input_size} px. " + " ".join(parts)
     )
 
 
@@ -679,7 +680,8 @@ def model_card(
     sections = [
         "## What it does\n\n" + manifest.description + " Inputs: Breast Tomosynthesis Image "
         "volumes; every frame is windowed with its own Frame VOI LUT (functional groups) by "
-        f"`cadnode.preprocess.frames_to_tensor` to {config.input_size} px. The ONNX graph takes "
+        "`cadnode.infer.preprocess.frames_to_tensor` to "
+        f"{config.input_size} px. The ONNX graph takes "
         f"`image` (N, 1, {config.input_size}, {config.input_size}), one slice per row, and returns "
         f"`boxes` (N, {(config.input_size // config.model.cell) ** 2}, 5): score, x, y, width, "
         "height per grid cell.",

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import Bundle
-from cadnode.pixels import DEFAULT_LIMIT
-from cadnode.preprocess import image_to_tensor
+from cadnode.infer.phantoms.breast import plan_volumes
+from cadnode.infer.phantoms.chest import plan_cases, render
+from cadnode.infer.preprocess import image_to_tensor
 from training import detector, segmenter
-from training.breast_phantoms import plan_volumes
 from training.export import onnx_probabilities
 from training.froc import froc
 from training.metrics import auc, dice_per_image, pooled_dice
-from training.phantoms import plan_cases, render
 from training.ruleout import rates
 
 CONFIGS = Path(__file__).resolve().parent / "configs"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cadnode.infer.phantoms.breast import plan_volumes, render_volume
+from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom, plan_cases
 from training import datasets
-from training.breast_phantoms import plan_volumes, render_volume
 from training.datasets import DukeBox
-from training.phantoms import chest_dataset, make_chest_phantom, plan_cases
 
 LABELS_CSV = "labels.csv"
 

@@ -1,9 +1,9 @@
 """cxr-ruleout: a normal-vs-abnormal chest radiograph classifier trained on phantoms.
 
-Everything the engine learns from passes through `cadnode.preprocess.image_to_tensor`, the
+Everything the engine learns from passes through `cadnode.infer.preprocess.image_to_tensor`, the
 same function the daemon calls, so training sees exactly the pixels inference will see.
 Operating points are calibrated on a validation split and judged on a held-out test split;
-the three splits are disjoint seed ranges of `training.phantoms`.
+the three splits are disjoint seed ranges of `cadnode.infer.phantoms.chest`.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pydantic import Field, model_validator
 from torch import nn
 from tqdm import tqdm
 
+from cadnode.core.yamlfile import load_model
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import Strict
-from cadnode.pixels import DEFAULT_LIMIT
-from cadnode.preprocess import image_to_tensor
-from cadnode.yamlfile import load_model
+from cadnode.infer.phantoms.chest import Case, render
+from cadnode.infer.preprocess import image_to_tensor
 from training.metrics import auc, bootstrap_interval
-from training.phantoms import Case, render
 from training.plots import calibration_bins
 
 # --- configuration ---------------------------------------------------------------------------
@@ -106,7 +106,7 @@ class RuleoutConfig(Strict):
 
 
 def load_config(path: Path) -> RuleoutConfig:
-    """Read a config; errors name file:line:column (raises cadnode.yamlfile.ConfigError)."""
+    """Read a config; errors name file:line:column (raises cadnode.core.yamlfile.ConfigError)."""
     return load_model(path, RuleoutConfig)
 
 

@@ -26,6 +26,8 @@ from pydantic import Field
 from torch import nn
 from tqdm import tqdm
 
+from cadnode.core.yamlfile import load_model
+from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import (
     Bundle,
     Cascade,
@@ -40,9 +42,8 @@ from cadnode.infer.bundle import (
     TaskKind,
     sha256_of,
 )
-from cadnode.pixels import DEFAULT_LIMIT
-from cadnode.preprocess import fit_square, image_to_tensor
-from cadnode.yamlfile import load_model
+from cadnode.infer.phantoms.chest import Case, plan_cases, render_with_phantom
+from cadnode.infer.preprocess import fit_square, image_to_tensor
 from training.bundle import (
     CALIBRATION_FILE,
     CHEST_FILMS,
@@ -57,7 +58,6 @@ from training.bundle import (
 from training.checkpoint import fit
 from training.export import INPUT, OUTPUT, check_against_torch, export_onnx, onnx_probabilities
 from training.metrics import bootstrap_interval, dice, dice_per_image, pooled_dice
-from training.phantoms import Case, plan_cases, render_with_phantom
 from training.plots import calibration_bins, draw_calibration
 from training.ruleout import Splits, SplitTensors, make_deterministic
 
@@ -416,7 +416,7 @@ def make_manifest(
         output=Output(
             shape=["batch", "label", "row", "column"],
             description="Sigmoid probability per label (labels order) and model pixel; map it "
-            "back to the film through cadnode.preprocess.Geometry.",
+            "back to the film through cadnode.infer.preprocess.Geometry.",
         ),
         cascade=Cascade(
             after=config.cascade.engine,
@@ -438,9 +438,10 @@ def describe_data(config: SegmenterConfig, cases: Mapping[str, Sequence[Case]]) 
             f"({positives} with pneumothorax)."
         )
     return (
-        "Synthetic chest radiograph phantoms (training/phantoms.py, "
+        "Synthetic chest radiograph phantoms (cadnode/infer/phantoms/chest.py, "
         f"{config.phantom_size}x{config.phantom_size} px DX) preprocessed by "
-        f"cadnode.preprocess.image_to_tensor to {config.input_size} px; masks from the phantom "
+        "cadnode.infer.preprocess.image_to_tensor to "
+        f"{config.input_size} px; masks from the phantom "
         "generator. Training films all have a pneumothorax (seed 001: U-Net on positives only). "
         + " ".join(parts)
     )
@@ -474,7 +475,8 @@ def model_card(
     )
     sections = [
         "## What it does\n\n" + manifest.description + " Inputs: CR/DX chest films, PA or AP, "
-        f"preprocessed by `cadnode.preprocess.image_to_tensor` to {config.input_size} px. The "
+        "preprocessed by `cadnode.infer.preprocess.image_to_tensor` to "
+        f"{config.input_size} px. The "
         f"ONNX graph takes `image` (N, 1, {config.input_size}, {config.input_size}) and returns "
         f"`probability` (N, 3, {config.input_size}, {config.input_size}): right lung, left lung "
         "(the patient's), pneumothorax. It is meant to run after `cxr-ruleout` (seed 001's "

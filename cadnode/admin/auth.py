@@ -28,10 +28,10 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import HTTPException, Request
 from starlette.concurrency import run_in_threadpool
 
-from cadnode import audit
 from cadnode.admin.throttle import Busy, CheckPool, FailureLimiter, Lockout
-from cadnode.config import HttpSettings
-from cadnode.db import Database
+from cadnode.core import audit
+from cadnode.core.config import HttpSettings
+from cadnode.core.db import Database
 
 log = structlog.get_logger("cadnode.admin")
 
@@ -173,11 +173,16 @@ class Gate:
         if lockout is None:
             return None
         if lockout.new:
-            log.warning("admin.lockout", failures=lockout.failures,
-                        retry_after_s=lockout.retry_after_s)
+            log.warning(
+                "admin.lockout", failures=lockout.failures, retry_after_s=lockout.retry_after_s
+            )
             await run_in_threadpool(
-                self._audit, f"{audit.ADMIN}.lockout", address, "refused",
-                failures=lockout.failures, retry_after_s=lockout.retry_after_s,
+                self._audit,
+                f"{audit.ADMIN}.lockout",
+                address,
+                "refused",
+                failures=lockout.failures,
+                retry_after_s=lockout.retry_after_s,
             )
         return Verdict(Outcome.locked_out, lockout.retry_after_s)
 

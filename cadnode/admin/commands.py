@@ -11,9 +11,9 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from cadnode import audit
-from cadnode.config import HttpSettings, Settings
-from cadnode.db import Database
+from cadnode.core import audit
+from cadnode.core.config import HttpSettings, Settings
+from cadnode.core.db import Database
 
 COMMANDS = ("status", "audit", "hash-password")
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cadnode.config import Settings
-from cadnode.db import Database, utcnow
+from cadnode.core.config import Settings
+from cadnode.core.db import Database, utcnow
 from cadnode.infer.bundle import Bundle
 from cadnode.route import RuleSet
 

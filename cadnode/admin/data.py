@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from sqlmodel import Session, col, select
 
 from cadnode.admin.metrics import STAGES, is_positive, job_times, stage_seconds
-from cadnode.audit import aware
-from cadnode.db import (
+from cadnode.core.audit import aware
+from cadnode.core.db import (
     Delivery,
     DeliveryState,
     Instance,

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cadnode.admin.auth import AUTHENTICATED_BY, Gate, Outcome, Verdict, client_address
-from cadnode.config import HttpSettings
+from cadnode.core.config import HttpSettings
 
 # Answer anyone: probes, the login page and its form, the stylesheet.
 PUBLIC = frozenset({"/healthz", "/readyz", "/login"})
@@ -163,4 +163,3 @@ def _refusal(verdict: Verdict | None) -> Response | None:
     )
     status = 429 if verdict.outcome is Outcome.locked_out else 503
     return PlainTextResponse(text, status, headers={"Retry-After": str(verdict.retry_after_s)})
-

@@ -22,7 +22,7 @@ from weakref import WeakKeyDictionary
 from sqlalchemy import text
 
 from cadnode.admin.context import AdminContext, file_identity
-from cadnode.db import Database, utcnow
+from cadnode.core.db import Database, utcnow
 
 # One row, rewritten by each readiness check: outside the models, no stage reads it.
 _PROBE_TABLE = "CREATE TABLE IF NOT EXISTS readiness_probe (id INTEGER PRIMARY KEY, at TEXT)"

@@ -29,10 +29,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import case, func
 from sqlmodel import Session, col, select
 
-from cadnode import __version__, audit
+from cadnode import __version__
 from cadnode.admin.context import AdminContext
-from cadnode.audit import aware
-from cadnode.db import (
+from cadnode.core import audit
+from cadnode.core.audit import aware
+from cadnode.core.db import (
     AuditEvent,
     Delivery,
     DeliveryState,
@@ -152,7 +153,8 @@ def _associations(session: Session) -> Iterator[Metric]:
 
 def _queues(session: Session) -> Iterator[Metric]:
     depth = GaugeMetricFamily(
-        "cadnode_jobs", "Jobs in each state (a stage's queue) and priority class",
+        "cadnode_jobs",
+        "Jobs in each state (a stage's queue) and priority class",
         labels=["state", "priority"],
     )
     counts = {
@@ -289,15 +291,18 @@ def is_positive(answer: Mapping[str, Any]) -> bool:
 
 def _outboxes(session: Session) -> Iterator[Metric]:
     deliveries = GaugeMetricFamily(
-        "cadnode_deliveries", "Result deliveries, by destination and state",
+        "cadnode_deliveries",
+        "Result deliveries, by destination and state",
         labels=["destination", "state"],
     )
     retries = CounterMetricFamily(
-        "cadnode_delivery_retries", "Delivery attempts after the first, by destination",
+        "cadnode_delivery_retries",
+        "Delivery attempts after the first, by destination",
         labels=["destination"],
     )
     dead = GaugeMetricFamily(
-        "cadnode_dead_letters", "Deliveries given up on, awaiting an admin's retry or discard",
+        "cadnode_dead_letters",
+        "Deliveries given up on, awaiting an admin's retry or discard",
         labels=["outbox", "destination"],
     )
     retried: Counter[str] = Counter()

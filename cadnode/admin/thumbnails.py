@@ -10,18 +10,16 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 
+from cadnode.encode.overlay import BoxSpec, render_overlay
 from cadnode.infer.answers import load_masks
-from cadnode.overlay import BoxSpec, render_overlay
 
 THUMBNAIL_SIZE = 384
 
 
-def overlay_png(
-    image: Path, answer: dict[str, Any], answers_dir: Path, *, limit: int
-) -> bytes:
+def overlay_png(image: Path, answer: dict[str, Any], answers_dir: Path, *, limit: int) -> bytes:
     """PNG of `image` (a spooled instance) with `answer`'s findings (cadnode.infer.answers):
     a segmentation's masks, a detector's boxes on the frame where the best one scores highest.
-    Only that frame is decoded, within `limit` bytes (cadnode.pixels.ImageRefused past it)."""
+    Only that frame is decoded, within `limit` bytes (cadnode.dicom.pixels.ImageRefused past it)."""
     dataset = dcmread(image)
     frame, masks, boxes = 1, None, []
     if answer.get("task") == "segment":

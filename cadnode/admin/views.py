@@ -19,15 +19,16 @@ from markupsafe import Markup
 from sqlmodel import col, select
 from starlette.concurrency import run_in_threadpool
 
-from cadnode import audit, deliveries
 from cadnode.admin import charts, data
 from cadnode.admin.auth import Gate, Outcome, Verdict, client_address
 from cadnode.admin.context import AdminContext
 from cadnode.admin.thumbnails import overlay_png
-from cadnode.db import AuditEvent, Instance, Result
-from cadnode.pixels import ImageRefused
+from cadnode.core import audit
+from cadnode.core.db import AuditEvent, Instance, Result
+from cadnode.core.yamlfile import ConfigError
+from cadnode.deliver import outbox_admin as deliveries
+from cadnode.dicom.pixels import ImageRefused
 from cadnode.route.explain import Connection, explain, read_subjects
-from cadnode.yamlfile import ConfigError
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 DASHBOARD_ACTOR = "admin (dashboard)"
@@ -102,8 +103,12 @@ async def login(
         return _login_refused(request, verdict, next)
     gate.start_session(request)
     await run_in_threadpool(
-        audit.record, context_of(request).database, f"{audit.ADMIN}.login", actor="admin",
-        address=address, outcome="ok",
+        audit.record,
+        context_of(request).database,
+        f"{audit.ADMIN}.login",
+        actor="admin",
+        address=address,
+        outcome="ok",
     )
     return RedirectResponse(_local(next), status_code=303)
 
@@ -111,7 +116,8 @@ async def login(
 LOGIN_REFUSALS = {
     Outcome.wrong: (401, "Wrong password."),
     Outcome.locked_out: (
-        429, "Too many failed logins from this address: try again in {0.retry_after_s} s."
+        429,
+        "Too many failed logins from this address: try again in {0.retry_after_s} s.",
     ),
     Outcome.busy: (503, "The server is busy checking other logins: try again in a moment."),
 }
@@ -120,7 +126,11 @@ LOGIN_REFUSALS = {
 def _login_refused(request: Request, verdict: Verdict, next: str) -> HTMLResponse:
     status, error = LOGIN_REFUSALS[verdict.outcome]
     answer = render(
-        request, "login.html", status, next=_local(next), enabled=gate_of(request).enabled,
+        request,
+        "login.html",
+        status,
+        next=_local(next),
+        enabled=gate_of(request).enabled,
         error=error.format(verdict),
     )
     if verdict.retry_after_s:
@@ -132,8 +142,11 @@ def _login_refused(request: Request, verdict: Verdict, next: str) -> HTMLRespons
 def logout(request: Request) -> RedirectResponse:
     gate_of(request).log_out(request)
     audit.record(
-        context_of(request).database, f"{audit.ADMIN}.logout", actor="admin",
-        address=request.client.host if request.client else None, outcome="ok",
+        context_of(request).database,
+        f"{audit.ADMIN}.logout",
+        actor="admin",
+        address=request.client.host if request.client else None,
+        outcome="ok",
     )
     return RedirectResponse("/login", status_code=303)
 

@@ -1,7 +1,7 @@
 """Findings burned into a picture: a Secondary Capture for PACS that cannot show SEG or SR.
 
 A pure builder like the SR and SEG ones: the source image, what to draw (masks, boxes) and
-the engine in; a highdicom `SCImage` out, RGB, drawn by `cadnode.overlay` on the frame the
+the engine in; a highdicom `SCImage` out, RGB, drawn by `cadnode.encode.overlay` on the frame the
 findings are on. It says what it is everywhere a reader or a PACS looks: Image Type
 DERIVED\\SECONDARY, Burned In Annotation YES, a series description and a caption burned into
 the picture naming the engine and version and that it is an AI result not for primary
@@ -21,6 +21,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 
 import cadnode
+from cadnode.encode.overlay import BoxSpec, render_overlay
 from cadnode.encode.provenance import (
     MANUFACTURER,
     NOT_FOR_DIAGNOSIS,
@@ -29,7 +30,6 @@ from cadnode.encode.provenance import (
     source_header,
     stamp,
 )
-from cadnode.overlay import BoxSpec, render_overlay
 
 SC_SERIES_NUMBER = 902
 
@@ -58,7 +58,7 @@ def secondary_capture(
     The caption names the engine and says it is not for primary diagnosis; `summary` (e.g.
     "pneumothorax present 12.5% of hemithorax") follows it.
 
-    `source` needs its pixel data, decoded within `limit` bytes (cadnode.pixels). Raises
+    `source` needs its pixel data, decoded within `limit` bytes (cadnode.dicom.pixels). Raises
     ValueError for a frame outside the image or masks that do not fit it.
     """
     check_sources([source])

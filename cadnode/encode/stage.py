@@ -29,8 +29,8 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 from sqlmodel import Session, select
 
-from cadnode.config import Destination
-from cadnode.db import (
+from cadnode.core.config import Destination
+from cadnode.core.db import (
     Database,
     Delivery,
     Instance,
@@ -40,7 +40,9 @@ from cadnode.db import (
     ResultObject,
     Study,
 )
+from cadnode.core.files import write_durably
 from cadnode.encode.capture import secondary_capture
+from cadnode.encode.overlay import BoxSpec
 from cadnode.encode.provenance import Algorithm, CodedLabel
 from cadnode.encode.seg import segmentation
 from cadnode.encode.sr import (
@@ -53,7 +55,6 @@ from cadnode.encode.sr import (
     segmentation_report,
     warm_up,
 )
-from cadnode.files import write_durably
 from cadnode.infer.answers import (
     Answer,
     ClassifyAnswer,
@@ -63,7 +64,6 @@ from cadnode.infer.answers import (
     parse_answer,
     summary,
 )
-from cadnode.overlay import BoxSpec
 
 
 @dataclass(frozen=True)
@@ -296,6 +296,7 @@ class _Objects:
             limit=self.max_decoded_bytes,
         )
         return _Made(sc, for_all=False)
+
 
 def _boxes_on_best_frame(answer: DetectAnswer) -> tuple[int, list[BoxSpec]]:
     """The frame of the best finding (the middle frame without one) and the boxes on it."""

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from cadnode.files import write_durably
+from cadnode.core.files import write_durably
 from cadnode.infer.bundle import Label
 
 

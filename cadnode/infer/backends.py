@@ -40,10 +40,10 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from cadnode.config import EngineSettings
-from cadnode.files import write_durably
+from cadnode.core.config import EngineSettings
+from cadnode.core.files import write_durably
+from cadnode.core.yamlfile import ConfigError
 from cadnode.infer.bundle import Bundle, sha256_of
-from cadnode.yamlfile import ConfigError
 
 log = structlog.get_logger("cadnode.infer")
 

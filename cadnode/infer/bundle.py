@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cadnode.yamlfile import ConfigError, load_model
+from cadnode.core.yamlfile import ConfigError, load_model
 
 MANIFEST = "manifest.yaml"
 
@@ -44,7 +44,9 @@ class Inputs(Strict):
 
 
 class Preprocessing(Strict):
-    size: int = Field(gt=0, description="Square model input side, pixels (cadnode.preprocess)")
+    size: int = Field(
+        gt=0, description="Square model input side, pixels (cadnode.infer.preprocess)"
+    )
 
 
 class Label(Strict):

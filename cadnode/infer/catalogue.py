@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset
 
-from cadnode.config import EngineSettings, LimitsSettings
+from cadnode.core.config import EngineSettings, LimitsSettings
+from cadnode.core.yamlfile import ConfigError
 from cadnode.infer.answers import SegmentAnswer
 from cadnode.infer.backends import decide
 from cadnode.infer.bundle import MANIFEST, Bundle, Manifest, OperatingPoint, TaskKind
+from cadnode.infer.preprocess import frames_to_tensor, image_to_tensor
 from cadnode.infer.runtime import Engine
 from cadnode.infer.sample import NoSample, sample_images
-from cadnode.preprocess import frames_to_tensor, image_to_tensor
-from cadnode.yamlfile import ConfigError
 
 Say = Callable[[str], None]
 CARD = "MODEL_CARD.md"
@@ -117,8 +117,7 @@ def manifest_lines(bundle: Bundle, settings: EngineSettings) -> list[str]:
     for label in manifest.labels:
         code = label.code
         category = (
-            f"; category {label.category.scheme} {label.category.value} "
-            f"{label.category.meaning!r}"
+            f"; category {label.category.scheme} {label.category.value} {label.category.meaning!r}"
             if label.category
             else ""
         )
@@ -156,8 +155,10 @@ def _joined(values: Sequence[str]) -> str:
 
 def _preprocessing(manifest: Manifest) -> str:
     size = manifest.preprocessing.size
-    frames = "every frame windowed from its functional groups" if _volumes(manifest) else (
-        "rescale, VOI LUT or window, MONOCHROME1 inverted"
+    frames = (
+        "every frame windowed from its functional groups"
+        if _volumes(manifest)
+        else ("rescale, VOI LUT or window, MONOCHROME1 inverted")
     )
     return f"{frames}; scaled to [0, 1], fitted into {size} x {size} px keeping aspect"
 
@@ -241,7 +242,7 @@ def _verify_bundle(
 
 def model_input(manifest: Manifest, image: Dataset, limit: int) -> np.ndarray:
     """The daemon's preprocessing: every frame of a volume for a detector, else one image;
-    decoded within `limit` bytes (cadnode.pixels)."""
+    decoded within `limit` bytes (cadnode.dicom.pixels)."""
     size = manifest.preprocessing.size
     if _volumes(manifest):
         return frames_to_tensor(image, size, limit=limit)[0]

@@ -34,7 +34,7 @@ from cadnode.infer.answers import (
     SegmentFinding,
 )
 from cadnode.infer.bundle import Label, Manifest, OperatingPoint
-from cadnode.preprocess import Geometry
+from cadnode.infer.preprocess import Geometry
 
 PNEUMOTHORAX, RIGHT_LUNG, LEFT_LUNG = "pneumothorax", "right_lung", "left_lung"
 DEFAULT_PIXEL_THRESHOLD = 0.5  # a segment label without its own operating point

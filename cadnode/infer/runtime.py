@@ -15,12 +15,12 @@ import numpy as np
 import structlog
 from pydicom import Dataset
 
-from cadnode.config import EngineOptions, EngineSettings, LimitsSettings
+from cadnode.core.config import EngineOptions, EngineSettings, LimitsSettings
 from cadnode.infer import postprocess
 from cadnode.infer.answers import Answer, ClassifyAnswer, DetectAnswer, SegmentAnswer, save_masks
 from cadnode.infer.backends import Backend, select_backend
 from cadnode.infer.bundle import Bundle, TaskKind, discover
-from cadnode.preprocess import Geometry, frames_to_tensor, image_to_tensor
+from cadnode.infer.preprocess import Geometry, frames_to_tensor, image_to_tensor
 
 log = structlog.get_logger("cadnode.infer")
 Item = TypeVar("Item")
@@ -36,7 +36,7 @@ class Engine:
         max_decoded_bytes: int,
     ) -> None:
         """`max_decoded_bytes`: an image larger once decoded, or whose codestream disagrees
-        with its dataset, is refused before it is decoded (cadnode.pixels.ImageRefused)."""
+        with its dataset, is refused before it is decoded (cadnode.dicom.pixels.ImageRefused)."""
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.options = options or EngineOptions(backend="auto")

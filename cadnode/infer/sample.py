@@ -1,9 +1,9 @@
 """Built-in sample studies for `cadnode engines verify`: no patient data, nothing to download.
 
 They come from the same phantom generators the demo engines were trained on
-(training/phantoms.py, training/breast_phantoms.py: numpy and pydicom only), so a verify
-run feeds an engine the kind of DICOM object the daemon will: a Digital X-Ray chest film
-for CR/DX engines, an enhanced multi-frame Breast Tomosynthesis Image for MG engines.
+(cadnode/infer/phantoms/: numpy and pydicom only), so a verify run feeds an engine the kind
+of DICOM object the daemon will: a Digital X-Ray chest film for CR/DX engines, an enhanced
+multi-frame Breast Tomosynthesis Image for MG engines.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pydicom import Dataset
 from pydicom.uid import BreastTomosynthesisImageStorage
 
 from cadnode.infer.bundle import Manifest
-from training.breast_phantoms import make_breast_phantom, tomosynthesis_dataset
-from training.phantoms import chest_dataset, make_chest_phantom
+from cadnode.infer.phantoms.breast import make_breast_phantom, tomosynthesis_dataset
+from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom
 
 SEED = 20260101  # fixed: the same samples on every run
 CHEST_MODALITIES = ("DX", "CR")

@@ -14,7 +14,7 @@ decoded forever: at the next start, an attempt counted but never ended (no retry
 is a failed one (so is one cut off by a stop that outlasted the conveyor's deadline). A call
 that raises, or runs past its engine's `timeout_s`, fails that attempt: the job waits
 `retry_backoff_s * 2**(attempts - 1)` and runs again from its first step, until
-`engines.max_attempts`, when it fails with the reason. An image refused by cadnode.pixels
+`engines.max_attempts`, when it fails with the reason. An image refused by cadnode.dicom.pixels
 (over `limits.max_decoded_image_mb`, or a codestream that disagrees with its dataset) fails
 the job at once: the same bytes would be refused again. A thread stuck in a model call
 cannot be killed: it is abandoned (its answer, if it ever comes, is dropped) and the engine
@@ -38,13 +38,13 @@ from pydicom import dcmread
 from sqlalchemy import update
 from sqlmodel import Session, select
 
-from cadnode.config import EngineSettings
-from cadnode.db import Database, Instance, Job, JobState, PriorityClass, Result, Study, utcnow
+from cadnode.core.config import EngineSettings
+from cadnode.core.db import Database, Instance, Job, JobState, PriorityClass, Result, Study, utcnow
+from cadnode.dicom.pixels import ImageRefused
 from cadnode.infer.answers import dump_answer
 from cadnode.infer.bundle import TaskKind
 from cadnode.infer.runtime import Engine
-from cadnode.pipeline import Step
-from cadnode.pixels import ImageRefused
+from cadnode.route.steps import Step
 
 log = structlog.get_logger("cadnode.infer")
 

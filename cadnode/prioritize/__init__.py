@@ -10,10 +10,10 @@
 
 from __future__ import annotations
 
-from cadnode.config import Settings
-from cadnode.conveyor import Stage
-from cadnode.db import Database
-from cadnode.dicomnet import Service
+from cadnode.core.config import Settings
+from cadnode.core.db import Database
+from cadnode.core.runner import Stage
+from cadnode.dicom.services import Service
 from cadnode.prioritize.hl7 import Hl7Channel
 from cadnode.prioritize.notice import Channel
 from cadnode.prioritize.policy import load_policy

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from cadnode.db import Publication, StudyPriority
+from cadnode.core.db import Publication, StudyPriority
 
 
 def study_priority(session: Session, study_id: int | None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from hl7apy.factories import datatype_factory
 from hl7apy.parser import parse_message
 from pydicom import Dataset
 
-from cadnode.config import Hl7Publisher
+from cadnode.core.config import Hl7Publisher
 from cadnode.prioritize.notice import Link, Notice, PublishError
 
 START, END = b"\x0b", b"\x1c\x0d"  # MLLP framing

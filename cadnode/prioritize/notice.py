@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from pydicom import Dataset
 
-from cadnode.db import Priority
+from cadnode.core.db import Priority
 
 
 class PublishError(Exception):

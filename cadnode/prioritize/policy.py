@@ -28,8 +28,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cadnode.db import Priority
-from cadnode.yamlfile import load_model, position, read_yaml
+from cadnode.core.db import Priority
+from cadnode.core.yamlfile import load_model, position, read_yaml
 
 
 class Quantifier(StrEnum):

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import structlog
 from sqlmodel import Session, col, select
 
-from cadnode.config import DispatchSettings
-from cadnode.db import (
+from cadnode.core.config import DispatchSettings
+from cadnode.core.db import (
     Database,
     Priority,
     Publication,
@@ -24,7 +24,7 @@ from cadnode.db import (
     StudyPriority,
     utcnow,
 )
-from cadnode.dispatch import record_failure
+from cadnode.deliver.dispatch import record_failure
 from cadnode.prioritize import worklist
 from cadnode.prioritize.notice import Channel, Notice, PublishError
 

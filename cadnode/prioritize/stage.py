@@ -18,8 +18,8 @@ from pydicom import Dataset, dcmread
 from sqlalchemy import exists
 from sqlmodel import Session, col, select
 
-from cadnode.config import PrioritySettings
-from cadnode.db import (
+from cadnode.core.config import PrioritySettings
+from cadnode.core.db import (
     Database,
     Instance,
     Job,

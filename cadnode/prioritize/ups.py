@@ -19,7 +19,7 @@ from pydicom.dataelem import DataElement
 from pynetdicom import evt
 from sqlmodel import Session, col, select
 
-from cadnode.db import (
+from cadnode.core.db import (
     Database,
     Priority,
     Study,
@@ -27,8 +27,17 @@ from cadnode.db import (
     UpsSubscription,
     Workitem,
 )
-from cadnode.dicomnet import Service
-from cadnode.matching import matches, response
+from cadnode.dicom.matching import matches, response
+from cadnode.dicom.services import Service
+from cadnode.dicom.status import (
+    CANCEL,
+    DOES_NOT_MATCH_SOP_CLASS,
+    INVALID_ATTRIBUTE_VALUE,
+    MISSING_ATTRIBUTE,
+    NO_SUCH_ACTION,
+    PENDING,
+    SUCCESS,
+)
 from cadnode.prioritize import worklist
 from cadnode.prioritize.worklist import (
     CANCEL_REQUESTED,
@@ -44,9 +53,6 @@ from cadnode.prioritize.worklist import (
 
 log = structlog.get_logger("cadnode.prioritize.ups")
 
-SUCCESS, PENDING, CANCEL = 0x0000, 0xFF00, 0xFE00
-INVALID_ATTRIBUTE_VALUE, MISSING_ATTRIBUTE, NO_SUCH_ACTION = 0x0106, 0x0120, 0x0123
-IDENTIFIER_DOES_NOT_MATCH = 0xA900
 ALREADY_CANCELED, ALREADY_COMPLETED = 0xB304, 0xB306
 MAY_NO_LONGER_BE_UPDATED, WRONG_TRANSACTION_UID, ALREADY_IN_PROGRESS = 0xC300, 0xC301, 0xC302
 ONLY_SCHEDULED_BY_CREATE, NO_SUCH_UPS, UNKNOWN_RECEIVING_AE = 0xC303, 0xC307, 0xC308
@@ -84,7 +90,7 @@ class UpsScp:
         try:
             query: Dataset = event.identifier
         except Exception:
-            yield IDENTIFIER_DOES_NOT_MATCH, None
+            yield DOES_NOT_MATCH_SOP_CLASS, None
             return
         found = 0
         for item in self._candidates(query):

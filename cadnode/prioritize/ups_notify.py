@@ -16,12 +16,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from cadnode.config import Destination
-from cadnode.dicomnet import status_is_success, tune_connection
+from cadnode.core.config import Destination
+from cadnode.dicom.pdu import tune_connection
+from cadnode.dicom.status import DUPLICATE_INSTANCE, status_is_success
 from cadnode.prioritize.notice import Link, Notice, PublishError
 from cadnode.prioritize.worklist import UPS_EVENT, UPS_PULL, UPS_PUSH
 
-DUPLICATE_SOP_INSTANCE = 0x0111
 TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
@@ -51,7 +51,7 @@ def _check(status: Dataset | None, what: str) -> int:
     code = int(status.Status) if status is not None and "Status" in status else None
     if code is None:
         raise PublishError(f"{what}: no response (timeout or abort)")
-    if not status_is_success(code) and code != DUPLICATE_SOP_INSTANCE:
+    if not status_is_success(code) and code != DUPLICATE_INSTANCE:
         raise PublishError(f"{what} failed: status 0x{code:04X}")
     return code
 
@@ -130,7 +130,7 @@ class PushLink:
             del created.SOPInstanceUID  # N-CREATE names the instance in its Affected SOP UID
             del created.SOPClassUID
             status, _ = self.assoc.send_n_create(created, UPS_PUSH, uid)
-            if _check(status, "N-CREATE") != DUPLICATE_SOP_INSTANCE:
+            if _check(status, "N-CREATE") != DUPLICATE_INSTANCE:
                 return
         changes = Dataset()  # already there: a SCHEDULED UPS may be N-SET without a lock
         changes.ScheduledProcedureStepPriority = workitem.ScheduledProcedureStepPriority

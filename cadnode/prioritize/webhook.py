@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from cadnode.config import WebhookPublisher
+from cadnode.core.config import WebhookPublisher
 from cadnode.prioritize.notice import Link, Notice, PublishError
 
 

@@ -14,10 +14,11 @@ from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom import sop_class
 from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
-from cadnode.db import (
+from cadnode.core.db import (
     Database,
     Instance,
     Priority,
@@ -28,16 +29,8 @@ from cadnode.db import (
     Workitem,
     utcnow,
 )
-from cadnode.locks import ProcessLock, named_lock
-from cadnode.matching import matches
-
-UPS_PUSH = "1.2.840.10008.5.1.4.34.6.1"
-UPS_WATCH = "1.2.840.10008.5.1.4.34.6.2"
-UPS_PULL = "1.2.840.10008.5.1.4.34.6.3"
-UPS_EVENT = "1.2.840.10008.5.1.4.34.6.4"
-UPS_QUERY = "1.2.840.10008.5.1.4.34.6.5"
-GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5"
-FILTERED_GLOBAL_SUBSCRIPTION = "1.2.840.10008.5.1.4.34.5.1"
+from cadnode.core.locks import ProcessLock, named_lock
+from cadnode.dicom.matching import matches
 
 SCHEDULED, IN_PROGRESS, COMPLETED, CANCELED = "SCHEDULED", "IN PROGRESS", "COMPLETED", "CANCELED"
 FINAL_STATES = (COMPLETED, CANCELED)
@@ -46,6 +39,14 @@ FINAL_STATES = (COMPLETED, CANCELED)
 STATE_REPORT = 1
 CANCEL_REQUESTED = 2
 
+# The UPS SOP classes and the subscription instances (pynetdicom names them).
+UPS_PUSH = sop_class.UnifiedProcedureStepPush  # type: ignore[attr-defined]
+UPS_WATCH = sop_class.UnifiedProcedureStepWatch  # type: ignore[attr-defined]
+UPS_PULL = sop_class.UnifiedProcedureStepPull  # type: ignore[attr-defined]
+UPS_EVENT = sop_class.UnifiedProcedureStepEvent  # type: ignore[attr-defined]
+UPS_QUERY = sop_class.UnifiedProcedureStepQuery  # type: ignore[attr-defined]
+GLOBAL_SUBSCRIPTION = sop_class.UPSGlobalSubscriptionInstance
+FILTERED_GLOBAL_SUBSCRIPTION = sop_class.UPSFilteredGlobalSubscriptionInstance
 UPS_EVENT_CHANNEL = "ups-event"
 
 

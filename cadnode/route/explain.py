@@ -23,11 +23,11 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
-from cadnode.db import PriorityClass
+from cadnode.core.db import PriorityClass
+from cadnode.core.yamlfile import ConfigError, load_model, read_yaml
 from cadnode.route.language import Location, Problems
 from cadnode.route.rules import Outcome, RuleSet
 from cadnode.route.values import Subject
-from cadnode.yamlfile import ConfigError, load_model, read_yaml
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from typing import Any, Protocol
 
 from pydicom.valuerep import DA, DT, TM
 
+from cadnode.core.yamlfile import position
 from cadnode.route.values import Kind, Selector, Subject, Unreadable, Values, age_in_years
 from cadnode.route.values import parse_selector as _parse_selector
-from cadnode.yamlfile import position
 
 
 class Op(StrEnum):

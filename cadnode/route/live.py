@@ -16,10 +16,10 @@ from typing import Any
 
 import structlog
 
-from cadnode import audit
-from cadnode.db import Database
+from cadnode.core import audit
+from cadnode.core.db import Database
+from cadnode.core.yamlfile import ConfigError
 from cadnode.route.rules import RuleSet, load_rules
-from cadnode.yamlfile import ConfigError
 
 log = structlog.get_logger("cadnode.route")
 
@@ -76,15 +76,17 @@ class LiveRules:
             rules=len(rules.rules),
         )
         if rules.version != previous.version:
-            self._audit(
-                "loaded", trigger=trigger, version=rules.version, previous=previous.version
-            )
+            self._audit("loaded", trigger=trigger, version=rules.version, previous=previous.version)
         return True
 
     def _audit(self, outcome: str, **details: Any) -> None:
         if self.database is not None:
             audit.record(
-                self.database, audit.RULES, actor="node", outcome=outcome, path=str(self.path),
+                self.database,
+                audit.RULES,
+                actor="node",
+                outcome=outcome,
+                path=str(self.path),
                 **details,
             )
 

@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cadnode.db import PriorityClass
-from cadnode.pipeline import Step, StepCondition
+from cadnode.core.db import PriorityClass
+from cadnode.core.yamlfile import ConfigError, load_model, read_yaml
 from cadnode.route.language import Condition, Parser, Verdict
+from cadnode.route.steps import Step, StepCondition
 from cadnode.route.values import Subject
-from cadnode.yamlfile import ConfigError, load_model, read_yaml
 
 
 class Action(StrEnum):

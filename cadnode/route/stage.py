@@ -15,8 +15,8 @@ from pathlib import Path
 from pydicom import dcmread
 from sqlmodel import Session, select
 
-from cadnode.config import Destination
-from cadnode.db import Database, Delivery, Instance, Job, JobState
+from cadnode.core.config import Destination
+from cadnode.core.db import Database, Delivery, Instance, Job, JobState
 from cadnode.route.live import LiveRules
 from cadnode.route.rules import Decision
 from cadnode.route.values import Subject

@@ -7,7 +7,7 @@
 What is held: the received images (the spool) and cadnode's own result objects (SR, SEG),
 through the query index (index.py). Served on the node's DICOM port and AE title: receive
 binds these handlers beside C-STORE and the UPS worklist's, routing each request by the SOP
-class of its presentation context (cadnode.dicomnet.Service), so Q/R's C-FIND and UPS's
+class of its presentation context (cadnode.dicom.pdu.Service), so Q/R's C-FIND and UPS's
 never meet. A C-MOVE goes only to an AE title configured under `destinations`; any other is
 answered 0xA801 (move destination unknown). Events: `query.find`, `retrieve.move`,
 `retrieve.get`, with counts and AE titles, never patient identifiers.
@@ -21,16 +21,28 @@ from typing import Any
 import structlog
 from pydicom import Dataset
 from pynetdicom import build_context, evt
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind as PATIENT_ROOT_FIND  # type: ignore[attr-defined]
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet as PATIENT_ROOT_GET  # type: ignore[attr-defined]
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelMove as PATIENT_ROOT_MOVE  # type: ignore[attr-defined]
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT_FIND  # type: ignore[attr-defined]
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET  # type: ignore[attr-defined]
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as STUDY_ROOT_MOVE  # type: ignore[attr-defined]
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from cadnode import audit
-from cadnode.config import Destination, Settings
-from cadnode.db import Database
-from cadnode.dicomnet import Service
+from cadnode.core import audit
+from cadnode.core.config import Destination, Settings
+from cadnode.core.db import Database
+from cadnode.dicom.services import Service
+from cadnode.dicom.status import (
+    CANCEL,
+    CANNOT_UNDERSTAND,
+    PENDING,
+    PENDING_UNSUPPORTED_KEYS,
+)
 from cadnode.serve.index import Held, QueryIndex
 from cadnode.serve.query import (
     PATIENT_ROOT,
     STUDY_ROOT,
-    UNABLE_TO_PROCESS,
     Model,
     Refused,
     Request,
@@ -47,15 +59,8 @@ from cadnode.serve.retrieve import (
 
 log = structlog.get_logger("cadnode.serve")
 
-SUCCESS, PENDING, PENDING_UNSUPPORTED_KEYS, CANCEL = 0x0000, 0xFF00, 0xFF01, 0xFE00
-VERIFICATION_CONTEXT = build_context("1.2.840.10008.1.1")  # the Verification SOP class
+VERIFICATION_CONTEXT = build_context(Verification)
 # The Query/Retrieve Information Model SOP classes (PS3.4 C.6).
-PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
-PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
-STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 MODELS = {
     STUDY_ROOT_FIND: STUDY_ROOT,
     STUDY_ROOT_MOVE: STUDY_ROOT,
@@ -75,7 +80,7 @@ class QueryRetrieveScp:
         self.index = index or QueryIndex(database, storage.spool, storage.results)
         self.ae_title = settings.dicom.ae_title
         # A compressed object is decompressed for a peer that takes it no other way only
-        # within this (cadnode.pixels): a C-GET must not make the node decode a bomb.
+        # within this (cadnode.dicom.pixels): a C-GET must not make the node decode a bomb.
         self.max_decoded_bytes = settings.limits.max_decoded_image_bytes
         self.destinations: Mapping[str, Destination] = {
             d.ae_title: d for d in settings.destinations.values()
@@ -217,7 +222,7 @@ class QueryRetrieveScp:
         try:
             identifier = event.identifier
         except Exception as error:
-            raise Refused(UNABLE_TO_PROCESS, f"identifier cannot be decoded: {error}") from error
+            raise Refused(CANNOT_UNDERSTAND, f"identifier cannot be decoded: {error}") from error
         request = checked(identifier, model, retrieve=retrieve)
         self.index.refresh()
         return request

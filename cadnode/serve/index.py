@@ -30,8 +30,8 @@ from sqlalchemy import delete, exists
 from sqlalchemy import select as select_columns
 from sqlmodel import col, select
 
-from cadnode.db import Database, Instance, QueryRecord, ResultObject
-from cadnode.locks import named_lock
+from cadnode.core.db import Database, Instance, QueryRecord, ResultObject
+from cadnode.core.locks import named_lock
 
 log = structlog.get_logger("cadnode.serve")
 

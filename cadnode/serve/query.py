@@ -7,7 +7,7 @@ as DCMTK's dcmqrscp answers). Keys are matched when they are attributes of the q
 level or a level above; other keys (a lower level's, private ones) are returned empty and
 the matches come with 0xFF01 (an optional key was not supported), as the standard allows.
 
-Matching is cadnode.matching's, the one the UPS worklist uses: single value
+Matching is cadnode.dicom.matching's, the one the UPS worklist uses: single value
 (case-sensitive, PN case-insensitive), wildcards * and ?, a list of UIDs, date/time ranges,
 sequence matching, universal (empty) keys. Here it also takes a multi-valued key as "any
 of" (ModalitiesInStudy CT\\SR) and a lone * as universal.
@@ -22,7 +22,8 @@ from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 
-from cadnode.matching import matches, response
+from cadnode.dicom.matching import matches, response
+from cadnode.dicom.status import DOES_NOT_MATCH_SOP_CLASS
 from cadnode.serve.index import (
     IMAGE_KEYS,
     INSTANCE,
@@ -33,9 +34,6 @@ from cadnode.serve.index import (
     Narrowing,
     QueryIndex,
 )
-
-IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-UNABLE_TO_PROCESS = 0xC000
 
 PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
 RANK = {PATIENT: 0, STUDY: 1, SERIES: 2, IMAGE: 3}
@@ -131,7 +129,7 @@ def checked(identifier: Dataset, model: Model, *, retrieve: bool = False) -> Req
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip()
     if level not in model.levels:
         raise Refused(
-            IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            DOES_NOT_MATCH_SOP_CLASS,
             f"QueryRetrieveLevel {level!r} not in {'/'.join(model.levels)}",
         )
     named: dict[str, list[str]] = {}
@@ -139,13 +137,13 @@ def checked(identifier: Dataset, model: Model, *, retrieve: bool = False) -> Req
         values = _values(identifier, UNIQUE_KEY[above])
         if len(values) != 1 or _has_wildcard(values[0]):
             raise Refused(
-                IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                DOES_NOT_MATCH_SOP_CLASS,
                 f"{level} level needs one {UNIQUE_KEY[above]}",
             )
         named[above] = values
     own = _values(identifier, UNIQUE_KEY[level])
     if retrieve and not own:
-        raise Refused(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{UNIQUE_KEY[level]} is required")
+        raise Refused(DOES_NOT_MATCH_SOP_CLASS, f"{UNIQUE_KEY[level]} is required")
     if own and (level != PATIENT or not any(_has_wildcard(v) for v in own)):
         named[level] = own
     patient = named.get(PATIENT, [])

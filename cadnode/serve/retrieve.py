@@ -5,7 +5,7 @@ so the peer receives the dataset exactly as cadnode received (or made) it. Only 
 peer accepted no context for its transfer syntax is it converted: a compressed image is
 decompressed (same SOP Instance UID: a change of transfer syntax is not a new object) and
 pynetdicom re-encodes the uncompressed kinds among themselves. Decompression goes through
-cadnode.pixels: an image over `limits.max_decoded_image_mb`, or whose codestream disagrees
+cadnode.dicom.pixels: an image over `limits.max_decoded_image_mb`, or whose codestream disagrees
 with its dataset, is not decompressed (`retrieve.refused`). What cannot be read, converted
 or sent fails its sub-operation, counted in the response and named in the Failed SOP
 Instance UID List; the association goes on.
@@ -23,8 +23,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 
-from cadnode.dicomnet import status_is_success, tune_connection
-from cadnode.pixels import ImageRefused, decompress
+from cadnode.dicom.pdu import tune_connection
+from cadnode.dicom.pixels import ImageRefused, decompress
+from cadnode.dicom.status import status_is_success
 from cadnode.serve.index import Held, QueryIndex
 
 log = structlog.get_logger("cadnode.serve")
@@ -111,7 +112,7 @@ def proposed_contexts(held: Sequence[Held]) -> list[PresentationContext]:
 
 def sendable(index: QueryIndex, held: Held, accepts: Accepts, tally: Tally, limit: int) -> Dataset:
     """The object to send for one sub-operation, converted if the peer needs it to be; an
-    image is decompressed only within `limit` bytes (cadnode.pixels)."""
+    image is decompressed only within `limit` bytes (cadnode.dicom.pixels)."""
     try:
         dataset = dcmread(index.file(held))
         syntax = UID(dataset.file_meta.TransferSyntaxUID)

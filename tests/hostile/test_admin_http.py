@@ -50,9 +50,7 @@ def admin_node(folder: Path) -> Iterator[Cadnode]:
     )
     tmpdir = folder / "tmp"
     tmpdir.mkdir()
-    with run_cadnode(
-        folder / "node", None, CADNODE_CONFIG=str(config), TMPDIR=str(tmpdir)
-    ) as node:
+    with run_cadnode(folder / "node", None, CADNODE_CONFIG=str(config), TMPDIR=str(tmpdir)) as node:
         wait_for(lambda: port_open(node.http_port), 60, "the admin port")
         yield node
 
@@ -200,7 +198,11 @@ def test_a_gigabyte_upload_never_reaches_the_disk(
     started = time.monotonic()
     with TempWatch(node.process.pid, tmpdir) as watch:
         status, sent = stream_upload(
-            node.http_port, "/rules/explain", total=GIB, chunked=chunked, within_s=60,
+            node.http_port,
+            "/rules/explain",
+            total=GIB,
+            chunked=chunked,
+            within_s=60,
             cookie=cookie,
         )
     elapsed = time.monotonic() - started
@@ -324,7 +326,7 @@ def _chattr(flag: str, path: Path) -> bool:
 
 def test_readyz_fails_when_the_database_file_is_not_the_one_opened(tmp_path: Path) -> None:
     with admin_node(tmp_path) as node, client(node) as http:
-        database = node.data_dir / "cadnode.db"
+        database = node.data_dir / "cadnode.core.db"
 
         def database_check() -> tuple[int, str]:
             answer = http.get("/readyz")

@@ -1,6 +1,6 @@
 """Decompression bombs: chest films whose few bytes of RLE, or ~150-byte JPEG 2000
 codestream, claim 65535 x 65535 x 16 bits (8 GiB once decoded). The node does not decode
-them (cadnode.pixels): each job fails once with a reason naming the limit, the node's memory
+them (cadnode.dicom.pixels): each job fails once with a reason naming the limit, the node's memory
 stays flat and it serves on, a restart does not try them again, and a C-GET or C-MOVE that
 would need them decompressed fails that sub-operation while the association goes on."""
 
@@ -33,13 +33,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from cadnode.pixels import LIMIT_KEY
+from cadnode.dicom.pixels import LIMIT_KEY
+from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom, write_chest_radiograph
 from tests.dicom_validation import require_tool
 from tests.hostile.memory import peak_mb, reset_peak, resident_mb
 from tests.hostile.node import attacked_node
 from tests.ingest import echo, json_events, named, sending_as_is
 from tests.peers import Cadnode, free_port, port_open, storescu, wait_for
-from training.phantoms import chest_dataset, make_chest_phantom, write_chest_radiograph
 
 Result = TypeVar("Result")
 SIDE = 65535

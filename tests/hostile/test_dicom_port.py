@@ -20,13 +20,13 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from cadnode.dicomnet import ABORT_INVALID_PARAMETER
+from cadnode.dicom.pdu import ABORT_INVALID_PARAMETER
+from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.hostile.memory import peak_mb, reset_peak, resident_mb, threads
 from tests.hostile.node import attacked_node
 from tests.ingest import json_events, named
 from tests.peers import Cadnode, echoscu, storescu, wait_for
 from tests.test_ingest_tls import issue, storescu_tls
-from training.phantoms import write_chest_radiograph
 
 FOUR_GIB = 0xFFFFFFFF
 T = TypeVar("T")
@@ -149,13 +149,12 @@ def test_silent_and_trickling_connections_hold_no_slot_and_no_thread(
 
 
 def test_a_request_trickling_in_is_closed_at_its_deadline(tmp_path: Path) -> None:
-    with attacked_node(tmp_path, dicom={"acse_timeout_s": 2}) as node, held_open(
-        node.dicom_port, silent=1, trickling=1
-    ) as (silent, trickling):
+    with (
+        attacked_node(tmp_path, dicom={"acse_timeout_s": 2}) as node,
+        held_open(node.dicom_port, silent=1, trickling=1) as (silent, trickling),
+    ):
         started = time.monotonic()
-        wait_for(
-            lambda: not is_open(silent) and not is_open(trickling), 10, "both to be closed"
-        )
+        wait_for(lambda: not is_open(silent) and not is_open(trickling), 10, "both to be closed")
         took = time.monotonic() - started
         events = named(json_events(node.log_text()), "connection.timed_out")
     assert took < 5, f"closed after {took:.1f} s, the deadline is 2 s"

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cadnode.infer.phantoms.chest import plan_cases
 from training.metrics import Confusion, coefficient_of_variation
-from training.phantoms import plan_cases
 from training.ruleout import (
     RuleoutNet,
     TrainSpec,

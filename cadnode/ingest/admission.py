@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from cadnode.config import DicomSettings, Peer, TlsSettings
-from cadnode.yamlfile import ConfigError
+from cadnode.core.config import DicomSettings, Peer, TlsSettings
+from cadnode.core.yamlfile import ConfigError
 
-log = structlog.get_logger("cadnode.admission")
+log = structlog.get_logger("cadnode.ingest.admission")
 
 # A-ASSOCIATE-RJ: result rejected-permanent, source service-user, and the two reasons.
 REJECTED_PERMANENT = 0x01

@@ -16,18 +16,20 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
-from cadnode.db import CompletionSignal, Database, PerformedProcedureStep, utcnow
-from cadnode.dicomnet import Service
-from cadnode.files import is_valid_uid
+from cadnode.core.db import CompletionSignal, Database, PerformedProcedureStep, utcnow
+from cadnode.core.files import is_valid_uid
+from cadnode.dicom.services import Service
+from cadnode.dicom.status import (
+    DUPLICATE_INSTANCE,
+    INVALID_ATTRIBUTE_VALUE,
+    MISSING_ATTRIBUTE,
+    NO_SUCH_INSTANCE,
+    PROCESSING_FAILURE,
+    SUCCESS,
+)
 
-log = structlog.get_logger("cadnode.mpps")
+log = structlog.get_logger("cadnode.ingest.mpps")
 
-SUCCESS = 0x0000
-PROCESSING_FAILURE = 0x0110  # with "may no longer be updated" once COMPLETED or DISCONTINUED
-DUPLICATE_INSTANCE = 0x0111
-NO_SUCH_INSTANCE = 0x0112
-INVALID_ATTRIBUTE_VALUE = 0x0106
-MISSING_ATTRIBUTE = 0x0120
 
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
 

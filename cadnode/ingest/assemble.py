@@ -5,7 +5,7 @@ and is released at once. Anything else waits for a quiet period that every new i
 restarts, unless its sender says it is done first (a `CompletionSignal`, recorded by
 receive): the modality's MPPS went COMPLETED and every image it lists has arrived, or,
 where configured, the association that sent the study was released. An instance arriving
-after release opens a new job version (see cadnode/spool.py), so nothing is dropped.
+after release opens a new job version (see cadnode/ingest/spool.py), so nothing is dropped.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pydicom.uid import (
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from cadnode.config import AssembleSettings
-from cadnode.db import CompletionSignal, Database, Instance, Job, JobState, Study, utcnow
+from cadnode.core.config import AssembleSettings
+from cadnode.core.db import CompletionSignal, Database, Instance, Job, JobState, Study, utcnow
 
-log = structlog.get_logger("cadnode.assemble")
+log = structlog.get_logger("cadnode.ingest.assemble")
 
 # SOP classes whose one instance is a whole examination input.
 SINGLE_OBJECT_SOP_CLASSES = frozenset(

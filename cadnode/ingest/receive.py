@@ -1,12 +1,12 @@
 """Receive: the node's DICOM port, C-ECHO / C-STORE SCP (and MPPS, and other stages' services).
 
 An instance is answered Success only once its bytes are durably in the spool, exactly as
-the sender encoded them (no transcoding), and indexed (see cadnode/spool.py). The same SOP
+the sender encoded them (no transcoding), and indexed (see cadnode/ingest/spool.py). The same SOP
 Instance UID received twice is stored once. Bad input gets a DIMSE failure status and an
 event naming the peer and the reason, never a crashed thread: a dataset that does not decode
 or lacks its UIDs 0xC000, one whose SOP class is not the request's 0xA900, a full disk 0xA700.
 
-Who may associate is checked first (cadnode/admission.py); DICOM TLS is optional. Every read
+Who may associate is checked first (cadnode/ingest/admission.py); DICOM TLS is optional. Every read
 from a peer has a deadline, so a peer that stalls mid-PDU is cut off without holding
 anything else up; garbage on the socket aborts its own association only.
 
@@ -35,10 +35,25 @@ from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.sop_class import Verification as VERIFICATION  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
-from cadnode import audit
-from cadnode.admission import (
+from cadnode.core import audit
+from cadnode.core.config import Settings
+from cadnode.core.db import CompletionSignal, Database
+from cadnode.core.files import is_valid_uid
+from cadnode.core.locks import KeyedLocks, lock_file
+from cadnode.dicom.gatekeeper import Gatekeeper, GateLimits, RefusalHook
+from cadnode.dicom.pdu import PduLimits, tune_connection
+from cadnode.dicom.services import Service, routed_handlers
+from cadnode.dicom.status import (
+    CANNOT_UNDERSTAND,
+    DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    SUCCESS,
+)
+from cadnode.ingest.admission import (
     CALLING_AE_NOT_RECOGNISED,
     REJECTED_PERMANENT,
     SERVICE_USER,
@@ -46,25 +61,13 @@ from cadnode.admission import (
     Refusal,
     server_tls_context,
 )
-from cadnode.config import Settings
-from cadnode.dataset_checks import TooLarge, inflated, pixel_data_problem, undecodable
-from cadnode.db import CompletionSignal, Database
-from cadnode.dicomnet import PduLimits, Service, routed_handlers, tune_connection
-from cadnode.files import is_valid_uid
-from cadnode.gatekeeper import Gatekeeper, GateLimits, RefusalHook
-from cadnode.locks import KeyedLocks, lock_file
-from cadnode.mpps import MppsScp
-from cadnode.spool import HEADER_TAGS, Arrival, OutOfSpace, Spool, cut_short
+from cadnode.ingest.checks import TooLarge, inflated, pixel_data_problem, undecodable
+from cadnode.ingest.mpps import MppsScp
+from cadnode.ingest.spool import HEADER_TAGS, Arrival, OutOfSpace, Spool, cut_short
 
-log = structlog.get_logger("cadnode.receive")
+log = structlog.get_logger("cadnode.ingest.receive")
 
-SUCCESS = 0x0000
-PROCESSING_FAILURE = 0x0110
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
-VERIFICATION = "1.2.840.10008.1.1"
 PREAMBLE = b"\x00" * 128 + b"DICM"
 DEFER_SIZE = 64 * 1024
 # The largest PDU we ask peers to send (pynetdicom's default is 16 KiB; DCMTK sends up to
@@ -116,12 +119,12 @@ class Receiver:
         self._sending: dict[int, _Sending] = {}
         self._sending_lock = threading.Lock()
         # While any of its associations sends a study, this process marks it, so a receiver
-        # process releasing an association sees the others' (cadnode/dicomport.py).
+        # process releasing an association sees the others' (cadnode/port.py).
         self._studies_sent = KeyedLocks(lock_file(database, "studies-sent"))
         self._server: _Server | None = None
 
     def reconcile(self) -> dict[str, int]:
-        """Make spool and index agree before the first association (see cadnode/spool.py)."""
+        """Make spool and index agree before the first association (see cadnode/ingest/spool.py)."""
         return self.spool.reconcile(self.quarantine)
 
     def start(
@@ -132,7 +135,7 @@ class Receiver:
         """Start serving in the background; returns the bound port (useful with port 0).
 
         `listening`: a socket already bound and listening, shared with other receiver
-        processes (cadnode/dicomport.py); by default the receiver binds its own.
+        processes (cadnode/port.py); by default the receiver binds its own.
         `observers`: more handlers of pynetdicom notification events (PDU and DIMSE traffic),
         e.g. benchmarks/ingest_budget.py timing each step of a C-STORE.
         """
@@ -399,12 +402,12 @@ class Receiver:
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's server, behind a gatekeeper (cadnode/gatekeeper.py).
+    """pynetdicom's server, behind a gatekeeper (cadnode/dicom/gatekeeper.py).
 
     An accepted connection waits, with no thread of its own, until its whole association
     request has arrived within its deadline (the TLS handshake too); only then does
     pynetdicom take it, and only while fewer than the maximum number of associations run.
-    Every later read has a per-PDU deadline and length limit (cadnode/dicomnet.py).
+    Every later read has a per-PDU deadline and length limit (cadnode/dicom/pdu.py).
 
     Given a `listening` socket, it accepts on that one instead of binding its own: several
     receiver processes then take turns on one port (`accept_in_turn`).
@@ -464,7 +467,7 @@ class _Server(ThreadedAssociationServer):
             self._requests.pop(sock, None)
 
     def received_before(self, sock: socket.socket) -> bytes:
-        """The association request the gatekeeper read from `sock` (cadnode/dicomnet.py)."""
+        """The association request the gatekeeper read from `sock` (cadnode/dicom/pdu.py)."""
         return self._requests.pop(sock, b"")
 
     def server_bind(self) -> None:
@@ -561,7 +564,7 @@ def _read_arrival(event: Any, calling_ae: str, peer: str, scratch: Scratch) -> A
         raise Rejected(CANNOT_UNDERSTAND, f"missing or invalid UID: {', '.join(bad)}")
     if uids["SOPClassUID"] != str(event.request.AffectedSOPClassUID):
         raise Rejected(
-            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            DOES_NOT_MATCH_SOP_CLASS,
             "SOP Class UID of the dataset differs from the C-STORE request's",
         )
     if uids["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID):

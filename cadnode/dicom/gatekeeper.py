@@ -13,7 +13,7 @@ thread, until its whole A-ASSOCIATE-RQ has arrived:
   `dicom.max_pending` in all, wait at once: past either, the one waiting longest is closed
   (an honest modality sends its request as soon as it connects);
 - a complete request is handed to pynetdicom (the bytes read travel with the socket, see
-  cadnode/dicomnet.py PduReader) only while fewer than `dicom.max_associations`
+  cadnode/dicom/pdu.py PduReader) only while fewer than `dicom.max_associations`
   associations run; otherwise it is answered A-ASSOCIATE-RJ (transient, local limit
   exceeded) from here, so a flood of requests costs no threads either.
 """
@@ -34,9 +34,9 @@ from typing import Any
 
 import structlog
 
-from cadnode.dicomnet import ABORT_INVALID_PARAMETER
+from cadnode.dicom.pdu import ABORT_INVALID_PARAMETER
 
-log = structlog.get_logger("cadnode.gatekeeper")
+log = structlog.get_logger("cadnode.dicom.gatekeeper")
 
 A_ASSOCIATE_RQ = 0x01
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-transient, service-provider (presentation related
@@ -302,4 +302,3 @@ def _calling_ae(request: bytearray) -> str:
 
 def _peer(address: tuple[Any, ...]) -> str:
     return f"{address[0]}:{address[1]}"
-

@@ -5,8 +5,9 @@ then sent. A failed attempt is retried with exponential back-off (the next attem
 in the database, so a restart resumes the schedule); after the configured number of
 attempts the delivery is dead-lettered and its job marked failed, with the reason.
 Original images that a routing rule forwards go through the same outbox. An admin replays
-or discards dead letters with `cadnode deliveries` (cadnode/deliveries.py); destinations with
-`storage_commitment` are then asked to confirm they keep each object (cadnode/commitment.py).
+or discards dead letters with `cadnode deliveries` (cadnode/deliver/outbox_admin.py);
+destinations with `storage_commitment` are then asked to confirm they keep each object
+(cadnode/deliver/commitment.py).
 
 Exactly once, as far as a network allows: a delivery is recorded `sent` in its own commit
 the moment the peer's C-STORE response says Success, before the next object goes, and is
@@ -31,10 +32,9 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from sqlmodel import Session, select
 
-from cadnode import audit
-from cadnode.commitment import STORAGE_COMMITMENT, Commitments, CommitmentScp
-from cadnode.config import Destination, DispatchSettings
-from cadnode.db import (
+from cadnode.core import audit
+from cadnode.core.config import Destination, DispatchSettings
+from cadnode.core.db import (
     Database,
     Delivery,
     DeliveryState,
@@ -43,9 +43,11 @@ from cadnode.db import (
     ResultObject,
     utcnow,
 )
-from cadnode.dicomnet import status_is_success, tune_connection
+from cadnode.deliver.commitment import STORAGE_COMMITMENT, Commitments, CommitmentScp
+from cadnode.dicom.pdu import tune_connection
+from cadnode.dicom.status import status_is_success
 
-log = structlog.get_logger("cadnode.dispatch")
+log = structlog.get_logger("cadnode.deliver.dispatch")
 
 DEAD_LETTER = "a result could not be delivered (dead letter)"
 

@@ -1,6 +1,6 @@
 """Locks that hold across processes as well as threads.
 
-With several receiver processes (cadnode/dicomport.py) the stages and the receivers share
+With several receiver processes (cadnode/port.py) the stages and the receivers share
 the data folder and the database, so a read-modify-write that a `threading.Lock` guarded in
 one process needs a lock the kernel keeps: `fcntl` locks on files in `<data dir>/locks/`.
 The kernel drops them when their process dies, so a crash never leaves one held.
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from cadnode.db import Database
+from cadnode.core.db import Database
 
 
 def lock_file(database: Database, name: str) -> Path:

@@ -2,7 +2,7 @@
 
 Training (`training/`) and the daemon (`cadnode.infer`) both call `image_to_tensor`, so an
 engine sees at inference exactly the pixels it was trained on. Pixels are decoded through
-`cadnode.pixels`, within `limit` bytes (ImageRefused past it, or when a codestream's header
+`cadnode.dicom.pixels`, within `limit` bytes (ImageRefused past it, or when a codestream's header
 disagrees with its dataset).
 """
 
@@ -16,7 +16,7 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
-from cadnode.pixels import decoded_pixels
+from cadnode.dicom.pixels import decoded_pixels
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,7 @@ def display_pixels(ds: Dataset, limit: int) -> np.ndarray:
     return values
 
 
-def image_to_tensor(
-    ds: Dataset, size: int, *, limit: int
-) -> tuple[np.ndarray, Geometry]:
+def image_to_tensor(ds: Dataset, size: int, *, limit: int) -> tuple[np.ndarray, Geometry]:
     """Normalise to [0, 1], fit into `size` x `size` keeping aspect, pad with zeros.
 
     Returns a float32 array shaped (1, size, size) and the geometry to map results back.
@@ -77,9 +75,7 @@ def fit_square(values: np.ndarray, size: int) -> tuple[np.ndarray, tuple[float, 
     return square, (scale, pad_top, pad_left)
 
 
-def frames_to_tensor(
-    ds: Dataset, size: int, *, limit: int
-) -> tuple[np.ndarray, Geometry]:
+def frames_to_tensor(ds: Dataset, size: int, *, limit: int) -> tuple[np.ndarray, Geometry]:
     """Every frame of a multi-frame image (e.g. a DBT volume) as model input (F, 1, S, S).
 
     Each frame is rescaled and windowed with its own functional groups (per-frame first,

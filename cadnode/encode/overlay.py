@@ -4,7 +4,7 @@ A neutral helper: the Secondary Capture encoder burns it into a derived image fo
 cannot show SEG or SR, and the dashboard shows it as a thumbnail. It draws, it does not
 decide: masks, boxes and the caption come from the caller.
 
-Pixels are shown as a radiologist reads them (`cadnode.preprocess`: rescaled, windowed,
+Pixels are shown as a radiologist reads them (`cadnode.infer.preprocess`: rescaled, windowed,
 bright = dense), stretched to 0..255. Masks are blended semi-transparently, one colour per
 label (in label order), with their outline drawn opaque so a small segment stays visible;
 boxes are rectangle outlines with their text above.
@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 
-from cadnode.pixels import decoded_pixels
-from cadnode.preprocess import display_pixels, frame_rescale, frame_window
+from cadnode.dicom.pixels import decoded_pixels
+from cadnode.infer.preprocess import display_pixels, frame_rescale, frame_window
 
 # One colour per label, in label order (repeats after the last): distinguishable on grey.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -55,7 +55,7 @@ def render_overlay(
     `boxes` are in source pixels. With `max_size`, the picture is shrunk (keeping aspect) so
     its longer side is at most that; lines and text are drawn after shrinking so they stay
     legible. `caption` is written on a dark band across the top (burned-in annotation).
-    The image is decoded within `limit` bytes (cadnode.pixels.ImageRefused past it).
+    The image is decoded within `limit` bytes (cadnode.dicom.pixels.ImageRefused past it).
     """
     grey = _to_bytes(frame_pixels(ds, frame, limit))
     rgb = np.repeat(grey[:, :, None], 3, axis=2)

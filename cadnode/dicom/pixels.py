@@ -40,7 +40,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from cadnode.config import LimitsSettings
+from cadnode.core.config import LimitsSettings
 
 LIMIT_KEY = "limits.max_decoded_image_mb"
 DEFAULT_LIMIT = LimitsSettings().max_decoded_image_bytes
@@ -86,9 +86,7 @@ class Declared:
         )
 
 
-def decoded_pixels(
-    dataset: Dataset, limit: int, *, frame: int | None = None
-) -> np.ndarray:
+def decoded_pixels(dataset: Dataset, limit: int, *, frame: int | None = None) -> np.ndarray:
     """`dataset.pixel_array` once the image is checked (or only frame `frame`, 0-based):
     the same array, or ImageRefused before a byte is decoded."""
     check_decodable(dataset, limit)

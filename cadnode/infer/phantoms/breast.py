@@ -23,7 +23,7 @@ from pydicom.uid import (
     BreastTomosynthesisImageStorage,
 )
 
-from training.phantoms import _code, _uid_factory, with_file_meta
+from cadnode.infer.phantoms.chest import coded, uid_factory, with_file_meta
 
 VIEWS = ("LCC", "RCC", "LMLO", "RMLO")
 VIEW_CODES = {
@@ -185,7 +185,7 @@ def tomosynthesis_dataset(
     seed: int = 0,
 ) -> Dataset:
     """A Breast Tomosynthesis Image (enhanced multi-frame) holding the volume, with file meta."""
-    uid = _uid_factory(f"{patient_id}/{seed}/{phantom.view}")
+    uid = uid_factory(f"{patient_id}/{seed}/{phantom.view}")
     slices = phantom.volume.shape[0]
     ds = Dataset()
     ds.SOPClassUID = BreastTomosynthesisImageStorage
@@ -243,7 +243,7 @@ def write_tomosynthesis(
 
 def _equipment(ds: Dataset) -> None:
     ds.Manufacturer = "cadnode synthetic phantom"
-    ds.ManufacturerModelName = "training.breast_phantoms"
+    ds.ManufacturerModelName = "cadnode.infer.phantoms.breast"
     ds.DeviceSerialNumber = "0"
     ds.SoftwareVersions = "1"
 
@@ -269,7 +269,7 @@ def _image(ds: Dataset, phantom: BreastPhantom) -> None:
     ds.BodyPartExamined = "BREAST"
     ds.PartialView = "NO"
     ds.BreastImplantPresent = "NO"
-    ds.ViewCodeSequence = [_code(*VIEW_CODES[phantom.view[1:]])]
+    ds.ViewCodeSequence = [coded(*VIEW_CODES[phantom.view[1:]])]
     ds.ViewCodeSequence[0].ViewModifierCodeSequence = []
     ds.AcquisitionContextSequence = []
 
@@ -287,7 +287,7 @@ def _shared_groups(phantom: BreastPhantom) -> Dataset:
     group.PlaneOrientationSequence = [orientation]
     anatomy = Dataset()
     anatomy.FrameLaterality = phantom.laterality
-    anatomy.AnatomicRegionSequence = [_code("76752008", "SCT", "Breast")]
+    anatomy.AnatomicRegionSequence = [coded("76752008", "SCT", "Breast")]
     group.FrameAnatomySequence = [anatomy]
     transformation = Dataset()
     transformation.RescaleIntercept = 0
@@ -364,7 +364,7 @@ class VolumeCase:
 
     @property
     def study_uid(self) -> str:
-        return str(_uid_factory(self.patient_id)("study"))
+        return str(uid_factory(self.patient_id)("study"))
 
 
 def plan_volumes(seeds: range, positive_fraction: float) -> list[VolumeCase]:

@@ -32,11 +32,11 @@ from pydicom.uid import UID
 from sqlalchemy import Connection, bindparam, insert, update
 from sqlmodel import select
 
-from cadnode.db import Database, Instance, Job, JobState, Study, utcnow
-from cadnode.files import is_temporary, is_valid_uid, write_durably
-from cadnode.locks import KeyedLocks, lock_file
+from cadnode.core.db import Database, Instance, Job, JobState, Study, utcnow
+from cadnode.core.files import is_temporary, is_valid_uid, write_durably
+from cadnode.core.locks import KeyedLocks, lock_file
 
-log = structlog.get_logger("cadnode.spool")
+log = structlog.get_logger("cadnode.ingest.spool")
 
 HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -116,7 +116,7 @@ class Spool:
         self._connection.commit()
         self._writer = _IndexWriter(self._connection)
         # A second copy of a SOP Instance UID being written now waits for the first to settle,
-        # in this process or another receiver process (cadnode/dicomport.py).
+        # in this process or another receiver process (cadnode/port.py).
         self._instances = KeyedLocks(lock_file(database, "spool-instances"))
 
     def close(self) -> None:

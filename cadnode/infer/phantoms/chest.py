@@ -113,7 +113,7 @@ def chest_dataset(
     modality: str = "DX",
 ) -> Dataset:
     """A Digital X-Ray (for presentation) dataset holding the phantom, with file meta."""
-    uid = _uid_factory(f"{patient_id}/{seed}")
+    uid = uid_factory(f"{patient_id}/{seed}")
     ds = Dataset()
     ds.SOPClassUID = DigitalXRayImageStorageForPresentation
     ds.SOPInstanceUID = uid("instance")
@@ -146,8 +146,8 @@ def chest_dataset(
     ds.PresentationLUTShape = "IDENTITY"
     ds.PositionerType = ""
     ds.AcquisitionContextSequence = []
-    ds.AnatomicRegionSequence = [_code("51185008", "SCT", "Thorax")]
-    ds.ViewCodeSequence = [_code(*VIEW_CODES.get(view, VIEW_CODES["PA"]))]
+    ds.AnatomicRegionSequence = [coded("51185008", "SCT", "Thorax")]
+    ds.ViewCodeSequence = [coded(*VIEW_CODES.get(view, VIEW_CODES["PA"]))]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = phantom.pixels.shape
@@ -213,13 +213,13 @@ VIEW_CODES = {
 }
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
+def coded(value: str, scheme: str, meaning: str) -> Dataset:
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
     return item
 
 
-def _uid_factory(key: str):  # type: ignore[no-untyped-def]
+def uid_factory(key: str):  # type: ignore[no-untyped-def]
     def uid(kind: str) -> str:
         return generate_uid(entropy_srcs=["cadnode-phantom", key, kind])
 

@@ -2,7 +2,7 @@
 
 `node_services` builds what other stages serve beside receive's C-ECHO, C-STORE and MPPS:
 the UPS worklist, Storage Commitment answers (N-EVENT-REPORT) and Query/Retrieve. All their
-state is in the database (and `cadnode.locks` for their read-modify-writes), so any process
+state is in the database (and `cadnode.core.locks` for their read-modify-writes), so any process
 can serve any of them.
 
 With `dicom.receivers: 1` (the default) receive runs in the node's process. With N > 1 one
@@ -38,17 +38,17 @@ from multiprocessing.process import BaseProcess
 
 import structlog
 
-from cadnode import logs
-from cadnode.commitment import CommitmentScp
-from cadnode.config import Settings
-from cadnode.db import Database
-from cadnode.dicomnet import Service
+from cadnode.core import logs
+from cadnode.core.config import Settings
+from cadnode.core.db import Database
+from cadnode.deliver.commitment import CommitmentScp
+from cadnode.dicom.services import Service
+from cadnode.ingest.receive import Receiver
+from cadnode.ingest.spool import Spool
 from cadnode.prioritize import ups_services
-from cadnode.receive import Receiver
 from cadnode.serve import QueryRetrieveScp
-from cadnode.spool import Spool
 
-log = structlog.get_logger("cadnode.dicomport")
+log = structlog.get_logger("cadnode.port")
 
 # How long a receiver process may take to import, open the database and start accepting.
 START_TIMEOUT_S = 120.0

@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy import JSON, Column, UniqueConstraint, event, update
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-log = structlog.get_logger("cadnode.db")
+log = structlog.get_logger("cadnode.core.db")
 
 
 def utcnow() -> dt.datetime:
@@ -68,7 +68,7 @@ class Job(SQLModel, table=True):
     reason: str | None = None
     rule: str | None = None
     rules_version: str | None = None
-    # Steps as cadnode.pipeline.Step writes them: {"engine": ..., "when": ..., "inputs": ...}.
+    # Steps as cadnode.route.steps.Step writes them: {"engine": ..., "when": ..., "inputs": ...}.
     pipeline: list[dict[str, Any]] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False)
     )
@@ -274,7 +274,7 @@ class Publication(SQLModel, table=True):
 
 
 class AuditEvent(SQLModel, table=True):
-    """Who did what, for the audit trail (cadnode.audit). Unlike the logs, `details` may carry
+    """Who did what, for the audit trail (cadnode.core.audit). Unlike the logs, `details` may carry
     patient identifiers: it is read by those allowed to, through `cadnode audit`."""
 
     id: int | None = Field(default=None, primary_key=True)

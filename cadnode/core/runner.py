@@ -15,7 +15,7 @@ from typing import Protocol
 import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-log = structlog.get_logger("cadnode.conveyor")
+log = structlog.get_logger("cadnode.core.runner")
 
 
 class Stage(Protocol):

@@ -1,4 +1,4 @@
-"""DICOM network helpers shared by the stages that speak DIMSE (receive, dispatch, prioritize)."""
+"""Reading a peer's PDUs within limits, for every association the node accepts or requests."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import contextlib
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 from pynetdicom.transport import AssociationSocket
 
-log = structlog.get_logger("cadnode.dicomnet")
+log = structlog.get_logger("cadnode.dicom.pdu")
 
 
 # A-ABORT (PS3.8 9.3.8): source service-provider, reason invalid-PDU-parameter-value.
@@ -64,17 +63,13 @@ def tune_connection(event: Any, limits: PduLimits | None = None) -> None:
     connection.reader = reader
 
 
-class PduTooLong(Exception):
-    pass
-
-
 class PduReader:
     """PDUs for pynetdicom's DUL, which asks for a PDU's 6-byte header, then for the rest.
 
     A peer's declared length is never allocated on trust: a length over the limit is answered
     with an A-ABORT, and the buffer grows with the bytes that actually arrive. All of one
     PDU's bytes must arrive before its deadline, however slowly they trickle. `prefix`: bytes
-    the server already read (the association request, see cadnode/gatekeeper.py).
+    the server already read (the association request, see cadnode/dicom/gatekeeper.py).
     """
 
     def __init__(
@@ -186,42 +181,3 @@ def _peer_of(association: Any) -> str:
         return f"{requestor.address}:{requestor.port}"
     except Exception:  # an outbound association before its peer is known
         return ""
-
-
-def status_is_success(status: int) -> bool:
-    """Success, or a warning (0x0001, 0xB000-0xBFFF) under which the peer kept the object."""
-    return status == 0x0000 or status == 0x0001 or 0xB000 <= status <= 0xBFFF
-
-
-@dataclass(frozen=True)
-class Service:
-    """A DIMSE service another stage serves on the node's DICOM port (e.g. the UPS worklist).
-
-    `handlers` maps pynetdicom intervention events (evt.EVT_C_FIND, evt.EVT_N_GET, ...) to
-    the service's handler; receive binds one handler per event that routes each request to
-    the service owning its presentation context, so several services may share an event.
-    """
-
-    name: str
-    sop_classes: tuple[str, ...]
-    handlers: Mapping[Any, Callable[[Any], Any]]
-
-
-def routed_handlers(services: Sequence[Service]) -> list[tuple[Any, Callable[[Any], Any]]]:
-    """(event, handler) pairs for `AE.start_server`, routing by the context's SOP class."""
-    routes: dict[Any, dict[str, Callable[[Any], Any]]] = {}
-    for service in services:
-        for event, handler in service.handlers.items():
-            for sop_class in service.sop_classes:
-                routes.setdefault(event, {})[sop_class] = handler
-
-    def route(by_class: dict[str, Callable[[Any], Any]]) -> Callable[[Any], Any]:
-        def handle(event: Any) -> Any:
-            handler = by_class.get(str(event.context.abstract_syntax))
-            if handler is None:  # pynetdicom answers an exception with a failure status
-                raise LookupError(f"no handler for {event.context.abstract_syntax}")
-            return handler(event)
-
-        return handle
-
-    return [(event, route(by_class)) for event, by_class in routes.items()]

@@ -18,11 +18,11 @@ import structlog
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from cadnode import audit
-from cadnode.db import Database, Delivery, DeliveryState, Job, JobState, utcnow
-from cadnode.dispatch import DEAD_LETTER
+from cadnode.core import audit
+from cadnode.core.db import Database, Delivery, DeliveryState, Job, JobState, utcnow
+from cadnode.deliver.dispatch import DEAD_LETTER
 
-log = structlog.get_logger("cadnode.deliveries")
+log = structlog.get_logger("cadnode.deliver.outbox_admin")
 
 
 @dataclass(frozen=True)

@@ -21,22 +21,22 @@ from typing import Any
 import structlog
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import evt
+from pynetdicom import evt, sop_class
 from pynetdicom.association import Association
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from cadnode.config import Destination, DispatchSettings
-from cadnode.db import Database, Delivery, DeliveryState, utcnow
-from cadnode.dicomnet import Service, status_is_success
+from cadnode.core.config import Destination, DispatchSettings
+from cadnode.core.db import Database, Delivery, DeliveryState, utcnow
+from cadnode.dicom.services import Service
+from cadnode.dicom.status import NO_SUCH_INSTANCE, PROCESSING_FAILURE, SUCCESS, status_is_success
 
-log = structlog.get_logger("cadnode.commitment")
+log = structlog.get_logger("cadnode.deliver.commitment")
 
-STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
-STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP Instance
+STORAGE_COMMITMENT = sop_class.StorageCommitmentPushModel  # type: ignore[attr-defined]
+STORAGE_COMMITMENT_INSTANCE = sop_class.StorageCommitmentPushModelInstance  # well-known
 REQUEST_COMMITMENT = 1  # N-ACTION Action Type ID
 ALL_COMMITTED, SOME_FAILED = 1, 2  # N-EVENT-REPORT Event Type IDs (PS3.4 J.3.3)
-SUCCESS, PROCESSING_FAILURE, NO_SUCH_OBJECT_INSTANCE = 0x0000, 0x0110, 0x0112
 
 # Failure Reason (0008,1197) values, PS3.3 C.14.1.1.
 FAILURE_REASONS = {
@@ -232,7 +232,7 @@ class CommitmentScp:
         matched = self.record(transaction, committed, failed)
         if not matched:
             log.warning("commitment.unknown_transaction", peer=peer, transaction=transaction)
-            return NO_SUCH_OBJECT_INSTANCE, None
+            return NO_SUCH_INSTANCE, None
         return SUCCESS, None
 
     def record(self, transaction: str, committed: list[str], failed: Mapping[str, int]) -> int:

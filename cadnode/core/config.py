@@ -23,9 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from cadnode.yamlfile import ConfigError, load_model, read_yaml
+from cadnode.core.yamlfile import ConfigError, load_model, read_yaml
 
-EMBEDDED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "cadnode.yaml"
+EMBEDDED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "cadnode.yaml"
 
 AETitle = Annotated[
     str,
@@ -108,7 +108,7 @@ class DicomSettings(Section):
     bind: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 11112
     max_associations: int = Field(default=16, ge=1)  # per receiver process
-    # Receiver processes sharing the port (cadnode/dicomport.py): more than one lets
+    # Receiver processes sharing the port (cadnode/port.py): more than one lets
     # concurrent associations run past the interpreter lock; 1 receives in the node's process.
     receivers: int = Field(default=1, ge=1, le=64)
     # A peer silent this long (between messages or in the middle of a PDU) is aborted.
@@ -183,7 +183,7 @@ class StorageSettings(Section):
 
     @property
     def database(self) -> Path:
-        return self.data_dir / "cadnode.db"
+        return self.data_dir / "cadnode.core.db"
 
     @property
     def spool(self) -> Path:

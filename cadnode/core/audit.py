@@ -1,6 +1,6 @@
 """The audit trail: who sent what, where results went, and what admins and the node changed.
 
-Each event is a row (cadnode.db.AuditEvent) committed on its own, so an event is never lost
+Each event is a row (cadnode.core.db.AuditEvent) committed on its own, so an event is never lost
 with the transaction of the work it describes, and recording one never fails that work: a
 database error is logged (without the event's details) and swallowed. Unlike the logs, an
 event's details may carry patient identifiers (the study-received event names the patient),
@@ -20,9 +20,9 @@ import structlog
 from pydicom import dcmread
 from sqlmodel import select
 
-from cadnode.db import AuditEvent, Database, utcnow
+from cadnode.core.db import AuditEvent, Database, utcnow
 
-log = structlog.get_logger("cadnode.audit")
+log = structlog.get_logger("cadnode.core.audit")
 
 # The kinds recorded; `cadnode audit --kind` takes any of them (or a prefix such as "admin").
 ASSOCIATION = "association"

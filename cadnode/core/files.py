@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 # UIDs become path components, so they must be what PS3.5 allows and nothing else:
-# a hostile "../" in a SOP Instance UID must never escape the spool.
+# a hostile "../" in a SOP Instance UID must never escape the spool. (pydicom's
+# `UID.is_valid` is not used: its re.match lets a trailing newline through, and building a
+# UID from a hostile value logs a warning quoting it.)
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
