@@ -133,7 +133,7 @@ def test_rules_change_under_a_running_node_while_images_arrive(
 
         # A saved change, no signal: the file watch loads it.
         rules.write_text(SECOND)
-        wait_for(lambda: events(node, "rules.loaded"), 10, "the changed rules to load")
+        wait_for(lambda: events(node, "rules.loaded"), 30, "the changed rules to load")
         [loaded] = events(node, "rules.loaded")
         assert loaded["trigger"] == "file-changed" and loaded["version"] == version(SECOND)
         marker = routed_row(node, push_marker(node, films, 1))
@@ -144,12 +144,12 @@ def test_rules_change_under_a_running_node_while_images_arrive(
         rules.write_text(THIRD)
         os.utime(rules, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         node.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: len(events(node, "rules.loaded")) == 2, 10, "the reload on SIGHUP")
+        wait_for(lambda: len(events(node, "rules.loaded")) == 2, 30, "the reload on SIGHUP")
         assert events(node, "rules.loaded")[1]["trigger"] == "sighup"
 
         # An invalid file is refused with its errors; the rules in force keep routing.
         rules.write_text(BROKEN)
-        wait_for(lambda: events(node, "rules.refused"), 10, "the invalid file to be refused")
+        wait_for(lambda: events(node, "rules.refused"), 30, "the invalid file to be refused")
         [refused] = events(node, "rules.refused")
         assert refused["kept_version"] == version(THIRD)
         assert any(
