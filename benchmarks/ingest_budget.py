@@ -100,7 +100,7 @@ def cadnode_push(files: list[Path], scratch: Path) -> tuple[float, dict[str, lis
 
     clock = StepClock()
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
-        database = Database(Path(folder) / "cadnode.core.db")
+        database = Database(Path(folder) / "cadnode.db")
         receiver = Receiver(node_settings(Path(folder)), database, lambda: None)
         port = receiver.start(observers=clock.observers())
         try:

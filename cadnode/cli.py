@@ -19,7 +19,7 @@ from cadnode.core.config import Settings, load_settings
 from cadnode.core.db import Database, Delivery, DeliveryState, Instance, Job, Result, Study
 from cadnode.core.yamlfile import ConfigError
 from cadnode.deliver import outbox_admin as deliveries
-from cadnode.infer.answers import ClassifyAnswer, SegmentAnswer, parse_answer, summary
+from cadnode.infer.answers import SegmentAnswer, parse_answer, summary
 from cadnode.infer.bundle import discover
 from cadnode.prioritize.history import history_line, study_priority
 from cadnode.prioritize.policy import load_policy, unknown_engines
@@ -212,6 +212,7 @@ def study_rows(database: Database) -> list[dict[str, Any]]:
                     "version": job.version,
                     "state": job.state.value,
                     "reason": job.reason,
+                    "failure": job.failure.value if job.failure else None,
                     "rule": job.rule,
                     "rules_version": job.rules_version,
                     "instances": job.instance_count,
@@ -270,7 +271,7 @@ def _summary(stored: dict[str, Any]) -> dict[str, Any]:
         "task": answer.task,
         "summary": summary(answer),
         "probability": probability,
-        "ruled_out": answer.ruled_out if isinstance(answer, ClassifyAnswer) else None,
+        "ruled_out": answer.ruled_out,
     }
 
 

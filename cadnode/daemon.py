@@ -16,7 +16,7 @@ from cadnode.admin.app import AdminServer
 from cadnode.admin.context import AdminContext, EngineInfo
 from cadnode.core import audit
 from cadnode.core.config import Settings
-from cadnode.core.db import Database
+from cadnode.core.db import AuditOutcome, Database
 from cadnode.core.runner import Conveyor
 from cadnode.deliver.dispatch import Dispatcher
 from cadnode.encode.stage import Encoder
@@ -47,7 +47,7 @@ class Node:
                 self.database,
                 audit.ENGINE,
                 actor="node",
-                outcome="loaded",
+                outcome=AuditOutcome.loaded,
                 engine=engine.name,
                 version=engine.manifest.version,
                 sha256=engine.bundle.sha256,
@@ -60,7 +60,7 @@ class Node:
         router = Router(self.database, storage.spool, self.rules, settings.destinations)
         self.conveyor = Conveyor(
             [
-                Assembler(self.database, settings.assemble, router.quiet_period_for),
+                Assembler(self.database, settings.assemble, rule_quiet_periods=True),
                 router,
                 Inference(
                     self.database,

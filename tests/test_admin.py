@@ -29,9 +29,12 @@ from cadnode.cli import main
 from cadnode.core import audit
 from cadnode.core.config import HttpSettings, Settings
 from cadnode.core.db import (
+    AuditKind,
+    AuditOutcome,
     Database,
     Delivery,
     DeliveryState,
+    FailureKind,
     JobState,
     PriorityClass,
     Result,
@@ -112,6 +115,7 @@ def seed(context: AdminContext) -> Seeded:
         job = new_job(
             session, str(film.StudyInstanceUID), state=JobState.failed, rule="chest-radiograph",
             reason="a result could not be delivered (dead letter)",
+            failure=FailureKind.dead_letter,
             priority=PriorityClass.urgent, instance_count=1, first_instance_at=start,
             pipeline=[{"engine": "cxr-ruleout"}, {"engine": "cxr-segmenter"}],
             timeline={**timeline, "failed": (start + dt.timedelta(seconds=9)).isoformat()},
@@ -151,7 +155,7 @@ def seed(context: AdminContext) -> Seeded:
         seeded = Seeded(context, job.id, classify.id, segment.id, dead.id)
     audit.record(
         context.database, audit.ASSOCIATION, actor="STRANGER", address="10.0.0.9:4242",
-        outcome="rejected", reason="calling AE title is not a configured peer",
+        outcome=AuditOutcome.rejected, reason="calling AE title is not a configured peer",
     )
     return seeded
 
@@ -359,7 +363,9 @@ def test_audit_export_as_json_lines(
     seeded: Seeded, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     database = seeded.context.database
-    audit.record(database, "admin.login", actor="admin", outcome="ok", address="127.0.0.1")
+    audit.record(
+        database, AuditKind.admin_login, actor="admin", outcome=AuditOutcome.ok, address="127.0.0.1"
+    )
     monkeypatch.setenv("CADNODE_DATA_DIR", str(seeded.context.settings.storage.data_dir))
     assert main(["audit", "--since", "1h"]) == 0
     lines = capsys.readouterr().out.splitlines()

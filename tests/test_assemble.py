@@ -1,21 +1,30 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForPresentation
 
 from cadnode.core.config import AssembleSettings
-from cadnode.core.db import Database, JobState, utcnow
+from cadnode.core.db import Database, Job, JobState, utcnow
 from cadnode.ingest.assemble import Assembler
 from tests.rows import instance_row, job_of, new_job
 
 
-def add_job(database: Database, sop_classes: list[str], quiet_for_s: float) -> int:
+def add_job(
+    database: Database, sop_classes: list[str], quiet_for_s: float, **job_fields: Any
+) -> int:
     study_uid = f"1.2.{len(sop_classes)}.{int(quiet_for_s)}"
     with database.session() as session:
         last = utcnow() - dt.timedelta(seconds=quiet_for_s)
-        job = new_job(session, study_uid, instance_count=len(sop_classes), last_instance_at=last)
+        job = new_job(
+            session,
+            study_uid,
+            instance_count=len(sop_classes),
+            last_instance_at=last,
+            **job_fields,
+        )
         for i, sop_class in enumerate(sop_classes):
             image = Dataset()
             image.SOPInstanceUID = f"{study_uid}.{i}"
@@ -57,18 +66,51 @@ def test_two_radiographs_in_one_study_wait_like_any_series(database: Database) -
 
 
 def test_a_rule_s_own_quiet_period_replaces_the_default(database: Database) -> None:
-    short = add_job(database, [CTImageStorage] * 3, quiet_for_s=1)
-    asked: dict[int | None, float | None] = {short: 0.5}
-    assembler = Assembler(
-        database, AssembleSettings(quiet_period_s=60), lambda _session, job: asked.get(job.id)
-    )
+    # Route recorded the rule's quiet period on the job; assemble reads it from there.
+    decided = {"quiet_period_s": 0.5, "quiet_period_decided_at": utcnow()}
+    short = add_job(database, [CTImageStorage] * 3, quiet_for_s=1, **decided)
+    assembler = Assembler(database, AssembleSettings(quiet_period_s=60), rule_quiet_periods=True)
     assert assembler.advance() is None
     assert state(database, short) is JobState.complete
 
 
+def test_a_rule_s_longer_quiet_period_holds_the_study(database: Database) -> None:
+    decided = {"quiet_period_s": 30.0, "quiet_period_decided_at": utcnow()}
+    job = add_job(database, [CTImageStorage] * 3, quiet_for_s=5, **decided)
+    due_in = Assembler(database, AssembleSettings(quiet_period_s=2)).advance()
+    assert state(database, job) is JobState.received
+    assert due_in is not None and 24 < due_in <= 25
+
+
 def test_without_a_rule_quiet_period_the_default_applies(database: Database) -> None:
-    job = add_job(database, [CTImageStorage] * 3, quiet_for_s=1)
-    assembler = Assembler(database, AssembleSettings(quiet_period_s=60), lambda _s, _j: None)
+    decided = {"quiet_period_s": None, "quiet_period_decided_at": utcnow()}
+    job = add_job(database, [CTImageStorage] * 3, quiet_for_s=1, **decided)
+    assembler = Assembler(database, AssembleSettings(quiet_period_s=60), rule_quiet_periods=True)
     due_in = assembler.advance()
     assert state(database, job) is JobState.received
     assert due_in is not None and 58 < due_in <= 59
+
+
+def test_a_study_waits_for_route_to_decide_its_quiet_period(database: Database) -> None:
+    """Where rules may set quiet periods, the default running out does not release a study
+    whose quiet period route has not recorded yet (its rule may ask for longer)."""
+    job = add_job(database, [CTImageStorage] * 3, quiet_for_s=10)
+    assembler = Assembler(database, AssembleSettings(quiet_period_s=5), rule_quiet_periods=True)
+    due_in = assembler.advance()
+    assert state(database, job) is JobState.received
+    assert due_in is not None and 0 < due_in <= 1  # looks again soon (route wakes it anyway)
+    with database.session() as session:
+        row = session.get(Job, job)
+        assert row is not None
+        row.quiet_period_decided_at = utcnow()  # route: no rule sets one, so the default
+        session.add(row)
+        session.commit()
+    assert assembler.advance() is None
+    assert state(database, job) is JobState.complete
+
+
+def test_a_single_radiograph_does_not_wait_for_route(database: Database) -> None:
+    job = add_job(database, [DigitalXRayImageStorageForPresentation], quiet_for_s=0)
+    assembler = Assembler(database, AssembleSettings(quiet_period_s=5), rule_quiet_periods=True)
+    assert assembler.advance() is None
+    assert state(database, job) is JobState.complete

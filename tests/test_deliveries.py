@@ -10,9 +10,17 @@ from pathlib import Path
 from sqlmodel import select
 
 from cadnode.core.config import Destination, DispatchSettings
-from cadnode.core.db import Database, Delivery, DeliveryState, Job, JobState, ResultObject
+from cadnode.core.db import (
+    Database,
+    Delivery,
+    DeliveryState,
+    FailureKind,
+    Job,
+    JobState,
+    ResultObject,
+)
 from cadnode.deliver.commitment import CommitmentScp
-from cadnode.deliver.dispatch import DEAD_LETTER, Dispatcher
+from cadnode.deliver.dispatch import Dispatcher
 from cadnode.deliver.outbox_admin import commitment_of, delivery_rows, discard, retry
 from tests.peers import free_port, run_orthanc
 from tests.rows import job_of
@@ -29,7 +37,8 @@ def dead_letter(database: Database, folder: Path, destination: str) -> tuple[Dis
     time.sleep(0.05)
     dispatcher.advance()
     assert the_delivery(database).state is DeliveryState.failed
-    assert job_of(database, job_id).state is JobState.failed
+    job = job_of(database, job_id)
+    assert job.state is JobState.failed and job.failure is FailureKind.dead_letter
     return dispatcher, job_id
 
 
@@ -89,7 +98,7 @@ def test_retry_all_failed_and_unknown_ids(database: Database, tmp_path: Path) ->
     assert retry(database, [], "cli:tester", all_failed=True) == []  # nothing failed now
     with database.session() as session:
         job = session.exec(select(Job)).one()
-        assert job.state is JobState.encoded and job.reason != DEAD_LETTER
+        assert job.state is JobState.encoded and job.failure is None and job.reason is None
 
 
 def test_a_commitment_report_is_recorded_on_its_transaction(

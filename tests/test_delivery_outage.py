@@ -68,12 +68,12 @@ def deliveries(node: Cadnode, *state: str) -> list[dict[str, Any]]:
 
 def studies(node: Cadnode) -> list[dict[str, Any]]:
     """`cadnode studies --json`'s rows, read here."""
-    return study_rows(Database(node.data_dir / "cadnode.core.db"))
+    return study_rows(Database(node.data_dir / "cadnode.db"))
 
 
 def outbox(node: Cadnode) -> list[dict[str, Any]]:
     """The same rows read here: polling through the CLI would cost a process start each time."""
-    return delivery_rows(Database(node.data_dir / "cadnode.core.db"))
+    return delivery_rows(Database(node.data_dir / "cadnode.db"))
 
 
 def srs_in(pacs: Orthanc, film: Dataset) -> list[dict[str, Any]]:

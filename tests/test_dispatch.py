@@ -10,6 +10,7 @@ from cadnode.core.db import (
     Database,
     Delivery,
     DeliveryState,
+    FailureKind,
     Job,
     JobState,
     ResultObject,
@@ -91,4 +92,4 @@ def test_unreachable_destination_is_dead_lettered_after_the_limit(
     with database.session() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.state is JobState.failed
-        assert "dead letter" in (job.reason or "")
+        assert job.failure is FailureKind.dead_letter and "dead letter" in (job.reason or "")

@@ -308,7 +308,7 @@ def add_answered(
 def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> None:
     spool, results, answers = tmp_path / "spool", tmp_path / "results", tmp_path / "answers"
     spool.mkdir()
-    database = Database(tmp_path / "cadnode.core.db")
+    database = Database(tmp_path / "cadnode.db")
     pacs = Destination(ae_title="PACS", host="127.0.0.1", port=11112)
     old_pacs = Destination(ae_title="OLDPACS", host="127.0.0.1", port=11113, secondary_capture=True)
     segmented_job = prepare_job(database, spool, answers)
@@ -388,7 +388,7 @@ def c_store(port: int, ae_title: str, paths: list[Path]) -> list[int]:
 def test_a_mask_file_gone_fails_the_job_with_its_reason(tmp_path: Path) -> None:
     spool, answers = tmp_path / "spool", tmp_path / "answers"
     spool.mkdir()
-    database = Database(tmp_path / "cadnode.core.db")
+    database = Database(tmp_path / "cadnode.db")
     job_id = prepare_job(database, spool, answers)
     for mask_file in answers.rglob("*.npz"):
         mask_file.unlink()

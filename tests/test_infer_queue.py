@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from pathlib import Path
 
+from pydicom import Dataset
 from sqlmodel import select
 
 from cadnode.core.config import LimitsSettings
-from cadnode.core.db import Database, Instance, Job, JobState, PriorityClass
+from cadnode.core.db import Database, Instance, Job, JobState, PriorityClass, utcnow
 from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.answers import DetectAnswer, parse_answer
 from cadnode.infer.bundle import Bundle
@@ -20,7 +22,25 @@ from cadnode.route import LiveRules, Router
 from tests import infer_jobs
 from tests.infer_jobs import Gated
 from tests.peers import REPO, wait_for
-from tests.rows import job_of, results_of
+from tests.rows import instance_row, job_of, new_job, results_of
+
+
+def arriving_job(
+    database: Database, spool: Path, seed: int, ds: Dataset | None = None, path: Path | None = None
+) -> int:
+    """A job still receiving its study (state received), its first image stored."""
+    path = path or spool / f"{seed}.dcm"
+    ds = ds or write_chest_radiograph(path, seed=seed, size=64)
+    with database.session() as session:
+        job = new_job(session, str(ds.StudyInstanceUID), instance_count=1)
+        session.add(instance_row(ds, str(path.relative_to(spool)), job))
+        session.commit()
+        assert job.id is not None
+        return job.id
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def routed_job(database: Database, spool: Path, seed: int, priority: PriorityClass) -> int:
@@ -95,17 +115,30 @@ def test_the_rule_matching_a_study_s_first_image_sets_its_quiet_period(
         "  - name: rest\n    action: ignore\n"
     )
     router = Router(database, tmp_path, LiveRules(rules, ["cxr-ruleout"]))
-    chest = routed_job(database, tmp_path, 4, PriorityClass.routine)
+    chest = arriving_job(database, tmp_path, 4)
+    other = write_chest_radiograph(tmp_path / "ct.dcm", seed=5, size=64)
+    other.Modality = "CT"
+    other.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+    ct = arriving_job(database, tmp_path, 5, other, tmp_path / "ct.dcm")
+    woken: list[bool] = []
+    database.on_change = lambda: woken.append(True)
+    before = utcnow()
+
+    router.advance()  # route records it on the job, where assemble reads it
+
+    for job_id, expected in ((chest, 0.5), (ct, None)):  # "rest" sets none: the default
+        job = job_of(database, job_id)
+        assert job.state is JobState.received  # still arriving: recorded, not routed
+        assert job.quiet_period_s == expected
+        assert job.quiet_period_decided_at is not None
+        assert _aware(job.quiet_period_decided_at) >= before
+    assert woken  # assemble is woken to read them
+    # Decided once per job: the first header is not read again (not even changed).
     with database.session() as session:
-        job = session.get(Job, chest)
-        assert job is not None
-        assert router.quiet_period_for(session, job) == 0.5
-        instance = session.exec(select(Instance).where(Instance.job_id == chest)).one()
-        other = write_chest_radiograph(tmp_path / "ct.dcm", seed=5, size=64)
-        other.Modality = "CT"
-        other.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
-        instance.path = "ct.dcm"
-        session.add(instance)
+        row = session.exec(select(Instance).where(Instance.job_id == chest)).one()
+        row.path = "ct.dcm"
+        session.add(row)
         session.commit()
-        fresh = Router(database, tmp_path, LiveRules(rules, ["cxr-ruleout"]))
-        assert fresh.quiet_period_for(session, job) is None  # "rest" sets none: the default
+    woken.clear()
+    router.advance()
+    assert job_of(database, chest).quiet_period_s == 0.5 and not woken

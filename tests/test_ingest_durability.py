@@ -113,7 +113,7 @@ def test_killed_again_and_again_mid_push_nothing_acknowledged_is_lost(tmp_path: 
             wait_until_processed(node)
             events = log_events(node)
             break
-    database = Database(node.data_dir / "cadnode.core.db")
+    database = Database(node.data_dir / "cadnode.db")
     with database.session() as session:
         rows = session.exec(select(Instance)).all()
         jobs = session.exec(select(Job)).all()

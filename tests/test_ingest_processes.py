@@ -54,7 +54,7 @@ def pushed_at_once(node: Cadnode, batches: list[list[Path]]) -> list[int]:
 
 def indexed(node: Cadnode) -> tuple[list[Instance], set[str]]:
     """The index's rows and the spool's files (relative paths)."""
-    database = Database(node.data_dir / "cadnode.core.db")
+    database = Database(node.data_dir / "cadnode.db")
     with database.session() as session:
         rows = list(session.exec(select(Instance)).all())
     spool = node.data_dir / "spool"
@@ -129,7 +129,7 @@ def test_one_instance_sent_on_two_associations_at_once_is_stored_once(tmp_path: 
 
 def _store_in_another_process(data_dir: Path, files: list[Path], go: Any) -> None:
     """Store every file, in step with a twin process doing the same (`go`: a barrier)."""
-    database = Database(data_dir / "cadnode.core.db")
+    database = Database(data_dir / "cadnode.db")
     spool = Spool(data_dir / "spool", database, 0)
     for file in files:
         arrival, _ = examine(file)
@@ -144,7 +144,7 @@ def test_two_processes_storing_one_instance_index_it_once(tmp_path: Path) -> Non
     files = write_ct_series(tmp_path / "study", 20, size=64)
     context = multiprocessing.get_context("spawn")
     data_dir = tmp_path / "var"
-    Database(data_dir / "cadnode.core.db")  # the tables, before both processes race to make them
+    Database(data_dir / "cadnode.db")  # the tables, before both processes race to make them
     go = context.Barrier(2)
     processes = [
         context.Process(target=_store_in_another_process, args=(data_dir, files, go))
@@ -155,7 +155,7 @@ def test_two_processes_storing_one_instance_index_it_once(tmp_path: Path) -> Non
     for process in processes:
         process.join(120)
         assert process.exitcode == 0
-    database = Database(data_dir / "cadnode.core.db")
+    database = Database(data_dir / "cadnode.db")
     with database.session() as session:
         rows = session.exec(select(Instance)).all()
         [job] = session.exec(select(Job)).all()
@@ -171,7 +171,7 @@ def test_a_receivers_write_wakes_the_stages_at_once(tmp_path: Path) -> None:
     write_chest_radiograph(tmp_path / "chest.dcm", seed=103)
     with run_cadnode(tmp_path / "node", None, **RECEIVERS) as node:
         assert storescu(node.dicom_port, tmp_path / "chest.dcm").returncode == 0
-        database = Database(node.data_dir / "cadnode.core.db")
+        database = Database(node.data_dir / "cadnode.db")
 
         def job() -> Job | None:
             with database.session() as session:
@@ -338,7 +338,7 @@ def test_a_release_in_one_process_does_not_close_a_study_another_process_is_rece
             "the second association's release to be handled",
         )
         time.sleep(1.0)  # room for a wrong completion signal to reach assemble
-        database = Database(node.data_dir / "cadnode.core.db")
+        database = Database(node.data_dir / "cadnode.db")
         with database.session() as session:
             signals = list(session.exec(select(CompletionSignal)).all())
         [study] = node.studies()

@@ -11,6 +11,7 @@ from sqlmodel import col, select
 from cadnode.core.config import Hl7Publisher, PrioritySettings, WebhookPublisher
 from cadnode.core.db import (
     Database,
+    FailureKind,
     Instance,
     Job,
     JobState,
@@ -23,10 +24,12 @@ from cadnode.core.db import (
     UpsSubscription,
     Workitem,
 )
+from cadnode.infer.answers import Answer, dump_answer
 from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.prioritize.policy import load_policy
 from cadnode.prioritize.stage import Prioritizer
 from cadnode.prioritize.worklist import GLOBAL_SUBSCRIPTION, dataset_of
+from tests.answer_cases import ruleout_answer, segmenter_answer
 from tests.peers import REPO
 
 SETTINGS = PrioritySettings(
@@ -71,36 +74,33 @@ def arrive(database: Database, spool: Path, seed: int) -> tuple[int, int]:
         return study.id, job.id
 
 
-def settle(database: Database, job_id: int, state: JobState, *answers: dict[str, Any]) -> None:
-    """The job reaches `state`, with one result per answer (engine name in `engine`)."""
+def settle(
+    database: Database, job_id: int, state: JobState, *answers: tuple[str, Answer]
+) -> None:
+    """The job reaches `state`, with one result per (engine, answer)."""
     with database.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
         job.state = state
         job.reason = "inference failed: boom" if state is JobState.failed else None
-        for answer in answers:
+        job.failure = FailureKind.engine if state is JobState.failed else None
+        for engine, answer in answers:
             session.add(
                 Result(
                     job_id=job_id,
-                    engine=answer.pop("engine"),
+                    engine=engine,
                     engine_version="1",
                     model_sha256="0" * 64,
                     sop_instance_uid="1.2.3",
-                    answer=answer,
+                    answer=dump_answer(answer),
                 )
             )
         session.add(job)
         session.commit()
 
 
-def ruled_out(value: bool) -> dict[str, Any]:
-    reached = not value
-    return {
-        "engine": "cxr-ruleout",
-        "probability": 0.2 if value else 0.95,
-        "operating_points": {"urgent": {"threshold": 0.9, "reached": reached}},
-        "ruled_out": value,
-    }
+def ruled_out(value: bool) -> tuple[str, Answer]:
+    return "cxr-ruleout", ruleout_answer(0.2 if value else 0.95)
 
 
 def history(database: Database, study_id: int) -> list[tuple[str, str | None, bool]]:
@@ -202,17 +202,13 @@ def test_a_segmenter_finding_above_the_threshold_is_high(
 ) -> None:
     stage = prioritizer(database, tmp_path)
     study_id, job_id = arrive(database, tmp_path, seed=4)
-    finding = {
-        "label": {"name": "pneumothorax"},
-        "operating_points": {"present": {"reached": True}},
-        "measurements": {"percent_of_hemithorax": 18.0},
-    }
+    not_urgent = ruleout_answer(0.6)  # not ruled out, below its urgent operating point
     settle(
         database,
         job_id,
         JobState.inferred,
-        ruled_out(False) | {"operating_points": {}},
-        {"engine": "cxr-segmenter", "findings": [finding]},
+        ("cxr-ruleout", not_urgent),
+        ("cxr-segmenter", segmenter_answer(18.0)),
     )
     stage.advance()
     decided = history(database, study_id)[-1]
@@ -233,3 +229,25 @@ def test_a_study_that_cannot_be_read_does_not_stall_the_others(
     stage.advance()
     assert history(database, broken) == []
     assert history(database, fine) == [("MEDIUM", "arrival", True)]
+
+
+def test_an_answer_the_policy_cannot_read_never_lowers_the_study(
+    database: Database, tmp_path: Path
+) -> None:
+    stage = prioritizer(database, tmp_path)
+    study_id, job_id = arrive(database, tmp_path, seed=7)
+    settle(database, job_id, JobState.inferred, ruled_out(True))
+    with database.session() as session:  # a second film's answer, damaged in the database
+        session.add(
+            Result(
+                job_id=job_id,
+                engine="cxr-ruleout",
+                engine_version="1",
+                model_sha256="0" * 64,
+                sop_instance_uid="1.2.4",
+                answer={"probability": "low", "ruled_out": True},
+            )
+        )
+        session.commit()
+    stage.advance()
+    assert history(database, study_id)[-1] == ("MEDIUM", "default", False)

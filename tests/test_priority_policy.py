@@ -1,13 +1,12 @@
 """The priority policy: the shipped file's rules on synthetic engine answers, and its checks.
 
-The segmenter and DBT detector are not built yet; their rules are exercised here with
-answers written the way the policy's contract (cadnode/prioritize/policy.py) says they will.
+The answers are the typed ones (cadnode.infer.answers) shaped as each shipped engine gives
+them (tests/answer_cases.py); the conditions themselves are tested in test_conditions.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,46 +14,22 @@ from cadnode.core.config import load_settings
 from cadnode.core.db import Priority
 from cadnode.core.yamlfile import ConfigError
 from cadnode.prioritize.policy import EngineResult, Policy, StudyOutcome, load_policy
+from tests.answer_cases import detector_answer, ruleout_answer, segmenter_answer
 from tests.peers import REPO
 
 SHIPPED = load_policy(REPO / "config" / "priority.yaml")
 
 
-def ruleout(probability: float, threshold: float = 0.47) -> EngineResult:
-    return EngineResult(
-        "cxr-ruleout",
-        {
-            "label": {"name": "abnormal"},
-            "probability": probability,
-            "operating_points": {
-                "rule_out": {"threshold": threshold, "reached": probability >= threshold},
-                "urgent": {"threshold": 0.9, "reached": probability >= 0.9},
-            },
-            "ruled_out": probability < threshold,
-        },
-    )
+def ruleout(probability: float) -> EngineResult:
+    return EngineResult("cxr-ruleout", ruleout_answer(probability))
 
 
 def segmenter(percent: float | None) -> EngineResult:
-    findings: list[dict[str, Any]] = []
-    if percent is not None:
-        findings.append(
-            {
-                "label": {"name": "pneumothorax"},
-                "operating_points": {"present": {"threshold": 0.5, "reached": True}},
-                "measurements": {"percent_of_hemithorax": percent, "area_mm2": 900.0},
-            }
-        )
-    return EngineResult("cxr-segmenter", {"findings": findings})
+    return EngineResult("cxr-segmenter", segmenter_answer(percent))
 
 
 def dbt(probability: float) -> EngineResult:
-    box = {
-        "label": {"name": "mass"},
-        "probability": probability,
-        "operating_points": {"report": {"threshold": 0.6, "reached": probability >= 0.6}},
-    }
-    return EngineResult("dbt-detector", {"findings": [box]})
+    return EngineResult("dbt-detector", detector_answer(probability))
 
 
 @pytest.mark.parametrize(
@@ -113,10 +88,14 @@ def test_policy_errors_name_file_line_and_key(tmp_path: Path) -> None:
     problems = error.value.problems
     assert len(problems) == 4
     assert any(p.startswith(f"{policy}:1:1: no_result:") and "never LOW" in p for p in problems)
-    assert any(p.startswith(f"{policy}:4:5: rules.0.when:") for p in problems)
     assert any(
-        p.startswith(f"{policy}:8:5: rules.1.when:") and "go together" in p for p in problems
+        p.startswith(f"{policy}:4:5: rules.0.when:") and "needs a test" in p for p in problems
     )
+    assert any(
+        p.startswith(f"{policy}:8:12: rules.1.when.measurement:")
+        and "{percent_of_hemithorax: {greater_than: 10}}" in p
+        for p in problems
+    ), problems
     assert any(p.startswith(f"{policy}:9:5: rules.1.priority:") for p in problems)
 
 

@@ -37,6 +37,7 @@ from cadnode.infer.stage import Inference
 from cadnode.route import LiveRules, Router, RuleSet, Subject, load_rules
 from cadnode.route.explain import run_cases
 from cadnode.route.steps import Step
+from tests.answer_cases import ruleout_answer
 from tests.peers import REPO, wait_for
 from tests.rows import instance_row, job_of, new_job
 from tests.test_cli import cadnode
@@ -386,8 +387,8 @@ def test_a_step_runs_only_where_the_earlier_step_allows(tmp_path: Path) -> None:
     [first, second] = rules.decide([subject()]).steps()
     assert first.when is None and second.when is not None
     answers = {
-        ("cxr-ruleout", "a"): {"ruled_out": True},
-        ("cxr-ruleout", "b"): {"ruled_out": False},
+        ("cxr-ruleout", "a"): ruleout_answer(0.1),  # ruled out
+        ("cxr-ruleout", "b"): ruleout_answer(0.6),
     }
     assert second.images(["a", "b", "c"], answers) == ["b"]  # c: no earlier answer, skipped
     assert "cxr-segmenter (only where cxr-ruleout: ruled_out is false)" in (
@@ -396,8 +397,10 @@ def test_a_step_runs_only_where_the_earlier_step_allows(tmp_path: Path) -> None:
     thresholded = Step.model_validate(
         {"engine": "x", "when": {"step": "cxr-ruleout", "probability": {"at_least": 0.3}}}
     )
-    assert thresholded.images(["a"], {("cxr-ruleout", "a"): {"probability": 0.29}}) == []
-    assert thresholded.images(["a"], {("cxr-ruleout", "a"): {"probability": 0.3}}) == ["a"]
+    assert thresholded.images(["a"], {("cxr-ruleout", "a"): ruleout_answer(0.29)}) == []
+    assert thresholded.images(["a"], {("cxr-ruleout", "a"): ruleout_answer(0.3)}) == ["a"]
+    # The answer of the step it names, not another engine's for the same image.
+    assert thresholded.images(["a"], {("cxr-segmenter", "a"): ruleout_answer(0.3)}) == []
 
 
 # --- errors: file:line:column, key, bad value, what was expected -----------------------
@@ -550,7 +553,26 @@ SEGMENTER_IF_NOT_RULED_OUT = "{engine: cxr-segmenter, when: {step: cxr-ruleout, 
         (
             "action: infer\n    pipeline: "
             "[cxr-ruleout, {engine: cxr-segmenter, when: {step: cxr-ruleout}}]",
-            "a step condition tests ruled_out or probability",
+            ":6:53: rules.0.pipeline.1.when: Value error, a condition needs a test: ruled_out, "
+            "label, operating_point, probability or measurement",
+        ),
+        (
+            "action: infer\n    pipeline: "
+            "[cxr-ruleout, {engine: cxr-segmenter, when: {ruled_out: false}}]",
+            ":6:53: rules.0.pipeline.1.when: Value error, a step's condition names the earlier "
+            "step whose answer it tests: step:",
+        ),
+        (
+            "action: infer\n    pipeline: [cxr-ruleout, {engine: cxr-segmenter, "
+            "when: {step: cxr-ruleout, engine: cxr-ruleout, ruled_out: false}}]",
+            "rules.0.pipeline.1.when: Value error, a step's condition names the answer it tests "
+            "with step:",
+        ),
+        (
+            "action: infer\n    pipeline: [cxr-ruleout, {engine: cxr-segmenter, "
+            "when: {step: cxr-ruleout, probability: {atleast: 0.3}}}]",
+            "rules.0.pipeline.1.when.probability: Value error, unknown operator 'atleast': "
+            "expected one of less_than, at_most, greater_than, at_least, between",
         ),
         (
             "action: infer\n    pipeline: [cxr-ruleout, cxr-ruleout]",
@@ -799,7 +821,7 @@ def test_rules_explain_says_which_rule_fires_and_why_the_others_do_not(tmp_path:
     ) in by_file[0]
     assert "everything-else       skipped  not reached: 'chest-radiograph' stopped" in by_file[0]
     assert (
-        "chest-radiograph      no       line 43: ViewPosition in [PA, AP] (actual: 'LL')"
+        "chest-radiograph      no       line 46: ViewPosition in [PA, AP] (actual: 'LL')"
         in (by_file[1])
     )
     assert "=> everything-else" in by_file[1]
@@ -835,7 +857,7 @@ def test_rules_test_runs_the_shipped_cases_and_fails_on_a_mismatch(tmp_path: Pat
     assert lines[0] == "PASS  frontal chest"
     assert lines[1].startswith(
         "FAIL  a lateral film expected (wrongly) to run the engine: expected chest-radiograph, "
-        "fired everything-else ('chest-radiograph': line 43: ViewPosition in [PA, AP] "
+        "fired everything-else ('chest-radiograph': line 46: ViewPosition in [PA, AP] "
         "(actual: 'LL'))"
     )
     assert lines[2] == "FAIL  priority expected wrongly: expected priority background, got urgent"

@@ -94,7 +94,7 @@ def events(node: Cadnode, name: str) -> list[dict[str, Any]]:
 
 def routed_row(node: Cadnode, study_uid: str) -> dict[str, Any]:
     """The study's row once routed, read from the node's database as the CLI does."""
-    database = Database(node.data_dir / "cadnode.core.db")
+    database = Database(node.data_dir / "cadnode.db")
 
     def row() -> dict[str, Any] | None:
         rows = [r for r in study_rows(database) if r["study_uid"] == study_uid]

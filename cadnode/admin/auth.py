@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from cadnode.admin.throttle import Busy, CheckPool, FailureLimiter, Lockout
 from cadnode.core import audit
 from cadnode.core.config import HttpSettings
-from cadnode.core.db import Database
+from cadnode.core.db import AuditKind, AuditOutcome, Database
 
 log = structlog.get_logger("cadnode.admin")
 
@@ -124,7 +124,7 @@ class Gate:
 
     async def check_password(self, address: str, password: str) -> Verdict:
         hashed = self.settings.admin_password_hash
-        return await self._check(f"{audit.ADMIN}.login", address, hashed, password)
+        return await self._check(AuditKind.admin_login, address, hashed, password)
 
     async def check_token(self, address: str, token: str) -> Verdict:
         lockout = await self.lockout(address)
@@ -135,7 +135,7 @@ class Gate:
             if digest in self._tokens:
                 return Verdict(Outcome.ok)
         verdict = await self._check(
-            f"{audit.ADMIN}.token", address, self.settings.admin_token_hash, token
+            AuditKind.admin_token, address, self.settings.admin_token_hash, token
         )
         if verdict.ok:
             with self._lock:
@@ -146,7 +146,9 @@ class Gate:
         """A 429 verdict while `address` is locked out (checked before a body is read)."""
         return await self._locked_out(address, self.limiter.check(address))
 
-    async def _check(self, kind: str, address: str, hashed: str | None, secret: str) -> Verdict:
+    async def _check(
+        self, kind: AuditKind, address: str, hashed: str | None, secret: str
+    ) -> Verdict:
         locked = await self._locked_out(address, self.limiter.admit(address))
         if locked is not None:
             return locked
@@ -156,17 +158,19 @@ class Gate:
             failed = not ok
         except Busy:
             failed = False  # never checked
-            log.warning("admin.auth_busy", kind=kind)
+            log.warning("admin.auth_busy", kind=kind.value)
             return BUSY
         finally:
             self.limiter.settle(address, failed=failed)
         return Verdict(Outcome.ok if ok else Outcome.wrong)
 
-    def _verify_audited(self, kind: str, address: str, hashed: str | None, secret: str) -> bool:
+    def _verify_audited(
+        self, kind: AuditKind, address: str, hashed: str | None, secret: str
+    ) -> bool:
         """In a check worker: the Argon2 check and, if it failed, its audit event."""
         ok = verify(hashed, secret)
         if not ok:
-            self._audit(kind, address, "refused")
+            self._audit(kind, address, AuditOutcome.refused)
         return ok
 
     async def _locked_out(self, address: str, lockout: Lockout | None) -> Verdict | None:
@@ -178,15 +182,15 @@ class Gate:
             )
             await run_in_threadpool(
                 self._audit,
-                f"{audit.ADMIN}.lockout",
+                AuditKind.admin_lockout,
                 address,
-                "refused",
+                AuditOutcome.refused,
                 failures=lockout.failures,
                 retry_after_s=lockout.retry_after_s,
             )
         return Verdict(Outcome.locked_out, lockout.retry_after_s)
 
-    def _audit(self, kind: str, address: str, outcome: str, **details: Any) -> None:
+    def _audit(self, kind: AuditKind, address: str, outcome: AuditOutcome, **details: Any) -> None:
         if self.database is not None:
             audit.record(
                 self.database, kind, actor="admin", address=address, outcome=outcome, **details

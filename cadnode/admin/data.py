@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, select
 
-from cadnode.admin.metrics import STAGES, is_positive, job_times, stage_seconds
+from cadnode.admin.metrics import STAGES, job_times, stage_seconds
 from cadnode.core.audit import aware
 from cadnode.core.db import (
     Delivery,
@@ -58,7 +58,7 @@ def describe(result: Result) -> Finding:
     """One line for an engine's answer, whatever its task (cadnode.infer.answers)."""
     answer = parse_answer(result.answer)
     if isinstance(answer, SegmentAnswer):  # the most confident segment shown
-        present = [f.probability for f in answer.findings if is_positive(f.model_dump())]
+        present = [s.probability for s in answer.statements() if s.reached]
         probability = max(present, default=None)
     else:
         probability = answer.probability
@@ -70,7 +70,7 @@ def describe(result: Result) -> Finding:
         task=answer.task,
         text=summary(answer),
         probability=probability,
-        positive=is_positive(result.answer),
+        positive=answer.positive,
         source_uid=result.sop_instance_uid,
     )
 

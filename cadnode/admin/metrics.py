@@ -15,8 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -46,6 +45,7 @@ from cadnode.core.db import (
     Result,
     StudyPriority,
 )
+from cadnode.infer.answers import parse_answer
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -233,7 +233,7 @@ def _engines(session: Session) -> Iterator[Metric]:
         select(Result.engine, Result.answer).order_by(Result.id.desc())  # type: ignore[union-attr]
     )
     for engine, answer in rows:
-        positive = is_positive(answer)
+        positive = parse_answer(answer).positive  # reached an operating point
         answers[engine] += 1
         positives[engine] += positive
         if len(recent[engine]) < DRIFT_WINDOW:
@@ -278,15 +278,6 @@ def _inference_seconds(session: Session) -> Metric:
     for engine, values in sorted(by_engine.items()):
         _add_histogram(histogram, [engine], values)
     return histogram
-
-
-def is_positive(answer: Mapping[str, Any]) -> bool:
-    """Whether an answer (cadnode.infer.answers) reached any operating point: a classifier's
-    rule-out or decision threshold, a segment's presence, a detector's report threshold."""
-    points = answer.get("operating_points", {})
-    if any(point.get("reached") for point in points.values()):
-        return True
-    return any(is_positive(finding) for finding in answer.get("findings", []))
 
 
 def _outboxes(session: Session) -> Iterator[Metric]:

@@ -24,7 +24,7 @@ from cadnode.admin.auth import Gate, Outcome, Verdict, client_address
 from cadnode.admin.context import AdminContext
 from cadnode.admin.thumbnails import overlay_png
 from cadnode.core import audit
-from cadnode.core.db import AuditEvent, Instance, Result
+from cadnode.core.db import AuditEvent, AuditKind, AuditOutcome, Instance, Result
 from cadnode.core.yamlfile import ConfigError
 from cadnode.deliver import outbox_admin as deliveries
 from cadnode.dicom.pixels import ImageRefused
@@ -105,10 +105,10 @@ async def login(
     await run_in_threadpool(
         audit.record,
         context_of(request).database,
-        f"{audit.ADMIN}.login",
+        AuditKind.admin_login,
         actor="admin",
         address=address,
-        outcome="ok",
+        outcome=AuditOutcome.ok,
     )
     return RedirectResponse(_local(next), status_code=303)
 
@@ -143,10 +143,10 @@ def logout(request: Request) -> RedirectResponse:
     gate_of(request).log_out(request)
     audit.record(
         context_of(request).database,
-        f"{audit.ADMIN}.logout",
+        AuditKind.admin_logout,
         actor="admin",
         address=request.client.host if request.client else None,
-        outcome="ok",
+        outcome=AuditOutcome.ok,
     )
     return RedirectResponse("/login", status_code=303)
 
@@ -328,7 +328,7 @@ def audit_page(request: Request, kind: str | None = None) -> HTMLResponse:
     with context_of(request).database.session() as session:
         query = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(200)
         if kind:
-            query = query.where(col(AuditEvent.kind).startswith(kind))
+            query = query.where(col(AuditEvent.kind).in_(audit.kinds_starting(kind)))
         events = list(session.exec(query))
     return render(request, "audit.html", events=events, kind=kind or "")
 

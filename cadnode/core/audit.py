@@ -20,29 +20,30 @@ import structlog
 from pydicom import dcmread
 from sqlmodel import select
 
-from cadnode.core.db import AuditEvent, Database, utcnow
+from cadnode.core.db import AuditEvent, AuditKind, AuditOutcome, Database, utcnow
 
 log = structlog.get_logger("cadnode.core.audit")
 
-# The kinds recorded; `cadnode audit --kind` takes any of them (or a prefix such as "admin").
-ASSOCIATION = "association"
-STUDY_RECEIVED = "study.received"
-INSTANCE_REFUSED = "instance.refused"  # a C-STORE answered with a failure status
-RESULT_DELIVERED = "result.delivered"
-RETRIEVED = "retrieved"  # a C-MOVE or C-GET of held images or results
-RULES = "rules"
-ENGINE = "engine"
-ADMIN = "admin"  # admin.login, admin.logout, admin.delivery.retry, ...
+# The kinds recorded (cadnode.core.db.AuditKind); `cadnode audit --kind` takes any of them, or
+# a prefix such as "admin" (admin.login, admin.logout, admin.delivery.retry, ...).
+ASSOCIATION = AuditKind.association
+STUDY_RECEIVED = AuditKind.study_received
+INSTANCE_REFUSED = AuditKind.instance_refused
+RESULT_DELIVERED = AuditKind.result_delivered
+RETRIEVED = AuditKind.retrieved
+RULES = AuditKind.rules
+ENGINE = AuditKind.engine
+ADMIN = "admin"  # the prefix of the admin.* kinds
 
 PATIENT_TAGS = ("PatientName", "PatientID", "AccessionNumber", "StudyDate")
 
 
 def record(
     database: Database,
-    kind: str,
+    kind: AuditKind,
     *,
     actor: str,
-    outcome: str,
+    outcome: AuditOutcome,
     address: str | None = None,
     **details: Any,
 ) -> None:
@@ -55,7 +56,12 @@ def record(
             session.add(event)
             session.commit()
     except Exception as error:  # the audited work has happened; say so rather than undo it
-        log.error("audit.not_recorded", kind=kind, outcome=outcome, error=type(error).__name__)
+        log.error(
+            "audit.not_recorded",
+            kind=kind.value,
+            outcome=outcome.value,
+            error=type(error).__name__,
+        )
 
 
 def study_received(
@@ -72,7 +78,7 @@ def study_received(
         STUDY_RECEIVED,
         actor=calling_ae,
         address=peer,
-        outcome="stored",
+        outcome=AuditOutcome.stored,
         study_uid=study_uid,
         **patient,
     )
@@ -91,14 +97,20 @@ def events(
                 yield event
 
 
+def kinds_starting(text: str) -> list[AuditKind]:
+    """The kinds whose name starts with `text` (the dashboard's filter: "admin" is every
+    admin.* kind); an SQL condition on the column, as the kinds are stored by their names."""
+    return [kind for kind in AuditKind if kind.value.startswith(text)]
+
+
 def as_json_line(event: AuditEvent) -> str:
     return json.dumps(
         {
             "at": aware(event.at).isoformat(),
-            "kind": event.kind,
+            "kind": event.kind.value,
             "actor": event.actor,
             "address": event.address,
-            "outcome": event.outcome,
+            "outcome": event.outcome.value,
             "details": event.details,
         },
         sort_keys=False,

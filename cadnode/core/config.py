@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from cadnode.core.backoff import Backoff
 from cadnode.core.yamlfile import ConfigError, load_model, read_yaml
 
 EMBEDDED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "cadnode.yaml"
@@ -183,7 +184,7 @@ class StorageSettings(Section):
 
     @property
     def database(self) -> Path:
-        return self.data_dir / "cadnode.core.db"
+        return self.data_dir / "cadnode.db"
 
     @property
     def spool(self) -> Path:
@@ -248,6 +249,15 @@ class DispatchSettings(Section):
     commitment_timeout_s: float = Field(default=600.0, gt=0)
     commitment_max_requests: int = Field(default=3, ge=1)
 
+    @property
+    def backoff(self) -> Backoff:
+        """The retry schedule of both outboxes (deliveries and worklist publications)."""
+        return Backoff(
+            initial_s=self.backoff_initial_s,
+            max_s=self.backoff_max_s,
+            max_attempts=self.max_attempts,
+        )
+
 
 Backend = Literal["auto", "onnxruntime", "tensorrt"]
 
@@ -273,6 +283,11 @@ class EngineSettings(Section):
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_s: float = Field(default=5.0, gt=0)
     options: dict[str, EngineOptions] = Field(default_factory=dict)
+
+    @property
+    def backoff(self) -> Backoff:
+        """The retry schedule of a job whose engine failed (no ceiling: attempts are few)."""
+        return Backoff(initial_s=self.retry_backoff_s, max_attempts=self.max_attempts)
 
     def for_engine(self, name: str) -> EngineOptions:
         """The engine's own options, its backend defaulting to `engines.backend`."""

@@ -18,7 +18,7 @@ import structlog
 from sqlalchemy import JSON, Column, UniqueConstraint, event, update
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
-log = structlog.get_logger("cadnode.core.db")
+log = structlog.get_logger("cadnode.db")
 
 
 def utcnow() -> dt.datetime:
@@ -33,7 +33,20 @@ class JobState(StrEnum):
     encoded = "encoded"  # results written as DICOM; kept locally
     delivered = "delivered"  # every destination acknowledged every result
     ignored = "ignored"  # no rule wants it: stored, not processed
-    failed = "failed"  # see Job.reason
+    failed = "failed"  # see Job.failure (what kind of failure) and Job.reason (in words)
+
+
+class FailureKind(StrEnum):
+    """Why a job failed, for code to act on (an admin's replay reopens dead letters only);
+    `Job.reason` says it in words for people."""
+
+    unreadable = "unreadable"  # route: a stored instance no longer reads
+    engine_unavailable = "engine_unavailable"  # infer: a step's engine is not loaded here
+    engine = "engine"  # infer: the engine raised or timed out, every attempt
+    interrupted = "interrupted"  # infer: the node stopped during the last attempt allowed
+    image_refused = "image_refused"  # infer: pixels over the decode limits (not retried)
+    encoding = "encoding"  # encode: the results could not be written as DICOM
+    dead_letter = "dead_letter"  # dispatch: a delivery gave up after its attempts
 
 
 class DeliveryState(StrEnum):
@@ -74,7 +87,13 @@ class Job(SQLModel, table=True):
     )
     inputs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     priority: PriorityClass = Field(default=PriorityClass.routine, index=True)
-    quiet_period_s: float | None = None  # the routing rule's own quiet period, if it set one
+    failure: FailureKind | None = Field(default=None, index=True)  # set when state is failed
+    # The routing rules' own quiet period for the study, if they set one: route records it
+    # from the study's first instance while it arrives (and again when it routes the whole
+    # study); assemble reads it from here. `quiet_period_decided_at`: when route first did
+    # (None: not yet, and assemble waits for it before ending the study's quiet period).
+    quiet_period_s: float | None = None
+    quiet_period_decided_at: dt.datetime | None = None
     instance_count: int = 0
     first_instance_at: dt.datetime = Field(default_factory=utcnow)
     last_instance_at: dt.datetime = Field(default_factory=utcnow)
@@ -105,15 +124,30 @@ class Instance(SQLModel, table=True):
     missing_since: dt.datetime | None = None
 
 
+class MppsStatus(StrEnum):
+    """Performed Procedure Step Status (0040,0252): DICOM's defined terms."""
+
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    DISCONTINUED = "DISCONTINUED"
+
+
 class PerformedProcedureStep(SQLModel, table=True):
     """A modality's MPPS (N-CREATE, then N-SET), kept as its DICOM JSON."""
 
     sop_instance_uid: str = Field(primary_key=True)
-    status: str = Field(index=True)  # Performed Procedure Step Status: IN PROGRESS, COMPLETED, ...
+    status: MppsStatus = Field(index=True)
     calling_ae: str
     dataset: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: dt.datetime = Field(default_factory=utcnow)
     updated_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class CompletionSource(StrEnum):
+    """Who said a study is whole (CompletionSignal.source)."""
+
+    association = "association"  # the association that sent it was released
+    mpps = "mpps"  # the modality's MPPS went COMPLETED
 
 
 class CompletionSignal(SQLModel, table=True):
@@ -125,7 +159,7 @@ class CompletionSignal(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     study_uid: str = Field(index=True)
-    source: str  # association | mpps
+    source: CompletionSource
     expected: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     at: dt.datetime = Field(default_factory=utcnow)
 
@@ -156,6 +190,13 @@ class ResultObject(SQLModel, table=True):
     created_at: dt.datetime = Field(default_factory=utcnow)
 
 
+class HeldAs(StrEnum):
+    """What kind of object serve holds (QueryRecord.held_as), and so in which folder."""
+
+    instance = "instance"  # a received image, in the spool
+    result = "result"  # cadnode's own object, in the results folder
+
+
 class QueryRecord(SQLModel, table=True):
     """Serve's query index: one held object's query attributes, read from its file's header.
 
@@ -163,7 +204,7 @@ class QueryRecord(SQLModel, table=True):
     """
 
     sop_instance_uid: str = Field(primary_key=True)
-    held_as: str  # instance (a received image, in the spool) | result (cadnode's own object)
+    held_as: HeldAs
     path: str  # relative to the spool or the results folder
     patient_id: str = Field(index=True)
     study_uid: str = Field(index=True)
@@ -224,13 +265,27 @@ class StudyPriority(SQLModel, table=True):
     decided_at: dt.datetime = Field(default_factory=utcnow)
 
 
+class UpsState(StrEnum):
+    """A workitem's Procedure Step State (0074,1000): DICOM's defined terms (PS3.4 CC.1.1)."""
+
+    SCHEDULED = "SCHEDULED"
+    IN_PROGRESS = "IN PROGRESS"
+    COMPLETED = "COMPLETED"
+    CANCELED = "CANCELED"
+
+    @property
+    def final(self) -> bool:
+        """Read (or canceled): the workitem no longer changes."""
+        return self in (UpsState.COMPLETED, UpsState.CANCELED)
+
+
 class Workitem(SQLModel, table=True):
     """A study's reading workitem: a UPS instance, kept as its DICOM JSON."""
 
     sop_instance_uid: str = Field(primary_key=True)
     study_id: int = Field(foreign_key="study.id", unique=True)
     priority: Priority
-    state: str = Field(default="SCHEDULED", index=True)  # Procedure Step State (0074,1000)
+    state: UpsState = Field(default=UpsState.SCHEDULED, index=True)
     transaction_uid: str | None = None  # the performer's lock while IN PROGRESS
     dataset: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     updated_at: dt.datetime = Field(default_factory=utcnow)
@@ -256,13 +311,22 @@ class PublicationState(StrEnum):
     superseded = "superseded"  # a newer priority for the same study and recipient replaced it
 
 
+class PublicationChannel(StrEnum):
+    """How a publication goes out (Publication.channel); publish has one sender per channel."""
+
+    ups_event = "ups-event"  # an N-EVENT-REPORT to a UPS subscriber (destination: its AE title)
+    ups_push = "ups-push"  # the workitem, to an external UPS SCP (a configured destination)
+    hl7 = "hl7"  # an HL7 v2 order update over MLLP (a configured `priority.hl7` name)
+    webhook = "webhook"  # a JSON POST (a configured `priority.webhooks` name)
+
+
 class Publication(SQLModel, table=True):
     """The worklist outbox: one row per (priority change or UPS event, recipient)."""
 
     id: int | None = Field(default=None, primary_key=True)
     study_id: int = Field(foreign_key="study.id", index=True)
     decision_id: int | None = Field(default=None, foreign_key="studypriority.id")
-    channel: str  # ups-event | ups-push | hl7 | webhook
+    channel: PublicationChannel
     destination: str  # a configured publisher's name, or a subscriber's AE title
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     state: PublicationState = Field(default=PublicationState.pending, index=True)
@@ -273,16 +337,48 @@ class Publication(SQLModel, table=True):
     sent_at: dt.datetime | None = None
 
 
+class AuditKind(StrEnum):
+    """What an audit event records (AuditEvent.kind). Dotted: a prefix ("admin") selects the
+    kinds under it (`cadnode audit --kind admin`, the dashboard's audit page)."""
+
+    association = "association"  # an association request, accepted or rejected
+    study_received = "study.received"  # a study's first instance stored: who sent whose study
+    instance_refused = "instance.refused"  # a C-STORE answered with a failure status
+    result_delivered = "result.delivered"
+    retrieved = "retrieved"  # a C-MOVE or C-GET of held images or results
+    rules = "rules"  # the routing rules loaded, or a changed file refused
+    engine = "engine"  # an engine loaded at start
+    admin_login = "admin.login"
+    admin_logout = "admin.logout"
+    admin_token = "admin.token"  # a bearer token refused
+    admin_lockout = "admin.lockout"  # an address locked out after failed checks
+    admin_delivery_retry = "admin.delivery.retry"
+    admin_delivery_discard = "admin.delivery.discard"
+
+
+class AuditOutcome(StrEnum):
+    """How the audited act ended (AuditEvent.outcome)."""
+
+    accepted = "accepted"
+    rejected = "rejected"
+    refused = "refused"
+    stored = "stored"
+    sent = "sent"
+    partly_failed = "partly failed"
+    loaded = "loaded"
+    ok = "ok"
+
+
 class AuditEvent(SQLModel, table=True):
     """Who did what, for the audit trail (cadnode.core.audit). Unlike the logs, `details` may carry
     patient identifiers: it is read by those allowed to, through `cadnode audit`."""
 
     id: int | None = Field(default=None, primary_key=True)
     at: dt.datetime = Field(default_factory=utcnow, index=True)
-    kind: str = Field(index=True)  # association | study.received | result.delivered | ...
+    kind: AuditKind = Field(index=True)
     actor: str  # a calling AE title, "admin", "cli", "node"
     address: str | None = None  # where the actor was: host:port, or a destination AE@host:port
-    outcome: str  # accepted | rejected | sent | loaded | refused | ok | ...
+    outcome: AuditOutcome
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
@@ -334,7 +430,7 @@ class Database:
 
 
 def _loggable(changes: dict[str, Any]) -> dict[str, Any]:
-    logged = ("reason", "rule", "rules_version", "pipeline", "priority")
+    logged = ("reason", "failure", "rule", "rules_version", "pipeline", "priority")
     return {k: v for k, v in changes.items() if k in logged}
 
 

@@ -1,9 +1,10 @@
 """Dispatch: the outbox. C-STORE every result object to every destination, exactly once.
 
-Each (object, destination) pair is a Delivery row: pending until the peer acknowledges it,
-then sent. A failed attempt is retried with exponential back-off (the next attempt time is
-in the database, so a restart resumes the schedule); after the configured number of
-attempts the delivery is dead-lettered and its job marked failed, with the reason.
+Each (object, destination) pair is a Delivery row (queued by route and encode through
+cadnode/deliver/outbox.py): pending until the peer acknowledges it, then sent. A failed
+attempt is retried with exponential back-off (the next attempt time is in the database, so a
+restart resumes the schedule); after the configured number of attempts the delivery is
+dead-lettered and its job failed (`FailureKind.dead_letter`, with the reason in words).
 Original images that a routing rule forwards go through the same outbox. An admin replays
 or discards dead letters with `cadnode deliveries` (cadnode/deliver/outbox_admin.py);
 destinations with `storage_commitment` are then asked to confirm they keep each object
@@ -19,11 +20,9 @@ with the same SOP Instance UID, which a PACS stores once (it replaces or ignores
 
 from __future__ import annotations
 
-import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
 
 import structlog
 from pydicom import Dataset, dcmread
@@ -35,52 +34,25 @@ from sqlmodel import Session, select
 from cadnode.core import audit
 from cadnode.core.config import Destination, DispatchSettings
 from cadnode.core.db import (
+    AuditOutcome,
     Database,
     Delivery,
     DeliveryState,
+    FailureKind,
     Instance,
     JobState,
     ResultObject,
     utcnow,
 )
 from cadnode.deliver.commitment import STORAGE_COMMITMENT, Commitments, CommitmentScp
+from cadnode.deliver.outbox import record_failure
 from cadnode.dicom.pdu import tune_connection
 from cadnode.dicom.status import status_is_success
 
 log = structlog.get_logger("cadnode.deliver.dispatch")
 
+# A job failed by a dead letter, in words (the kind is FailureKind.dead_letter).
 DEAD_LETTER = "a result could not be delivered (dead letter)"
-
-
-def next_attempt_at(settings: DispatchSettings, attempts: int) -> dt.datetime | None:
-    """When to try again after `attempts` failed tries: exponential back-off up to its
-    ceiling, or None once the limit is reached (dead letter). Shared by every outbox."""
-    if attempts >= settings.max_attempts:
-        return None
-    delay = min(settings.backoff_initial_s * 2 ** (attempts - 1), settings.backoff_max_s)
-    return utcnow() + dt.timedelta(seconds=delay)
-
-
-class OutboxRow(Protocol):
-    """A row of an outbox (a result's Delivery, a worklist Publication)."""
-
-    state: Any
-    attempts: int
-    last_error: str | None
-    next_attempt_at: dt.datetime
-
-
-def record_failure(settings: DispatchSettings, row: OutboxRow, reason: str, failed: Any) -> bool:
-    """Count a failed try on `row`: the next one is scheduled with back-off, or, at the
-    limit, the row goes to its `failed` state (a dead letter). True when dead-lettered."""
-    row.attempts += 1
-    row.last_error = reason
-    retry_at = next_attempt_at(settings, row.attempts)
-    if retry_at is None:
-        row.state = failed
-        return True
-    row.next_attempt_at = retry_at
-    return False
 
 
 class Dispatcher:
@@ -235,7 +207,7 @@ class Dispatcher:
             audit.RESULT_DELIVERED,
             actor=self.calling_ae,
             address=delivery.destination,
-            outcome="sent",
+            outcome=AuditOutcome.sent,
             delivery=delivery.id,
             job=delivery.job_id,
             object_uid=delivery.object_uid,
@@ -246,7 +218,7 @@ class Dispatcher:
         return True
 
     def _failed(self, session: Session, delivery: Delivery, reason: str) -> None:
-        dead = record_failure(self.settings, delivery, reason, DeliveryState.failed)
+        dead = record_failure(delivery, reason, self.settings.backoff)
         session.add(delivery)
         session.commit()
         log.warning(
@@ -267,7 +239,12 @@ class Dispatcher:
                 continue  # no destinations configured: results stay local, job stays encoded
             if DeliveryState.failed in states:
                 self.database.transition(
-                    session, job, JobState.failed, expect=JobState.encoded, reason=DEAD_LETTER
+                    session,
+                    job,
+                    JobState.failed,
+                    expect=JobState.encoded,
+                    reason=DEAD_LETTER,
+                    failure=FailureKind.dead_letter,
                 )
             elif states <= {DeliveryState.sent, DeliveryState.discarded}:
                 discarded = {"reason": "delivered except what an admin discarded"}

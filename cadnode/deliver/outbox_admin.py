@@ -19,10 +19,24 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from cadnode.core import audit
-from cadnode.core.db import Database, Delivery, DeliveryState, Job, JobState, utcnow
-from cadnode.deliver.dispatch import DEAD_LETTER
+from cadnode.core.db import (
+    AuditKind,
+    AuditOutcome,
+    Database,
+    Delivery,
+    DeliveryState,
+    FailureKind,
+    Job,
+    JobState,
+    utcnow,
+)
 
 log = structlog.get_logger("cadnode.deliver.outbox_admin")
+
+ADMIN_KINDS = {
+    "retry": AuditKind.admin_delivery_retry,
+    "discard": AuditKind.admin_delivery_discard,
+}
 
 
 @dataclass(frozen=True)
@@ -150,8 +164,10 @@ def _reopen_job(database: Database, session: Session, job_id: int) -> None:
     if job is None:
         return
     session.refresh(job)
-    if job.state is JobState.failed and job.reason == DEAD_LETTER:
-        database.transition(session, job, JobState.encoded, expect=JobState.failed, reason=None)
+    if job.state is JobState.failed and job.failure is FailureKind.dead_letter:
+        database.transition(
+            session, job, JobState.encoded, expect=JobState.failed, reason=None, failure=None
+        )
     elif job.state is JobState.delivered:
         database.transition(session, job, JobState.encoded, expect=JobState.delivered)
 
@@ -169,9 +185,9 @@ def _record(
     log.info(f"delivery.{action}", **fields)
     audit.record(
         database,
-        f"{audit.ADMIN}.delivery.{action}",
+        ADMIN_KINDS[action],
         actor=actor,
-        outcome="ok",
+        outcome=AuditOutcome.ok,
         address=delivery.destination,
         delivery=delivery.id,
         job=delivery.job_id,

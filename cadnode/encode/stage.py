@@ -32,7 +32,7 @@ from sqlmodel import Session, select
 from cadnode.core.config import Destination
 from cadnode.core.db import (
     Database,
-    Delivery,
+    FailureKind,
     Instance,
     Job,
     JobState,
@@ -41,6 +41,7 @@ from cadnode.core.db import (
     Study,
 )
 from cadnode.core.files import write_durably
+from cadnode.deliver.outbox import queue_delivery
 from cadnode.encode.capture import secondary_capture
 from cadnode.encode.overlay import BoxSpec
 from cadnode.encode.provenance import Algorithm, CodedLabel
@@ -56,6 +57,7 @@ from cadnode.encode.sr import (
     warm_up,
 )
 from cadnode.infer.answers import (
+    RULE_OUT,
     Answer,
     ClassifyAnswer,
     DetectAnswer,
@@ -120,6 +122,7 @@ class Encoder:
                         JobState.failed,
                         expect=JobState.inferred,
                         reason=f"encoding failed: {type(error).__name__}: {error}",
+                        failure=FailureKind.encoding,
                     )
         return None
 
@@ -175,9 +178,7 @@ class Encoder:
             session.flush()  # the deliveries' foreign key needs the object row first
             for destination in self.destinations:
                 if made.for_all or destination.secondary_capture:
-                    session.add(
-                        Delivery(object_uid=uid, job_id=job.id, destination=str(destination))
-                    )
+                    queue_delivery(session, job.id, uid, str(destination))
         session.flush()
 
 
@@ -202,13 +203,14 @@ class _Objects:
         return ReportIdentity(self.uid("series"), self.uid("sr"), content_datetime=self.when)
 
     def build(self, answered: list[_Answered]) -> Iterator[_Made]:
-        tasks = {item.answer.task for item in answered}
-        if len(tasks) != 1:
-            raise ValueError(f"one engine answered with several task kinds: {sorted(tasks)}")
-        task = tasks.pop()
-        if task == "classify":
+        kinds = {type(item.answer) for item in answered}
+        if len(kinds) != 1:
+            tasks = sorted({item.answer.task for item in answered})
+            raise ValueError(f"one engine answered with several task kinds: {tasks}")
+        kind = kinds.pop()
+        if kind is ClassifyAnswer:
             yield from self._classified(answered)
-        elif task == "segment":
+        elif kind is SegmentAnswer:
             yield from self._segmented(answered)
         else:
             yield from self._detected(answered)
@@ -218,13 +220,18 @@ class _Objects:
         for item in answered:
             answer = item.answer
             assert isinstance(answer, ClassifyAnswer)
-            point = answer.operating_points["rule_out"]
+            point = answer.rule_out_point
+            if point is None:
+                raise ValueError(
+                    f"the classifier's answer has no {RULE_OUT!r} operating point: its report "
+                    "states the rule-out decision"
+                )
             classifications.append(
                 Classification(
                     source=item.source,
                     label=CodedLabel(**answer.label.code.model_dump()),
                     probability=answer.probability,
-                    operating_point="rule_out",
+                    operating_point=RULE_OUT,
                     threshold=point.threshold,
                     ruled_out=bool(answer.ruled_out),
                 )
@@ -300,12 +307,9 @@ class _Objects:
 
 def _boxes_on_best_frame(answer: DetectAnswer) -> tuple[int, list[BoxSpec]]:
     """The frame of the best finding (the middle frame without one) and the boxes on it."""
-    if not answer.findings:
-        return (answer.frames + 1) // 2, []
-    frame = max(answer.findings, key=lambda finding: finding.probability).box.frame
+    frame = answer.best_frame()
     boxes: list[BoxSpec] = [
         (f.box.x, f.box.y, f.box.width, f.box.height, f"{f.label.name} {f.probability:.2f}")
-        for f in answer.findings
-        if f.box.first_frame <= frame < f.box.first_frame + f.box.depth
+        for f in answer.findings_on(frame)
     ]
     return frame, boxes

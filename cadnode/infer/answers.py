@@ -2,9 +2,12 @@
 
 One answer per source image (a radiograph, or a whole multi-frame DBT volume), shaped by
 the engine's task kind. Each answer is self-contained: later stages need nothing from the
-engine bundle to encode or rank it. The priority policy reads `label`, `probability`,
-`operating_points`, `ruled_out`, `measurements` and `findings` from any of them
-(cadnode.prioritize.policy).
+engine bundle to encode or rank it. Later stages ask the answer, never its `task` string:
+`statements()` is what it says (the answer's own verdict and each finding: label,
+probability, operating points reached, measurements), which conditions test
+(cadnode.infer.conditions: pipeline steps' and priority rules' `when:`); `positive` whether
+it reached any operating point; `ruled_out` the rule-out decision (a classifier with a
+`rule_out` operating point; None for any other answer).
 
 Coordinates are the source image's own: `x` is the column and `y` the row of a box's
 top-left corner, in pixels of the stored image (not the model input); frame numbers are
@@ -16,6 +19,8 @@ and the answer names it relative to that folder.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from cadnode.core.files import write_durably
 from cadnode.infer.bundle import Label
+
+# The classifier operating point below which a study is "no abnormality detected" (DESIGN §4).
+RULE_OUT = "rule_out"
 
 
 class _Answer(BaseModel):
@@ -38,12 +46,49 @@ class PointReached(_Answer):
     description: str = ""
 
 
-class ClassifyAnswer(_Answer):
+@dataclass(frozen=True)
+class Statement:
+    """One thing an answer says, as a condition tests it: a classifier's verdict, a
+    detector's best score, or one finding (a segment, a detected lesion)."""
+
+    label: Label
+    probability: float
+    operating_points: Mapping[str, PointReached]
+    measurements: Mapping[str, float]
+
+    @property
+    def reached(self) -> bool:
+        """Whether it reached any of its operating points."""
+        return any(point.reached for point in self.operating_points.values())
+
+
+class _Said(_Answer):
+    """What every answer kind tells the stages after infer."""
+
+    def statements(self) -> list[Statement]:
+        raise NotImplementedError
+
+    @property
+    def positive(self) -> bool:
+        """Reached an operating point: not ruled out (a classifier's `rule_out` reached, or
+        another of its points), a segment present, a finding reported."""
+        return any(statement.reached for statement in self.statements())
+
+
+class ClassifyAnswer(_Said):
     task: Literal["classify"] = "classify"
     label: Label  # the label the probability is about (e.g. abnormal)
     probability: float
     operating_points: dict[str, PointReached]
     ruled_out: bool | None = None  # set when the manifest has a `rule_out` operating point
+
+    @property
+    def rule_out_point(self) -> PointReached | None:
+        """The `rule_out` operating point, when the engine is a rule-out filter."""
+        return self.operating_points.get(RULE_OUT)
+
+    def statements(self) -> list[Statement]:
+        return [Statement(self.label, self.probability, self.operating_points, {})]
 
 
 class SegmentFinding(_Answer):
@@ -59,7 +104,7 @@ class SegmentFinding(_Answer):
     measurements: dict[str, float] = Field(default_factory=dict)
 
 
-class SegmentAnswer(_Answer):
+class SegmentAnswer(_Said):
     task: Literal["segment"] = "segment"
     mask_file: str  # relative to the answers folder; see save_masks
     frames: int = Field(ge=1)
@@ -67,6 +112,18 @@ class SegmentAnswer(_Answer):
     columns: int = Field(ge=1)
     pixel_spacing_mm: tuple[float, float] | None = None  # (row, column) spacing
     findings: list[SegmentFinding]
+
+    @property
+    def ruled_out(self) -> None:
+        """Only a classifier rules a study out."""
+        return None
+
+    def statements(self) -> list[Statement]:
+        """One per segment: the answer itself has no label or probability of its own."""
+        return [
+            Statement(f.label, f.probability, f.operating_points, f.measurements)
+            for f in self.findings
+        ]
 
 
 class Box(_Answer):
@@ -87,7 +144,7 @@ class DetectFinding(_Answer):
     measurements: dict[str, float] = Field(default_factory=dict)  # e.g. width_mm, height_mm
 
 
-class DetectAnswer(_Answer):
+class DetectAnswer(_Said):
     task: Literal["detect"] = "detect"
     frames: int = Field(ge=1)
     rows: int = Field(ge=1)
@@ -98,12 +155,37 @@ class DetectAnswer(_Answer):
     operating_points: dict[str, PointReached]  # {"report": reached when any finding is}
     findings: list[DetectFinding]  # the findings at or above the `report` operating point
 
+    @property
+    def ruled_out(self) -> None:
+        """Only a classifier rules a study out."""
+        return None
+
+    def statements(self) -> list[Statement]:
+        """The volume's best score, then each finding."""
+        own = Statement(self.label, self.probability, self.operating_points, {})
+        return [own] + [
+            Statement(f.label, f.probability, f.operating_points, f.measurements)
+            for f in self.findings
+        ]
+
+    def best_frame(self) -> int:
+        """The frame where the best finding scores highest; the middle frame without one."""
+        if not self.findings:
+            return (self.frames + 1) // 2
+        return max(self.findings, key=lambda finding: finding.probability).box.frame
+
+    def findings_on(self, frame: int) -> list[DetectFinding]:
+        """The findings whose boxes span `frame`."""
+        return [
+            f for f in self.findings if f.box.first_frame <= frame < f.box.first_frame + f.box.depth
+        ]
+
 
 Answer = Annotated[ClassifyAnswer | SegmentAnswer | DetectAnswer, Field(discriminator="task")]
 _ANSWER: TypeAdapter[Answer] = TypeAdapter(Answer)
 
 
-def parse_answer(stored: dict[str, Any]) -> Answer:
+def parse_answer(stored: Mapping[str, Any]) -> Answer:
     """A `Result.answer` read back; answers stored before `task` existed are classifications."""
     return _ANSWER.validate_python({"task": "classify", **stored})
 
@@ -119,22 +201,18 @@ def summary(answer: Answer) -> str:
     (35% of hemithorax), right lung", "2 mass finding(s)". The probability is left to the
     caller to show or not."""
     if isinstance(answer, SegmentAnswer):
-        present = [f for f in answer.findings if _reached(f.operating_points)]
-        return ", ".join(_segment_text(f) for f in present) or "nothing segmented"
+        present = [s for s in answer.statements() if s.reached]
+        return ", ".join(_segment_text(s) for s in present) or "nothing segmented"
     if isinstance(answer, DetectAnswer):
         name, count = answer.label.name, len(answer.findings)
         return f"{count} {name} finding(s)" if count else f"no {name} reported"
     if answer.ruled_out:
         return "no abnormality detected (ruled out)"
     name = answer.label.name
-    return name if _reached(answer.operating_points) else f"not {name}"
+    return name if answer.positive else f"not {name}"
 
 
-def _reached(points: dict[str, PointReached]) -> bool:
-    return any(point.reached for point in points.values())
-
-
-def _segment_text(finding: SegmentFinding) -> str:
+def _segment_text(finding: Statement) -> str:
     name = finding.label.name.replace("_", " ")
     share = finding.measurements.get("percent_of_hemithorax")
     return f"{name} ({share:.0f}% of hemithorax)" if share is not None else name

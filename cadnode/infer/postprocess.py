@@ -25,6 +25,7 @@ from PIL import Image
 from scipy import ndimage
 
 from cadnode.infer.answers import (
+    RULE_OUT,
     Box,
     ClassifyAnswer,
     DetectAnswer,
@@ -60,7 +61,7 @@ def reached(points: dict[str, OperatingPoint], value: float) -> dict[str, PointR
 
 def classify_answer(manifest: Manifest, probability: float) -> ClassifyAnswer:
     points = manifest.operating_points
-    rule_out = points.get("rule_out")
+    rule_out = points.get(RULE_OUT)
     return ClassifyAnswer(
         label=manifest.labels[0],
         probability=probability,

@@ -13,8 +13,9 @@ first call starts, before any image is decoded, so an image that kills the node 
 decoded forever: at the next start, an attempt counted but never ended (no retry time set)
 is a failed one (so is one cut off by a stop that outlasted the conveyor's deadline). A call
 that raises, or runs past its engine's `timeout_s`, fails that attempt: the job waits
-`retry_backoff_s * 2**(attempts - 1)` and runs again from its first step, until
-`engines.max_attempts`, when it fails with the reason. An image refused by cadnode.dicom.pixels
+`retry_backoff_s * 2**(attempts - 1)` (cadnode/core/backoff.py, the node's one retry
+schedule) and runs again from its first step, until `engines.max_attempts`, when it fails
+with the reason. An image refused by cadnode.dicom.pixels
 (over `limits.max_decoded_image_mb`, or a codestream that disagrees with its dataset) fails
 the job at once: the same bytes would be refused again. A thread stuck in a model call
 cannot be killed: it is abandoned (its answer, if it ever comes, is dropped) and the engine
@@ -31,7 +32,6 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 from pydicom import dcmread
@@ -39,9 +39,19 @@ from sqlalchemy import update
 from sqlmodel import Session, select
 
 from cadnode.core.config import EngineSettings
-from cadnode.core.db import Database, Instance, Job, JobState, PriorityClass, Result, Study, utcnow
+from cadnode.core.db import (
+    Database,
+    FailureKind,
+    Instance,
+    Job,
+    JobState,
+    PriorityClass,
+    Result,
+    Study,
+    utcnow,
+)
 from cadnode.dicom.pixels import ImageRefused
-from cadnode.infer.answers import dump_answer
+from cadnode.infer.answers import Answer, dump_answer
 from cadnode.infer.bundle import TaskKind
 from cadnode.infer.runtime import Engine
 from cadnode.route.steps import Step
@@ -59,7 +69,7 @@ class _Progress:
     """A job's pipeline part-way through: the next step and the answers so far."""
 
     step: int = 0
-    answers: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    answers: dict[tuple[str, str], Answer] = field(default_factory=dict)  # (engine, UID)
     results: list[Result] = field(default_factory=list)
     counted: bool = False  # this attempt is in the job's attempts
 
@@ -72,7 +82,7 @@ class _Call:
     name: str  # the engine as the pipeline names it (an engine may be installed twice)
     engine: Engine
     uids: list[str]
-    future: Future[list[dict[str, Any]]]
+    future: Future[list[Answer]]
     started: float  # time.monotonic()
 
     @property
@@ -156,7 +166,9 @@ class Inference:
                 continue
             engine = self.engines.get(step.engine)
             if engine is None:
-                self._fail(session, job, self._not_loaded(step.engine))
+                self._fail(
+                    session, job, self._not_loaded(step.engine), FailureKind.engine_unavailable
+                )
                 return
             if self._busy(step.engine) < engine.options.concurrency:
                 self._submit(session, job, step.engine, chosen)
@@ -216,12 +228,12 @@ class Inference:
         session.commit()
         session.refresh(job)
 
-    def _call(self, engine: Engine, paths: Sequence[Path], folder: str) -> list[dict[str, Any]]:
-        """On an engine worker: read the images, run the engine, the answers as stored."""
+    def _call(self, engine: Engine, paths: Sequence[Path], folder: str) -> list[Answer]:
+        """On an engine worker: read the images, run the engine."""
         if engine.manifest.task is TaskKind.segment and self.answers is None:
             raise RuntimeError("no answers folder to write segmentation masks to")
         images = [dcmread(path) for path in paths]
-        return [dump_answer(answer) for answer in engine.answer(images, self.answers, folder)]
+        return engine.answer(images, self.answers, folder)
 
     # --- collecting calls ------------------------------------------------------------------
 
@@ -242,7 +254,7 @@ class Inference:
                 timeout = call.engine.options.timeout_s
                 self._attempt_failed(session, job_id, call.name, f"timed out after {timeout:g} s")
 
-    def _answered(self, call: _Call, answers: list[dict[str, Any]]) -> None:
+    def _answered(self, call: _Call, answers: list[Answer]) -> None:
         progress = self._progress.setdefault(call.job_id, _Progress())
         engine = call.engine
         seconds = round(time.monotonic() - call.started, 3)
@@ -255,7 +267,7 @@ class Inference:
                     engine_version=engine.manifest.version,
                     model_sha256=engine.bundle.sha256,
                     sop_instance_uid=uid,
-                    answer=answer,
+                    answer=dump_answer(answer),
                     seconds=seconds,
                 )
             )
@@ -284,16 +296,24 @@ class Inference:
         self._progress.pop(job_id, None)  # a retry starts from the first step
         if job is None or job.state is not JobState.routed:
             return
-        attempts, limit = job.attempts, self.settings.max_attempts
+        attempts, backoff = job.attempts, self.settings.backoff
+        limit = backoff.max_attempts
         what = f"{engine} failed" if engine else "interrupted"
         reason = (
             f"{what} (attempt {attempts} of {limit}{', not retried' if final else ''}): {error}"
         )
-        if final or attempts >= limit:
+        if final or backoff.gives_up(attempts):
             log.warning("inference.gave_up", job=job.id, engine=engine, reason=error)
-            self._fail(session, job, reason)
+            kind = (
+                FailureKind.image_refused  # the one final failure: the same bytes, refused again
+                if final
+                else FailureKind.engine
+                if engine
+                else FailureKind.interrupted
+            )
+            self._fail(session, job, reason, kind)
             return
-        delay = self.settings.retry_backoff_s * 2 ** (attempts - 1)
+        delay = backoff.delay_s(attempts)
         log.warning(
             "inference.retry",
             job=job.id,
@@ -329,11 +349,11 @@ class Inference:
         session.add_all(progress.results)
         self.database.transition(session, job, JobState.inferred, expect=JobState.routed)
 
-    def _fail(self, session: Session, job: Job, reason: str) -> None:
+    def _fail(self, session: Session, job: Job, reason: str, failure: FailureKind) -> None:
         assert job.id is not None
         self._progress.pop(job.id, None)
         self.database.transition(
-            session, job, JobState.failed, expect=JobState.routed, reason=reason
+            session, job, JobState.failed, expect=JobState.routed, reason=reason, failure=failure
         )
 
     # --- timing ----------------------------------------------------------------------------

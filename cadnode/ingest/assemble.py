@@ -6,12 +6,16 @@ restarts, unless its sender says it is done first (a `CompletionSignal`, recorde
 receive): the modality's MPPS went COMPLETED and every image it lists has arrived, or,
 where configured, the association that sent the study was released. An instance arriving
 after release opens a new job version (see cadnode/ingest/spool.py), so nothing is dropped.
+
+The quiet period is `assemble.quiet_period_s`, unless the routing rules set their own for
+the study: route records it on the job (`Job.quiet_period_s`) from the study's first
+instance, and assemble reads it there. Where rules may set one, a study whose quiet period
+route has not decided yet is not released by the default's running out.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 
 import structlog
 from pydicom.uid import (
@@ -26,9 +30,22 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from cadnode.core.config import AssembleSettings
-from cadnode.core.db import CompletionSignal, Database, Instance, Job, JobState, Study, utcnow
+from cadnode.core.db import (
+    CompletionSignal,
+    CompletionSource,
+    Database,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    utcnow,
+)
 
 log = structlog.get_logger("cadnode.ingest.assemble")
+
+# How soon to look again at a study whose quiet period is over by the default but not yet
+# decided by route (route's commit wakes assemble anyway; this is the fallback).
+UNDECIDED_RECHECK_S = 0.25
 
 # SOP classes whose one instance is a whole examination input.
 SINGLE_OBJECT_SOP_CLASSES = frozenset(
@@ -47,16 +64,14 @@ class Assembler:
     name = "assemble"
 
     def __init__(
-        self,
-        database: Database,
-        settings: AssembleSettings,
-        rule_quiet_period: Callable[[Session, Job], float | None] | None = None,
+        self, database: Database, settings: AssembleSettings, *, rule_quiet_periods: bool = False
     ) -> None:
         self.database = database
         self.settings = settings
         self.quiet_period = dt.timedelta(seconds=settings.quiet_period_s)
-        # The routing rules may ask for their own quiet period; the daemon passes how to ask.
-        self.rule_quiet_period = rule_quiet_period
+        # True where a route stage runs beside assemble, recording the rules' quiet periods
+        # on the jobs: a study then waits for that decision before its quiet period ends.
+        self.rule_quiet_periods = rule_quiet_periods
 
     def advance(self) -> float | None:
         next_due: float | None = None
@@ -83,20 +98,24 @@ class Assembler:
         signalled = self._signalled_by(session, job)
         if signalled:
             return 0.0, signalled
-        due = job.last_instance_at + self._quiet_period(session, job)
-        return (due - utcnow()).total_seconds(), "quiet-period"
+        due = job.last_instance_at + self._quiet_period(job)
+        wait = (due - utcnow()).total_seconds()
+        if wait <= 0 and self.rule_quiet_periods and job.quiet_period_decided_at is None:
+            return UNDECIDED_RECHECK_S, "quiet-period-undecided"  # a rule may ask for longer
+        return wait, "quiet-period"
 
-    def _quiet_period(self, session: Session, job: Job) -> dt.timedelta:
-        asked = self.rule_quiet_period(session, job) if self.rule_quiet_period else None
+    def _quiet_period(self, job: Job) -> dt.timedelta:
+        """The rules' own quiet period, as route recorded it on the job, or the default."""
+        asked = job.quiet_period_s
         return self.quiet_period if asked is None else dt.timedelta(seconds=asked)
 
     def _signalled_by(self, session: Session, job: Job) -> str | None:
         """The sender's word that the study is whole, if it has said so since its last image."""
         sources = []
         if self.settings.close_on_mpps_completed:
-            sources.append("mpps")
+            sources.append(CompletionSource.mpps)
         if self.settings.close_on_association_release:
-            sources.append("association")
+            sources.append(CompletionSource.association)
         if not sources:
             return None
         signals = session.exec(
@@ -105,9 +124,9 @@ class Assembler:
             .where(Study.id == job.study_id, col(CompletionSignal.source).in_(sources))
         ).all()
         for signal in signals:
-            if signal.source == "association" and signal.at >= job.last_instance_at:
+            if signal.source is CompletionSource.association and signal.at >= job.last_instance_at:
                 return "association-released"
-            if signal.source == "mpps" and _all_arrived(session, signal.expected):
+            if signal.source is CompletionSource.mpps and _all_arrived(session, signal.expected):
                 return "mpps-completed"
         return None
 

@@ -16,7 +16,14 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
-from cadnode.core.db import CompletionSignal, Database, PerformedProcedureStep, utcnow
+from cadnode.core.db import (
+    CompletionSignal,
+    CompletionSource,
+    Database,
+    MppsStatus,
+    PerformedProcedureStep,
+    utcnow,
+)
 from cadnode.core.files import is_valid_uid
 from cadnode.dicom.services import Service
 from cadnode.dicom.status import (
@@ -29,9 +36,6 @@ from cadnode.dicom.status import (
 )
 
 log = structlog.get_logger("cadnode.ingest.mpps")
-
-
-IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
 
 
 class MppsScp:
@@ -53,7 +57,7 @@ class MppsScp:
         if uid is None or not is_valid_uid(str(uid)):
             return _refused(MISSING_ATTRIBUTE, "no valid Affected SOP Instance UID", calling_ae)
         status = str(attributes.get("PerformedProcedureStepStatus", ""))
-        if status != IN_PROGRESS:
+        if status != MppsStatus.IN_PROGRESS:
             return _refused(INVALID_ATTRIBUTE_VALUE, f"created as {status!r}", calling_ae)
         with self.database.session() as session:
             if session.get(PerformedProcedureStep, str(uid)) is not None:
@@ -61,7 +65,7 @@ class MppsScp:
             session.add(
                 PerformedProcedureStep(
                     sop_instance_uid=str(uid),
-                    status=status,
+                    status=MppsStatus.IN_PROGRESS,
                     calling_ae=calling_ae,
                     dataset=attributes.to_json_dict(),
                 )
@@ -78,18 +82,23 @@ class MppsScp:
             step = session.get(PerformedProcedureStep, uid)
             if step is None:
                 return _refused(NO_SUCH_INSTANCE, "no such MPPS", calling_ae)
-            if step.status != IN_PROGRESS:
-                return _refused(PROCESSING_FAILURE, f"{step.status}: no longer updated", calling_ae)
+            if step.status is not MppsStatus.IN_PROGRESS:
+                return _refused(
+                    PROCESSING_FAILURE, f"{step.status.value}: no longer updated", calling_ae
+                )
             dataset = Dataset.from_json(step.dataset)
             dataset.update(changes)
+            asked = str(dataset.get("PerformedProcedureStepStatus", MppsStatus.IN_PROGRESS))
+            if asked not in {status.value for status in MppsStatus}:
+                return _refused(INVALID_ATTRIBUTE_VALUE, f"set to {asked!r}", calling_ae)
             step.dataset = dataset.to_json_dict()
-            step.status = str(dataset.get("PerformedProcedureStepStatus", IN_PROGRESS))
+            step.status = MppsStatus(asked)
             step.updated_at = utcnow()
             session.add(step)
-            signals = _completion_signals(dataset) if step.status == COMPLETED else []
+            signals = _completion_signals(dataset) if step.status is MppsStatus.COMPLETED else []
             session.add_all(signals)
             session.commit()
-        log.info("mpps.updated", calling_ae=calling_ae, status=step.status)
+        log.info("mpps.updated", calling_ae=calling_ae, status=step.status.value)
         if signals:
             expected = len(signals[0].expected)
             log.info("mpps.completed", calling_ae=calling_ae, studies=len(signals), images=expected)
@@ -123,7 +132,7 @@ def performed_instances(dataset: Dataset) -> list[str]:
 def _completion_signals(dataset: Dataset) -> list[CompletionSignal]:
     expected = performed_instances(dataset)
     return [
-        CompletionSignal(study_uid=uid, source="mpps", expected=expected)
+        CompletionSignal(study_uid=uid, source=CompletionSource.mpps, expected=expected)
         for uid in study_uids(dataset)
     ]
 

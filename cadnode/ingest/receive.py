@@ -40,7 +40,7 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from cadnode.core import audit
 from cadnode.core.config import Settings
-from cadnode.core.db import CompletionSignal, Database
+from cadnode.core.db import AuditOutcome, CompletionSignal, CompletionSource, Database
 from cadnode.core.files import is_valid_uid
 from cadnode.core.locks import KeyedLocks, lock_file
 from cadnode.dicom.gatekeeper import Gatekeeper, GateLimits, RefusalHook
@@ -235,7 +235,7 @@ class Receiver:
             audit.ASSOCIATION,
             actor=calling_ae,
             address=f"{address[0]}:{address[1]}",
-            outcome="rejected",
+            outcome=AuditOutcome.rejected,
             tls=self.tls is not None,
             reason=reason,
         )
@@ -259,7 +259,7 @@ class Receiver:
             peer=_peer(event),
             reason=refusal.reason,
         )
-        self._audit_association(event, "rejected", refusal.reason)
+        self._audit_association(event, AuditOutcome.rejected, refusal.reason)
         event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, refusal.diagnostic)
         event.assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the peer has gone
 
@@ -270,14 +270,18 @@ class Receiver:
             peer=_peer(event),
             pid=os.getpid(),  # which receiver process, where there are several
         )
-        self._audit_association(event, "accepted")
+        self._audit_association(event, AuditOutcome.accepted)
 
     def _on_rejected(self, event: Any) -> None:
         """pynetdicom's own rejections (too many associations, a protocol it does not speak)."""
         log.info("association.rejected", calling_ae=_calling_ae(event), peer=_peer(event))
-        self._audit_association(event, "rejected", "refused by the DICOM stack (limit or protocol)")
+        self._audit_association(
+            event, AuditOutcome.rejected, "refused by the DICOM stack (limit or protocol)"
+        )
 
-    def _audit_association(self, event: Any, outcome: str, reason: str | None = None) -> None:
+    def _audit_association(
+        self, event: Any, outcome: AuditOutcome, reason: str | None = None
+    ) -> None:
         called_ae = str(event.assoc.requestor.primitive.called_ae_title).strip()
         details = {"called_ae": called_ae, **({"reason": reason} if reason else {})}
         audit.record(
@@ -351,7 +355,7 @@ class Receiver:
             audit.INSTANCE_REFUSED,
             actor=calling_ae,
             address=peer,
-            outcome="refused",
+            outcome=AuditOutcome.refused,
             status=hex(status),
             reason=reason,
         )
@@ -382,7 +386,8 @@ class Receiver:
         if done:
             with self.database.session() as session:
                 session.add_all(
-                    CompletionSignal(study_uid=uid, source="association") for uid in done
+                    CompletionSignal(study_uid=uid, source=CompletionSource.association)
+                    for uid in done
                 )
                 session.commit()
             self.on_indexed()

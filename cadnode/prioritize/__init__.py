@@ -30,15 +30,18 @@ class Prioritization:
         self.policy = load_policy(priority.policy_file)
         by_ae_title = {d.ae_title: d for d in settings.destinations.values()}
         ae_title, timeout_s = settings.dicom.ae_title, settings.dispatch.timeout_s
-        channels: dict[str, Channel] = {
-            "ups-event": UpsEventChannel(ae_title, by_ae_title, timeout_s),
-            "ups-push": UpsPushChannel(ae_title, settings.destinations, timeout_s),
-            "hl7": Hl7Channel(priority.hl7),
-            "webhook": WebhookChannel(priority.webhooks),
-        }
+        senders: list[Channel] = [
+            UpsEventChannel(ae_title, by_ae_title, timeout_s),
+            UpsPushChannel(ae_title, settings.destinations, timeout_s),
+            Hl7Channel(priority.hl7),
+            WebhookChannel(priority.webhooks),
+        ]
+        # Keyed by each sender's own channel, so a row's channel always finds its sender.
+        channels = {sender.name: sender for sender in senders}
         self.stages: list[Stage] = [
             Prioritizer(database, settings.storage.spool, self.policy, priority, ae_title),
-            Publisher(database, channels, settings.dispatch),
+            # Publications are an outbox like deliveries: the same retry schedule.
+            Publisher(database, channels, settings.dispatch.backoff),
         ]
         self.services = ups_services(settings, database)
 

@@ -35,7 +35,7 @@ def study_priority(session: Session, study_id: int | None) -> dict[str, Any]:
         ],
         "publications": [
             {
-                "channel": p.channel,
+                "channel": p.channel.value,
                 "destination": p.destination,
                 "state": p.state.value,
                 "attempts": p.attempts,

@@ -26,6 +26,7 @@ from hl7apy.parser import parse_message
 from pydicom import Dataset
 
 from cadnode.core.config import Hl7Publisher
+from cadnode.core.db import PublicationChannel
 from cadnode.prioritize.notice import Link, Notice, PublishError
 
 START, END = b"\x0b", b"\x1c\x0d"  # MLLP framing
@@ -38,7 +39,7 @@ UTF8 = "UNICODE UTF-8"  # HL7 table 0211
 
 
 class Hl7Channel:
-    name = "hl7"
+    name = PublicationChannel.hl7
 
     def __init__(self, publishers: Mapping[str, Hl7Publisher]) -> None:
         self.publishers = publishers

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from pydicom import Dataset
 
-from cadnode.core.db import Priority
+from cadnode.core.db import Priority, PublicationChannel
 
 
 class PublishError(Exception):
@@ -46,7 +46,7 @@ class Link(Protocol):
 
 
 class Channel(Protocol):
-    name: str
+    name: PublicationChannel  # the Publication.channel of the rows it sends
 
     def connect(self, destination: str) -> AbstractContextManager[Link]:
         """A link to the destination for a batch of notices; PublishError if unreachable."""

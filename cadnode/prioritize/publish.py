@@ -2,8 +2,9 @@
 
 Rows are sent in the order they were queued, per recipient and study: a study's later
 notice never overtakes an earlier one still waiting for its retry. A failed attempt is
-retried with dispatch's back-off schedule (kept in the database, so across restarts) and
-dead-lettered after `dispatch.max_attempts`.
+recorded through the outbox (cadnode/deliver/outbox.py): retried with the back-off it is
+given (the node's outbox schedule, `dispatch.backoff_*`; kept in the database, so across
+restarts) and dead-lettered after its `max_attempts`.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ from collections.abc import Mapping
 import structlog
 from sqlmodel import Session, col, select
 
-from cadnode.core.config import DispatchSettings
+from cadnode.core.backoff import Backoff
 from cadnode.core.db import (
     Database,
     Priority,
     Publication,
+    PublicationChannel,
     PublicationState,
     Study,
     StudyPriority,
     utcnow,
 )
-from cadnode.deliver.dispatch import record_failure
+from cadnode.deliver.outbox import record_failure
 from cadnode.prioritize import worklist
 from cadnode.prioritize.notice import Channel, Notice, PublishError
 
@@ -35,11 +37,14 @@ class Publisher:
     name = "publish"
 
     def __init__(
-        self, database: Database, channels: Mapping[str, Channel], retry: DispatchSettings
+        self,
+        database: Database,
+        channels: Mapping[PublicationChannel, Channel],
+        backoff: Backoff,
     ) -> None:
         self.database = database
         self.channels = channels
-        self.retry = retry
+        self.backoff = backoff
 
     def advance(self) -> float | None:
         with self.database.session() as session:
@@ -52,12 +57,12 @@ class Publisher:
             ).first()
         return None if upcoming is None else max((upcoming - utcnow()).total_seconds(), 0.0)
 
-    def _due(self, session: Session) -> dict[tuple[str, str], list[Publication]]:
+    def _due(self, session: Session) -> dict[tuple[PublicationChannel, str], list[Publication]]:
         """Pending rows that are due, by recipient, without letting one overtake an earlier
         row of the same study and recipient that is still waiting."""
         now = utcnow()
-        waiting: set[tuple[str, str, int]] = set()
-        due: dict[tuple[str, str], list[Publication]] = defaultdict(list)
+        waiting: set[tuple[PublicationChannel, str, int]] = set()
+        due: dict[tuple[PublicationChannel, str], list[Publication]] = defaultdict(list)
         pending = session.exec(
             select(Publication)
             .where(Publication.state == PublicationState.pending)
@@ -74,12 +79,16 @@ class Publisher:
         return due
 
     def _send(
-        self, session: Session, channel: str, destination: str, rows: list[Publication]
+        self,
+        session: Session,
+        channel: PublicationChannel,
+        destination: str,
+        rows: list[Publication],
     ) -> None:
         sender = self.channels.get(channel)
         if sender is None:
             for row in rows:
-                self._failed(session, row, f"no {channel} publisher is configured")
+                self._failed(session, row, f"no {channel.value} publisher is configured")
             return
         failed_studies: set[int] = set()
         try:
@@ -154,7 +163,7 @@ class Publisher:
         )
 
     def _failed(self, session: Session, row: Publication, reason: str) -> None:
-        dead = record_failure(self.retry, row, reason, PublicationState.failed)
+        dead = record_failure(row, reason, self.backoff)
         session.add(row)
         session.commit()
         log.warning(

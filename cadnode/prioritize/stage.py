@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import structlog
+from pydantic import ValidationError
 from pydicom import Dataset, dcmread
 from sqlalchemy import exists
 from sqlmodel import Session, col, select
@@ -24,15 +25,18 @@ from cadnode.core.db import (
     Instance,
     Job,
     JobState,
+    PublicationChannel,
     Result,
     Study,
     StudyPriority,
     Workitem,
 )
+from cadnode.deliver.outbox import queue_publication
 from cadnode.encode.charset import utf8_header
+from cadnode.infer.answers import parse_answer
 from cadnode.prioritize import worklist
 from cadnode.prioritize.policy import Decision, EngineResult, Policy, StudyOutcome
-from cadnode.prioritize.worklist import FINAL_STATES, STATE_REPORT
+from cadnode.prioritize.worklist import STATE_REPORT
 
 log = structlog.get_logger("cadnode.prioritize")
 
@@ -146,7 +150,7 @@ class Prioritizer:
         if item is None:
             self._create_workitem(session, decision, instances, ready)
             return
-        if item.state in FINAL_STATES:
+        if item.state.final:
             return  # read already (or canceled): the record keeps the decision, the item stays
         ds = worklist.dataset_of(item)
         readiness = "READY" if ready else "INCOMPLETE"
@@ -187,17 +191,29 @@ class Prioritizer:
         worklist.queue_event(session, item, STATE_REPORT, report, decision_id=decision.id)
 
     def _queue_publications(self, session: Session, decision: StudyPriority, first: bool) -> None:
-        study_id = decision.study_id
+        """The decision for every configured recipient; one of theirs still waiting is
+        superseded (a RIS must end with the newest priority, not walk through stale ones)."""
+
+        def queue(channel: PublicationChannel, name: str) -> None:
+            queue_publication(
+                session,
+                decision.study_id,
+                channel,
+                name,
+                decision_id=decision.id,
+                supersede=True,
+            )
+
         for name in self.settings.ups.push:  # the external worklist needs the item from arrival
-            worklist.queue_publication(session, study_id, decision.id, "ups-push", name)
+            queue(PublicationChannel.ups_push, name)
         if first and not self.settings.publish_arrival:
             return
         for name, hl7 in self.settings.hl7.items():
             if hl7.enabled:
-                worklist.queue_publication(session, study_id, decision.id, "hl7", name)
+                queue(PublicationChannel.hl7, name)
         for name, webhook in self.settings.webhooks.items():
             if webhook.enabled:
-                worklist.queue_publication(session, study_id, decision.id, "webhook", name)
+                queue(PublicationChannel.webhook, name)
 
     def _header(self, instance: Instance) -> Dataset:
         """What the workitem (and the HL7 and webhook notices made from it) copies: decoded
@@ -213,7 +229,12 @@ def _outcome(session: Session, study_id: int) -> StudyOutcome:
     outcome = StudyOutcome()
     for job in jobs:
         results = session.exec(select(Result).where(Result.job_id == job.id)).all()
-        outcome.results.extend(EngineResult(r.engine, r.answer) for r in results)
+        for result in results:
+            try:
+                outcome.results.append(EngineResult(result.engine, parse_answer(result.answer)))
+            except ValidationError as error:  # never lowered on an answer it cannot read
+                count = error.error_count()
+                outcome.unanswered.append(f"{result.engine}: answer unreadable ({count} errors)")
         if not results:
             outcome.unanswered.append(job.reason or job.state.value)
             outcome.failed |= job.state is JobState.failed

@@ -24,6 +24,7 @@ from cadnode.core.db import (
     Priority,
     Study,
     StudyPriority,
+    UpsState,
     UpsSubscription,
     Workitem,
 )
@@ -41,17 +42,16 @@ from cadnode.dicom.status import (
 from cadnode.prioritize import worklist
 from cadnode.prioritize.worklist import (
     CANCEL_REQUESTED,
-    CANCELED,
-    COMPLETED,
     FILTERED_GLOBAL_SUBSCRIPTION,
     FINAL_STATES,
     GLOBAL_SUBSCRIPTION,
-    IN_PROGRESS,
-    SCHEDULED,
     STATE_REPORT,
 )
 
 log = structlog.get_logger("cadnode.prioritize.ups")
+
+SCHEDULED, IN_PROGRESS = UpsState.SCHEDULED, UpsState.IN_PROGRESS
+COMPLETED, CANCELED = UpsState.COMPLETED, UpsState.CANCELED
 
 ALREADY_CANCELED, ALREADY_COMPLETED = 0xB304, 0xB306
 MAY_NO_LONGER_BE_UPDATED, WRONG_TRANSACTION_UID, ALREADY_IN_PROGRESS = 0xC300, 0xC301, 0xC302
@@ -137,9 +137,9 @@ class UpsScp:
             item = session.get(Workitem, str(event.request.RequestedSOPInstanceUID))
             if item is None:
                 return NO_SUCH_UPS, None
-            if item.state in FINAL_STATES:
+            if item.state.final:
                 return MAY_NO_LONGER_BE_UPDATED, None
-            if item.state == IN_PROGRESS and changes.get("TransactionUID") != item.transaction_uid:
+            if item.state is IN_PROGRESS and changes.get("TransactionUID") != item.transaction_uid:
                 return WRONG_TRANSACTION_UID, None
             priority = changes.get("ScheduledProcedureStepPriority")
             if priority is not None and priority not in Priority.__members__:
@@ -199,17 +199,18 @@ class UpsScp:
         item = session.get(Workitem, uid)
         if item is None:
             return NO_SUCH_UPS
-        wanted, transaction = str(info.get("ProcedureStepState", "")), info.get("TransactionUID")
-        if wanted == SCHEDULED:
+        asked, transaction = str(info.get("ProcedureStepState", "")), info.get("TransactionUID")
+        if asked == SCHEDULED:
             return ONLY_SCHEDULED_BY_CREATE
-        if wanted not in (IN_PROGRESS, COMPLETED, CANCELED):
+        if asked not in (IN_PROGRESS, COMPLETED, CANCELED):
             return INVALID_ATTRIBUTE_VALUE
+        wanted = UpsState(asked)
         refusal = _refusal(item, wanted, transaction)
         if refusal is not None:
             return refusal
-        if item.state == wanted:  # COMPLETED again, CANCELED again: a warning, no change
-            return ALREADY_COMPLETED if wanted == COMPLETED else ALREADY_CANCELED
-        if wanted == IN_PROGRESS:
+        if item.state is wanted:  # COMPLETED again, CANCELED again: a warning, no change
+            return ALREADY_COMPLETED if wanted is COMPLETED else ALREADY_CANCELED
+        if wanted is IN_PROGRESS:
             item.transaction_uid = str(transaction)
         self._set_state(session, item, wanted)
         return SUCCESS
@@ -218,12 +219,12 @@ class UpsScp:
         item = session.get(Workitem, uid)
         if item is None:
             return NO_SUCH_UPS
-        if item.state == CANCELED:
+        if item.state is CANCELED:
             return ALREADY_CANCELED
-        if item.state == COMPLETED:
+        if item.state is COMPLETED:
             return ALREADY_COMPLETED_FAILURE
         reason = info.get("ReasonForCancellation") if info is not None else None
-        if item.state == SCHEDULED:  # nobody performs it: cancel it, through IN PROGRESS
+        if item.state is SCHEDULED:  # nobody performs it: cancel it, through IN PROGRESS
             self._set_state(session, item, IN_PROGRESS)
             self._set_state(session, item, CANCELED, reason=reason)
             return SUCCESS
@@ -235,10 +236,10 @@ class UpsScp:
         return SUCCESS
 
     def _set_state(
-        self, session: Session, item: Workitem, state: str, reason: str | None = None
+        self, session: Session, item: Workitem, state: UpsState, reason: str | None = None
     ) -> None:
         ds = worklist.dataset_of(item)
-        ds.ProcedureStepState = state
+        ds.ProcedureStepState = state.value
         if reason:
             ds.ReasonForCancellation = reason
         worklist.keep(session, item, ds)
@@ -313,20 +314,20 @@ class UpsScp:
         return SUCCESS
 
 
-def _refusal(item: Workitem, wanted: str, transaction: Any) -> int | None:
+def _refusal(item: Workitem, wanted: UpsState, transaction: Any) -> int | None:
     """PS3.4 Table CC.1.1-2: why a Change State is refused, or None."""
-    if wanted == IN_PROGRESS:
-        if item.state == SCHEDULED:
+    if wanted is IN_PROGRESS:
+        if item.state is SCHEDULED:
             return None if transaction else WRONG_TRANSACTION_UID
         if transaction != item.transaction_uid:
             return WRONG_TRANSACTION_UID
-        return ALREADY_IN_PROGRESS if item.state == IN_PROGRESS else MAY_NO_LONGER_BE_UPDATED
+        return ALREADY_IN_PROGRESS if item.state is IN_PROGRESS else MAY_NO_LONGER_BE_UPDATED
     # COMPLETED or CANCELED
-    if item.state == SCHEDULED:
+    if item.state is SCHEDULED:
         return NOT_YET_IN_PROGRESS
     if transaction != item.transaction_uid:
         return WRONG_TRANSACTION_UID
-    if item.state in FINAL_STATES and item.state != wanted:
+    if item.state.final and item.state is not wanted:
         return MAY_NO_LONGER_BE_UPDATED
     return None
 

@@ -17,6 +17,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
 from cadnode.core.config import Destination
+from cadnode.core.db import PublicationChannel
 from cadnode.dicom.pdu import tune_connection
 from cadnode.dicom.status import DUPLICATE_INSTANCE, status_is_success
 from cadnode.prioritize.notice import Link, Notice, PublishError
@@ -59,7 +60,7 @@ def _check(status: Dataset | None, what: str) -> int:
 class UpsEventChannel:
     """Destination: the subscriber's AE title, resolved through the configured destinations."""
 
-    name = "ups-event"
+    name = PublicationChannel.ups_event
 
     def __init__(
         self, calling_ae: str, subscribers: Mapping[str, Destination], timeout_s: float
@@ -98,7 +99,7 @@ class EventLink:
 class UpsPushChannel:
     """Destination: the name of a configured destination (an external UPS Push SCP)."""
 
-    name = "ups-push"
+    name = PublicationChannel.ups_push
 
     def __init__(
         self, calling_ae: str, destinations: Mapping[str, Destination], timeout_s: float

@@ -14,11 +14,12 @@ from typing import Any
 import httpx
 
 from cadnode.core.config import WebhookPublisher
+from cadnode.core.db import PublicationChannel
 from cadnode.prioritize.notice import Link, Notice, PublishError
 
 
 class WebhookChannel:
-    name = "webhook"
+    name = PublicationChannel.webhook
 
     def __init__(self, publishers: Mapping[str, WebhookPublisher]) -> None:
         self.publishers = publishers

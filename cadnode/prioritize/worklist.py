@@ -2,7 +2,8 @@
 
 Shared by the prioritize stage (which creates workitems and changes their priority) and the
 UPS SCP (through which worklist clients query, claim and subscribe). A change that subscribers
-must hear about is queued in the publication outbox, in the same commit as the change.
+must hear about is queued in the publication outbox (cadnode/deliver/outbox.py), in the same
+commit as the change.
 """
 
 from __future__ import annotations
@@ -22,18 +23,18 @@ from cadnode.core.db import (
     Database,
     Instance,
     Priority,
-    Publication,
-    PublicationState,
+    PublicationChannel,
     Study,
+    UpsState,
     UpsSubscription,
     Workitem,
     utcnow,
 )
 from cadnode.core.locks import ProcessLock, named_lock
+from cadnode.deliver.outbox import queue_publication
 from cadnode.dicom.matching import matches
 
-SCHEDULED, IN_PROGRESS, COMPLETED, CANCELED = "SCHEDULED", "IN PROGRESS", "COMPLETED", "CANCELED"
-FINAL_STATES = (COMPLETED, CANCELED)
+FINAL_STATES = tuple(state for state in UpsState if state.final)
 
 # N-EVENT-REPORT Event Type IDs (PS3.4 Table CC.2.4-1).
 STATE_REPORT = 1
@@ -47,7 +48,6 @@ UPS_EVENT = sop_class.UnifiedProcedureStepEvent  # type: ignore[attr-defined]
 UPS_QUERY = sop_class.UnifiedProcedureStepQuery  # type: ignore[attr-defined]
 GLOBAL_SUBSCRIPTION = sop_class.UPSGlobalSubscriptionInstance
 FILTERED_GLOBAL_SUBSCRIPTION = sop_class.UPSFilteredGlobalSubscriptionInstance
-UPS_EVENT_CHANNEL = "ups-event"
 
 
 def lock(database: Database) -> ProcessLock:
@@ -101,7 +101,7 @@ def build_workitem(
     ds.ScheduledStationGeographicLocationCodeSequence = []
     ds.InputReadinessState = "READY" if ready else "INCOMPLETE"
     ds.InputInformationSequence = input_information(header, instances, retrieve_ae)
-    ds.ProcedureStepState = SCHEDULED
+    ds.ProcedureStepState = UpsState.SCHEDULED.value
     ds.UnifiedProcedureStepPerformedProcedureSequence = []
     return ds
 
@@ -160,7 +160,7 @@ def keep(session: Session, item: Workitem, ds: Dataset) -> None:
     """Store the dataset, with the columns that mirror it kept in step."""
     item.dataset = ds.to_json_dict()
     item.priority = Priority(str(ds.ScheduledProcedureStepPriority))
-    item.state = str(ds.ProcedureStepState)
+    item.state = UpsState(str(ds.ProcedureStepState))
     item.updated_at = utcnow()
     session.add(item)
 
@@ -219,38 +219,14 @@ def queue_event(
         "info": info.to_json_dict(),
     }
     for ae_title in subscribers(session, item) if recipients is None else recipients:
-        session.add(
-            Publication(
-                study_id=item.study_id,
-                decision_id=decision_id,
-                channel=UPS_EVENT_CHANNEL,
-                destination=ae_title,
-                payload=payload,
-            )
+        queue_publication(
+            session,
+            item.study_id,
+            PublicationChannel.ups_event,
+            ae_title,
+            decision_id=decision_id,
+            payload=payload,
         )
-
-
-def queue_publication(
-    session: Session, study_id: int, decision_id: int | None, channel: str, destination: str
-) -> None:
-    """Queue the latest priority for one recipient; an older one still waiting is superseded:
-    a RIS must end with the newest priority, not be walked through stale ones."""
-    stale = session.exec(
-        select(Publication).where(
-            Publication.study_id == study_id,
-            Publication.channel == channel,
-            Publication.destination == destination,
-            Publication.state == PublicationState.pending,
-        )
-    ).all()
-    for publication in stale:
-        publication.state = PublicationState.superseded
-        session.add(publication)
-    session.add(
-        Publication(
-            study_id=study_id, decision_id=decision_id, channel=channel, destination=destination
-        )
-    )
 
 
 def study_of(session: Session, item: Workitem) -> Study:

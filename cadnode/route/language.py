@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from pydicom.valuerep import DA, DT, TM
 
+from cadnode.core.ordering import COMPARE, Order
 from cadnode.core.yamlfile import position
 from cadnode.route.values import Kind, Selector, Subject, Unreadable, Values, age_in_years
 from cadnode.route.values import parse_selector as _parse_selector
@@ -51,14 +52,9 @@ class Op(StrEnum):
 
 
 COMBINATORS = ("all", "any", "not")
-_ORDERED_OPS = (Op.less_than, Op.at_most, Op.greater_than, Op.at_least, Op.between)
-_COMPARE: dict[Op, Callable[[Any, Any], bool]] = {
-    Op.less_than: lambda value, bound: value < bound,
-    Op.at_most: lambda value, bound: value <= bound,
-    Op.greater_than: lambda value, bound: value > bound,
-    Op.at_least: lambda value, bound: value >= bound,
-    Op.between: lambda value, bounds: bounds[0] <= value <= bounds[1],
-}
+# The ordered operators, shared with `when:` on engine answers (cadnode.infer.conditions).
+_COMPARE: dict[Op, Callable[[Any, Any], bool]] = {Op(o.value): COMPARE[o] for o in Order}
+_ORDERED_OPS = tuple(_COMPARE)
 
 Unit = Sequence[Subject]  # what one evaluation looks at: an image, a series or a study
 Location = tuple[int | str, ...]  # keys and indexes from the top of the YAML document

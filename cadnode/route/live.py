@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from cadnode.core import audit
-from cadnode.core.db import Database
+from cadnode.core.db import AuditOutcome, Database
 from cadnode.core.yamlfile import ConfigError
 from cadnode.route.rules import RuleSet, load_rules
 
@@ -43,7 +43,7 @@ class LiveRules:
         self._seen = _signature(path)
         # At start an invalid file is fatal (ConfigError): the node does not start on it.
         self.current: RuleSet = self._load()
-        self._audit("loaded", trigger="start", version=self.current.version)
+        self._audit(AuditOutcome.loaded, trigger="start", version=self.current.version)
         self._requested = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -64,7 +64,7 @@ class LiveRules:
                 problems=error.problems,
                 kept_version=self.current.version,
             )
-            self._audit("refused", trigger=trigger, problems=error.problems)
+            self._audit(AuditOutcome.refused, trigger=trigger, problems=error.problems)
             return False
         previous, self.current = self.current, rules
         log.info(
@@ -76,10 +76,15 @@ class LiveRules:
             rules=len(rules.rules),
         )
         if rules.version != previous.version:
-            self._audit("loaded", trigger=trigger, version=rules.version, previous=previous.version)
+            self._audit(
+                AuditOutcome.loaded,
+                trigger=trigger,
+                version=rules.version,
+                previous=previous.version,
+            )
         return True
 
-    def _audit(self, outcome: str, **details: Any) -> None:
+    def _audit(self, outcome: AuditOutcome, **details: Any) -> None:
         if self.database is not None:
             audit.record(
                 self.database,

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cadnode.core.db import PriorityClass
 from cadnode.core.yamlfile import ConfigError, load_model, read_yaml
+from cadnode.infer.conditions import StepCondition
 from cadnode.route.language import Condition, Parser, Verdict
-from cadnode.route.steps import Step, StepCondition
+from cadnode.route.steps import Step
 from cadnode.route.values import Subject
 
 

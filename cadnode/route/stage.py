@@ -3,8 +3,13 @@
 A job moves from complete to routed (engines to run), to encoded (only originals to
 forward: the dispatcher delivers them and settles the job), or to ignored (stored, not
 processed). Either way it records the rules that fired, the rules' version, the priority
-class and the quiet period the rules asked for. Forwarded originals are Delivery rows in
-the same commit as the transition, so they are queued exactly when the decision is.
+class and the quiet period the rules asked for. Forwarded originals are queued in the
+outbox (cadnode/deliver/outbox.py) in the same commit as the transition, so they are
+queued exactly when the decision is.
+
+Earlier, while a study still arrives, route records on its job the quiet period the rules
+ask for, from its first instance (`Job.quiet_period_s`, `quiet_period_decided_at`): assemble
+reads it there to know when the study is complete.
 """
 
 from __future__ import annotations
@@ -12,14 +17,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+import structlog
 from pydicom import dcmread
-from sqlmodel import Session, select
+from sqlalchemy import update
+from sqlmodel import Session, col, select
 
 from cadnode.core.config import Destination
-from cadnode.core.db import Database, Delivery, Instance, Job, JobState
+from cadnode.core.db import Database, FailureKind, Instance, Job, JobState, utcnow
+from cadnode.deliver.outbox import queue_delivery
 from cadnode.route.live import LiveRules
 from cadnode.route.rules import Decision
 from cadnode.route.values import Subject
+
+log = structlog.get_logger("cadnode.route")
 
 
 class Router:
@@ -36,13 +46,50 @@ class Router:
         self.spool = spool
         self.rules = rules
         self.destinations = dict(destinations or {})
-        self._first_subjects: dict[int | None, Subject] = {}
 
     def advance(self) -> float | None:
         with self.database.session() as session:
+            if self._record_quiet_periods(session):
+                self.database.on_change()  # assemble reads them
             for job in self.database.jobs_in(session, JobState.complete):
                 self._route(session, job)
         return None
+
+    def _record_quiet_periods(self, session: Session) -> int:
+        """For each study still arriving whose quiet period is not decided yet: the one the
+        rules ask for, from its first instance (None: assemble's default), on its job.
+        Each job's first header is read once, here, never on assemble's every wake-up."""
+        undecided = session.exec(
+            select(Job)
+            .where(Job.state == JobState.received, col(Job.quiet_period_decided_at).is_(None))
+            .order_by(col(Job.id))
+        ).all()
+        recorded = 0
+        for job in undecided:
+            first = session.exec(
+                select(Instance)
+                .where(Instance.job_id == job.id)
+                .order_by(col(Instance.received_at))
+            ).first()
+            if first is None:
+                continue
+            try:
+                period = self.rules.current.quiet_period_for([self._subject(first)])
+            except Exception as error:  # routing will fail the job; meanwhile, the default
+                log.warning("route.quiet_period_unread", job=job.id, error=type(error).__name__)
+                period = None
+            moved = session.execute(
+                update(Job)
+                .where(
+                    col(Job.id) == job.id,
+                    col(Job.state) == JobState.received,
+                    col(Job.quiet_period_decided_at).is_(None),
+                )
+                .values(quiet_period_s=period, quiet_period_decided_at=utcnow())
+            )
+            session.commit()
+            recorded += moved.rowcount  # type: ignore[attr-defined]
+        return recorded
 
     def _route(self, session: Session, job: Job) -> None:
         rules = self.rules.current  # one version decides the whole job, even mid-reload
@@ -56,6 +103,7 @@ class Router:
                 JobState.failed,
                 expect=JobState.complete,
                 reason=f"cannot read stored instance: {error}",
+                failure=FailureKind.unreadable,
             )
             return
         decision = rules.decide(subjects)
@@ -71,7 +119,7 @@ class Router:
                 session, job, JobState.ignored, expect=JobState.complete, reason=reason, **recorded
             )
             return
-        session.add_all(self._forwards(job, decision))
+        self._forward(session, job, decision)
         steps = decision.steps()
         if not steps:  # nothing to infer: the originals are what gets delivered
             destinations = sorted({name for _, name in decision.forwards()})
@@ -94,23 +142,6 @@ class Router:
             **recorded,
         )
 
-    def quiet_period_for(self, session: Session, job: Job) -> float | None:
-        """The quiet period the rules ask for a study still arriving, or None for the default.
-
-        Decided on the study's first instance, read once per job: assemble asks on every
-        wake-up, and reading every header each time would slow ingest.
-        """
-        if job.id not in self._first_subjects:
-            first = session.exec(
-                select(Instance).where(Instance.job_id == job.id).order_by(Instance.received_at)  # type: ignore[arg-type]
-            ).first()
-            if first is None:
-                return None
-            if len(self._first_subjects) > 10_000:  # jobs long released: forget them
-                self._first_subjects.clear()
-            self._first_subjects[job.id] = self._subject(first)
-        return self.rules.current.quiet_period_for([self._first_subjects[job.id]])
-
     def _subject(self, instance: Instance) -> Subject:
         return Subject(
             header=dcmread(self.spool / instance.path, stop_before_pixels=True),
@@ -120,12 +151,10 @@ class Router:
             label=instance.sop_instance_uid,
         )
 
-    def _forwards(self, job: Job, decision: Decision) -> list[Delivery]:
+    def _forward(self, session: Session, job: Job, decision: Decision) -> None:
         assert job.id is not None
-        return [
-            Delivery(object_uid=uid, job_id=job.id, destination=str(self.destinations[name]))
-            for uid, name in decision.forwards()
-        ]
+        for uid, name in decision.forwards():
+            queue_delivery(session, job.id, uid, str(self.destinations[name]))
 
 
 def _why_ignored(fired: list[str]) -> str:

@@ -31,7 +31,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from cadnode.core import audit
 from cadnode.core.config import Destination, Settings
-from cadnode.core.db import Database
+from cadnode.core.db import AuditOutcome, Database
 from cadnode.dicom.services import Service
 from cadnode.dicom.status import (
     CANCEL,
@@ -210,7 +210,7 @@ class QueryRetrieveScp:
             audit.RETRIEVED,
             actor=_calling_ae(event),
             address=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
-            outcome="sent" if counts["failed"] == 0 else "partly failed",
+            outcome=AuditOutcome.sent if counts["failed"] == 0 else AuditOutcome.partly_failed,
             destination=destination,
             study_uids=sorted({item.study_uid for item in held}),
             **counts,

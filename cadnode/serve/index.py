@@ -30,12 +30,12 @@ from sqlalchemy import delete, exists
 from sqlalchemy import select as select_columns
 from sqlmodel import col, select
 
-from cadnode.core.db import Database, Instance, QueryRecord, ResultObject
+from cadnode.core.db import Database, HeldAs, Instance, QueryRecord, ResultObject
 from cadnode.core.locks import named_lock
 
 log = structlog.get_logger("cadnode.serve")
 
-INSTANCE, RESULT = "instance", "result"
+INSTANCE, RESULT = HeldAs.instance, HeldAs.result
 
 # The attributes each level's entities have (PS3.4 C.6.1.1 and C.6.2.1, with the optional
 # keys viewers ask for). Study Root puts the patient's attributes at the study level.
@@ -113,7 +113,7 @@ class Held:
     """One held object, as the index lists it (without its attributes)."""
 
     sop_instance_uid: str
-    held_as: str
+    held_as: HeldAs
     path: str
     patient_id: str
     study_uid: str
@@ -136,7 +136,7 @@ class Narrowing:
 class QueryIndex:
     def __init__(self, database: Database, spool: Path, results: Path) -> None:
         self.database = database
-        self.folders = {INSTANCE: spool, RESULT: results}
+        self.folders: dict[HeldAs, Path] = {INSTANCE: spool, RESULT: results}
         # One refresh at a time, in any receiver process; queries wait for it.
         self._lock = named_lock(database, "query-index")
         self._unreadable: set[str] = set()  # logged once, not on every query
@@ -207,7 +207,7 @@ class QueryIndex:
                     found[uid] = Dataset.from_json(dict(attributes))
         return found
 
-    def _record(self, held_as: str, uid: str, path: str) -> QueryRecord | None:
+    def _record(self, held_as: HeldAs, uid: str, path: str) -> QueryRecord | None:
         file = self.folders[held_as] / path
         try:
             header = dcmread(file, stop_before_pixels=True)
@@ -216,7 +216,7 @@ class QueryIndex:
         except Exception as error:  # a file gone or damaged: not served, and said so once
             if uid not in self._unreadable:
                 self._unreadable.add(uid)
-                log.warning("query.unreadable", held_as=held_as, path=path, reason=str(error))
+                log.warning("query.unreadable", held_as=held_as.value, path=path, reason=str(error))
             return None
         return QueryRecord(
             sop_instance_uid=uid,
@@ -256,7 +256,7 @@ def _json(header: Dataset) -> dict[str, Any]:
     return kept.to_json_dict()
 
 
-def _gone(held_as: str, model: Any) -> Any:
+def _gone(held_as: HeldAs, model: Any) -> Any:
     """Records of one kind whose object the index no longer holds (or whose file is missing)."""
     still_held = exists().where(model.sop_instance_uid == QueryRecord.sop_instance_uid)
     if model is Instance:

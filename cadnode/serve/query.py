@@ -184,7 +184,7 @@ def find(
 
 def _representative(items: Sequence[Held]) -> Held:
     """The object whose header speaks for its entity: a received image before a result."""
-    return min(items, key=lambda h: (h.held_as != INSTANCE, h.sop_instance_uid))
+    return min(items, key=lambda h: (h.held_as is not INSTANCE, h.sop_instance_uid))
 
 
 def _add_counts(candidate: Dataset, level: str, items: Sequence[Held], ae_title: str) -> None:

@@ -117,7 +117,9 @@ def sendable(index: QueryIndex, held: Held, accepts: Accepts, tally: Tally, limi
         dataset = dcmread(index.file(held))
         syntax = UID(dataset.file_meta.TransferSyntaxUID)
     except Exception as error:
-        log.warning("retrieve.unreadable", held_as=held.held_as, path=held.path, reason=str(error))
+        log.warning(
+            "retrieve.unreadable", held_as=held.held_as.value, path=held.path, reason=str(error)
+        )
         tally.unsendable += 1
         return _unsendable(held)
     if accepts(held.sop_class_uid, syntax):
@@ -136,7 +138,9 @@ def _decompressed(dataset: Dataset, held: Held, limit: int) -> bool:
     try:
         decompress(dataset, limit)
     except ImageRefused as refusal:
-        log.warning("retrieve.refused", held_as=held.held_as, syntax=syntax, reason=str(refusal))
+        log.warning(
+            "retrieve.refused", held_as=held.held_as.value, syntax=syntax, reason=str(refusal)
+        )
         return False
     except Exception as error:
         log.warning("retrieve.not_converted", syntax=syntax, reason=str(error))

@@ -326,7 +326,7 @@ def _chattr(flag: str, path: Path) -> bool:
 
 def test_readyz_fails_when_the_database_file_is_not_the_one_opened(tmp_path: Path) -> None:
     with admin_node(tmp_path) as node, client(node) as http:
-        database = node.data_dir / "cadnode.core.db"
+        database = node.data_dir / "cadnode.db"
 
         def database_check() -> tuple[int, str]:
             answer = http.get("/readyz")
