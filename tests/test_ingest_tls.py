@@ -58,13 +58,17 @@ def issue(
     return certificate, key
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("pki")
+def make_pki(folder: Path) -> Path:
+    """A CA, and the node's and a modality's certificates signed by it, in `folder`."""
     ca = issue(folder, "ca", None)
     issue(folder, "cadnode", ca)
     issue(folder, "modality", ca)
     return folder
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_settings(pki: Path, *, mutual: bool) -> dict[str, object]:

@@ -45,7 +45,7 @@ from cadnode.core.db import (
     utcnow,
 )
 from cadnode.deliver.commitment import STORAGE_COMMITMENT, Commitments, CommitmentScp
-from cadnode.deliver.outbox import record_failure
+from cadnode.deliver.outbox import record_failure, record_sent
 from cadnode.dicom.pdu import tune_connection
 from cadnode.dicom.status import status_is_success
 
@@ -189,9 +189,7 @@ class Dispatcher:
             self._failed(session, delivery, f"C-STORE failed: {shown}")
             return False
         # The peer has it: record that before anything else (the window in the module's doc).
-        delivery.state = DeliveryState.sent
-        delivery.sent_at = utcnow()
-        delivery.attempts += 1
+        record_sent(delivery)
         session.add(delivery)
         session.commit()
         log.info(

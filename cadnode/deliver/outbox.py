@@ -25,6 +25,7 @@ from cadnode.core.db import (
     Publication,
     PublicationChannel,
     PublicationState,
+    utcnow,
 )
 
 
@@ -81,6 +82,16 @@ def queue_publication(
     )
     session.add(publication)
     return publication
+
+
+def record_sent(row: Delivery | Publication) -> None:
+    """Count the successful try on `row` and mark it sent. The caller commits."""
+    row.attempts += 1
+    row.sent_at = utcnow()
+    if isinstance(row, Delivery):
+        row.state = DeliveryState.sent
+    else:
+        row.state = PublicationState.sent
 
 
 def record_failure(row: Delivery | Publication, reason: str, backoff: Backoff) -> bool:

@@ -26,7 +26,7 @@ from cadnode.core.db import (
     StudyPriority,
     utcnow,
 )
-from cadnode.deliver.outbox import record_failure
+from cadnode.deliver.outbox import record_failure, record_sent
 from cadnode.prioritize import worklist
 from cadnode.prioritize.notice import Channel, Notice, PublishError
 
@@ -148,9 +148,7 @@ class Publisher:
         )
 
     def _sent(self, session: Session, row: Publication) -> None:
-        row.state = PublicationState.sent
-        row.attempts += 1
-        row.sent_at = utcnow()
+        record_sent(row)
         session.add(row)
         session.commit()
         log.info(

@@ -26,7 +26,7 @@ from tests.hostile.memory import peak_mb, reset_peak, resident_mb, threads
 from tests.hostile.node import attacked_node
 from tests.ingest import json_events, named
 from tests.peers import Cadnode, echoscu, storescu, wait_for
-from tests.test_ingest_tls import issue, storescu_tls
+from tests.test_ingest_tls import make_pki, storescu_tls
 
 FOUR_GIB = 0xFFFFFFFF
 T = TypeVar("T")
@@ -176,11 +176,7 @@ def test_one_address_cannot_hold_more_than_its_share(node: Cadnode) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("pki")
-    ca = issue(folder, "ca", None)
-    issue(folder, "cadnode", ca)
-    issue(folder, "modality", ca)
-    return folder
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_the_tls_port_is_held_to_the_same_deadlines_and_slots(
