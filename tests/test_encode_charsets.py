@@ -29,9 +29,9 @@ from pydicom.uid import generate_uid
 from cadnode.core.config import Hl7Codes, Hl7Publisher
 from cadnode.core.db import Instance, Priority, Workitem
 from cadnode.dicom.pixels import DEFAULT_LIMIT
-from cadnode.encode.capture import secondary_capture
 from cadnode.encode.charset import utf8_header
 from cadnode.encode.provenance import CodedLabel
+from cadnode.encode.sc import secondary_capture
 from cadnode.encode.seg import segmentation
 from cadnode.encode.sr import (
     Classification,

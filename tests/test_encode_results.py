@@ -28,8 +28,8 @@ from cadnode.core.db import (
     ResultObject,
 )
 from cadnode.dicom.pixels import DEFAULT_LIMIT
-from cadnode.encode.capture import secondary_capture
 from cadnode.encode.provenance import Algorithm
+from cadnode.encode.sc import secondary_capture
 from cadnode.encode.seg import segmentation
 from cadnode.encode.sr import (
     PERCENT_OF_HEMITHORAX,

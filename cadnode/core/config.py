@@ -51,7 +51,7 @@ class Destination(Section):
     # answer comes to the node's DICOM port, so the peer must know the node's AE and address.
     storage_commitment: bool = False
     # Also send a Secondary Capture with the findings drawn over the image (for a PACS that
-    # cannot show SEG or SR); only destinations that ask get one (cadnode.encode.capture).
+    # cannot show SEG or SR); only destinations that ask get one (cadnode.encode.sc).
     secondary_capture: bool = False
 
     @classmethod

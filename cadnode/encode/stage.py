@@ -42,9 +42,9 @@ from cadnode.core.db import (
 )
 from cadnode.core.files import write_durably
 from cadnode.deliver.outbox import queue_delivery
-from cadnode.encode.capture import secondary_capture
 from cadnode.encode.overlay import BoxSpec
 from cadnode.encode.provenance import Algorithm, CodedLabel
+from cadnode.encode.sc import secondary_capture
 from cadnode.encode.seg import segmentation
 from cadnode.encode.sr import (
     Classification,

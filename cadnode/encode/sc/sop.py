@@ -1,14 +1,4 @@
-"""Findings burned into a picture: a Secondary Capture for PACS that cannot show SEG or SR.
-
-A pure builder like the SR and SEG ones: the source image, what to draw (masks, boxes) and
-the engine in; a highdicom `SCImage` out, RGB, drawn by `cadnode.encode.overlay` on the frame the
-findings are on. It says what it is everywhere a reader or a PACS looks: Image Type
-DERIVED\\SECONDARY, Burned In Annotation YES, a series description and a caption burned into
-the picture naming the engine and version and that it is an AI result not for primary
-diagnosis, a Derivation Description, and a Source Image Sequence pointing at the image it
-was drawn on. UIDs come from the caller and `content_datetime` replaces the clock, so the
-same inputs give the same bytes.
-"""
+"""The Secondary Capture: the findings drawn over a source frame, saying what it is."""
 
 from __future__ import annotations
 

@@ -1,25 +1,4 @@
-"""A segmenter's masks as a DICOM Segmentation (highdicom `Segmentation`).
-
-A pure builder like `cadnode.encode.sr`: one source image (a film, or a multi-frame volume),
-its masks and the answer's findings in; a SEG out, with one segment per label numbered as
-the answer numbers them (the manifest's label order), coded with the label's SNOMED CT
-code and its category (DICOM CID 7150), identified by the engine's name, version and model
-hash (family: Artificial Intelligence), and referencing the source image.
-
-Binary, not fractional: the answer holds masks already cut at each label's pixel threshold
-(the "present" operating point), which is what the measurements in the SR were taken on;
-a fractional SEG would need the probability maps, which the answer does not keep, and a
-binary SEG is bit-packed (an eighth of the size) and shown by every SEG-capable viewer.
-
-Empty segments: highdicom leaves out frames with no segmented pixel. A label found nowhere
-(a film without pneumothorax) would then be a segment without a frame, which a viewer
-cannot show as "looked, found none" and the SR could not reference frame by frame. So
-empty frames are left out only when every segment keeps at least one frame; otherwise all
-frames are kept and the empty segment is an explicit empty mask.
-
-Deterministic: UIDs come from the caller, highdicom's random Dimension Organization UID is
-replaced by one derived from the SEG's own UID, and `content_datetime` replaces the clock.
-"""
+"""The Segmentation: a source image's masks as one binary SEG with a segment per label."""
 
 from __future__ import annotations
 
@@ -36,11 +15,11 @@ from cadnode.encode.provenance import (
     MANUFACTURER,
     Algorithm,
     check_sources,
-    concept,
     source_header,
     split,
     stamp,
 )
+from cadnode.encode.seg.content import segment_description
 from cadnode.infer.answers import SegmentFinding
 
 SEG_SERIES_NUMBER = 901
@@ -77,7 +56,7 @@ def segmentation(
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[
-            _segment(finding, algorithm, sop_instance_uid) for finding in ordered
+            segment_description(finding, algorithm, sop_instance_uid) for finding in ordered
         ],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -110,27 +89,6 @@ def segment_frames(seg: pydicom.Dataset, segment_number: int) -> list[int]:
         if int(identification[0].ReferencedSegmentNumber) == segment_number:
             numbers.append(number)
     return numbers
-
-
-def _segment(
-    finding: SegmentFinding, algorithm: Algorithm, sop_instance_uid: str
-) -> hd.seg.SegmentDescription:
-    label = finding.label
-    assert label.category is not None  # _check_masks refused it
-    present = finding.operating_points.get("present")
-    parameters = {"threshold": repr(present.threshold)} if present is not None else {}
-    return hd.seg.SegmentDescription(
-        segment_number=finding.segment_number,
-        segment_label=label.name.replace("_", " "),
-        segmented_property_category=concept(label.category),
-        segmented_property_type=concept(label.code),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm.for_seg(**parameters),
-        tracking_uid=generate_uid(
-            entropy_srcs=["cadnode-segment", sop_instance_uid, str(finding.segment_number)]
-        ),
-        tracking_id=f"{algorithm.name} {label.name}",
-    )
 
 
 def _finish(seg: hd.seg.Segmentation, source: pydicom.Dataset, sop_instance_uid: str) -> None:
