@@ -10,7 +10,7 @@ SYSTEM_PACKAGES := dcmtk orthanc dicom3tools chromium chromium-driver
 APT := DEBIAN_FRONTEND=noninteractive apt-get
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-dev system-packages run test lint bench engines clean
+.PHONY: install install-dev system-packages run test test-unit lint bench engines clean
 
 install: system-packages $(VENV)/.installed-core
 
@@ -39,10 +39,18 @@ $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 run: install
 	$(BIN)/cadnode serve
 
+# `test` runs every test: the unit tests and the integration ones (real DCMTK, Orthanc,
+# dciodvfy, `cadnode serve`, chromium; tests/conftest.py says which). `test-unit` runs the unit
+# tests alone, in about a minute: the loop while editing.
 test: install-dev
 	$(BIN)/ruff check cadnode training tests benchmarks
 	$(BIN)/mypy cadnode
 	$(BIN)/pytest -q
+
+test-unit: install-dev
+	$(BIN)/ruff check cadnode training tests benchmarks
+	$(BIN)/mypy cadnode
+	$(BIN)/pytest -q -m "not integration"
 
 # Every benchmark script in benchmarks/, one after the other; each prints its own figures.
 bench: install-dev

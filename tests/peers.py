@@ -31,13 +31,17 @@ def free_port() -> int:
 def wait_for(
     condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05
 ) -> Any:
+    """Poll `condition` until it returns something true, and return that; fail after
+    `timeout_s`. It is asked once more at the deadline, so a slow check on a loaded machine
+    (a CLI round trip, a REST call) is never cut short by its own duration."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         value = condition()
         if value:
             return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
 
 
 def port_open(port: int) -> bool:

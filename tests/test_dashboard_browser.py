@@ -20,7 +20,12 @@ import pytest
 from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.expected_conditions import staleness_of
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.expected_conditions import (
+    element_to_be_clickable,
+    presence_of_element_located,
+    staleness_of,
+)
 from selenium.webdriver.support.wait import WebDriverWait
 
 from cadnode.admin.auth import hash_password
@@ -35,6 +40,9 @@ PASSWORD = "browser test password"
 SCREENSHOT = REPO / "docs" / "dashboard.png"
 UPDATE_SCREENSHOT = os.environ.get("CADNODE_UPDATE_SCREENSHOT") == "1"
 PATIENT_NAME, PATIENT_ID = "Browsertest^Hildegard", "PID-BROWSER-4411"
+# Every wait is on its condition (an element there, a row in a state); this only bounds it,
+# generously, for a loaded machine.
+PATIENCE_S = 120
 
 
 @pytest.fixture
@@ -91,7 +99,7 @@ def test_log_in_open_a_study_and_retry_its_dead_letter(
              and all(d["state"] == "failed" for d in r["deliveries"])),
             None,
         ),
-        90, "the results made and their deliveries dead-lettered", interval_s=0.3,
+        PATIENCE_S, "the results made and their deliveries dead-lettered", interval_s=0.3,
     )
     dead = row["deliveries"]  # the rule-out SR, the segmenter's SEG and its SR
     assert len(dead) == 3
@@ -100,46 +108,48 @@ def test_log_in_open_a_study_and_retry_its_dead_letter(
 
     browser.get(f"{base}/studies")
     assert "/login" in browser.current_url  # no page without the login
-    browser.find_element(By.ID, "password").send_keys(PASSWORD)
-    browser.find_element(By.ID, "login").click()
-    wait_for(lambda: browser.current_url.endswith("/studies"), 30, "the studies page")
+    present(browser, "#password").send_keys(PASSWORD)
+    clickable(browser, "#login").click()
 
-    browser.find_element(By.CSS_SELECTOR, f'a.job-link[href="/jobs/{row["job"]}"]').click()
-    wait_for(lambda: "/jobs/" in browser.current_url, 30, "the study's page")
-    page = browser.find_element(By.TAG_NAME, "main").text
+    # The studies page, once it has loaded its link to the study.
+    clickable(browser, f'a.job-link[href="/jobs/{row["job"]}"]').click()
+    wait_for(lambda: "/jobs/" in browser.current_url, PATIENCE_S, "the study's page")
+    loaded(browser)
+    page = present(browser, "main").text
     assert "cxr-ruleout" in page and "cxr-segmenter" in page and "encoded" in page
     assert "association not established" in page
-    thumbnail = browser.find_element(By.CSS_SELECTOR, "img.thumbnail")
+    thumbnail = present(browser, "img.thumbnail")
     assert browser.execute_script("return arguments[0].naturalWidth", thumbnail) > 100
 
     storescp = _start_pacs(pacs_port, tmp_path / "pacs")
     try:
         for _ in dead:  # each press answers on the queues page, which lists those left
-            retry = browser.find_element(By.CSS_SELECTOR, "button.retry")
+            retry = clickable(browser, "button.retry")
             action = retry.find_element(By.XPATH, "..").get_attribute("action") or ""
             delivery = action.split("/")[-2]
             retry.click()
             # The press answers with a new page: wait until the one pressed on is gone.
-            WebDriverWait(browser, 30).until(staleness_of(retry))
-            wait_for(lambda: "/queues" in browser.current_url, 30, "the queues page")
-            note = browser.find_element(By.ID, "note").text
+            WebDriverWait(browser, PATIENCE_S).until(staleness_of(retry))
+            wait_for(lambda: "/queues" in browser.current_url, PATIENCE_S, "the queues page")
+            note = present(browser, "#note").text
             assert note == f"delivery {delivery}: pending again, due now"
         wait_for(
-            lambda: _state_of(cadnode, film.StudyInstanceUID) == "delivered", 60,
-            "the retried delivery to be sent",
+            lambda: _state_of(cadnode, film.StudyInstanceUID) == "delivered", PATIENCE_S,
+            "the retried delivery to be sent", interval_s=0.3,
         )
     finally:
         storescp.terminate()
         storescp.wait(10)
 
     browser.get(f"{base}/jobs/{row['job']}")
-    assert "sent" in browser.find_element(By.CSS_SELECTOR, ".delivery-state").text
+    loaded(browser)  # its thumbnails drawn, for the screenshot
+    assert "sent" in present(browser, ".delivery-state").text
     screenshot = SCREENSHOT if UPDATE_SCREENSHOT else tmp_path / "dashboard.png"
     browser.save_screenshot(str(screenshot))
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float32)
     assert pixels.shape[1] >= 1000 and pixels.std() > 20  # a page, not a blank
 
-    trail = list(audit.events(Database(cadnode.data_dir / "cadnode.core.db")))
+    trail = list(audit.events(Database(cadnode.data_dir / "cadnode.db")))
     kinds = {event.kind for event in trail}
     assert {"association", "study.received", "admin.login", "admin.delivery.retry"} <= kinds
     assert "result.delivered" in kinds and "engine" in kinds and "rules" in kinds
@@ -149,6 +159,28 @@ def test_log_in_open_a_study_and_retry_its_dead_letter(
     assert '"event": "admin.listening"' in log
     for identifier in (PATIENT_NAME, PATIENT_ID, "Browsertest", "Hildegard"):
         assert identifier not in log  # ... the logs never do
+
+
+def loaded(browser: webdriver.Chrome) -> None:
+    """The current page parsed and its images loaded (the document's load event)."""
+    wait_for(
+        lambda: browser.execute_script("return document.readyState") == "complete",
+        PATIENCE_S, f"{browser.current_url} to load",
+    )
+
+
+def present(browser: webdriver.Chrome, css: str) -> WebElement:
+    """The element, once the page has it (pages load after a click returns)."""
+    wait = WebDriverWait(browser, PATIENCE_S)
+    element: WebElement = wait.until(presence_of_element_located((By.CSS_SELECTOR, css)))
+    return element
+
+
+def clickable(browser: webdriver.Chrome, css: str) -> WebElement:
+    """The element, once it is there, shown and enabled."""
+    wait = WebDriverWait(browser, PATIENCE_S)
+    element: WebElement = wait.until(element_to_be_clickable((By.CSS_SELECTOR, css)))
+    return element
 
 
 def _start_pacs(port: int, folder: Path) -> subprocess.Popen[bytes]:

@@ -37,6 +37,9 @@ from tests.peers import (
 
 PATIENT_NAME, PATIENT_ID = "Testpatient^Wilhelmina", "PID-E2E-7731"
 RULEOUT = Bundle(REPO / "engines" / "cxr-ruleout").manifest
+# Every wait is on its condition (a row in a state, objects in Orthanc); this only bounds it,
+# generously, for a loaded machine.
+PATIENCE_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def wait_for_state(node: Cadnode, study_uid: str, *states: str) -> dict[str, Any
     return dict(
         wait_for(
             lambda: (r := study_row(node, study_uid)) and r["state"] in states and r,
-            30,
+            PATIENCE_S,
             f"study in state {states}",
             interval_s=0.2,
         )
@@ -80,13 +83,12 @@ def test_echo(node: Cadnode) -> None:
 
 def results_in_pacs(pacs: Orthanc, study_uid: str, count: int, folder: Path) -> list[Path]:
     """Wait for `count` result objects of the study in Orthanc; download each, dciodvfy it."""
-    wait_for(
-        lambda: len(pacs.instances_of_study(study_uid)) >= count,
-        60,
+    orthanc_ids = wait_for(
+        lambda: (found := pacs.instances_of_study(study_uid)) and len(found) >= count and found,
+        PATIENCE_S,
         f"{count} result object(s) in Orthanc",
         interval_s=0.1,
     )
-    orthanc_ids = pacs.instances_of_study(study_uid)
     assert len(orthanc_ids) == count  # and no more, ever: UIDs are stable per job and engine
     paths = [pacs.download(i, folder / f"result-{n}.dcm") for n, i in enumerate(orthanc_ids)]
     for path in paths:
@@ -224,15 +226,26 @@ def test_the_audit_trail_names_whose_study_came_and_where_its_result_went(
     node: Cadnode, pacs: Orthanc
 ) -> None:
     """What the logs must not say, the audit trail (`cadnode audit`) does, for those allowed."""
-    done = node.cli("audit", "--since", "1h")
-    assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stdout.splitlines()]
+    events = wait_for(
+        lambda: (found := audit_events(node)) and any(
+            e["kind"] == "result.delivered" for e in found
+        ) and found,
+        PATIENCE_S,
+        "the deliveries in the audit trail",
+        interval_s=0.2,
+    )
     received = [e for e in events if e["kind"] == "study.received"]
     assert any(e["details"]["PatientID"] == PATIENT_ID for e in received)
     assert all(e["actor"] == "MODALITY" for e in received)
     delivered = [e for e in events if e["kind"] == "result.delivered"]
     assert delivered and delivered[0]["address"] == pacs.destination
     assert {"association", "engine", "rules"} <= {e["kind"] for e in events}
+
+
+def audit_events(node: Cadnode) -> list[dict[str, Any]]:
+    done = node.cli("audit", "--since", "1h")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
 
 
 def test_a_pending_delivery_survives_a_restart_and_arrives_once(tmp_path: Path) -> None:
@@ -242,16 +255,14 @@ def test_a_pending_delivery_survives_a_restart_and_arrives_once(tmp_path: Path) 
 
     with run_cadnode(tmp_path / "node", destination) as node:
         push(node, tmp_path / "chest.dcm")
-        wait_for(
-            lambda: any(
-                d["attempts"] >= 1
-                for d in study_row(node, film.StudyInstanceUID).get("deliveries", [])
-            ),
-            30,
+        row = wait_for(
+            lambda: (r := study_row(node, film.StudyInstanceUID)) and any(
+                d["attempts"] >= 1 for d in r.get("deliveries", [])
+            ) and r,
+            PATIENCE_S,
             "a failed delivery attempt",
             interval_s=0.2,
         )
-        row = study_row(node, film.StudyInstanceUID)
         assert row["state"] == "encoded"
         assert row["deliveries"][0]["state"] == "pending"
         assert "association not established" in row["deliveries"][0]["last_error"]

@@ -10,3 +10,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.hostile)
+            item.add_marker(pytest.mark.integration)  # each starts a node (tests/conftest.py)

@@ -156,9 +156,13 @@ def test_a_request_trickling_in_is_closed_at_its_deadline(tmp_path: Path) -> Non
         started = time.monotonic()
         wait_for(lambda: not is_open(silent) and not is_open(trickling), 10, "both to be closed")
         took = time.monotonic() - started
-        events = named(json_events(node.log_text()), "connection.timed_out")
-    assert took < 5, f"closed after {took:.1f} s, the deadline is 2 s"
-    assert len(events) == 2, events
+        wait_for(
+            lambda: len(named(json_events(node.log_text()), "connection.timed_out")) == 2,
+            10,
+            "both closings logged",
+        )
+    # The default deadline is 30 s: closing within 10 is this one, even on a loaded machine.
+    assert took < 10, f"closed after {took:.1f} s, the deadline is 2 s"
 
 
 def test_one_address_cannot_hold_more_than_its_share(node: Cadnode) -> None:
