@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cadnode.core.config import EMBEDDED_CONFIG, Destination, load_settings
+from cadnode.core.config import EMBEDDED_CONFIG, Destination, Settings, load_settings
 from cadnode.core.yamlfile import ConfigError
 
 
@@ -84,12 +86,126 @@ def test_broken_yaml_names_its_line(tmp_path: Path) -> None:
     assert "not valid YAML" in problem and "cadnode.yaml:" in problem
 
 
-@pytest.mark.parametrize("text", ["PACS@host", "PACS:104", "@host:104", "PACS@host:port"])
+@pytest.mark.parametrize("text", ["PACS@host", "PACS:104", "@host:104", "PACS@host:port", ""])
 def test_destination_variable_must_be_ae_at_host_colon_port(text: str) -> None:
-    with pytest.raises(ConfigError, match="AE@host:port"):
-        load_settings({"CADNODE_DESTINATION": text})
+    [problem] = problems({"CADNODE_DESTINATION": text})
+    assert problem.startswith("CADNODE_DESTINATION: ") and "AE@host:port" in problem
+
+
+def test_a_destination_variable_with_a_bad_ae_title_names_the_variable() -> None:
+    [problem] = problems({"CADNODE_DESTINATION": "A_VERY_LONG_AE_TITLE@host:104"})
+    assert problem.startswith("CADNODE_DESTINATION.ae_title: ") and "16" in problem
 
 
 def test_a_non_numeric_port_variable_is_refused() -> None:
-    with pytest.raises(ConfigError, match="CADNODE_DICOM_PORT"):
-        load_settings({"CADNODE_DICOM_PORT": "x"})
+    [problem] = problems({"CADNODE_DICOM_PORT": "x"})
+    assert problem.startswith("CADNODE_DICOM_PORT: ") and "'x'" in problem
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "read"),
+    [
+        ("CADNODE_DATA_DIR", "/srv/cadnode", lambda s: s.storage.data_dir),
+        ("CADNODE_DICOM_PORT", "11999", lambda s: s.dicom.port),
+        ("CADNODE_AE_TITLE", "NODE2", lambda s: s.dicom.ae_title),
+        ("CADNODE_DICOM_RECEIVERS", "4", lambda s: s.dicom.receivers),
+        ("CADNODE_HTTP_PORT", "8999", lambda s: s.http.port),
+        ("CADNODE_ENGINES_DIR", "/srv/engines", lambda s: s.engines.dir),
+        ("CADNODE_ADMIN_PASSWORD_HASH", "$argon2id$v=19$x", lambda s: s.http.admin_password_hash),
+        ("CADNODE_DESTINATION", "PACS@10.1.2.3:104", lambda s: str(s.result_destinations()[0])),
+    ],
+)
+def test_each_variable_overrides_its_key_of_the_file(
+    tmp_path: Path, variable: str, value: str, read: Callable[[Settings], Any]
+) -> None:
+    environ = write(
+        tmp_path,
+        "dicom:\n  port: 11000\n  ae_title: FILE\n  receivers: 2\n"
+        "http:\n  port: 8000\n  admin_password_hash: $argon2id$v=19$file\n"
+        "storage:\n  data_dir: data\nengines:\n  dir: engines\n"
+        "destinations:\n  pacs: {ae_title: PACS, host: pacs, port: 11112}\n"
+        "results:\n  destinations: [pacs]\n",
+    )
+    from_file = read(load_settings(environ))
+    overridden = read(load_settings({**environ, variable: value}))
+    assert overridden != from_file
+    assert str(overridden) == value
+
+
+def test_relative_path_variables_are_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings({"CADNODE_DATA_DIR": "data", "CADNODE_ENGINES_DIR": "engines"})
+    assert (settings.storage.data_dir, settings.engines.dir) == (
+        tmp_path / "data",
+        tmp_path / "engines",
+    )
+
+
+def test_the_config_variable_names_the_file(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "dicom:\n  port: 11000\n")).dicom.port == 11000
+
+
+def test_only_the_given_mapping_is_read_and_the_process_environment_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CADNODE_DICOM_PORT", "11999")
+    assert load_settings({}).dicom.port == 11112
+    assert load_settings().dicom.port == 11999
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "CADNODE_CONFIG",
+        "CADNODE_DATA_DIR",
+        "CADNODE_DICOM_PORT",
+        "CADNODE_AE_TITLE",
+        "CADNODE_DICOM_RECEIVERS",
+        "CADNODE_HTTP_PORT",
+        "CADNODE_ENGINES_DIR",
+        "CADNODE_ADMIN_PASSWORD_HASH",
+        "CADNODE_DESTINATION",
+    ],
+)
+def test_an_empty_variable_is_an_error_naming_it(variable: str) -> None:
+    [problem] = problems({variable: ""})  # the embedded file has no admin_password_hash
+    assert problem.startswith(f"{variable}: ")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "key"),
+    [
+        ("CADNODE_DICOM_PORT", "70000", "dicom.port"),
+        ("CADNODE_ADMIN_PASSWORD_HASH", "plain-text", "http.admin_password_hash"),
+        ("CADNODE_AE_TITLE", "A_VERY_LONG_AE_TITLE", "dicom.ae_title"),
+        ("CADNODE_DICOM_RECEIVERS", "0", "dicom.receivers"),
+    ],
+)
+def test_a_bad_variable_is_named_not_the_line_it_overrides(
+    tmp_path: Path, variable: str, value: str, key: str
+) -> None:
+    environ = write(
+        tmp_path,
+        "dicom:\n  port: 11000\n  ae_title: FILE\n  receivers: 2\n"
+        "http:\n  admin_password_hash: $argon2id$v=19$file\n",
+    )
+    [problem] = problems({**environ, variable: value})
+    assert problem.startswith(f"{variable}: {key}: ") and repr(value)[1:-1] in problem
+
+
+def test_a_bad_variable_and_a_bad_line_are_each_named(tmp_path: Path) -> None:
+    environ = write(tmp_path, "dicom:\n  port: 11000\nhttp:\n  port: eighty\n")
+    assert problems({**environ, "CADNODE_DICOM_PORT": "70000"}) == [
+        "CADNODE_DICOM_PORT: dicom.port: Input should be less than or equal to 65535 (got 70000)",
+        f"{tmp_path / 'cadnode.yaml'}:4:3: http.port: Input should be a valid integer, "
+        "unable to parse string as an integer (got 'eighty')",
+    ]
+
+
+def test_a_variable_under_a_section_the_file_leaves_empty_reports_the_file(
+    tmp_path: Path,
+) -> None:
+    [problem] = problems({**write(tmp_path, "http:\n"), "CADNODE_HTTP_PORT": "8999"})
+    assert problem.startswith(f"{tmp_path / 'cadnode.yaml'}:1:1: http: ")

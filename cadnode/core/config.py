@@ -1,7 +1,7 @@
 """The daemon's configuration: typed, validated once at load, with file:line in errors.
 
 Precedence: built-in defaults < the YAML file (`CADNODE_CONFIG`, else the embedded
-`config/cadnode.yaml`) < environment variables (see `ENVIRONMENT`). Relative paths in the
+`config/cadnode.yaml`) < environment variables (see `Environment`). Relative paths in the
 file are relative to the file, so the daemon behaves the same from any working directory.
 """
 
@@ -15,16 +15,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from cadnode.core.backoff import Backoff
-from cadnode.core.yamlfile import ConfigError, load_model, read_yaml
+from cadnode.core.yamlfile import ConfigError, load_model, problem, read_yaml
 
 EMBEDDED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "cadnode.yaml"
 
@@ -56,14 +63,18 @@ class Destination(Section):
 
     @classmethod
     def parse(cls, text: str) -> Destination:
-        """`AE@host:port`, the form of `CADNODE_DESTINATION`."""
-        match = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>[^:]+):(?P<port>\d+)", text.strip())
-        if not match:
-            raise ConfigError([f"CADNODE_DESTINATION: expected AE@host:port, got {text!r}"])
-        return cls(ae_title=match["ae"], host=match["host"], port=int(match["port"]))
+        """`AE@host:port`, the form of `CADNODE_DESTINATION`; ValueError if it is not."""
+        return cls.model_validate(_address(text))
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _address(text: str) -> dict[str, str]:
+    match = re.fullmatch(r"(?P<ae_title>[^@]+)@(?P<host>[^:]+):(?P<port>\d+)", text.strip())
+    if not match:
+        raise ValueError("expected AE@host:port")
+    return match.groupdict()
 
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -383,29 +394,91 @@ class Settings(Section):
         return [self.destinations[name] for name in self.results.destinations]
 
 
-# Environment variable -> (path of keys in the document, how to read it).
-ENVIRONMENT: Mapping[str, tuple[tuple[str, ...], type]] = {
-    "CADNODE_DATA_DIR": (("storage", "data_dir"), str),
-    "CADNODE_DICOM_PORT": (("dicom", "port"), int),
-    "CADNODE_AE_TITLE": (("dicom", "ae_title"), str),
-    "CADNODE_DICOM_RECEIVERS": (("dicom", "receivers"), int),
-    "CADNODE_HTTP_PORT": (("http", "port"), int),
-    "CADNODE_ENGINES_DIR": (("engines", "dir"), str),
-    "CADNODE_ADMIN_PASSWORD_HASH": (("http", "admin_password_hash"), str),
-}
+ResolvedPath = Annotated[Path, AfterValidator(Path.resolve)]  # a relative one: to the cwd
+
+
+class Environment(BaseSettings):
+    """The environment variables (docs/operations.md), read and typed by pydantic-settings.
+
+    Each field is named for the key of the file that its variable (the alias) replaces, with
+    `__` between the section and the key; `destination` replaces `results.destinations`.
+    """
+
+    model_config = SettingsConfigDict(case_sensitive=True)
+
+    config: ResolvedPath = Field(EMBEDDED_CONFIG, alias="CADNODE_CONFIG")
+    storage__data_dir: ResolvedPath | None = Field(None, alias="CADNODE_DATA_DIR")
+    dicom__port: int | None = Field(None, alias="CADNODE_DICOM_PORT")
+    dicom__ae_title: str | None = Field(None, alias="CADNODE_AE_TITLE")
+    dicom__receivers: int | None = Field(None, alias="CADNODE_DICOM_RECEIVERS")
+    http__port: int | None = Field(None, alias="CADNODE_HTTP_PORT")
+    http__admin_password_hash: str | None = Field(None, alias="CADNODE_ADMIN_PASSWORD_HASH")
+    engines__dir: ResolvedPath | None = Field(None, alias="CADNODE_ENGINES_DIR")
+    destination: Destination | None = Field(None, alias="CADNODE_DESTINATION")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if value == "":
+            raise ValueError("set but empty")
+        return value
+
+    @field_validator("destination", mode="before")
+    @classmethod
+    def _ae_at_host_port(cls, value: Any) -> Any:
+        return _address(value) if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # what `read` passes from its mapping
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str]) -> Environment:
+        """The variables of `environ` (tests pass dicts), never os.environ behind its back."""
+        names = {str(field.alias) for field in cls.model_fields.values()}
+        given: dict[str, Any] = {name: v for name, v in environ.items() if name in names}
+        try:
+            return cls(**given)
+        except ValidationError as error:
+            raise ConfigError([problem(e) for e in error.errors()]) from error
+
+    def overrides(self) -> dict[tuple[str, ...], tuple[str, Any]]:
+        """Keys of the file -> (the variable that replaces it, its value), for those set."""
+        found = {
+            tuple(name.split("__")): (str(field.alias), value)
+            for name, field in type(self).model_fields.items()
+            if "__" in name and (value := getattr(self, name)) is not None
+        }
+        if self.destination is not None:
+            name = "CADNODE_DESTINATION"  # also the name of the destination it describes
+            found[("destinations", name)] = (name, self.destination)
+            found[("results",)] = (name, {"destinations": [name]})
+        return found
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    environ = os.environ if environ is None else environ
-    path = Path(environ.get("CADNODE_CONFIG", EMBEDDED_CONFIG)).resolve()
+    environment = Environment.read(os.environ if environ is None else environ)
+    path = environment.config
     document = read_yaml(path)
     if document is None:
         document = {}
     if not isinstance(document, dict):
         raise ConfigError([f"{path}:1:1: expected a mapping of sections at the top level"])
     _resolve_relative_paths(document, path.parent)
-    _apply_environment(document, environ)
-    return load_model(path, Settings, document)
+    overrides = environment.overrides()
+    for keys, (_, value) in overrides.items():
+        node = _parent(document, keys, create=True)
+        if node is not None:  # else the file's own error is reported, at its line
+            node[keys[-1]] = value
+    origins = {keys: variable for keys, (variable, _) in overrides.items()}
+    return load_model(path, Settings, document, origins)
 
 
 def _resolve_relative_paths(document: dict[str, Any], base: Path) -> None:
@@ -426,30 +499,13 @@ def _resolve_relative_paths(document: dict[str, Any], base: Path) -> None:
         document["rules"] = str((base / "rules.yaml").resolve())
 
 
-def _apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for variable, (keys, kind) in ENVIRONMENT.items():
-        if variable not in environ:
-            continue
-        try:
-            value = kind(environ[variable])
-        except ValueError as error:
-            raise ConfigError(
-                [f"{variable}: expected {kind.__name__}, got {environ[variable]!r}"]
-            ) from error
-        if kind is str and keys[-1] in ("data_dir", "dir"):
-            value = str(Path(value).resolve())
-        node = document
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    if "CADNODE_DESTINATION" in environ:
-        destination = Destination.parse(environ["CADNODE_DESTINATION"])
-        document.setdefault("destinations", {})["CADNODE_DESTINATION"] = destination.model_dump()
-        document["results"] = {"destinations": ["CADNODE_DESTINATION"]}
-
-
-def _parent(document: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
+def _parent(
+    document: dict[str, Any], keys: tuple[str, ...], create: bool = False
+) -> dict[str, Any] | None:
     node: Any = document
     for key in keys[:-1]:
-        node = node.get(key) if isinstance(node, dict) else None
+        if create and isinstance(node, dict):
+            node = node.setdefault(key, {})
+        else:
+            node = node.get(key) if isinstance(node, dict) else None
     return node if isinstance(node, dict) else None

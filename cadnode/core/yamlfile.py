@@ -6,6 +6,7 @@ ruamel.yaml keeps the position of every key and item, so a pydantic error's loca
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,37 +40,56 @@ def read_yaml(path: Path, text: str | None = None) -> Any:
         raise ConfigError([f"{where}: not valid YAML: {error.problem}"]) from error
 
 
-def load_model(path: Path, model: type[Model], document: Any = None) -> Model:
-    """Validate `path` (or an already read `document` from it) against `model`."""
+def load_model(
+    path: Path,
+    model: type[Model],
+    document: Any = None,
+    origins: Mapping[tuple[str, ...], str] | None = None,
+) -> Model:
+    """Validate `path` (or an already read `document` from it) against `model`.
+
+    `origins` names where values put into the document after it was read came from (keys
+    path -> environment variable): an error in one of them names that, not a line of the file.
+    """
     document = read_yaml(path) if document is None else document
     try:
         return model.model_validate(document if document is not None else {})
     except ValidationError as error:
-        raise ConfigError([_describe(path, document, e) for e in error.errors()]) from error
+        raise ConfigError(
+            [_describe(path, document, e, origins or {}) for e in error.errors()]
+        ) from error
 
 
 def position(document: Any, location: tuple[int | str, ...]) -> tuple[int, int] | None:
     """1-based (line, column) of the deepest node of `location` that the document has."""
     node, found = document, None
     for key in location:
-        if isinstance(node, CommentedMap) and key in node:
-            line, column = node.lc.key(key)
-            found, node = (line + 1, column + 1), node[key]
-        elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
-            line, column = node.lc.item(key)
-            found, node = (line + 1, column + 1), node[key]
-        else:
+        try:
+            if isinstance(node, CommentedMap) and key in node:
+                line, column = node.lc.key(key)
+            elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
+                line, column = node.lc.item(key)
+            else:
+                break
+        except KeyError:  # put there after reading: no position in the file
             break
+        found, node = (line + 1, column + 1), node[key]
     if found is None and isinstance(document, CommentedMap | CommentedSeq):
         found = (document.lc.line + 1, document.lc.col + 1)
     return found
 
 
-def _describe(path: Path, document: Any, error: Any) -> str:
+def _describe(path: Path, document: Any, error: Any, origins: Mapping[tuple[str, ...], str]) -> str:
     location = tuple(error["loc"])
-    where = position(document, location)
-    prefix = f"{path}:{where[0]}:{where[1]}" if where else str(path)
-    key = ".".join(str(part) for part in location) or "(top level)"
+    variable = next((v for keys, v in origins.items() if location[: len(keys)] == keys), None)
+    where = None if variable else position(document, location)
+    prefix = variable or (f"{path}:{where[0]}:{where[1]}" if where else str(path))
+    return f"{prefix}: {problem(error)}"
+
+
+def problem(error: Any) -> str:
+    """`key: message (got value)` for one of a pydantic ValidationError's errors()."""
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     value = error.get("input")
     shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
-    return f"{prefix}: {key}: {error['msg']}{shown}"
+    return f"{key}: {error['msg']}{shown}"
