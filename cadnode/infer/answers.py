@@ -19,6 +19,7 @@ and the answer names it relative to that folder.
 from __future__ import annotations
 
 import io
+from abc import abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +66,9 @@ class Statement:
 class _Said(_Answer):
     """What every answer kind tells the stages after infer."""
 
+    @abstractmethod  # pydantic's model metaclass is an ABCMeta: each kind must say it
     def statements(self) -> list[Statement]:
-        raise NotImplementedError
+        """What this answer says, one statement per verdict or finding."""
 
     @property
     def positive(self) -> bool:
