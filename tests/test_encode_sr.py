@@ -199,6 +199,8 @@ def test_without_a_time_only_the_clock_differs(film: pydicom.Dataset) -> None:
             "InstanceCreationTime",
             "ContentDate",
             "ContentTime",
+            "SeriesDate",
+            "SeriesTime",
         ):
             delattr(sr, keyword)
         for equipment in sr.ContributingEquipmentSequence:

@@ -63,9 +63,7 @@ class HasCode(Protocol):
 
 
 def concept(code: HasCode) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(
-        value=code.value, scheme_designator=code.scheme, meaning=code.meaning
-    )
+    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
 
 
 @dataclass(frozen=True)
@@ -153,6 +151,41 @@ def source_header(source: pydicom.Dataset) -> pydicom.Dataset:
 def split(when: dt.datetime | None) -> tuple[dt.date | None, dt.time | None]:
     """(date, time) for highdicom's content_date/content_time; (None, None) means now."""
     return (when.date(), when.time()) if when is not None else (None, None)
+
+
+def finish(ds: pydicom.Dataset, algorithm: Algorithm, when: dt.datetime | None) -> None:
+    """What every derived object gets last: one moment (`when`, or now) wherever highdicom
+    wrote the clock and as the Series Date/Time, and the engine named as contributing
+    equipment (its name and version), as IHE AI Results asks of every result."""
+    moment = when if when is not None else dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    stamp(ds, moment)
+    ds.SeriesDate = DA(moment.date())
+    ds.SeriesTime = TM(moment.time())
+    credit(ds, algorithm, moment)
+
+
+def credit(ds: pydicom.Dataset, algorithm: Algorithm, when: dt.datetime) -> None:
+    """Add the engine to the Contributing Equipment Sequence (DCM 109102 "Processing
+    Equipment", CID 7005), once: Manufacturer's Model Name is the engine, Software Versions
+    its version and Device Serial Number its model hash (shortened to the 64-character LO)."""
+    entries = list(ds.get("ContributingEquipmentSequence", []))
+    if any(entry.get("ManufacturerModelName") == algorithm.name for entry in entries):
+        return
+    entry = pydicom.Dataset()
+    purpose = pydicom.Dataset()
+    purpose.CodeValue = codes.DCM.ProcessingEquipment.value
+    purpose.CodingSchemeDesignator = "DCM"
+    purpose.CodeMeaning = codes.DCM.ProcessingEquipment.meaning
+    entry.PurposeOfReferenceCodeSequence = [purpose]
+    entry.Manufacturer = MANUFACTURER
+    entry.ManufacturerModelName = algorithm.name
+    entry.SoftwareVersions = algorithm.version
+    entry.DeviceSerialNumber = algorithm.sha256[:64]
+    entry.ContributionDateTime = DT(when)
+    entry.ContributionDescription = f"{algorithm.name} {algorithm.version}: {NOT_FOR_DIAGNOSIS}"[
+        :64
+    ]
+    ds.ContributingEquipmentSequence = [*entries, entry]
 
 
 def stamp(ds: pydicom.Dataset, when: dt.datetime) -> None:

@@ -17,8 +17,8 @@ from cadnode.encode.provenance import (
     NOT_FOR_DIAGNOSIS,
     Algorithm,
     check_sources,
+    finish,
     source_header,
-    stamp,
 )
 
 SC_SERIES_NUMBER = 902
@@ -94,7 +94,7 @@ def secondary_capture(
     if content_datetime is not None:
         sc.ContentDate = pydicom.valuerep.DA(content_datetime.date())
         sc.ContentTime = pydicom.valuerep.TM(content_datetime.time())
-        stamp(sc, content_datetime)
+    finish(sc, algorithm, content_datetime)
     return sc
 
 

@@ -15,9 +15,9 @@ from cadnode.encode.provenance import (
     MANUFACTURER,
     Algorithm,
     check_sources,
+    finish,
     source_header,
     split,
-    stamp,
 )
 from cadnode.encode.seg.content import segment_description
 from cadnode.infer.answers import SegmentFinding
@@ -74,8 +74,7 @@ def segmentation(
         content_time=content_time,
     )
     _finish(seg, source, sop_instance_uid)
-    if content_datetime is not None:
-        stamp(seg, content_datetime)
+    finish(seg, algorithm, content_datetime)
     return seg
 
 

@@ -6,7 +6,7 @@ inputs. Only the clock differs between two builds: highdicom stamps Content Date
 Instance Creation Date/Time and its own Contributing Equipment entry with the current time;
 pass `content_datetime` (e.g. when the engine answered) and all of them take that value,
 so the same inputs give the same bytes and rebuilding a report after a crash reproduces
-the object its UID names (`cadnode.encode.provenance.stamp`).
+the object its UID names (`cadnode.encode.provenance.finish`).
 
 The layout follows IHE AI Results (AIR): one TID 1500 report per study and engine, whose
 observer is the engine (a device), whose evidence lists every source image (and the SEGs it

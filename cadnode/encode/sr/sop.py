@@ -17,9 +17,9 @@ from cadnode.encode.provenance import (
     Algorithm,
     CodedLabel,
     check_sources,
+    finish,
     source_header,
     split,
-    stamp,
 )
 from cadnode.encode.sr.codes import MAMMOGRAPHY, PLAIN_CHEST_XRAY, PRIVATE_SCHEME, PRIVATE_SCHEMES
 from cadnode.encode.sr.content import (
@@ -172,8 +172,7 @@ def _report(
         content_time=content_time,
         coding_schemes=PRIVATE_SCHEMES if _uses(report[0], PRIVATE_SCHEME) else None,
     )
-    if identity.content_datetime is not None:
-        stamp(sr, identity.content_datetime)
+    finish(sr, algorithm, identity.content_datetime)
     return sr
 
 
