@@ -12,7 +12,12 @@ import pytest
 from PIL import Image
 
 from cadnode.dicom.pixels import DEFAULT_LIMIT
-from cadnode.infer.phantoms.breast import make_breast_phantom, tomosynthesis_dataset
+from cadnode.infer.phantoms.breast import (
+    make_breast_phantom,
+    plan_volumes,
+    render_volume,
+    tomosynthesis_dataset,
+)
 from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom
 from cadnode.infer.preprocess import frame_window, frames_to_tensor, image_to_tensor
 from tests.dicom_validation import dciodvfy_errors, dciodvfy_output, require_tool
@@ -64,6 +69,34 @@ def test_dbt_labels_in_duke_formats_match_the_volumes(dbt_set: Path) -> None:
         ]
         around = volume[box.slice][volume[box.slice] > 0.05]
         assert inside.mean() > around.mean()  # the mass is denser than the breast around it
+
+
+STUDY_LEVEL = ("PatientID", "AccessionNumber", "StudyDate", "StudyTime", "StudyID")
+
+
+def test_dbt_volumes_of_one_study_share_its_study_attributes(dbt_set: Path) -> None:
+    """A study-level C-FIND, the worklist and the SR read these from whichever volume they
+    hold: the four views of a study must agree on them, and two studies must not."""
+    studies: dict[str, set[tuple[str, ...]]] = {}
+    for path in sorted(dbt_set.glob("dbt-*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        studies.setdefault(ds.StudyInstanceUID, set()).add(
+            tuple(str(ds.get(keyword, "")) for keyword in STUDY_LEVEL)
+        )
+    assert len(studies) == 2  # 8 volumes, 4 views per study
+    assert all(len(values) == 1 for values in studies.values()), studies
+    (first,), (second,) = studies.values()
+    assert first[1] != second[1] and first[3] != second[3]  # accession, study time
+
+
+def test_dbt_study_attributes_are_deterministic_for_a_seed() -> None:
+    cases = plan_volumes(range(11, 15), 0.5)
+    first = [render_volume(case, slices=8, size=48)[0] for case in cases]
+    again = [render_volume(case, slices=8, size=48)[0] for case in cases]
+    for ds, same in zip(first, again, strict=True):
+        assert ds.SOPInstanceUID == same.SOPInstanceUID
+        assert [ds.get(k) for k in STUDY_LEVEL] == [same.get(k) for k in STUDY_LEVEL]
+    assert len({ds.SeriesInstanceUID for ds in first}) == 4  # one series per view
 
 
 def test_dbt_phantom_masses_span_a_few_slices() -> None:

@@ -3,6 +3,7 @@ UPS datasets, and HL7 order updates parsed back with hl7apy."""
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from cadnode.dicom.matching import matches, response
 from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.prioritize.hl7 import order_update
 from cadnode.prioritize.notice import Notice
-from cadnode.prioritize.worklist import build_workitem, workitem_uid
+from cadnode.prioritize.worklist import TURNAROUND, build_workitem, reprioritize, workitem_uid
 from tests.worklist_peers import study_query
 
 
@@ -88,6 +89,84 @@ def test_c_find_matches_a_list_of_uids(workitem: Dataset) -> None:
     assert matches(workitem, query)
     query.SOPInstanceUID = ["1.2.3", "1.2.4"]
     assert not matches(workitem, query)
+
+
+def code_query(value: str, scheme: str, meaning: str = "") -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    query = Dataset()
+    query.ScheduledWorkitemCodeSequence = [item]
+    return query
+
+
+def test_the_workitem_is_a_reading_task_from_cid_9231(workitem: Dataset) -> None:
+    [task] = workitem.ScheduledWorkitemCodeSequence
+    assert (task.CodeValue, task.CodingSchemeDesignator, task.CodeMeaning) == (
+        "110005",
+        "DCM",
+        "Interpretation",
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (("110005", "DCM"), True),
+        (("110005", "DCM", "Interpretation"), True),
+        (("110005", "DCM", "Befundung"), True),  # a meaning is text, never matched
+        (("1100*", "DCM"), True),
+        (("110006", "DCM", "Interpretation"), False),
+        (("110005", "SCT"), False),
+        (("", "", "Transcription"), True),  # nothing but a meaning: it asks, it does not filter
+    ],
+)
+def test_c_find_matches_a_coded_item_by_code_value_and_scheme(
+    workitem: Dataset, code: tuple[str, ...], expected: bool
+) -> None:
+    assert matches(workitem, code_query(*code)) is expected
+
+
+def test_the_expected_completion_follows_the_priority(workitem: Dataset) -> None:
+    start = dt.datetime.strptime(workitem.ScheduledProcedureStepStartDateTime, "%Y%m%d%H%M%S")
+
+    def expected() -> dt.timedelta:
+        end = dt.datetime.strptime(workitem.ExpectedCompletionDateTime, "%Y%m%d%H%M%S")
+        return end - start
+
+    assert expected() == TURNAROUND[Priority.HIGH]
+    reprioritize(workitem, Priority.LOW)
+    assert workitem.ScheduledProcedureStepPriority == "LOW"
+    assert expected() == TURNAROUND[Priority.LOW] > TURNAROUND[Priority.MEDIUM]
+    assert workitem.ScheduledProcedureStepModificationDateTime >= start.strftime("%Y%m%d%H%M%S")
+
+
+def test_the_request_comes_from_the_images_request_attributes(tmp_path: Path) -> None:
+    film = write_chest_radiograph(tmp_path / "film.dcm", seed=4)
+    request = Dataset()
+    request.RequestedProcedureID = "RP-9"
+    request.RequestedProcedureDescription = "Chest PA"
+    request.PlacerOrderNumberImagingServiceRequest = "PLACER-1"
+    film.RequestAttributesSequence = [request]
+    film.IssuerOfPatientID = "HOSPITAL"
+    film.PregnancyStatus = 4  # unknown
+    ds = build_workitem(
+        workitem_uid(film.StudyInstanceUID),
+        film,
+        [],
+        priority=Priority.MEDIUM,
+        reason="arrived",
+        worklist_label="CADNODE",
+        retrieve_ae="CADNODE",
+        ready=False,
+    )
+    [item] = ds.ReferencedRequestSequence
+    assert (item.RequestedProcedureID, item.RequestedProcedureDescription) == ("RP-9", "Chest PA")
+    assert item.PlacerOrderNumberImagingServiceRequest == "PLACER-1"
+    assert "FillerOrderNumberImagingServiceRequest" not in item  # 1C: only when set
+    assert item.OrderFillerIdentifierSequence == []  # type 2: present, empty
+    assert (ds.IssuerOfPatientID, ds.PregnancyStatus) == ("HOSPITAL", 4)
+    assert "MedicalAlerts" not in ds  # 2C: only when the images have it
+    assert ds["AdmissionID"].is_empty and ds.ScheduledHumanPerformersSequence == []
 
 
 def notice(workitem: Dataset) -> Notice:

@@ -6,8 +6,9 @@ Chest (`cadnode-train phantoms --kind cxr`): `cxr-NNNNN.dcm` films with
   patientId = the file's stem (RSNA names each file `<patientId>.dcm`);
 - SIIM-ACR Pneumothorax: `train-rle.csv`, ImageId = SOP Instance UID, `-1` when empty;
 - Montgomery-style lung masks: `ManualMask/leftMask/` and `ManualMask/rightMask/` PNGs.
-DBT (`--kind dbt`): `dbt-NNNNN.dcm` Breast Tomosynthesis volumes, 4 views per study, with the
-Duke BCS-DBT boxes, file-path and labels CSVs.
+DBT (`--kind dbt`): `dbt-NNNNN.dcm` Breast Tomosynthesis volumes, 4 views per study (sharing
+the study's UID, patient, Accession Number and Study Date/Time), with the Duke BCS-DBT boxes,
+file-path and labels CSVs.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Supported: universal matching (empty key), single value, wildcards (* and ?), a list of UIDs,
 date/time ranges (A-B, -B, A-), and sequence matching (an item of the query sequence matches
-some item of the candidate's). Matching is case-sensitive except for PN.
+some item of the candidate's; a coded item by its code value and scheme). Matching is
+case-sensitive except for PN.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence
 
 IGNORED = {"SpecificCharacterSet", "QueryRetrieveLevel", "TimezoneOffsetFromUTC"}
+# Returned when asked for, never matched: a code's meaning is text for people, worded as each
+# system likes; the code value and scheme identify the concept (PS3.4 Table CC.2.5-2a: Code
+# Meaning shall not be a matching key). An SCP may treat an optional key as a return key.
+RETURN_ONLY = {"CodeMeaning"}
 RANGE_VRS = {"DA", "TM", "DT"}
 
 
 def matches(candidate: Dataset, query: Dataset) -> bool:
-    return all(_element_matches(candidate, key) for key in query if key.keyword not in IGNORED)
+    return all(
+        _element_matches(candidate, key)
+        for key in query
+        if key.keyword not in IGNORED and key.keyword not in RETURN_ONLY
+    )
 
 
 def _element_matches(candidate: Dataset, key: DataElement) -> bool:
@@ -44,7 +53,7 @@ def _is_universal(item: Dataset) -> bool:
     return all(
         (not element.value or _is_universal(element.value[0]))
         if element.VR == "SQ"
-        else element.is_empty
+        else element.is_empty or element.keyword in RETURN_ONLY
         for element in item
     )
 

@@ -156,7 +156,7 @@ class Prioritizer:
         readiness = "READY" if ready else "INCOMPLETE"
         readiness_changed = ds.InputReadinessState != readiness
         ds.InputReadinessState = readiness
-        ds.ScheduledProcedureStepPriority = decision.level.value
+        worklist.reprioritize(ds, decision.level)
         ds.CommentsOnTheScheduledProcedureStep = decision.reason[:10240]
         ds.InputInformationSequence = worklist.input_information(
             self._header(instances[0]), instances, self.retrieve_ae

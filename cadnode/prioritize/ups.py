@@ -149,6 +149,7 @@ class UpsScp:
             for element in changes:
                 if element.keyword not in PROTECTED:
                     ds[element.tag] = element
+            _restamp(ds, changes, priority)
             worklist.keep(session, item, ds)
             if priority is not None and priority != before:
                 decision = StudyPriority(
@@ -312,6 +313,15 @@ class UpsScp:
         ):
             session.delete(subscription)
         return SUCCESS
+
+
+def _restamp(ds: Dataset, changes: Dataset, priority: str | None) -> None:
+    """The SCP's part of an N-SET (PS3.4 Table CC.2.5-3): the modification time is the N-SET's,
+    and a new priority moves the expected completion, unless the client set that too."""
+    if priority is not None and "ExpectedCompletionDateTime" not in changes:
+        worklist.reprioritize(ds, Priority(priority))
+    else:
+        worklist.touch(ds)
 
 
 def _refusal(item: Workitem, wanted: UpsState, transaction: Any) -> int | None:

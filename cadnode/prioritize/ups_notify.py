@@ -139,5 +139,7 @@ class PushLink:
             "CommentsOnTheScheduledProcedureStep", ""
         )
         changes.InputReadinessState = workitem.InputReadinessState
+        if "ExpectedCompletionDateTime" in workitem:  # moves with the priority
+            changes.ExpectedCompletionDateTime = workitem.ExpectedCompletionDateTime
         status, _ = self.assoc.send_n_set(changes, UPS_PUSH, uid, meta_uid=UPS_PULL)
         _check(status, "N-SET")

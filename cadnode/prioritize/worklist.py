@@ -11,9 +11,13 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable
+from copy import deepcopy
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 from pynetdicom import sop_class
 from sqlalchemy import or_
@@ -57,8 +61,55 @@ def lock(database: Database) -> ProcessLock:
     return named_lock(database, "worklist")
 
 
-# Study-level attributes a workitem copies from the images, and the request they belong to.
-PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+# The task: PS3.16 CID 9231 "Workitem Definition". Readers interpret the study; a worklist
+# client filtering by task ((110005, DCM) "Interpretation") must find cadnode's workitems.
+READING_TASK = codes.DCM.Interpretation
+
+# Patient and admission attributes (UPS Relationship module): return key type 2, so always
+# present, copied from the images, empty where they have none.
+PATIENT_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientSex",
+    "AdmissionID",
+    "IssuerOfAdmissionIDSequence",
+    "AdmittingDiagnosesDescription",
+    "AdmittingDiagnosesCodeSequence",
+)
+# Patient Medical module: return key type 2C, present only where the images carry them.
+MEDICAL_KEYWORDS = ("MedicalAlerts", "PregnancyStatus", "SpecialNeeds")
+# Of the request (Request Attributes Sequence of the images): type 2, always present.
+ORDER_KEYWORDS = (
+    "RequestedProcedureID",
+    "OrderPlacerIdentifierSequence",
+    "OrderFillerIdentifierSequence",
+)
+# Return key type 1C "required if set": left out rather than sent empty.
+ORDER_NUMBER_KEYWORDS = (
+    "PlacerOrderNumberImagingServiceRequest",
+    "FillerOrderNumberImagingServiceRequest",
+)
+# Scheduling the node has no value for (the reading station and reader are the site's
+# choice): return key type 2, present and empty.
+UNASSIGNED_SEQUENCES = (
+    "ScheduledProcessingParametersSequence",
+    "ScheduledStationNameCodeSequence",
+    "ScheduledStationClassCodeSequence",
+    "ScheduledStationGeographicLocationCodeSequence",
+    "ScheduledHumanPerformersSequence",
+)
+# How soon a reading is expected at each priority (Expected Completion DateTime): a STAT
+# read within the hour, a routine one within the day, a confidently normal one later.
+TURNAROUND = {
+    Priority.HIGH: dt.timedelta(hours=1),
+    Priority.MEDIUM: dt.timedelta(hours=24),
+    Priority.LOW: dt.timedelta(hours=72),
+}
+DATETIME_FORMAT = "%Y%m%d%H%M%S"
 
 
 def workitem_uid(study_uid: str) -> str:
@@ -77,46 +128,103 @@ def build_workitem(
     retrieve_ae: str,
     ready: bool,
 ) -> Dataset:
-    """A UPS for reading the study (PS3.4 Table CC.2.5-3): SCHEDULED, at `priority`."""
+    """A UPS for reading the study, SCHEDULED, at `priority`, with every attribute PS3.4
+    Table CC.2.5-3 makes a type 1 or 2 return key (valued where the node knows it)."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = UPS_PUSH
     ds.SOPInstanceUID = uid
-    for keyword in PATIENT_KEYWORDS:
-        setattr(ds, keyword, header.get(keyword, ""))
-    ds.AdmissionID = ""
-    ds.IssuerOfAdmissionIDSequence = []
+    _copy(ds, header, PATIENT_KEYWORDS)
+    _copy(ds, header, [k for k in MEDICAL_KEYWORDS if _valued(header, k)])
     ds.ReferencedRequestSequence = [_request(header)]
     ds.StudyInstanceUID = header.StudyInstanceUID
-    ds.ScheduledProcedureStepPriority = priority.value
+    _schedule(ds, header, worklist_label)
     ds.CommentsOnTheScheduledProcedureStep = reason[:10240]
-    ds.WorklistLabel = worklist_label
-    ds.ProcedureStepLabel = _label(header)
-    now = dt.datetime.now(dt.UTC).astimezone()
-    ds.ScheduledProcedureStepStartDateTime = now.strftime("%Y%m%d%H%M%S")
-    ds.ScheduledProcedureStepModificationDateTime = now.strftime("%Y%m%d%H%M%S")
-    ds.ScheduledWorkitemCodeSequence = []
-    ds.ScheduledStationNameCodeSequence = []
-    ds.ScheduledStationClassCodeSequence = []
-    ds.ScheduledStationGeographicLocationCodeSequence = []
+    reprioritize(ds, priority)
     ds.InputReadinessState = "READY" if ready else "INCOMPLETE"
     ds.InputInformationSequence = input_information(header, instances, retrieve_ae)
     ds.ProcedureStepState = UpsState.SCHEDULED.value
+    ds.ProcedureStepProgressInformationSequence = []
     ds.UnifiedProcedureStepPerformedProcedureSequence = []
     return ds
 
 
+def _schedule(ds: Dataset, header: Dataset, worklist_label: str) -> None:
+    """What is to be done, where and when: the Scheduled Procedure Information module."""
+    ds.WorklistLabel = worklist_label
+    ds.ProcedureStepLabel = _label(header)
+    ds.ScheduledWorkitemCodeSequence = [_code_item(READING_TASK)]
+    for keyword in UNASSIGNED_SEQUENCES:
+        setattr(ds, keyword, [])
+    ds.ScheduledProcedureStepStartDateTime = _now().strftime(DATETIME_FORMAT)
+
+
+def reprioritize(ds: Dataset, priority: Priority) -> None:
+    """Set the priority and what follows from it: the reading's expected completion (from the
+    scheduled start), and the modification time the SCP keeps (PS3.4 Table CC.2.5-3)."""
+    ds.ScheduledProcedureStepPriority = priority.value
+    start = _parse_datetime(str(ds.get("ScheduledProcedureStepStartDateTime", "")))
+    if start is not None:
+        ds.ExpectedCompletionDateTime = (start + TURNAROUND[priority]).strftime(DATETIME_FORMAT)
+    touch(ds)
+
+
+def touch(ds: Dataset) -> None:
+    """Scheduled Procedure Step Modification DateTime: the time of the last change to it."""
+    ds.ScheduledProcedureStepModificationDateTime = _now().strftime(DATETIME_FORMAT)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).astimezone()
+
+
+def _parse_datetime(text: str) -> dt.datetime | None:
+    """A DT value's date and time to the second (a client may N-SET one without them)."""
+    try:
+        return dt.datetime.strptime(text[:14], DATETIME_FORMAT)
+    except ValueError:
+        return None
+
+
 def _request(header: Dataset) -> Dataset:
+    """The order the study answers: its Request Attributes Sequence, and the study's own
+    accession number and description where the images carry no request."""
+    requested = (header.get("RequestAttributesSequence") or [Dataset()])[0]
     item = Dataset()
     item.StudyInstanceUID = header.StudyInstanceUID
-    item.AccessionNumber = header.get("AccessionNumber", "")
-    item.IssuerOfAccessionNumberSequence = header.get("IssuerOfAccessionNumberSequence", [])
-    requested = (header.get("RequestAttributesSequence") or [Dataset()])[0]
-    item.RequestedProcedureID = requested.get("RequestedProcedureID", "")
-    item.RequestedProcedureDescription = header.get("StudyDescription", "")
-    item.RequestedProcedureCodeSequence = header.get("ProcedureCodeSequence", [])
-    item.PlacerOrderNumberImagingServiceRequest = ""
-    item.FillerOrderNumberImagingServiceRequest = ""
+    item.AccessionNumber = header.get("AccessionNumber") or requested.get("AccessionNumber", "")
+    _copy(item, header, ["IssuerOfAccessionNumberSequence"])
+    _copy(item, requested, ORDER_KEYWORDS)
+    _copy(item, requested, [k for k in ORDER_NUMBER_KEYWORDS if _valued(requested, k)])
+    item.RequestedProcedureDescription = requested.get("RequestedProcedureDescription") or (
+        header.get("StudyDescription", "")
+    )
+    item.RequestedProcedureCodeSequence = deepcopy(
+        requested.get("RequestedProcedureCodeSequence") or header.get("ProcedureCodeSequence", [])
+    )
+    return item
+
+
+def _copy(target: Dataset, source: Dataset, keywords: Iterable[str]) -> None:
+    """Each attribute as the source has it, or empty (zero length) where it has none."""
+    for keyword in keywords:
+        value = source.get(keyword)
+        if value is not None:
+            setattr(target, keyword, deepcopy(value))
+        else:
+            vr = dictionary_VR(keyword)
+            target.add_new(keyword, vr, [] if vr == "SQ" else None)
+
+
+def _valued(source: Dataset, keyword: str) -> bool:
+    return keyword in source and not source[keyword].is_empty
+
+
+def _code_item(code: Code) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
     return item
 
 

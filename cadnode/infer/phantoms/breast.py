@@ -35,6 +35,7 @@ SLICE_SPACING_MM = 1.0
 MAX_VALUE = 4000  # stored values use 12 bits
 IMAGE_TYPE = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
 WINDOW = (2000.0, 4000.0)  # centre, width: the whole stored range
+PHANTOM_EPOCH = dt.datetime(2026, 1, 1, 8, 0, 0)  # a phantom's times count seconds from here
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,13 @@ def tomosynthesis_dataset(
     patient_name: str = "Phantom^Breast",
     study_uid: str | None = None,
     seed: int = 0,
+    study_seed: int | None = None,
 ) -> Dataset:
-    """A Breast Tomosynthesis Image (enhanced multi-frame) holding the volume, with file meta."""
+    """A Breast Tomosynthesis Image (enhanced multi-frame) holding the volume, with file meta.
+
+    `study_seed` (default `seed`) makes the study-level attributes (Accession Number, Study
+    Date and Time): volumes of one study pass the same one, or a study-level C-FIND, the
+    worklist and the SR would each see a different accession and study time for one study."""
     uid = uid_factory(f"{patient_id}/{seed}/{phantom.view}")
     slices = phantom.volume.shape[0]
     ds = Dataset()
@@ -193,10 +199,13 @@ def tomosynthesis_dataset(
     ds.StudyInstanceUID = study_uid or uid("study")
     ds.SeriesInstanceUID = uid(f"series/{ds.StudyInstanceUID}")
     ds.FrameOfReferenceUID = uid(f"frame-of-reference/{ds.StudyInstanceUID}")
-    now = dt.datetime(2026, 1, 1, 8, 0, 0) + dt.timedelta(seconds=seed)
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-    ds.AccessionNumber = f"ACC{seed:08d}"
+    study_seed = seed if study_seed is None else study_seed
+    started = PHANTOM_EPOCH + dt.timedelta(seconds=study_seed)
+    now = PHANTOM_EPOCH + dt.timedelta(seconds=seed)  # this volume's acquisition
+    ds.StudyDate, ds.StudyTime = started.strftime("%Y%m%d"), started.strftime("%H%M%S")
+    ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = f"ACC{study_seed:08d}"
     ds.ReferringPhysicianName = ""
     ds.StudyID = "1"
     ds.PatientName = patient_name
@@ -228,14 +237,18 @@ def write_tomosynthesis(
     seed: int,
     patient_id: str = "PHANTOM",
     study_uid: str | None = None,
+    study_seed: int | None = None,
     view: str = "LCC",
     masses: int = 0,
     slices: int = 16,
     size: int = 128,
 ) -> tuple[Dataset, BreastPhantom]:
-    """Make one phantom volume and write it as a DICOM file; returns dataset and phantom."""
+    """Make one phantom volume and write it as a DICOM file; returns dataset and phantom.
+    Volumes of one study share `study_uid` and `study_seed`."""
     phantom = make_breast_phantom(seed, slices=slices, size=size, view=view, masses=masses)
-    ds = tomosynthesis_dataset(phantom, patient_id=patient_id, study_uid=study_uid, seed=seed)
+    ds = tomosynthesis_dataset(
+        phantom, patient_id=patient_id, study_uid=study_uid, seed=seed, study_seed=study_seed
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return ds, phantom
@@ -355,8 +368,13 @@ class VolumeCase:
         return (self.seed - self.first_seed) // len(VIEWS)
 
     @property
+    def study_seed(self) -> int:
+        """The seed of the study's first view: its study-level attributes come from it."""
+        return self.first_seed + self.study_index * len(VIEWS)
+
+    @property
     def patient_id(self) -> str:
-        return f"DBT{self.first_seed + self.study_index * len(VIEWS):08d}"
+        return f"DBT{self.study_seed:08d}"
 
     @property
     def view(self) -> str:
@@ -387,6 +405,10 @@ def render_volume(case: VolumeCase, *, slices: int, size: int) -> tuple[Dataset,
         case.seed, slices=slices, size=size, view=case.view, masses=case.masses
     )
     ds = tomosynthesis_dataset(
-        phantom, patient_id=case.patient_id, study_uid=case.study_uid, seed=case.seed
+        phantom,
+        patient_id=case.patient_id,
+        study_uid=case.study_uid,
+        seed=case.seed,
+        study_seed=case.study_seed,
     )
     return ds, phantom
