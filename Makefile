@@ -10,7 +10,7 @@ SYSTEM_PACKAGES := dcmtk orthanc dicom3tools chromium chromium-driver
 APT := DEBIAN_FRONTEND=noninteractive apt-get
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-dev system-packages run test test-unit lint bench engines clean
+.PHONY: install install-dev system-packages viewers run test test-unit lint bench engines clean
 
 install: system-packages $(VENV)/.installed-core
 
@@ -39,10 +39,24 @@ $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 run: install
 	$(BIN)/cadnode serve
 
+# The Node.js viewer harness (tests/viewers/: cornerstone3D's SEG adapter and dcmjs, as OHIF
+# runs them), exactly as its package-lock.json pins it; installed again only when the lock
+# changes. No install scripts run: none of its packages needs one. Without npm the viewer
+# tests skip on a workstation and fail under CI.
+VIEWERS := tests/viewers
+viewers: $(VIEWERS)/node_modules/.package-lock.json
+
+$(VIEWERS)/node_modules/.package-lock.json: $(VIEWERS)/package-lock.json
+	@if command -v npm >/dev/null; then \
+	  npm ci --prefix $(VIEWERS) --no-audit --no-fund --ignore-scripts && touch $@; \
+	else \
+	  echo "npm not found: the viewer tests (tests/test_viewers_*.py) cannot run"; \
+	fi
+
 # `test` runs every test: the unit tests and the integration ones (real DCMTK, Orthanc,
 # dciodvfy, `cadnode serve`, chromium; tests/conftest.py says which). `test-unit` runs the unit
 # tests alone, in about a minute: the loop while editing.
-test: install-dev
+test: install-dev viewers
 	$(BIN)/ruff check cadnode training tests benchmarks
 	$(BIN)/mypy cadnode
 	$(BIN)/pytest -q

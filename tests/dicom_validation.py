@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import SegmentationStorage
 
 _ERROR = re.compile(r"(^|\s-\s)(Error|Abort)\s+-")
 _WARNING = re.compile(r"(^|\s-\s)Warning\s+-")
@@ -84,4 +85,35 @@ def assert_valid(path: Path, allowed_warning: str | None = None) -> Path:
     print(f"dciodvfy {path.name}: 0 errors, {len(warnings)} warnings")
     unexpected = [w for w in warnings if allowed_warning is None or allowed_warning not in w]
     assert unexpected == [], unexpected
+    return path
+
+
+# dicom3tools here (1.00~20220618) predates Supplement 243 (Label Map Segmentation, 2024):
+# it knows no Label Map Segmentation Storage SOP Class, so it checks no IOD, and it checks
+# Segment Numbers by the binary rules, though a labelmap must describe its background value 0
+# as a segment. Those are all it may say of a labelmap SEG.
+UNKNOWN_IOD = "Information Object Not found"
+BACKGROUND_SEGMENT = "SegmentNumber not monotonically increasing from one by one - have "
+# Checked as a Segmentation Storage instance instead (the IOD it knows), these are the
+# differences Sup 243 made: LABELMAP, segment 0, no Segment Identification per frame.
+SUP_243_CHANGES = (
+    BACKGROUND_SEGMENT,
+    "Unrecognized enumerated value <LABELMAP> for value 1 of attribute <Segmentation Type>",
+    "Value is zero for value 1 of attribute <Segment Number>",
+    "Missing attribute Type 1 Required Element=<SegmentIdentificationSequence>",
+)
+
+
+def assert_valid_labelmap(path: Path) -> Path:
+    """dciodvfy says nothing of the labelmap SEG but what it says of any Sup 243 object."""
+    errors = dciodvfy_errors(path)
+    assert any(UNKNOWN_IOD in error for error in errors), errors
+    assert [e for e in errors if UNKNOWN_IOD not in e and BACKGROUND_SEGMENT not in e] == []
+    as_segmentation = pydicom.dcmread(path)
+    as_segmentation.SOPClassUID = SegmentationStorage
+    as_segmentation.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    copy = saved(as_segmentation, path.with_name(f"{path.stem}-as-binary-era.dcm"))
+    unexplained = [e for e in dciodvfy_errors(copy) if not any(c in e for c in SUP_243_CHANGES)]
+    assert unexplained == []
+    assert dciodvfy_warnings(copy) == []
     return path
