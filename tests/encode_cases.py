@@ -21,7 +21,7 @@ from cadnode.infer.answers import (
     SegmentFinding,
 )
 from cadnode.infer.bundle import Code, Label
-from cadnode.infer.phantoms.breast import write_tomosynthesis
+from cadnode.infer.phantoms.breast import BreastPhantom, write_tomosynthesis
 from cadnode.infer.phantoms.chest import make_chest_phantom, write_chest_radiograph
 
 SEGMENTER = Algorithm(name="cxr-segmenter", version="0.1.0", sha256="ab" * 32)
@@ -154,3 +154,35 @@ def detect_answer(source: pydicom.Dataset, boxes: list[Box]) -> DetectAnswer:
         operating_points={"report": PointReached(threshold=0.47, reached=bool(findings))},
         findings=findings,
     )
+
+
+def volume_in_study(
+    folder: Path, study_uid: str, *, view: str, masses: int, seed: int
+) -> tuple[pydicom.Dataset, list[Box]]:
+    """Another volume (another view) of the study `study_uid`, as received, and its masses
+    as boxes (as `volume` makes them)."""
+    path = folder / f"volume-{seed}-{view}.dcm"
+    _, phantom = write_tomosynthesis(
+        path, seed=seed, masses=masses, patient_id="PID-8", study_uid=study_uid, view=view
+    )
+    return pydicom.dcmread(path), mass_boxes(phantom)
+
+
+def mass_boxes(phantom: BreastPhantom) -> list[Box]:
+    """The phantom's masses as the detector's boxes: each on its slice, spanning up to 3."""
+    frames = phantom.volume.shape[0]
+    boxes = []
+    for mass in phantom.masses:
+        first = max(1, mass.slice)  # 0-based slice: frames slice .. slice + 2 (1-based)
+        boxes.append(
+            Box(
+                x=mass.x,
+                y=mass.y,
+                width=mass.width,
+                height=mass.height,
+                frame=mass.slice + 1,
+                first_frame=first,
+                depth=min(3, frames - first + 1),
+            )
+        )
+    return boxes

@@ -169,7 +169,9 @@ def test_a_normal_film_is_ruled_out_and_never_segmented(
     assert [(r["engine"], r["ruled_out"]) for r in row["results"]] == [("cxr-ruleout", True)]
     [path] = results_in_pacs(pacs, film.StudyInstanceUID, 1, tmp_path)
     [group] = report_of([path], "cxr-ruleout").content.get_image_measurement_groups()
-    assert group.finding_type == codes.SCT.Normal
+    assert group.finding_type == codes.SCT.Abnormal  # what its probability is of
+    [decision] = group.get_qualitative_evaluations()
+    assert (decision.name, decision.value) == (codes.DCM.Normality, codes.SCT.Normal)
     assert row["priority"] == "LOW"
 
 

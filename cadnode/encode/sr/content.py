@@ -21,15 +21,25 @@ from cadnode.encode.seg import segment_frames
 from cadnode.encode.sr.codes import (
     ABSENT,
     AREA,
+    FINDING,
+    MAXIMUM,
     NO_UNITS,
     NORMAL,
+    NORMALITY,
+    NORMALITY_UNDETERMINED,
     PERCENT,
     PERCENT_OF_HEMITHORAX,
     PRESENT,
     PROBABILITY,
     SQUARE_MM,
 )
-from cadnode.infer.answers import DetectAnswer, DetectFinding, PointReached, SegmentFinding
+from cadnode.infer.answers import (
+    Box,
+    DetectAnswer,
+    DetectFinding,
+    PointReached,
+    SegmentFinding,
+)
 
 SR_SERIES_NUMBER = 900
 
@@ -44,6 +54,12 @@ class Classification:
     operating_point: str  # e.g. "rule_out"
     threshold: float
     ruled_out: bool  # probability < threshold: "no abnormality detected"
+
+    @property
+    def normality(self) -> Code:
+        """The rule-out decision as CID 222 says it: Normal, or (not ruled out) Normality
+        Undetermined."""
+        return NORMAL if self.ruled_out else NORMALITY_UNDETERMINED
 
 
 @dataclass(frozen=True)
@@ -105,16 +121,18 @@ MeasurementGroup = (
 def classification_group(
     item: Classification, algorithm: Algorithm, identity: ReportIdentity, *, index: int
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    source_uid = str(item.source.SOPInstanceUID)
+    """Finding = the label; the label's probability; the rule-out decision as its own
+    evaluation (Normality), with the operating point and threshold it was taken at."""
+    source_uid, label = str(item.source.SOPInstanceUID), item.label.concept()
+    decision = {"operating_point": item.operating_point, "threshold": repr(float(item.threshold))}
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=identity.tracking(
             source_uid, identifier=f"{algorithm.name} image {index}"
         ),
-        finding_type=NORMAL if item.ruled_out else item.label.concept(),
-        algorithm_id=algorithm.for_sr(
-            operating_point=item.operating_point, threshold=repr(float(item.threshold))
-        ),
-        measurements=[_probability(item.probability, algorithm)],
+        finding_type=label,
+        algorithm_id=algorithm.for_sr(),
+        measurements=[_probability_of(label, item.probability)],
+        qualitative_evaluations=[_decided(NORMALITY, item.normality, algorithm, decision)],
         source_images=[_source_for_group(item.source)],
     )
 
@@ -137,14 +155,18 @@ def check_classification(item: Classification) -> None:
 
 
 def segment_group(
-    item: Segmented, finding: SegmentFinding, algorithm: Algorithm, identity: ReportIdentity
+    item: Segmented,
+    finding: SegmentFinding,
+    algorithm: Algorithm,
+    identity: ReportIdentity,
+    *,
+    image: int,
 ) -> MeasurementGroup:
     seg, source = item.segmentation, item.source
     number = finding.segment_number
     label = concept(finding.label.code)
     present = finding.operating_points.get("present")
     reached = present.reached if present is not None else finding.probability > 0
-    decision = _decision(finding.operating_points, "present")
     frames = segment_frames(seg, number)
     source_image = hd.sr.SourceImageForSegmentation(
         str(source.SOPClassUID), str(source.SOPInstanceUID)
@@ -153,14 +175,19 @@ def segment_group(
         tracking_identifier=identity.tracking(
             str(source.SOPInstanceUID),
             str(number),
-            identifier=f"{algorithm.name} {finding.label.name}",
+            identifier=f"{algorithm.name} image {image} {finding.label.name}",
         ),
         finding_type=label,
-        algorithm_id=algorithm.for_sr(**decision),
+        algorithm_id=algorithm.for_sr(),
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=label, value=PRESENT if reached else ABSENT)
+            _decided(
+                label,
+                PRESENT if reached else ABSENT,
+                algorithm,
+                _operating_point(finding.operating_points, "present"),
+            )
         ],
-        measurements=_segment_measurements(finding, algorithm),
+        measurements=_segment_measurements(finding, label),
     )
     if _frame_count(source) == 1:
         reference = hd.sr.ReferencedSegmentationFrame(
@@ -189,15 +216,19 @@ def segment_group(
     )
 
 
-def _segment_measurements(finding: SegmentFinding, algorithm: Algorithm) -> list[hd.sr.Measurement]:
+def _segment_measurements(
+    finding: SegmentFinding, label: hd.sr.CodedConcept
+) -> list[hd.sr.Measurement]:
+    """The segment's probability (the highest of its pixels), area and, for a
+    pneumothorax, percent of the hemithorax: all of the group's segment (TID 1410), each
+    saying which finding it is of."""
     values = finding.measurements
-    measured = [_probability(finding.probability, algorithm)]
+    measured = [_probability_of(label, finding.probability, derivation=MAXIMUM)]
     if "area_mm2" in values:
-        measured.append(_measurement(AREA, values["area_mm2"], SQUARE_MM, algorithm))
+        measured.append(_measurement(AREA, values["area_mm2"], SQUARE_MM, of=label))
     if "percent_of_hemithorax" in values:
-        measured.append(
-            _measurement(PERCENT_OF_HEMITHORAX, values["percent_of_hemithorax"], PERCENT, algorithm)
-        )
+        share = values["percent_of_hemithorax"]
+        measured.append(_measurement(PERCENT_OF_HEMITHORAX, share, PERCENT, of=label))
     return measured
 
 
@@ -225,6 +256,7 @@ def region_group(
     algorithm: Algorithm,
     identity: ReportIdentity,
     *,
+    volume: int,
     index: int,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     box, label = finding.box, concept(finding.label.code)
@@ -235,15 +267,14 @@ def region_group(
     corners = np.array(
         [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]], dtype=float
     )
-    span = list(range(box.first_frame, box.first_frame + box.depth))
-    probability = _probability(
+    probability = _probability_of(
+        label,
         finding.probability,
-        algorithm,
-        referenced_images=[hd.sr.SourceImageForMeasurement(sop_class, uid, span)],
+        referenced_images=[hd.sr.SourceImageForMeasurement(sop_class, uid, box_frames(box))],
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=identity.tracking(
-            uid, str(index), identifier=f"{algorithm.name} finding {index}"
+            uid, str(index), identifier=f"{algorithm.name} volume {volume} finding {index}"
         ),
         referenced_region=hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
@@ -251,34 +282,39 @@ def region_group(
             source_image=hd.sr.SourceImageForRegion(sop_class, uid, [box.frame]),
         ),
         finding_type=label,
-        algorithm_id=algorithm.for_sr(**_decision(finding.operating_points)),
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=label, value=PRESENT)],
+        algorithm_id=algorithm.for_sr(),
+        qualitative_evaluations=[
+            _decided(label, PRESENT, algorithm, _operating_point(finding.operating_points))
+        ],
         measurements=[probability],
     )
 
 
+def box_frames(box: Box) -> list[int]:
+    """The frames a finding spans (its slice span), 1-based."""
+    return list(range(box.first_frame, box.first_frame + box.depth))
+
+
 def absent_group(
-    item: Detection, algorithm: Algorithm, identity: ReportIdentity
+    item: Detection, algorithm: Algorithm, identity: ReportIdentity, *, volume: int
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """A volume without a finding: one group on the volume saying its label is "Absent"."""
+    """A volume without a finding: one group on the volume saying its label is "Absent".
+
+    No probability: the answer's is its best reported finding's, 0 when none was reported,
+    which is not the probability that the volume holds no mass (candidates below the
+    operating point scored more)."""
+    label = concept(item.answer.label.code)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=identity.tracking(
-            str(item.source.SOPInstanceUID), identifier=f"{algorithm.name} volume"
+            str(item.source.SOPInstanceUID), identifier=f"{algorithm.name} volume {volume}"
         ),
-        finding_type=concept(item.answer.label.code),
-        algorithm_id=algorithm.for_sr(**_decision(item.answer.operating_points)),
+        finding_type=label,
+        algorithm_id=algorithm.for_sr(),
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=concept(item.answer.label.code), value=ABSENT)
+            _decided(label, ABSENT, algorithm, _operating_point(item.answer.operating_points))
         ],
-        measurements=[_probability(item.answer.probability, algorithm)],
         source_images=[_source_for_group(item.source)],
     )
-
-
-def _decision(points: dict[str, PointReached], name: str = "report") -> dict[str, str]:
-    """An operating point as TID 4019 parameters, when the answer has it."""
-    point = points.get(name)
-    return {} if point is None else {"operating_point": name, "threshold": repr(point.threshold)}
 
 
 def check_box(source: pydicom.Dataset, finding: DetectFinding) -> None:
@@ -299,32 +335,74 @@ def check_box(source: pydicom.Dataset, finding: DetectFinding) -> None:
 # --- shared -------------------------------------------------------------------------------
 
 
-def _probability(
-    value: float,
+def _decided(
+    name: hd.sr.CodedConcept | Code,
+    value: Code,
     algorithm: Algorithm,
+    point: dict[str, str],
+) -> hd.sr.QualitativeEvaluation:
+    """A decision (a qualitative evaluation) carrying the TID 4019 it was taken with: the
+    operating point and its threshold sit on the decision they made, not on the group,
+    whose probability does not depend on them."""
+    evaluation = hd.sr.QualitativeEvaluation(name=name, value=value)
+    evaluation[0].ContentSequence = hd.sr.ContentSequence(algorithm.for_sr(**point))
+    return evaluation
+
+
+def _operating_point(points: dict[str, PointReached], name: str = "report") -> dict[str, str]:
+    """An operating point as TID 4019 parameters, when the answer has it."""
+    point = points.get(name)
+    return {} if point is None else {"operating_point": name, "threshold": repr(point.threshold)}
+
+
+def _probability_of(
+    label: hd.sr.CodedConcept,
+    value: float,
+    *,
+    derivation: Code | None = None,
     referenced_images: Sequence[hd.sr.SourceImageForMeasurement] | None = None,
 ) -> hd.sr.Measurement:
-    """The label's probability: its own TID 4019 with only the model hash (no threshold)."""
+    """The label's probability, saying so (see `_measurement`)."""
     check_probability(value)
-    return _measurement(PROBABILITY, value, NO_UNITS, algorithm, referenced_images)
+    return _measurement(
+        PROBABILITY,
+        value,
+        NO_UNITS,
+        of=label,
+        derivation=derivation,
+        referenced_images=referenced_images,
+    )
 
 
 def _measurement(
     name: hd.sr.CodedConcept | Code,
     value: float,
     unit: Code,
-    algorithm: Algorithm,
+    *,
+    of: hd.sr.CodedConcept,
+    derivation: Code | None = None,
     referenced_images: Sequence[hd.sr.SourceImageForMeasurement] | None = None,
 ) -> hd.sr.Measurement:
+    """A measurement that says what it is of: the concept modifier Finding = `of` (TID 300
+    allows post-coordinating a measurement's name), read "Probability ... Finding:
+    Pneumothorax". The group's TID 4019 names its algorithm. OHIF also needs it: it reads
+    the children of every NUM of a group without a SCOORD and throws on a NUM without."""
     if not math.isfinite(value):
         raise ValueError(f"{name.meaning} {value!r} is not a finite number")
-    return hd.sr.Measurement(
+    measurement = hd.sr.Measurement(
         name=name,
         value=float(value),
         unit=unit,
-        algorithm_id=algorithm.for_sr(),
+        derivation=derivation,
         referenced_images=referenced_images,
     )
+    finding = hd.sr.CodeContentItem(
+        name=FINDING, value=of, relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD
+    )
+    item = measurement[0]
+    # TID 300 row 2 (the name's modifiers) comes before its method and derivation.
+    item.ContentSequence = hd.sr.ContentSequence([finding, *item.get("ContentSequence", [])])
+    return measurement
 
 
 def _source_for_group(source: pydicom.Dataset) -> hd.sr.SourceImageForMeasurementGroup:
