@@ -41,7 +41,8 @@ from cadnode.encode.sr import (
 )
 from cadnode.encode.stage import Encoder
 from cadnode.infer.answers import Answer, dump_answer, save_masks
-from tests.dicom_validation import assert_valid, saved
+from tests.answer_cases import ruleout_answer
+from tests.dicom_validation import assert_valid, assert_valid_labelmap, saved
 from tests.encode_cases import (
     DETECTOR,
     SEGMENTER,
@@ -311,10 +312,22 @@ def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> Non
     database = Database(tmp_path / "cadnode.db")
     pacs = Destination(ae_title="PACS", host="127.0.0.1", port=11112)
     old_pacs = Destination(ae_title="OLDPACS", host="127.0.0.1", port=11113, secondary_capture=True)
+    viewer = Destination(
+        ae_title="VIEWER",
+        host="127.0.0.1",
+        port=11114,
+        presentation_state=True,
+        labelmap_segmentation=True,
+    )
     segmented_job = prepare_job(database, spool, answers)
     detected_job = prepare_detection_job(database, spool)
     encoder = Encoder(
-        database, spool, results, [pacs, old_pacs], answers=answers, max_decoded_bytes=DEFAULT_LIMIT
+        database,
+        spool,
+        results,
+        [pacs, old_pacs, viewer],
+        answers=answers,
+        max_decoded_bytes=DEFAULT_LIMIT,
     )
     encoder.advance()
 
@@ -326,24 +339,41 @@ def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> Non
         deliveries = session.exec(select(Delivery)).all()
     kinds = sorted((o.job_id, o.modality) for o in objects)
     assert kinds == sorted(
-        [(segmented_job, "SEG")] * 2
+        [(segmented_job, "SEG")] * 4  # binary and labelmap, per film
         + [(segmented_job, "SR")]
+        + [(segmented_job, "PR")] * 2  # the films are of two series: a GSPS each
         + [(segmented_job, "OT")] * 2
-        + [(detected_job, "SR"), (detected_job, "OT")]
+        + [(detected_job, "SR"), (detected_job, "OT"), (detected_job, "PR")]
     )
     by_uid = {o.sop_instance_uid: o for o in objects}
-    to_pacs = {d.object_uid for d in deliveries if d.destination == str(pacs)}
-    to_old = {d.object_uid for d in deliveries if d.destination == str(old_pacs)}
-    assert to_old == set(by_uid)  # the destination that asked gets the captures too
-    assert to_pacs == {u for u, o in by_uid.items() if o.modality != "OT"}
+    labelmaps = {
+        u
+        for u, o in by_uid.items()
+        if o.modality == "SEG" and pydicom.dcmread(results / o.path).SegmentationType == "LABELMAP"
+    }
+    assert len(labelmaps) == 2
+    sent = {
+        name: {d.object_uid for d in deliveries if d.destination == str(destination)}
+        for name, destination in (("pacs", pacs), ("old", old_pacs), ("viewer", viewer))
+    }
+    everyone = {u for u, o in by_uid.items() if o.modality in ("SR", "SEG")} - labelmaps
+    # Each destination gets what every destination gets and what it asked for, no more.
+    assert sent["pacs"] == everyone
+    assert sent["old"] == everyone | {u for u, o in by_uid.items() if o.modality == "OT"}
+    assert sent["viewer"] == everyone | labelmaps | {
+        u for u, o in by_uid.items() if o.modality == "PR"
+    }
 
     paths = {u: results / o.path for u, o in by_uid.items()}
-    for path in paths.values():
-        assert_valid(path, PRIVATE_SCHEME_WARNING)
+    for u, path in paths.items():
+        if u in labelmaps:
+            assert_valid_labelmap(path)
+        else:
+            assert_valid(path, PRIVATE_SCHEME_WARNING)
     # The report references both SEGs, each derived from its film.
     [sr_object] = [o for o in objects if o.job_id == segmented_job and o.modality == "SR"]
     report = hd.sr.srread(results / sr_object.path)
-    seg_uids = {u for u, o in by_uid.items() if o.modality == "SEG"}
+    seg_uids = {u for u, o in by_uid.items() if o.modality == "SEG"} - labelmaps
     assert seg_uids <= {item[2] for item in report.get_evidence()}
     assert len(report.content.get_planar_roi_measurement_groups()) == 6
 
@@ -362,12 +392,19 @@ def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> Non
         assert len(session.exec(select(Delivery)).all()) == len(deliveries)
     assert {u: p.read_bytes() for u, p in paths.items()} == before
 
-    with run_orthanc(tmp_path / "orthanc") as orthanc:
+    # Orthanc 1.10's DICOM stack predates Label Map Segmentation Storage (Sup 243, 2024): it
+    # stores the labelmaps only as an unknown SOP class (why they go only to who asks).
+    with run_orthanc(tmp_path / "orthanc", extra={"UnknownSopClassAccepted": True}) as orthanc:
         statuses = c_store(orthanc.dicom_port, orthanc.ae_title, list(paths.values()))
         assert statuses == [0x0000] * len(paths)
         wait_for(lambda: len(orthanc.instances()) == len(paths), 60, "Orthanc to store all")
-        stored = {orthanc.instance_tags(i)["SOPInstanceUID"] for i in orthanc.instances()}
-    assert stored == set(paths)
+        tags = {i: orthanc.instance_tags(i) for i in orthanc.instances()}
+        # What Orthanc's viewer shows of the pictures among them: each previews as a PNG.
+        previews = [
+            orthanc.get(f"/instances/{i}/preview") for i, t in tags.items() if t["Modality"] == "OT"
+        ]
+    assert {t["SOPInstanceUID"] for t in tags.values()} == set(paths)
+    assert len(previews) == 3 and all(p.startswith(b"\x89PNG") for p in previews)
 
 
 def c_store(port: int, ae_title: str, paths: list[Path]) -> list[int]:
@@ -408,3 +445,79 @@ def test_masks_fit_the_film(tmp_path: Path) -> None:
     film, masks = film_with_masks(tmp_path, pneumothorax=True)
     assert masks.shape == (1, 3, int(film.Rows), int(film.Columns))
     assert not np.any(masks[0, 0] & masks[0, 2])
+
+
+RULEOUT = Algorithm(name="cxr-ruleout", version="0.1.0", sha256="ef" * 32)
+
+
+def test_result_series_are_numbered_apart_dated_and_overlaid_per_source_series(
+    tmp_path: Path,
+) -> None:
+    """Both chest engines on one film, and two DBT volumes (two series) of one study: every
+    result series of a study has its own number (none a source series' number), a Series
+    Date/Time, and each source series its own overlay series."""
+    spool, results, answers = tmp_path / "spool", tmp_path / "results", tmp_path / "answers"
+    spool.mkdir()
+    database = Database(tmp_path / "cadnode.db")
+    film, masks = film_with_masks(spool, pneumothorax=True)
+    first, first_boxes = volume(spool, masses=1, seed=5)
+    second_path = spool / "second-volume.dcm"
+    second, second_boxes = volume(spool, masses=1, seed=6)
+    second.StudyInstanceUID = first.StudyInstanceUID
+    second.SeriesInstanceUID = uid("second volume series")
+    second.SeriesNumber = 2
+    second.save_as(second_path)
+    next(p for p in spool.glob("volume-6-*.dcm")).unlink()
+    with database.session() as session:
+        chest = new_job(session, film.StudyInstanceUID, state=JobState.inferred)
+        mask_file = f"{chest.id}/0.npz"
+        save_masks(answers / mask_file, masks)
+        add_answered(session, spool, chest, film, SEGMENTER, segment_answer(film, masks, mask_file))
+        add_result(session, chest, film, RULEOUT, ruleout_answer(0.9))
+        breast = new_job(session, first.StudyInstanceUID, state=JobState.inferred)
+        add_answered(session, spool, breast, first, DETECTOR, detect_answer(first, first_boxes))
+        add_answered(session, spool, breast, second, DETECTOR, detect_answer(second, second_boxes))
+        session.commit()
+    captures = Destination(ae_title="OLDPACS", host="127.0.0.1", port=11113, secondary_capture=True)
+    Encoder(
+        database, spool, results, [captures], answers=answers, max_decoded_bytes=DEFAULT_LIMIT
+    ).advance()
+
+    with database.session() as session:
+        made = [pydicom.dcmread(results / o.path) for o in session.exec(select(ResultObject))]
+    for study, sources in (
+        (film.StudyInstanceUID, [film]),
+        (first.StudyInstanceUID, [first, second]),
+    ):
+        numbers: dict[str, int] = {}
+        for ds in (ds for ds in made if ds.StudyInstanceUID == study):
+            assert numbers.setdefault(ds.SeriesInstanceUID, ds.SeriesNumber) == ds.SeriesNumber
+            assert ds.SeriesDate == WHEN.strftime("%Y%m%d")
+            assert ds.SeriesTime.startswith(WHEN.strftime("%H%M%S"))
+        assert len(set(numbers.values())) == len(numbers)
+        assert not set(numbers.values()) & {int(s.SeriesNumber) for s in sources}
+    chest_series = {
+        ds.SeriesInstanceUID for ds in made if ds.StudyInstanceUID == film.StudyInstanceUID
+    }
+    assert len(chest_series) == 5  # each engine its SR and overlay series, the segmenter a SEG
+    overlays = [
+        ds for ds in made if ds.Modality == "OT" and ds.StudyInstanceUID == first.StudyInstanceUID
+    ]
+    assert len({ds.SeriesInstanceUID for ds in overlays}) == 2
+
+
+def add_result(
+    session: Session, job: Job, source: pydicom.Dataset, engine: Algorithm, answer: Answer
+) -> None:
+    """A second engine's answer about a source already in `job`."""
+    session.add(
+        Result(
+            job_id=job.id,
+            engine=engine.name,
+            engine_version=engine.version,
+            model_sha256=engine.sha256,
+            sop_instance_uid=source.SOPInstanceUID,
+            answer=dump_answer(answer),
+            created_at=WHEN.replace(tzinfo=dt.UTC),
+        )
+    )

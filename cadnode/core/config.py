@@ -60,6 +60,12 @@ class Destination(Section):
     # Also send a Secondary Capture with the findings drawn over the image (for a PACS that
     # cannot show SEG or SR); only destinations that ask get one (cadnode.encode.sc).
     secondary_capture: bool = False
+    # Also send a Grayscale Softcopy Presentation State drawing the findings over the source
+    # images (outlines, boxes, a label): shown by PACS that show neither SEG nor SR.
+    presentation_state: bool = False
+    # Also send each segmentation as a LABELMAP SEG (Supplement 243) for viewers that want
+    # one; the binary SEG, which the SR references, is sent to every destination.
+    labelmap_segmentation: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Destination:

@@ -180,7 +180,7 @@ class Result(SQLModel, table=True):
 
 
 class ResultObject(SQLModel, table=True):
-    """A DICOM object cadnode made (an SR), kept under the results folder."""
+    """A DICOM object cadnode made (SR, SEG, GSPS, SC), kept under the results folder."""
 
     sop_instance_uid: str = Field(primary_key=True)
     job_id: int = Field(foreign_key="job.id", index=True)
@@ -188,6 +188,16 @@ class ResultObject(SQLModel, table=True):
     modality: str
     path: str  # relative to the results folder
     created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class ResultSeries(SQLModel, table=True):
+    """The Series Number of each result series of a study: distinct within the study (a
+    viewer lists series by number) and kept, so re-encoding a job writes the same number."""
+
+    __table_args__ = (UniqueConstraint("study_uid", "number"),)
+    series_uid: str = Field(primary_key=True)
+    study_uid: str = Field(index=True)
+    number: int
 
 
 class HeldAs(StrEnum):

@@ -6,8 +6,15 @@ Per (job version, engine), by the engine's task kind:
 - segment: one SEG per source image, then one SR whose measurements reference the SEGs;
 - detect: one SR with the findings as image regions.
 
-Destinations that ask for it (`secondary_capture: true`) also get one Secondary Capture per
-source image with the findings drawn over it; the others never see those objects.
+Destinations that ask for them also get: a Secondary Capture per source image with the
+findings drawn over it (`secondary_capture: true`), a Grayscale Softcopy Presentation State
+drawing them as graphic annotations over the untouched source (`presentation_state: true`),
+and a LABELMAP SEG beside each binary SEG (`labelmap_segmentation: true`); the others never
+see those objects.
+
+Each result series has its own Series Number within the study (900 upward, past the source
+series' numbers), kept in `ResultSeries` so re-encoding writes the same number; overlays
+(Secondary Captures) get one series per source series.
 
 UIDs derive from the study, the job version, the engine and its version (and, per object
 kind, the source image), and each object's time is when the engine answered, so
@@ -19,8 +26,9 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +46,20 @@ from cadnode.core.db import (
     JobState,
     Result,
     ResultObject,
+    ResultSeries,
     Study,
 )
 from cadnode.core.files import write_durably
 from cadnode.deliver.outbox import queue_delivery
 from cadnode.encode.overlay import BoxSpec
+from cadnode.encode.pr import (
+    Annotated,
+    classification_marks,
+    detection_marks,
+    presentation_groups,
+    presentation_state,
+    segmentation_marks,
+)
 from cadnode.encode.provenance import Algorithm, CodedLabel
 from cadnode.encode.sc import secondary_capture
 from cadnode.encode.seg import segmentation
@@ -68,12 +85,34 @@ from cadnode.infer.answers import (
 )
 
 
+def _every(destination: Destination) -> bool:
+    return True
+
+
+def _wants_captures(destination: Destination) -> bool:
+    return destination.secondary_capture
+
+
+def _wants_labelmaps(destination: Destination) -> bool:
+    return destination.labelmap_segmentation
+
+
+def _wants_presentation_states(destination: Destination) -> bool:
+    return destination.presentation_state
+
+
+# Part of every result UID: raised whenever what the builders write for the same answer
+# changes, so an object re-encoded by a newer release is a new object, never a different
+# one under an old UID.
+RESULTS_FORMAT = "results-format-2"
+
+
 @dataclass(frozen=True)
 class _Made:
     """An object built for a job, and which destinations get it."""
 
     dataset: Dataset
-    for_all: bool  # False: only destinations that asked for Secondary Captures
+    wanted_by: Callable[[Destination], bool] = _every
 
 
 @dataclass(frozen=True)
@@ -107,7 +146,15 @@ class Encoder:
 
     @property
     def wants_captures(self) -> bool:
-        return any(destination.secondary_capture for destination in self.destinations)
+        return any(_wants_captures(destination) for destination in self.destinations)
+
+    @property
+    def wants_presentation_states(self) -> bool:
+        return any(_wants_presentation_states(destination) for destination in self.destinations)
+
+    @property
+    def wants_labelmaps(self) -> bool:
+        return any(_wants_labelmaps(destination) for destination in self.destinations)
 
     def advance(self) -> float | None:
         with self.database.session() as session:
@@ -132,6 +179,8 @@ class Encoder:
         by_engine: dict[tuple[str, str, str], list[Result]] = defaultdict(list)
         for result in session.exec(select(Result).where(Result.job_id == job.id)):
             by_engine[(result.engine, result.engine_version, result.model_sha256)].append(result)
+        answered = {result.id: self._answered(session, result) for result in results_of(by_engine)}
+        numbers = _SeriesNumbers(session, study.study_uid, answered.values())
         for (engine, version, sha256), results in by_engine.items():
             objects = _Objects(
                 Algorithm(name=engine, version=version, sha256=sha256),
@@ -140,10 +189,12 @@ class Encoder:
                 when=min(r.created_at for r in results),
                 answers_dir=self.answers,
                 captures=self.wants_captures,
+                labelmaps=self.wants_labelmaps,
+                presentations=self.wants_presentation_states,
                 max_decoded_bytes=self.max_decoded_bytes,
+                series_number=numbers,
             )
-            answered = [self._answered(session, result) for result in results]
-            for made in objects.build(answered):
+            for made in objects.build([answered[result.id] for result in results]):
                 self._keep(session, job, engine, made)
         self.database.transition(session, job, JobState.encoded, expect=JobState.inferred)
 
@@ -177,9 +228,46 @@ class Encoder:
             )
             session.flush()  # the deliveries' foreign key needs the object row first
             for destination in self.destinations:
-                if made.for_all or destination.secondary_capture:
+                if made.wanted_by(destination):
                     queue_delivery(session, job.id, uid, str(destination))
         session.flush()
+
+
+def results_of(by_engine: dict[tuple[str, str, str], list[Result]]) -> Iterator[Result]:
+    return itertools.chain.from_iterable(by_engine.values())
+
+
+class _SeriesNumbers:
+    """Hands out a study's result Series Numbers: from 900 upward, never one that a source
+    series of the job or another result series of the study holds; a series numbered once
+    keeps its number."""
+
+    FIRST = 900
+
+    def __init__(self, session: Session, study_uid: str, sources: Iterable[_Answered]) -> None:
+        self.session = session
+        self.study_uid = study_uid
+        self.taken = {_number(item.source.get("SeriesNumber")) for item in sources}
+
+    def __call__(self, series_uid: str) -> int:
+        known = self.session.get(ResultSeries, series_uid)
+        if known is not None:
+            return known.number
+        held = select(ResultSeries.number).where(ResultSeries.study_uid == self.study_uid)
+        used = self.taken | set(self.session.exec(held))
+        number = next(n for n in itertools.count(self.FIRST) if n not in used)
+        self.session.add(
+            ResultSeries(series_uid=series_uid, study_uid=self.study_uid, number=number)
+        )
+        self.session.flush()
+        return number
+
+
+def _number(value: object) -> int | None:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -191,16 +279,20 @@ class _Objects:
     when: dt.datetime
     answers_dir: Path
     captures: bool
+    labelmaps: bool
+    presentations: bool
     max_decoded_bytes: int  # the source's pixels, decoded for a Secondary Capture
+    series_number: Callable[[str], int]  # a result series' number in the study
 
     def uid(self, *parts: str) -> str:
-        return generate_uid(entropy_srcs=[*self.key, *parts])
+        return generate_uid(entropy_srcs=[*self.key, RESULTS_FORMAT, *parts])
 
-    # Every report's UIDs use the parts the classifier's SR had before SEG and SC existed:
-    # unchanged, so results encoded by an earlier release keep their UIDs.
     @property
     def report_identity(self) -> ReportIdentity:
-        return ReportIdentity(self.uid("series"), self.uid("sr"), content_datetime=self.when)
+        series = self.uid("series")
+        return ReportIdentity(
+            series, self.uid("sr"), self.series_number(series), content_datetime=self.when
+        )
 
     def build(self, answered: list[_Answered]) -> Iterator[_Made]:
         kinds = {type(item.answer) for item in answered}
@@ -216,7 +308,7 @@ class _Objects:
             yield from self._detected(answered)
 
     def _classified(self, answered: list[_Answered]) -> Iterator[_Made]:
-        classifications = []
+        classifications, annotated = [], []
         for item in answered:
             answer = item.answer
             assert isinstance(answer, ClassifyAnswer)
@@ -238,26 +330,21 @@ class _Objects:
             )
             if self.captures:
                 yield self._capture(item, summary=f"{summary(answer)} ({answer.probability:.2f})")
+            annotated.append(Annotated(item.source, classification_marks(answer)))
         report = classification_report(classifications, self.algorithm, self.report_identity)
-        yield _Made(report, for_all=True)
+        yield _Made(report)
+        yield from self._presentation_states(annotated)
 
     def _segmented(self, answered: list[_Answered]) -> Iterator[_Made]:
-        segmented = []
+        segmented, annotated = [], []
         for item in answered:
             answer = item.answer
             assert isinstance(answer, SegmentAnswer)
             masks = load_masks(self.answers_dir / answer.mask_file)
-            uid = str(item.source.SOPInstanceUID)
-            seg = segmentation(
-                item.source,
-                masks,
-                answer.findings,
-                self.algorithm,
-                series_instance_uid=self.uid("seg-series"),
-                sop_instance_uid=self.uid("seg", uid),
-                content_datetime=self.when,
-            )
-            yield _Made(seg, for_all=True)
+            seg = self._segmentation(item, masks, labelmap=False)
+            yield _Made(seg)
+            if self.labelmaps:
+                yield _Made(self._segmentation(item, masks, labelmap=True), _wants_labelmaps)
             segmented.append(Segmented(item.source, answer.findings, seg))
             if self.captures:
                 # The frame with the most segmented pixels (a film has one).
@@ -265,11 +352,29 @@ class _Objects:
                 yield self._capture(
                     item, frame=frame, masks=masks[frame - 1], summary=summary(answer)
                 )
+            annotated.append(Annotated(item.source, segmentation_marks(answer, masks)))
         report = segmentation_report(segmented, self.algorithm, self.report_identity)
-        yield _Made(report, for_all=True)
+        yield _Made(report)
+        yield from self._presentation_states(annotated)
+
+    def _segmentation(self, item: _Answered, masks: np.ndarray, *, labelmap: bool) -> Dataset:
+        assert isinstance(item.answer, SegmentAnswer)
+        kind = "seg-labelmap" if labelmap else "seg"
+        series = self.uid(f"{kind}-series")
+        return segmentation(
+            item.source,
+            masks,
+            item.answer.findings,
+            self.algorithm,
+            series_instance_uid=series,
+            sop_instance_uid=self.uid(kind, str(item.source.SOPInstanceUID)),
+            series_number=self.series_number(series),
+            content_datetime=self.when,
+            labelmap=labelmap,
+        )
 
     def _detected(self, answered: list[_Answered]) -> Iterator[_Made]:
-        detections = []
+        detections, annotated = [], []
         for item in answered:
             answer = item.answer
             assert isinstance(answer, DetectAnswer)
@@ -277,8 +382,28 @@ class _Objects:
             if self.captures:
                 frame, boxes = _boxes_on_best_frame(answer)
                 yield self._capture(item, frame=frame, boxes=boxes, summary=summary(answer))
+            annotated.append(Annotated(item.source, detection_marks(answer)))
         report = detection_report(detections, self.algorithm, self.report_identity)
-        yield _Made(report, for_all=True)
+        yield _Made(report)
+        yield from self._presentation_states(annotated)
+
+    def _presentation_states(self, annotated: list[Annotated]) -> Iterator[_Made]:
+        """One GSPS per group of source images that can share one (one series, one size
+        and display), in the engine's presentation series."""
+        if not self.presentations:
+            return
+        series = self.uid("pr-series")
+        for group in presentation_groups(annotated):
+            first = str(group[0].source.SOPInstanceUID)
+            state = presentation_state(
+                group,
+                self.algorithm,
+                series_instance_uid=series,
+                sop_instance_uid=self.uid("pr", first),
+                series_number=self.series_number(series),
+                content_datetime=self.when,
+            )
+            yield _Made(state, _wants_presentation_states)
 
     def _capture(
         self,
@@ -289,12 +414,14 @@ class _Objects:
         masks: np.ndarray | None = None,
         boxes: Sequence[BoxSpec] = (),
     ) -> _Made:
-        uid = str(item.source.SOPInstanceUID)
+        # One overlay series per source series: two volumes of a study are two series.
+        series = self.uid("sc-series", str(item.source.SeriesInstanceUID))
         sc = secondary_capture(
             item.source,
             self.algorithm,
-            series_instance_uid=self.uid("sc-series"),
-            sop_instance_uid=self.uid("sc", uid),
+            series_instance_uid=series,
+            sop_instance_uid=self.uid("sc-image", str(item.source.SOPInstanceUID)),
+            series_number=self.series_number(series),
             frame=frame,
             masks=masks,
             boxes=boxes,
@@ -302,7 +429,7 @@ class _Objects:
             content_datetime=self.when,
             limit=self.max_decoded_bytes,
         )
-        return _Made(sc, for_all=False)
+        return _Made(sc, _wants_captures)
 
 
 def _boxes_on_best_frame(answer: DetectAnswer) -> tuple[int, list[BoxSpec]]:
