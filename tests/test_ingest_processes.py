@@ -88,7 +88,15 @@ def children_of(pid: int) -> list[int]:
 
 
 def receivers_of(pid: int) -> list[int]:
-    return [c for c in children_of(pid) if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return [c for c in children_of(pid) if b"spawn_main" in _command_line(c)]
+
+
+def _command_line(pid: int) -> bytes:
+    """The process's command line; empty once it has gone (it may exit as we look)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def running(pid: int) -> bool:
