@@ -95,13 +95,14 @@ def receiving(folder: Path, database: Database, **sections: Any) -> Iterator[Rec
 
 
 @contextmanager
-def storescp(folder: Path) -> Iterator[int]:
-    """DCMTK's storescp, bit-preserving, every transfer syntax: the reference receiver."""
+def storescp(folder: Path, *options: str) -> Iterator[int]:
+    """DCMTK's storescp, bit-preserving, every transfer syntax: the reference receiver;
+    `options` add to its command line (`--ignore`: receive, answer, store nothing)."""
     tool = require_tool("storescp")
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     process = subprocess.Popen(
-        [tool, "+B", "+xa", "-aet", "STORESCP", "-od", str(folder), str(port)],
+        [tool, "+B", "+xa", *options, "-aet", "STORESCP", "-od", str(folder), str(port)],
         env={**os.environ, "TCP_NODELAY": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

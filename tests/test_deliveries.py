@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sqlmodel import select
 
-from cadnode.core.config import Destination, DispatchSettings
+from cadnode.core.config import DispatchSettings
 from cadnode.core.db import (
     Database,
     Delivery,
@@ -24,15 +24,16 @@ from cadnode.deliver.dispatch import Dispatcher
 from cadnode.deliver.outbox_admin import commitment_of, delivery_rows, discard, retry
 from tests.peers import free_port, run_orthanc
 from tests.rows import job_of
-from tests.test_dispatch import queue_one, the_delivery
+from tests.test_dispatch import at, queue_one, the_delivery
 
 FAST = DispatchSettings(max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.01, timeout_s=5)
 
 
-def dead_letter(database: Database, folder: Path, destination: str) -> tuple[Dispatcher, int]:
-    """A result whose destination never answered, dead-lettered after FAST's two attempts."""
-    job_id = queue_one(database, folder, destination)
-    dispatcher = Dispatcher(database, folder, FAST, "CADNODE")
+def dead_letter(database: Database, folder: Path, port: int) -> tuple[Dispatcher, int]:
+    """A result whose destination (ORTHANC on `port`) never answered, dead-lettered after
+    FAST's two attempts."""
+    job_id = queue_one(database, folder)
+    dispatcher = Dispatcher(database, folder, FAST, "CADNODE", destinations=at(port))
     dispatcher.advance()
     time.sleep(0.05)
     dispatcher.advance()
@@ -46,7 +47,7 @@ def test_a_retried_dead_letter_is_sent_and_its_job_delivered(
     database: Database, tmp_path: Path
 ) -> None:
     port = free_port()
-    dispatcher, job_id = dead_letter(database, tmp_path, f"ORTHANC@127.0.0.1:{port}")
+    dispatcher, job_id = dead_letter(database, tmp_path, port)
     delivery_id = the_delivery(database).id
     assert delivery_id is not None
 
@@ -71,14 +72,14 @@ def test_a_retried_dead_letter_is_sent_and_its_job_delivered(
 
 def test_a_discarded_delivery_is_never_sent(database: Database, tmp_path: Path) -> None:
     port = free_port()
-    job_id = queue_one(database, tmp_path, f"ORTHANC@127.0.0.1:{port}")
+    job_id = queue_one(database, tmp_path)
     delivery_id = the_delivery(database).id
     assert delivery_id is not None
 
     [outcome] = discard(database, [delivery_id], "cli:tester")
     assert outcome.done, outcome.note
     with run_orthanc(tmp_path / "orthanc", dicom_port=port) as pacs:
-        Dispatcher(database, tmp_path, FAST, "CADNODE").advance()
+        Dispatcher(database, tmp_path, FAST, "CADNODE", destinations=at(port)).advance()
         assert pacs.instances() == []
     delivery = the_delivery(database)
     assert delivery.state is DeliveryState.discarded and delivery.attempts == 0
@@ -90,7 +91,7 @@ def test_a_discarded_delivery_is_never_sent(database: Database, tmp_path: Path) 
 
 
 def test_retry_all_failed_and_unknown_ids(database: Database, tmp_path: Path) -> None:
-    dead_letter(database, tmp_path, f"NOBODY@127.0.0.1:{free_port()}")
+    dead_letter(database, tmp_path, free_port())
     [missing] = retry(database, [999], "cli:tester")
     assert not missing.done and missing.note == "no such delivery"
     [outcome] = retry(database, [], "cli:tester", all_failed=True)
@@ -104,7 +105,7 @@ def test_retry_all_failed_and_unknown_ids(database: Database, tmp_path: Path) ->
 def test_a_commitment_report_is_recorded_on_its_transaction(
     database: Database, tmp_path: Path
 ) -> None:
-    queue_one(database, tmp_path, "PACS@127.0.0.1:104")
+    queue_one(database, tmp_path)
     with database.session() as session:
         delivery = session.exec(select(Delivery)).one()
         delivery.state = DeliveryState.sent
@@ -130,14 +131,12 @@ def test_a_commitment_nobody_answers_is_asked_again_then_failed(
 ) -> None:
     """Orthanc does not know the node's AE, so it never reports: asked twice, then failed."""
     with run_orthanc(tmp_path / "orthanc") as pacs:
-        destination = Destination.parse(pacs.destination).model_copy(
-            update={"storage_commitment": True}
-        )
-        queue_one(database, tmp_path, str(destination))
+        queue_one(database, tmp_path)
         settings = FAST.model_copy(
             update={"commitment_timeout_s": 0.3, "commitment_max_requests": 2}
         )
-        dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE", destinations=[destination])
+        committing = at(pacs.dicom_port, storage_commitment=True)
+        dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE", destinations=committing)
         due_in = dispatcher.advance()
         first = the_delivery(database)
         assert first.state is DeliveryState.sent and first.commitment_requests == 1

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import datetime as dt
 import time
 from pathlib import Path
 
 from sqlmodel import select
 
-from cadnode.core.config import DispatchSettings
+from cadnode.core.config import Destination, DispatchSettings
 from cadnode.core.db import (
     Database,
     Delivery,
@@ -22,7 +23,13 @@ from tests.peers import free_port
 from tests.rows import new_job
 
 
-def queue_one(database: Database, results: Path, destination: str) -> int:
+def at(port: int, ae_title: str = "ORTHANC", **options: bool) -> dict[str, Destination]:
+    """One configured destination, named "pacs", on loopback `port`."""
+    return {"pacs": Destination(ae_title=ae_title, host="127.0.0.1", port=port, **options)}
+
+
+def queue_one(database: Database, results: Path, destination: str = "pacs") -> int:
+    """A result of an encoded job, queued for the destination named `destination`."""
     ds = write_chest_radiograph(results / "obj.dcm", seed=5)
     with database.session() as session:
         job = new_job(session, "1.2.3", state=JobState.encoded)
@@ -58,32 +65,36 @@ def make_due_now(database: Database) -> None:
 
 
 def test_back_off_doubles_up_to_its_ceiling(database: Database, tmp_path: Path) -> None:
-    queue_one(database, tmp_path, f"NOBODY@127.0.0.1:{free_port()}")
+    queue_one(database, tmp_path)
     settings = DispatchSettings(
         max_attempts=10, backoff_initial_s=10, backoff_max_s=25, timeout_s=2
     )
-    dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE")
-    waits = []
-    for _ in range(3):
+    nobody = at(free_port(), "NOBODY")
+    dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE", destinations=nobody)
+    for expected in (10, 20, 25):
         make_due_now(database)
         before = utcnow()
         dispatcher.advance()
+        after = utcnow()
         delivery = the_delivery(database)
-        waits.append(round((delivery.next_attempt_at - before).total_seconds()))
+        # Scheduled from the moment the attempt failed, somewhere between before and after
+        # (however long a loaded machine takes to refuse the connection).
+        wait = dt.timedelta(seconds=expected)
+        assert before + wait <= delivery.next_attempt_at <= after + wait
         assert delivery.state is DeliveryState.pending
         assert "association not established" in (delivery.last_error or "")
-    assert waits == [10, 20, 25]
     assert the_delivery(database).attempts == 3
 
 
 def test_unreachable_destination_is_dead_lettered_after_the_limit(
     database: Database, tmp_path: Path
 ) -> None:
-    job_id = queue_one(database, tmp_path, f"NOBODY@127.0.0.1:{free_port()}")
+    job_id = queue_one(database, tmp_path)
     settings = DispatchSettings(
         max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.01, timeout_s=2
     )
-    dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE")
+    nobody = at(free_port(), "NOBODY")
+    dispatcher = Dispatcher(database, tmp_path, settings, "CADNODE", destinations=nobody)
     dispatcher.advance()
     time.sleep(0.05)
     assert dispatcher.advance() is None  # nothing left to retry

@@ -715,7 +715,7 @@ def test_the_router_matches_on_the_called_ae_and_forwards_originals(
     assert job.state is JobState.encoded and "forwarded to research" in str(job.reason)
     with database.session() as session:
         [delivery] = session.exec(select(Delivery)).all()
-    assert delivery.destination == "RES@127.0.0.1:104" and delivery.job_id == forwarded
+    assert delivery.destination == "research" and delivery.job_id == forwarded
     assert job_of(database, ignored).state is JobState.ignored
     assert job_of(database, ignored).reason == "rule 'rest' ignores it"
 

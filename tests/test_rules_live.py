@@ -189,7 +189,9 @@ def test_forwarded_originals_reach_the_pacs_in_the_syntax_they_came_in(
     rules.write_text("rules:\n  - name: copy\n    action: forward\n    destinations: [pacs]\n")
     destinations = {"pacs": Destination.parse(pacs.destination)}
     Router(database, spool, LiveRules(rules, [], destinations), destinations).advance()
-    Dispatcher(database, results, DispatchSettings(), "CADNODE", spool=spool).advance()
+    Dispatcher(
+        database, results, DispatchSettings(), "CADNODE", spool=spool, destinations=destinations
+    ).advance()
 
     for original in (compressed, film):
         [orthanc_id] = pacs.instances_of_study(str(original.StudyInstanceUID))

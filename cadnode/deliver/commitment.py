@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -52,9 +52,10 @@ FAILURE_REASONS = {
 class Commitments:
     """Dispatch's side: ask, ask again when no answer comes, and give up after the limit."""
 
-    def __init__(self, settings: DispatchSettings, destinations: Iterable[Destination]) -> None:
+    def __init__(self, settings: DispatchSettings, destinations: Mapping[str, Destination]) -> None:
         self.settings = settings
-        self.wanted_by = {str(d) for d in destinations if d.storage_commitment}
+        # By name, as deliveries name their destination.
+        self.wanted_by = {name for name, d in destinations.items() if d.storage_commitment}
 
     def wanted(self, destination: str) -> bool:
         return destination in self.wanted_by
@@ -92,7 +93,7 @@ class Commitments:
                 STORAGE_COMMITMENT_INSTANCE,
             )
         except ValueError:  # pynetdicom: no accepted presentation context for the class
-            self._fail(session, deliveries, "the destination does not support Storage Commitment")
+            self.fail(session, deliveries, "the destination does not support Storage Commitment")
             return
         code = int(status.Status) if status is not None and "Status" in status else None
         if code is None or not status_is_success(code):
@@ -136,7 +137,7 @@ class Commitments:
                     )
         if expired:
             requests = self.settings.commitment_max_requests
-            self._fail(session, expired, f"no answer to {requests} request(s)")
+            self.fail(session, expired, f"no answer to {requests} request(s)")
         return {dest: list(groups.values()) for dest, groups in by_destination.items()}
 
     def seconds_to_next(self, session: Session) -> float | None:
@@ -166,9 +167,11 @@ class Commitments:
         return asked + dt.timedelta(seconds=self.settings.commitment_timeout_s)
 
     @staticmethod
-    def _fail(session: Session, deliveries: list[Delivery], reason: str) -> None:
+    def fail(session: Session, deliveries: list[Delivery], reason: str, detail: str = "") -> None:
+        """The commitment of `deliveries` failed for `reason`; they stay sent. The rows keep
+        `reason: detail`, the log only `reason` (`detail` may be a path naming a study)."""
         for delivery in deliveries:
-            delivery.commitment_failure = reason
+            delivery.commitment_failure = f"{reason}: {detail}" if detail else reason
             session.add(delivery)
         session.commit()
         for delivery in deliveries:

@@ -1,14 +1,26 @@
 """Dispatch: the outbox. C-STORE every result object to every destination, exactly once.
 
 Each (object, destination) pair is a Delivery row (queued by route and encode through
-cadnode/deliver/outbox.py): pending until the peer acknowledges it, then sent. A failed
-attempt is retried with exponential back-off (the next attempt time is in the database, so a
-restart resumes the schedule); after the configured number of attempts the delivery is
-dead-lettered and its job failed (`FailureKind.dead_letter`, with the reason in words).
-Original images that a routing rule forwards go through the same outbox. An admin replays
-or discards dead letters with `cadnode deliveries` (cadnode/deliver/outbox_admin.py);
+cadnode/deliver/outbox.py): pending until the peer acknowledges it, then sent. The row names
+its destination (`destinations.NAME`); the address and options are the configuration's. A
+failed attempt is retried with exponential back-off (the next attempt time is in the
+database, so a restart resumes the schedule); after the configured number of attempts the
+delivery is dead-lettered and its job failed (`FailureKind.dead_letter`, with the reason in
+words). Original images that a routing rule forwards go through the same outbox. An admin
+replays or discards dead letters with `cadnode deliveries` (cadnode/deliver/outbox_admin.py);
 destinations with `storage_commitment` are then asked to confirm they keep each object
 (cadnode/deliver/commitment.py).
+
+Nothing one delivery does stalls the others: whatever goes wrong with it (its file missing
+or unreadable, its destination gone from the configuration, refused, unreachable, an error
+nobody foresaw) is recorded on that row with its reason, and the pass goes on. A file that
+is gone, or a destination no longer configured, is a dead letter at once: no retry brings
+either back.
+
+Objects are sent from their files as stored: the file meta gives the SOP class and transfer
+syntax of the presentation context, and pynetdicom streams the dataset's bytes in PDUs of the
+peer's size, never decoding it (a peer that accepts only another uncompressed syntax gets the
+object decoded and converted, whole, as before).
 
 Exactly once, as far as a network allows: a delivery is recorded `sent` in its own commit
 the moment the peer's C-STORE response says Success, before the next object goes, and is
@@ -21,13 +33,15 @@ with the same SOP Instance UID, which a PACS stores once (it replaces or ignores
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 from pydicom import Dataset, dcmread
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from sqlmodel import Session, select
 
@@ -45,14 +59,52 @@ from cadnode.core.db import (
     utcnow,
 )
 from cadnode.deliver.commitment import STORAGE_COMMITMENT, Commitments, CommitmentScp
-from cadnode.deliver.outbox import record_failure, record_sent
+from cadnode.deliver.outbox import record_dead_letter, record_failure, record_sent
 from cadnode.dicom.pdu import tune_connection
 from cadnode.dicom.status import status_is_success
 
 log = structlog.get_logger("cadnode.deliver.dispatch")
 
+# send_c_store given a file path streams the stored bytes instead of decoding the object
+# (pynetdicom's switch; dispatch is the node's only caller that passes a path).
+_config.STORE_SEND_CHUNKED_DATASET = True
+
 # A job failed by a dead letter, in words (the kind is FailureKind.dead_letter).
 DEAD_LETTER = "a result could not be delivered (dead letter)"
+NOT_ESTABLISHED = "association not established (refused, rejected or unreachable)"
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# An association holds 128 presentation contexts; one is kept for Storage Commitment.
+MAX_STORE_CONTEXTS = 127
+
+Context = tuple[str, str]  # (SOP class, transfer syntax): one proposed presentation context
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """A pending delivery, its file, and what the file meta says of the object in it."""
+
+    delivery: Delivery
+    kind: str  # "result" (under results/) or "received" (a forwarded original, under spool/)
+    path: Path
+    relative: str  # its path under that folder, as an admin is shown it
+    sop_class: str
+    transfer_syntax: str
+
+    def contexts(self) -> list[Context]:
+        """Its own syntax first, each syntax a context of its own so that the peer can take
+        exactly the stored one; an uncompressed object also offers the other little endian."""
+        others = [s for s in UNCOMPRESSED if s != self.transfer_syntax]
+        converted = others if self.transfer_syntax in UNCOMPRESSED else []
+        return [(self.sop_class, syntax) for syntax in [self.transfer_syntax, *converted]]
+
+
+class _Unsendable(Exception):
+    """This object cannot go now: `final` when no retry can help (its file is gone)."""
+
+    def __init__(self, reason: str, detail: str, *, final: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.detail, self.final = reason, detail, final
 
 
 class Dispatcher:
@@ -65,15 +117,16 @@ class Dispatcher:
         settings: DispatchSettings,
         calling_ae: str,
         spool: Path | None = None,
-        destinations: Iterable[Destination] = (),
+        destinations: Mapping[str, Destination] | None = None,
     ) -> None:
         self.database = database
         self.results = results
         self.spool = spool  # where originals that rules forward are read from
         self.settings = settings
         self.calling_ae = calling_ae
-        # The configured destinations, for their options (deliveries name them as AE@host:port).
-        self.commitments = Commitments(settings, destinations)
+        # The configured destinations by name, the name being what each Delivery row holds.
+        self.destinations = dict(destinations or {})
+        self.commitments = Commitments(settings, self.destinations)
         # A commitment answer may come on dispatch's own association, while it is still open.
         self.commitment_reports = CommitmentScp(database)
 
@@ -88,10 +141,10 @@ class Dispatcher:
             by_destination: dict[str, list[Delivery]] = defaultdict(list)
             for delivery in due:
                 by_destination[delivery.destination].append(delivery)
-            for destination, deliveries in by_destination.items():
-                self._send(session, destination, deliveries)
-            for destination, transactions in self.commitments.due(session).items():
-                self._ask_again(session, destination, transactions)
+            for name, deliveries in by_destination.items():
+                self._send(session, name, deliveries)
+            for name, transactions in self.commitments.due(session).items():
+                self._ask_again(session, name, transactions)
             self._settle_jobs(session)
             delays = [
                 self._seconds_to_next_attempt(session),
@@ -99,91 +152,172 @@ class Dispatcher:
             ]
             return min((d for d in delays if d is not None), default=None)
 
-    def _send(self, session: Session, destination: str, deliveries: list[Delivery]) -> None:
-        datasets = [dcmread(self._path_of(session, d.object_uid)) for d in deliveries]
-        commit = self.commitments.wanted(destination)
-        contexts = _contexts(datasets)
+    def _send(self, session: Session, name: str, deliveries: list[Delivery]) -> None:
+        destination = self.destinations.get(name)
+        if destination is None:
+            for delivery in deliveries:
+                reason = f"destination {name!r} is no longer configured"
+                self._failed(session, delivery, reason, final=True)
+            return
+        outgoing = [item for d in deliveries if (item := self._prepare(session, d)) is not None]
+        limit = MAX_STORE_CONTEXTS - (1 if self.commitments.wanted(name) else 0)
+        for batch in _batches(outgoing, limit):
+            self._send_batch(session, name, destination, batch)
+
+    def _prepare(self, session: Session, delivery: Delivery) -> _Outgoing | None:
+        """The delivery's file and the header its presentation context needs; None once a
+        failure is recorded for it instead."""
+        try:
+            return self._outgoing(session, delivery)
+        except _Unsendable as problem:
+            self._failed(session, delivery, problem.reason, problem.detail, final=problem.final)
+        except Exception as error:  # anything else about this one object fails it alone
+            session.rollback()
+            raised = f"reading the object raised {type(error).__name__}"
+            self._failed(session, delivery, raised, str(error))
+        return None
+
+    def _outgoing(self, session: Session, delivery: Delivery) -> _Outgoing:
+        kind, folder, relative = self._file_of(session, delivery.object_uid)
+        meta = _file_meta(folder / relative, kind, relative)
+        if meta["MediaStorageSOPInstanceUID"] != delivery.object_uid:
+            raise _Unsendable(f"{kind} file holds another object", relative)
+        return _Outgoing(
+            delivery=delivery,
+            kind=kind,
+            path=folder / relative,
+            relative=relative,
+            sop_class=meta["MediaStorageSOPClassUID"],
+            transfer_syntax=meta["TransferSyntaxUID"],
+        )
+
+    def _file_of(self, session: Session, uid: str) -> tuple[str, Path, str]:
+        """(what it is, its folder, its path there): a result cadnode made, or an original
+        image a rule forwards as it was received."""
+        made = session.get(ResultObject, uid)
+        if made is not None:
+            return "result", self.results, made.path
+        original = session.get(Instance, uid)
+        if original is not None and self.spool is not None:
+            return "received", self.spool, original.path
+        raise _Unsendable("neither a result nor a received instance", uid, final=True)
+
+    def _send_batch(
+        self, session: Session, name: str, destination: Destination, batch: list[_Outgoing]
+    ) -> None:
+        """One association for `batch`. An error nobody foresaw fails the deliveries it left
+        untried, with its reason, and the pass goes on."""
+        tried: set[int | None] = set()
+        try:
+            self._store_batch(session, name, destination, batch, tried)
+        except Exception as error:
+            session.rollback()
+            log.warning("dispatch.batch_failed", destination=name, error=type(error).__name__)
+            for item in batch:
+                session.refresh(item.delivery)
+                untried = item.delivery.id not in tried
+                if untried and item.delivery.state is DeliveryState.pending:
+                    raised = f"sending raised {type(error).__name__}"
+                    self._failed(session, item.delivery, raised, str(error))
+
+    def _store_batch(
+        self,
+        session: Session,
+        name: str,
+        destination: Destination,
+        batch: list[_Outgoing],
+        tried: set[int | None],
+    ) -> None:
+        commit = self.commitments.wanted(name)
+        contexts = _contexts(batch)
         if commit:
-            contexts.append((STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+            contexts.append((STORAGE_COMMITMENT, list(UNCOMPRESSED)))
         assoc = self._associate(destination, contexts)
         if not assoc.is_established:
-            for delivery in deliveries:
-                self._failed(session, delivery, NOT_ESTABLISHED)
+            for item in batch:
+                tried.add(item.delivery.id)
+                self._failed(session, item.delivery, NOT_ESTABLISHED)
             return
         try:
-            sent = [
-                (delivery, str(dataset.SOPClassUID))
-                for delivery, dataset in zip(deliveries, datasets, strict=True)
-                if self._store(session, assoc, delivery, dataset)
-            ]
+            sent = []
+            for item in batch:
+                tried.add(item.delivery.id)
+                if self._store(session, assoc, destination, item):
+                    sent.append(item)
             if commit and sent:
-                sop_classes = {d.object_uid: sop_class for d, sop_class in sent}
-                self.commitments.request(session, assoc, [d for d, _ in sent], sop_classes)
+                sop_classes = {item.delivery.object_uid: item.sop_class for item in sent}
+                deliveries = [item.delivery for item in sent]
+                self.commitments.request(session, assoc, deliveries, sop_classes)
         finally:
             assoc.release()
 
-    def _ask_again(
-        self, session: Session, destination: str, transactions: list[list[Delivery]]
-    ) -> None:
+    def _ask_again(self, session: Session, name: str, transactions: list[list[Delivery]]) -> None:
         """Storage Commitment requests that got no answer (or were never made), made again."""
-        assoc = self._associate(
-            destination, [(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-        )
+        destination = self.destinations[name]  # only configured destinations are asked
+        try:
+            assoc = self._associate(destination, [(STORAGE_COMMITMENT, list(UNCOMPRESSED))])
+        except Exception as error:  # a bad address: counts as a request, like a refusal
+            session.rollback()
+            for deliveries in transactions:
+                self.commitments.request_failed(session, deliveries, type(error).__name__)
+            return
         try:
             for deliveries in transactions:
                 if not assoc.is_established:  # counts as a request; asked again after the timeout
                     self.commitments.request_failed(session, deliveries, NOT_ESTABLISHED)
                     continue
-                sop_classes = {d.object_uid: self._sop_class_of(session, d) for d in deliveries}
-                self.commitments.request(session, assoc, deliveries, sop_classes)
+                self._ask_for(session, assoc, deliveries)
         finally:
             if assoc.is_established:
                 assoc.release()
 
-    def _associate(self, destination: str, contexts: list[tuple[str, list[str]]]) -> Association:
-        address = Destination.parse(destination)
+    def _ask_for(self, session: Session, assoc: Association, deliveries: list[Delivery]) -> None:
+        try:
+            sop_classes = {d.object_uid: self._sop_class_of(session, d) for d in deliveries}
+        except _Unsendable as problem:  # its file is gone: nothing left to ask about
+            self.commitments.fail(session, deliveries, problem.reason, problem.detail)
+            return
+        self.commitments.request(session, assoc, deliveries, sop_classes)
+
+    def _sop_class_of(self, session: Session, delivery: Delivery) -> str:
+        kind, folder, relative = self._file_of(session, delivery.object_uid)
+        return _file_meta(folder / relative, kind, relative)["MediaStorageSOPClassUID"]
+
+    def _associate(
+        self, destination: Destination, contexts: list[tuple[str, list[str]]]
+    ) -> Association:
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.settings.timeout_s
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, syntaxes)
         return ae.associate(
-            address.host,
-            address.port,
-            ae_title=address.ae_title,
+            destination.host,  # an IPv4 or IPv6 address, or a name resolved here
+            destination.port,
+            ae_title=destination.ae_title,
             evt_handlers=[
                 (evt.EVT_CONN_OPEN, tune_connection),
                 (evt.EVT_N_EVENT_REPORT, self.commitment_reports.on_event_report),
             ],
         )
 
-    def _sop_class_of(self, session: Session, delivery: Delivery) -> str:
-        path = self._path_of(session, delivery.object_uid)
-        header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-        return str(header.SOPClassUID)
-
-    def _path_of(self, session: Session, uid: str) -> Path:
-        """A result cadnode made, or an original image a rule forwards as it was received."""
-        made = session.get(ResultObject, uid)
-        if made is not None:
-            return self.results / made.path
-        original = session.get(Instance, uid)
-        if original is None or self.spool is None:
-            raise LookupError(f"delivery of {uid}: neither a result nor a received instance")
-        return self.spool / original.path
-
     def _store(
-        self, session: Session, assoc: Association, delivery: Delivery, dataset: Dataset
+        self, session: Session, assoc: Association, destination: Destination, item: _Outgoing
     ) -> bool:
         """C-STORE one object; True once the peer has it and that is committed."""
+        delivery = item.delivery
         session.refresh(delivery)  # an admin may have discarded it while earlier ones went
         if delivery.state is not DeliveryState.pending:
             return False
         try:
-            status = assoc.send_c_store(dataset)
-        except Exception as error:
-            self._failed(session, delivery, f"C-STORE raised {type(error).__name__}: {error}")
+            status = assoc.send_c_store(_payload(assoc, item))
+        except FileNotFoundError:  # removed since its header was read
+            self._failed(session, delivery, f"{item.kind} file missing", item.relative, final=True)
             return False
-        code = int(status.Status) if status else None
+        except Exception as error:
+            reason = f"C-STORE raised {type(error).__name__}"
+            self._failed(session, delivery, reason, str(error))
+            return False
+        code = int(status.Status) if status and "Status" in status else None
         if code is None or not status_is_success(code):
             shown = "no response (timeout or abort)" if code is None else f"status 0x{code:04X}"
             self._failed(session, delivery, f"C-STORE failed: {shown}")
@@ -192,6 +326,12 @@ class Dispatcher:
         record_sent(delivery)
         session.add(delivery)
         session.commit()
+        self._sent(delivery, destination, item, code)
+        return True
+
+    def _sent(
+        self, delivery: Delivery, destination: Destination, item: _Outgoing, code: int
+    ) -> None:
         log.info(
             "delivery.sent",
             delivery=delivery.id,
@@ -204,19 +344,35 @@ class Dispatcher:
             self.database,
             audit.RESULT_DELIVERED,
             actor=self.calling_ae,
-            address=delivery.destination,
+            address=str(destination),
             outcome=AuditOutcome.sent,
             delivery=delivery.id,
             job=delivery.job_id,
+            destination=delivery.destination,
             object_uid=delivery.object_uid,
-            sop_class_uid=str(dataset.SOPClassUID),
+            sop_class_uid=item.sop_class,
             status=f"0x{code:04X}",
             attempts=delivery.attempts,
         )
-        return True
 
-    def _failed(self, session: Session, delivery: Delivery, reason: str) -> None:
-        dead = record_failure(delivery, reason, self.settings.backoff)
+    def _failed(
+        self,
+        session: Session,
+        delivery: Delivery,
+        reason: str,
+        detail: str = "",
+        *,
+        final: bool = False,
+    ) -> None:
+        """Record a failed try: retried after the back-off, dead at its limit, or at once when
+        `final`. The row keeps `reason: detail`; the log only `reason`, as `detail` may name
+        files or carry a library's words, whose paths hold a study's UIDs."""
+        stored = f"{reason}: {detail}" if detail else reason
+        if final:
+            record_dead_letter(delivery, stored)
+            dead = True
+        else:
+            dead = record_failure(delivery, stored, self.settings.backoff)
         session.add(delivery)
         session.commit()
         log.warning(
@@ -263,16 +419,49 @@ class Dispatcher:
         return None if upcoming is None else max((upcoming - utcnow()).total_seconds(), 0.0)
 
 
-NOT_ESTABLISHED = "association not established (refused, rejected or unreachable)"
+def _file_meta(path: Path, kind: str, relative: str) -> dict[str, str]:
+    """The file meta's SOP class, instance and transfer syntax: group 0002 only, never the
+    dataset behind it."""
+    try:
+        meta = read_file_meta_info(path)
+    except FileNotFoundError as error:
+        raise _Unsendable(f"{kind} file missing", relative, final=True) from error
+    except Exception as error:
+        raise _Unsendable(f"{kind} file unreadable", f"{relative}: {error}") from error
+    wanted = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+    lacking = [keyword for keyword in wanted if keyword not in meta]
+    if lacking:
+        raise _Unsendable(f"{kind} file unreadable", f"{relative}: no {', '.join(lacking)}")
+    return {keyword: str(meta[keyword].value) for keyword in wanted}
 
 
-def _contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
-    """Uncompressed objects (our results) in either little endian syntax; anything else (a
-    forwarded original) in its own transfer syntax, as the modality sent it."""
-    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
-    for dataset in datasets:
-        syntax = str(dataset.file_meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
-        syntaxes = uncompressed if syntax in uncompressed else [syntax]
-        wanted[(str(dataset.SOPClassUID), tuple(syntaxes))] = None
-    return [(sop_class, list(syntaxes)) for sop_class, syntaxes in wanted]
+def _payload(assoc: Association, item: _Outgoing) -> Path | Dataset:
+    """The file itself when the peer took its transfer syntax (streamed as stored), else the
+    object decoded, for pynetdicom to convert to the uncompressed syntax the peer took."""
+    for context in assoc.accepted_contexts:
+        if (context.abstract_syntax, context.transfer_syntax[0]) == (
+            item.sop_class,
+            item.transfer_syntax,
+        ):
+            return item.path
+    return dcmread(item.path)
+
+
+def _contexts(batch: Sequence[_Outgoing]) -> list[tuple[str, list[str]]]:
+    wanted = dict.fromkeys(context for item in batch for context in item.contexts())
+    return [(sop_class, [syntax]) for sop_class, syntax in wanted]
+
+
+def _batches(items: Sequence[_Outgoing], limit: int) -> Iterator[list[_Outgoing]]:
+    """`items` in order, in batches whose presentation contexts fit one association."""
+    batch: list[_Outgoing] = []
+    contexts: set[Context] = set()
+    for item in items:
+        wanted = set(item.contexts())
+        if batch and len(contexts | wanted) > limit:
+            yield batch
+            batch, contexts = [], set()
+        batch.append(item)
+        contexts |= wanted
+    if batch:
+        yield batch

@@ -14,12 +14,17 @@ meet only here and in the tables, never in each other's modules.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from sqlmodel import Session, select
+import structlog
+from sqlalchemy import update
+from sqlmodel import Session, col, select
 
 from cadnode.core.backoff import Backoff
+from cadnode.core.config import Destination
 from cadnode.core.db import (
+    Database,
     Delivery,
     DeliveryState,
     Publication,
@@ -28,10 +33,16 @@ from cadnode.core.db import (
     utcnow,
 )
 
+log = structlog.get_logger("cadnode.deliver.outbox")
+
 
 def queue_delivery(session: Session, job_id: int, object_uid: str, destination: str) -> Delivery:
-    """Queue `object_uid` (a ResultObject's or an Instance's) for `destination` (AE@host:port).
+    """Queue `object_uid` (a ResultObject's or an Instance's) for `destination`, the name of a
+    configured destination (`destinations.NAME`, or `CADNODE_DESTINATION`).
 
+    The row keeps the name, not the address: dispatch looks the address and options up in
+    the configuration it runs with, so a PACS that moved is reached at its new address, and
+    a destination removed from the configuration dead-letters what was queued for it.
     Each destination gets each object once: queuing a pair already in the outbox returns
     that row unchanged."""
     existing = session.exec(
@@ -94,6 +105,17 @@ def record_sent(row: Delivery | Publication) -> None:
         row.state = PublicationState.sent
 
 
+def record_dead_letter(row: Delivery | Publication, reason: str) -> None:
+    """Count a try on `row` that no retry can mend (its file is gone, its destination no
+    longer configured) and dead-letter it at once. The caller commits."""
+    row.attempts += 1
+    row.last_error = reason
+    if isinstance(row, Delivery):
+        row.state = DeliveryState.failed
+    else:
+        row.state = PublicationState.failed
+
+
 def record_failure(row: Delivery | Publication, reason: str, backoff: Backoff) -> bool:
     """Count a failed try on `row`: the next one is scheduled by `backoff`, or, at its limit,
     the row is dead-lettered (its `failed` state). True when dead-lettered. The caller commits."""
@@ -108,3 +130,28 @@ def record_failure(row: Delivery | Publication, reason: str, backoff: Backoff) -
         return True
     row.next_attempt_at = retry_at
     return False
+
+
+def legacy_destination_names(destinations: Mapping[str, Destination]) -> dict[str, str]:
+    """The `AE@host:port` text that rows queued before deliveries named their destination hold
+    (`Delivery.destination`), mapped to the name now configured for that address. Text that
+    no configured destination has is not in the map."""
+    return {f"{d.ae_title}@{d.host}:{d.port}": name for name, d in destinations.items()}
+
+
+def rename_legacy_destinations(database: Database, destinations: Mapping[str, Destination]) -> int:
+    """Give every row that still holds its destination's `AE@host:port` the name configured
+    for that address; how many were renamed. Idempotent, run at each start before dispatch:
+    a row whose address no configured destination has keeps its text, and is dead-lettered
+    as no longer configured if it is still to be sent."""
+    renamed = 0
+    with database.session() as session:
+        for legacy, name in legacy_destination_names(destinations).items():
+            moved = session.execute(
+                update(Delivery).where(col(Delivery.destination) == legacy).values(destination=name)
+            )
+            renamed += int(moved.rowcount)  # type: ignore[attr-defined]
+        session.commit()
+    if renamed:
+        log.info("delivery.destinations_renamed", deliveries=renamed)
+    return renamed

@@ -10,7 +10,7 @@ discarded under it; each is logged (and kept in the audit trail) with who did it
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from cadnode.core import audit
+from cadnode.core.config import Destination
 from cadnode.core.db import (
     AuditKind,
     AuditOutcome,
@@ -51,12 +52,24 @@ class Outcome:
         return f"delivery {self.delivery}: {self.note}"
 
 
-def delivery_rows(database: Database, state: DeliveryState | None = None) -> list[dict[str, Any]]:
+def delivery_rows(
+    database: Database,
+    state: DeliveryState | None = None,
+    destinations: Mapping[str, Destination] | None = None,
+) -> list[dict[str, Any]]:
+    """Every delivery (in `state`), each with its destination's name and, where `destinations`
+    (the configuration's) still has that name, its address (`AE@host:port`, `AE@[::1]:port`)."""
     with database.session() as session:
         query = select(Delivery).order_by(col(Delivery.id))
         if state is not None:
             query = query.where(Delivery.state == state)
-        return [_row(d) for d in session.exec(query)]
+        return [_row(d, destinations or {}) for d in session.exec(query)]
+
+
+def address_of(name: str, destinations: Mapping[str, Destination]) -> str | None:
+    """The configured address of the destination a delivery names; None once it is gone."""
+    destination = destinations.get(name)
+    return None if destination is None else str(destination)
 
 
 def commitment_of(delivery: Delivery) -> str:
@@ -196,12 +209,13 @@ def _record(
     )
 
 
-def _row(delivery: Delivery) -> dict[str, Any]:
+def _row(delivery: Delivery, destinations: Mapping[str, Destination]) -> dict[str, Any]:
     return {
         "id": delivery.id,
         "job": delivery.job_id,
         "object_uid": delivery.object_uid,
         "destination": delivery.destination,
+        "address": address_of(delivery.destination, destinations),
         "state": delivery.state.value,
         "attempts": delivery.attempts,
         "next_attempt_at": _iso(delivery.next_attempt_at)
@@ -226,7 +240,7 @@ def _iso(moment: dt.datetime | None) -> str | None:
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """`cadnode deliveries list`, for a terminal."""
     lines = [
-        f"{'ID':>5} {'JOB':>4} {'STATE':<9} {'TRIES':>5} {'COMMIT':<9} {'DESTINATION':<28} "
+        f"{'ID':>5} {'JOB':>4} {'STATE':<9} {'TRIES':>5} {'COMMIT':<9} {'DESTINATION':<40} "
         "WHEN / LAST ERROR"
     ]
     for row in rows:
@@ -240,8 +254,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         )
         if row["commitment_failure"]:
             detail += f"  commitment: {row['commitment_failure']}"
+        destination = f"{row['destination']} ({row['address'] or 'not configured'})"
         lines.append(
             f"{row['id']:>5} {row['job']:>4} {row['state']:<9} {row['attempts']:>5} "
-            f"{row['commitment']:<9} {row['destination']:<28} {detail}"
+            f"{row['commitment']:<9} {destination:<40} {detail}"
         )
     return "\n".join(lines)

@@ -103,7 +103,8 @@ class Publisher:
                         self._failed(session, row, _describe(error))
                     else:
                         self._sent(session, row)
-        except PublishError as error:  # could not connect: nothing in the batch went
+        except Exception as error:  # could not connect (or the link broke): the rest wait
+            session.rollback()  # a failed commit must not keep the session from recording
             for row in rows:
                 if row.state is PublicationState.pending and row.study_id not in failed_studies:
                     self._failed(session, row, _describe(error))

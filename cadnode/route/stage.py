@@ -154,7 +154,7 @@ class Router:
     def _forward(self, session: Session, job: Job, decision: Decision) -> None:
         assert job.id is not None
         for uid, name in decision.forwards():
-            queue_delivery(session, job.id, uid, str(self.destinations[name]))
+            queue_delivery(session, job.id, uid, name)  # the row names its destination
 
 
 def _why_ignored(fired: list[str]) -> str:
