@@ -85,6 +85,16 @@ def held(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Held]:
                 "the film's SR",
                 interval_s=0.2,
             )
+            # Held objects are found once their study is complete (the query index is filled
+            # as assemble releases it), so every study must be past "received" first.
+            studies = {dcmread(ct_paths[0]).StudyInstanceUID, film.StudyInstanceUID}
+            studies.add(dcmread(jpeg2000).StudyInstanceUID)
+            wait_for(
+                lambda: all(_state(node, uid) not in ("", "received") for uid in studies),
+                60,
+                "every study complete",
+                interval_s=0.2,
+            )
             yield Held(
                 node=node,
                 viewer=folder / "viewer",

@@ -1,21 +1,28 @@
-"""GET /metrics: Prometheus metrics, computed from the database at each scrape.
+"""GET /metrics: Prometheus metrics, read from the database at each scrape.
 
 Every stage writes what it did to the database, so reading the figures from there makes all
-processes and stages agree and needs nothing reaching into a stage. Counters are counts of
-rows that are never deleted; where a row can change back (an admin retrying a dead letter
-resets its attempts) Prometheus sees a counter reset, as it would after a restart. What the
-database has no table for is taken from the audit trail (association rejections).
+processes and stages agree and needs nothing reaching into a stage. A scrape reads no table
+whole: counters, gauges and histograms are tallies the database keeps itself, one row per
+series, updated by triggers in the commit of each change they count (cadnode/core/tallies.py:
+instances received, association requests from the audit trail, each job's state and each
+step's time as its timeline grows, engine answers, deliveries and publications), so its
+cost is the number of series, not of jobs. Counters only grow (a row deleted by housekeeping,
+or an admin's retry setting a delivery's attempts back, takes nothing back). The drift gauge
+reads each engine's latest answers by index.
 
-Per-stage latency is read from each job's timeline (`Job.timeline`, written by
-`Database.transition`): the time from the state before to the state reached.
+Per-stage latency is observed from each job's timeline (`Job.timeline`, written by
+`Database.transition`): the time from the state before to the state reached, once both are
+known.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import shutil
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -25,42 +32,31 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func
+from sqlalchemy import func, text
 from sqlmodel import Session, col, select
 
 from cadnode import __version__
 from cadnode.admin.context import AdminContext
-from cadnode.core import audit
 from cadnode.core.audit import aware
 from cadnode.core.db import (
-    AuditEvent,
-    Delivery,
+    AuditOutcome,
     DeliveryState,
-    Instance,
     Job,
     JobState,
+    MetricBucket,
+    MetricTally,
     PriorityClass,
     Publication,
     PublicationState,
-    Result,
     StudyPriority,
 )
-from cadnode.infer.answers import parse_answer
+from cadnode.core.tallies import INF, LATENCY_BUCKETS_S, STAGES, answer_positive
+from cadnode.retain.metrics import removed_metrics
+from cadnode.watch.listing import alert_metrics
+
+__all__ = ["CONTENT_TYPE", "STAGES", "job_times", "render", "stage_seconds"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-# (stage, from state, to state): how long each step of the flow took. "published" is the
-# worklist priority reaching its first recipient, counted from the engines' answer.
-STAGES = (
-    ("complete", "received", JobState.complete.value),
-    ("routed", JobState.complete.value, JobState.routed.value),
-    ("inferred", JobState.routed.value, JobState.inferred.value),
-    ("encoded", JobState.inferred.value, JobState.encoded.value),
-    ("delivered", JobState.encoded.value, JobState.delivered.value),
-    ("published", JobState.inferred.value, "published"),
-    ("total", "received", JobState.delivered.value),
-)
-LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 # The positive rate of each engine over its latest answers: a drift signal.
 DRIFT_WINDOW = 200
 
@@ -69,6 +65,31 @@ def render(context: AdminContext) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DatabaseCollector(context))
     return generate_latest(registry)
+
+
+@dataclass
+class Tallies:
+    """Every tally series and histogram bucket, as the triggers keep them."""
+
+    series: dict[str, dict[tuple[str, str], float]] = field(
+        default_factory=lambda: defaultdict(dict)
+    )
+    buckets: dict[str, dict[str, dict[float, int]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(dict))
+    )
+
+    @classmethod
+    def read(cls, session: Session) -> Tallies:
+        tallies = cls()
+        for row in session.exec(select(MetricTally)):
+            tallies.series[row.metric][(row.label, row.second_label)] = row.value
+        for bucket in session.exec(select(MetricBucket)):
+            tallies.buckets[bucket.metric][bucket.label][bucket.le] = bucket.count
+        return tallies
+
+    def of(self, metric: str) -> dict[str, float]:
+        """A one-label metric's series, in label order."""
+        return {label: value for (label, _), value in sorted(self.series[metric].items())}
 
 
 class DatabaseCollector(Collector):
@@ -80,12 +101,15 @@ class DatabaseCollector(Collector):
         info.add_metric([__version__], 1)
         yield info
         with self.context.database.session() as session:
-            yield from _received(session)
-            yield from _associations(session)
-            yield from _queues(session)
-            yield from _latencies(session)
-            yield from _engines(session)
-            yield from _outboxes(session)
+            tallies = Tallies.read(session)
+            yield from _received(tallies)
+            yield from _associations(tallies)
+            yield from _queues(tallies)
+            yield from _latencies(tallies)
+            yield from _engines(session, tallies)
+            yield from _outboxes(tallies)
+            yield from removed_metrics(session)
+            yield from alert_metrics(session)
         yield from self._disk()
 
     def _disk(self) -> Iterator[Metric]:
@@ -102,76 +126,63 @@ class DatabaseCollector(Collector):
         )
 
 
-def _received(session: Session) -> Iterator[Metric]:
+def _received(tallies: Tallies) -> Iterator[Metric]:
     instances = CounterMetricFamily(
         "cadnode_instances_received", "Instances stored, by calling AE title", labels=["calling_ae"]
     )
-    for calling_ae, count in session.exec(
-        select(Instance.calling_ae, func.count()).group_by(Instance.calling_ae)
-    ):
+    for calling_ae, count in tallies.of("instances_received").items():
         instances.add_metric([calling_ae], count)
     yield instances
     studies = CounterMetricFamily(
         "cadnode_studies_received", "Studies received, by calling AE title", labels=["calling_ae"]
     )
-    for calling_ae, count in session.exec(
-        select(Instance.calling_ae, func.count(func.distinct(Job.study_id)))
-        .join(Job, Job.id == Instance.job_id)  # type: ignore[arg-type]
-        .group_by(Instance.calling_ae)
-    ):
+    for calling_ae, count in tallies.of("studies_received").items():
         studies.add_metric([calling_ae], count)
     yield studies
 
 
-def _associations(session: Session) -> Iterator[Metric]:
+def _associations(tallies: Tallies) -> Iterator[Metric]:
     """From the audit trail. Rejections are labelled by reason only: a hostile peer chooses
     its calling AE title, and must not be able to mint label values."""
-    events = session.exec(
-        select(AuditEvent.outcome, AuditEvent.details).where(AuditEvent.kind == audit.ASSOCIATION)
-    )
-    outcomes: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    for outcome, details in events:
-        outcomes[outcome] += 1
-        if outcome == "rejected":
-            reasons[str(details.get("reason", "unknown"))] += 1
+    outcomes = {_value(AuditOutcome, k): v for k, v in tallies.of("associations").items()}
     associations = CounterMetricFamily(
         "cadnode_associations", "Association requests, by outcome", labels=["outcome"]
     )
-    for outcome in ("accepted", "rejected"):
-        associations.add_metric([outcome], outcomes[outcome])
+    for outcome in (AuditOutcome.accepted, AuditOutcome.rejected):
+        associations.add_metric([outcome.value], outcomes.get(outcome.value, 0))
     yield associations
     rejections = CounterMetricFamily(
         "cadnode_association_rejections",
         "Association requests rejected, by reason",
         labels=["reason"],
     )
-    for reason, count in sorted(reasons.items()):
+    for reason, count in tallies.of("association_rejections").items():
         rejections.add_metric([reason], count)
     yield rejections
 
 
-def _queues(session: Session) -> Iterator[Metric]:
+def _queues(tallies: Tallies) -> Iterator[Metric]:
     depth = GaugeMetricFamily(
         "cadnode_jobs",
         "Jobs in each state (a stage's queue) and priority class",
         labels=["state", "priority"],
     )
     counts = {
-        (state, priority): count
-        for state, priority, count in session.exec(
-            select(Job.state, Job.priority, func.count()).group_by(Job.state, Job.priority)
-        )
+        (_value(JobState, state), _value(PriorityClass, priority)): count
+        for (state, priority), count in tallies.series["jobs"].items()
     }
     for state in JobState:
         for priority in PriorityClass:
-            depth.add_metric([state.value, priority.value], counts.get((state, priority), 0))
+            depth.add_metric(
+                [state.value, priority.value], counts.get((state.value, priority.value), 0)
+            )
     yield depth
 
 
 def job_times(session: Session, job_id: int | None = None) -> list[dict[str, dt.datetime]]:
     """Each job's moments (or one job's): received (its first instance), each state it
-    entered, and the first time its priority reached a recipient."""
+    entered, and the first time its priority reached a recipient. (The dashboard's; a
+    scrape reads the tallies instead.)"""
     first_sent = (
         select(StudyPriority.job_id, func.min(Publication.sent_at))
         .join(Publication, Publication.decision_id == StudyPriority.id)  # type: ignore[arg-type]
@@ -204,40 +215,32 @@ def stage_seconds(times: Iterable[dict[str, dt.datetime]]) -> dict[str, list[flo
     return seconds
 
 
-def _latencies(session: Session) -> Iterator[Metric]:
+def _latencies(tallies: Tallies) -> Iterator[Metric]:
     histogram = HistogramMetricFamily(
         "cadnode_stage_seconds",
         "Time each step of the flow took, per job (total: first instance to delivered)",
         labels=["stage"],
     )
-    for stage, values in stage_seconds(job_times(session)).items():
-        _add_histogram(histogram, [stage], values)
+    sums = tallies.of("stage_seconds_sum")
+    for stage, _, _ in STAGES:
+        _add_histogram(
+            histogram, [stage], tallies.buckets["stage_seconds"][stage], sums.get(stage, 0.0)
+        )
     yield histogram
 
 
-def _add_histogram(family: HistogramMetricFamily, labels: list[str], values: list[float]) -> None:
-    buckets = [(_bucket_label(b), sum(v <= b for v in values)) for b in LATENCY_BUCKETS_S]
-    buckets.append(("+Inf", len(values)))
-    family.add_metric(labels, buckets, sum(values))
+def _add_histogram(
+    family: HistogramMetricFamily, labels: list[str], counts: dict[float, int], total: float
+) -> None:
+    """Cumulative counts by upper bound (a bound with no row has seen nothing yet)."""
+    buckets = [(str(float(bound)), counts.get(float(bound), 0)) for bound in LATENCY_BUCKETS_S]
+    buckets.append(("+Inf", counts.get(INF, 0)))
+    family.add_metric(labels, buckets, total)
 
 
-def _bucket_label(bound: float) -> str:
-    return str(float(bound))
-
-
-def _engines(session: Session) -> Iterator[Metric]:
-    answers: Counter[str] = Counter()
-    positives: Counter[str] = Counter()
-    recent: dict[str, list[bool]] = defaultdict(list)
-    rows = session.exec(
-        select(Result.engine, Result.answer).order_by(Result.id.desc())  # type: ignore[union-attr]
-    )
-    for engine, answer in rows:
-        positive = parse_answer(answer).positive  # reached an operating point
-        answers[engine] += 1
-        positives[engine] += positive
-        if len(recent[engine]) < DRIFT_WINDOW:
-            recent[engine].append(positive)
+def _engines(session: Session, tallies: Tallies) -> Iterator[Metric]:
+    answers = tallies.of("engine_answers")
+    positives = tallies.of("engine_positive_answers")
     total = CounterMetricFamily(
         "cadnode_engine_answers", "Answers given, per engine", labels=["engine"]
     )
@@ -251,36 +254,38 @@ def _engines(session: Session) -> Iterator[Metric]:
         f"Share of positive answers among each engine's latest {DRIFT_WINDOW} (drift signal)",
         labels=["engine"],
     )
-    for engine in sorted(answers):
-        total.add_metric([engine], answers[engine])
-        positive_total.add_metric([engine], positives[engine])
-        rate.add_metric([engine], sum(recent[engine]) / len(recent[engine]))
+    for engine, count in answers.items():
+        total.add_metric([engine], count)
+        positive_total.add_metric([engine], positives.get(engine, 0))
+        latest = _positive_rate(session, engine)
+        if latest is not None:
+            rate.add_metric([engine], latest)
     yield from (total, positive_total, rate)
-    yield _inference_seconds(session)
+    yield _inference_seconds(tallies)
 
 
-def _inference_seconds(session: Session) -> Metric:
+def _positive_rate(session: Session, engine: str) -> float | None:
+    """The share of positives among the engine's latest answers (by the index on engine)."""
+    latest = "SELECT answer FROM result WHERE engine = :engine ORDER BY id DESC LIMIT :window"
+    statement = text(f"SELECT avg({answer_positive('latest')}) FROM ({latest}) AS latest")
+    found = session.execute(statement, {"engine": engine, "window": DRIFT_WINDOW}).scalar()
+    return None if found is None else float(found)
+
+
+def _inference_seconds(tallies: Tallies) -> Metric:
     """Each engine call's time, per engine (a batched call answers several images at once)."""
     histogram = HistogramMetricFamily(
         "cadnode_engine_inference_seconds",
         "Time of each engine call (reading the images, preprocessing, the model, post-processing)",
         labels=["engine"],
     )
-    calls = session.exec(
-        select(Result.engine, Result.job_id, Result.seconds)
-        .where(col(Result.seconds).is_not(None))
-        .distinct()
-    ).all()
-    by_engine: dict[str, list[float]] = defaultdict(list)
-    for engine, _job, seconds in calls:
-        if seconds is not None:
-            by_engine[engine].append(seconds)
-    for engine, values in sorted(by_engine.items()):
-        _add_histogram(histogram, [engine], values)
+    sums = tallies.of("engine_inference_seconds_sum")
+    for engine, counts in sorted(tallies.buckets["engine_inference_seconds"].items()):
+        _add_histogram(histogram, [engine], counts, sums.get(engine, 0.0))
     return histogram
 
 
-def _outboxes(session: Session) -> Iterator[Metric]:
+def _outboxes(tallies: Tallies) -> Iterator[Metric]:
     deliveries = GaugeMetricFamily(
         "cadnode_deliveries",
         "Result deliveries, by destination and state",
@@ -296,25 +301,21 @@ def _outboxes(session: Session) -> Iterator[Metric]:
         "Deliveries given up on, awaiting an admin's retry or discard",
         labels=["outbox", "destination"],
     )
-    retried: Counter[str] = Counter()
-    for destination, state, count, attempts in session.exec(
-        select(
-            Delivery.destination,
-            Delivery.state,
-            func.count(),
-            func.sum(case((col(Delivery.attempts) > 1, col(Delivery.attempts) - 1), else_=0)),
-        ).group_by(Delivery.destination, Delivery.state)
-    ):
-        deliveries.add_metric([destination, str(state)], count)
-        retried[destination] += int(attempts or 0)
-        if state == DeliveryState.failed:
+    for (destination, stored), count in sorted(tallies.series["deliveries"].items()):
+        state = _value(DeliveryState, stored)
+        if count:
+            deliveries.add_metric([destination, state], count)
+        if count and state == DeliveryState.failed:
             dead.add_metric(["results", destination], count)
-    for destination, count in sorted(retried.items()):
+    for destination, count in tallies.of("delivery_retries").items():
         retries.add_metric([destination], count)
-    for destination, count in session.exec(
-        select(Publication.destination, func.count())
-        .where(Publication.state == PublicationState.failed)
-        .group_by(Publication.destination)
-    ):
-        dead.add_metric(["worklist", destination], count)
+    for (destination, stored), count in sorted(tallies.series["publications"].items()):
+        if count and _value(PublicationState, stored) == PublicationState.failed:
+            dead.add_metric(["worklist", destination], count)
     yield from (deliveries, retries, dead)
+
+
+def _value(kind: type[StrEnum], stored: str) -> str:
+    """A stored enum (SQLite holds the member's name) as the value labels use."""
+    member = kind.__members__.get(stored)
+    return member.value if member is not None else stored

@@ -11,6 +11,10 @@ The quiet period is `assemble.quiet_period_s`, unless the routing rules set thei
 the study: route records it on the job (`Job.quiet_period_s`) from the study's first
 instance, and assemble reads it there. Where rules may set one, a study whose quiet period
 route has not decided yet is not released by the default's running out.
+
+Releasing a study also makes it queryable: its instances enter the query index
+(cadnode/dicom/indexing.py) in the commit that completes the job. Jobs released by a cadnode
+that did not index so are indexed here too, a few per pass.
 """
 
 from __future__ import annotations
@@ -40,12 +44,16 @@ from cadnode.core.db import (
     Study,
     utcnow,
 )
+from cadnode.dicom.indexing import Indexer
 
 log = structlog.get_logger("cadnode.ingest.assemble")
 
 # How soon to look again at a study whose quiet period is over by the default but not yet
 # decided by route (route's commit wakes assemble anyway; this is the fallback).
 UNDECIDED_RECHECK_S = 0.25
+# Jobs released without indexing (by an older cadnode) indexed per pass: each reads its
+# instances' headers, and a pass must not keep new studies waiting long.
+BACKFILL_JOBS = 8
 
 # SOP classes whose one instance is a whole examination input.
 SINGLE_OBJECT_SOP_CLASSES = frozenset(
@@ -64,7 +72,12 @@ class Assembler:
     name = "assemble"
 
     def __init__(
-        self, database: Database, settings: AssembleSettings, *, rule_quiet_periods: bool = False
+        self,
+        database: Database,
+        settings: AssembleSettings,
+        *,
+        rule_quiet_periods: bool = False,
+        indexer: Indexer | None = None,
     ) -> None:
         self.database = database
         self.settings = settings
@@ -72,6 +85,9 @@ class Assembler:
         # True where a route stage runs beside assemble, recording the rules' quiet periods
         # on the jobs: a study then waits for that decision before its quiet period ends.
         self.rule_quiet_periods = rule_quiet_periods
+        # Indexes a study's instances for Query/Retrieve as its job completes (the node always
+        # has one; None in tests of completion alone, whose instances have no files).
+        self.indexer = indexer
 
     def advance(self) -> float | None:
         next_due: float | None = None
@@ -81,11 +97,22 @@ class Assembler:
                 if wait > 0:
                     next_due = wait if next_due is None else min(next_due, wait)
                     continue
-                if self.database.transition(
-                    session, job, JobState.complete, expect=JobState.received
-                ):
+                if self._complete(session, job):
                     log.info("job.released", job=job.id, study=job.study_id, by=why)
+        if self.indexer and self.indexer.backfill(self.database, BACKFILL_JOBS) == BACKFILL_JOBS:
+            next_due = 0.0  # more released jobs to index: come back at once
         return next_due
+
+    def _complete(self, session: Session, job: Job) -> bool:
+        """Release the job, its instances indexed in the same commit."""
+        indexed = {}
+        if self.indexer is not None:
+            assert job.id is not None
+            self.indexer.index_job(session, job.id)
+            indexed["indexed_at"] = utcnow()
+        return self.database.transition(
+            session, job, JobState.complete, expect=JobState.received, **indexed
+        )
 
     def _seconds_left(self, session: Session, job: Job) -> tuple[float, str]:
         """Seconds until the job may be released (<= 0: now), and what releases it."""

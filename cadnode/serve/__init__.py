@@ -5,12 +5,13 @@
          --C-GET---> retrieve.py --C-STORE--> the same association
 
 What is held: the received images (the spool) and cadnode's own result objects (SR, SEG),
-through the query index (index.py). Served on the node's DICOM port and AE title: receive
-binds these handlers beside C-STORE and the UPS worklist's, routing each request by the SOP
-class of its presentation context (cadnode.dicom.pdu.Service), so Q/R's C-FIND and UPS's
-never meet. A C-MOVE goes only to an AE title configured under `destinations`; any other is
-answered 0xA801 (move destination unknown). Events: `query.find`, `retrieve.move`,
-`retrieve.get`, with counts and AE titles, never patient identifiers.
+through the query index (index.py), which assemble and encode fill as objects become held.
+Served on the node's DICOM port and AE title: receive binds these handlers beside C-STORE
+and the UPS worklist's, routing each request by the SOP class of its presentation context
+(cadnode.dicom.pdu.Service), so Q/R's C-FIND and UPS's never meet. A C-MOVE goes only to
+an AE title configured under `destinations`; any other is answered 0xA801 (move destination
+unknown). Events: `query.find`, `retrieve.move`, `retrieve.get`, with counts and AE titles,
+never patient identifiers.
 """
 
 from __future__ import annotations
@@ -223,9 +224,7 @@ class QueryRetrieveScp:
             identifier = event.identifier
         except Exception as error:
             raise Refused(CANNOT_UNDERSTAND, f"identifier cannot be decoded: {error}") from error
-        request = checked(identifier, model, retrieve=retrieve)
-        self.index.refresh()
-        return request
+        return checked(identifier, model, retrieve=retrieve)
 
     def _sub_operations(
         self, event: Any, held: list[Held], tally: Tally, association: Any

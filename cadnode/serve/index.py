@@ -1,111 +1,38 @@
-"""The query index: what a C-FIND may match, for every object cadnode holds.
+"""The query index, read: what a C-FIND may match and a retrieval may send, in SQL.
 
-Filled lazily by serve, not by receive: before each query or retrieval, the held objects
-without a `QueryRecord` (received images in `Instance`, cadnode's own SR/SEG in
-`ResultObject`) have their headers read (pixels and anything after them are never read) and
-indexed; records whose object is gone are dropped. Why lazily:
+The rows are written where objects become held, in the same commit (cadnode/dicom/indexing.py:
+a study's instances when its job completes, a result object when it is recorded), never by a
+request. A study or patient query reads QueryStudy, one row per study; a series or image query
+reads the QueryRecords of the one study it must name. Either way the keys with a column are
+matched in SQL (cadnode/dicom/matching_sql.py), page by page in the order of the entities'
+unique keys, and serve checks every key on the rows that SQL returned.
 
-- receive stays as fast as it is (it is benchmarked against storescp): no second row, no
-  extra attributes to pull out of every C-STORE on the hot path;
-- one path for both kinds of object (encode need not know serve exists), and for files
-  adopted by the spool's reconciliation;
-- the records are derived data: a lost or stale table is rebuilt from the files.
-
-The cost is paid once per object, by the first request after it arrived: 3-4 ms per header
-of a 512x512 CT slice on the shared 2-core machine (so about a second for a 300-slice study).
-Each record keeps the identifiers a query narrows on as columns and the rest of the query
-attributes as DICOM JSON.
+An object whose file the spool's reconciliation found gone (`Instance.missing_since`) is
+neither listed nor counted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-from pydicom import Dataset, dcmread
-from sqlalchemy import delete, exists
+from pydicom import Dataset
+from sqlalchemy import ColumnElement, func
 from sqlalchemy import select as select_columns
 from sqlmodel import col, select
 
-from cadnode.core.db import Database, HeldAs, Instance, QueryRecord, ResultObject
-from cadnode.core.locks import named_lock
+from cadnode.core.db import Database, HeldAs, Instance, QueryRecord, QueryStudy
+from cadnode.dicom.indexing import INSTANCE, RECORD_COLUMNS, RESULT, STUDY_COLUMNS
 
-log = structlog.get_logger("cadnode.serve")
+__all__ = ["INSTANCE", "RESULT", "Held", "Narrowing", "QueryIndex", "Tally"]
 
-INSTANCE, RESULT = HeldAs.instance, HeldAs.result
+Condition = ColumnElement[bool]
+PAGE = 500  # entities per SQL query (also within SQLite's limit on bound parameters)
 
-# The attributes each level's entities have (PS3.4 C.6.1.1 and C.6.2.1, with the optional
-# keys viewers ask for). Study Root puts the patient's attributes at the study level.
-PATIENT_KEYS = (
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "PatientSex",
-    "EthnicGroup",
-    "PatientComments",
-)
-STUDY_KEYS = (
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "StudyInstanceUID",
-    "ReferringPhysicianName",
-    "StudyDescription",
-    "NameOfPhysiciansReadingStudy",
-    "AdmittingDiagnosesDescription",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-)
-SERIES_KEYS = (
-    "Modality",
-    "SeriesNumber",
-    "SeriesInstanceUID",
-    "SeriesDescription",
-    "SeriesDate",
-    "SeriesTime",
-    "BodyPartExamined",
-    "Laterality",
-    "ProtocolName",
-    "PerformedProcedureStepStartDate",
-    "PerformedProcedureStepStartTime",
-    "InstitutionName",
-    "InstitutionalDepartmentName",
-    "StationName",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "OperatorsName",
-    "PerformingPhysicianName",
-)
-IMAGE_KEYS = (
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "InstanceNumber",
-    "ContentDate",
-    "ContentTime",
-    "AcquisitionDate",
-    "AcquisitionTime",
-    "AcquisitionDateTime",
-    "ImageType",
-    "Rows",
-    "Columns",
-    "NumberOfFrames",
-    "PhotometricInterpretation",
-    "ViewPosition",
-    "ImageLaterality",
-    "ContentLabel",
-    "ContentDescription",
-    "CompletionFlag",
-    "VerificationFlag",
-    "ConceptNameCodeSequence",  # an SR's document title
-)
-HEADER_KEYS = ("SpecificCharacterSet", *PATIENT_KEYS, *STUDY_KEYS, *SERIES_KEYS, *IMAGE_KEYS)
+STUDY_TABLE = {keyword: getattr(QueryStudy, name) for keyword, name in STUDY_COLUMNS.items()}
+RECORD_TABLE = {keyword: getattr(QueryRecord, name) for keyword, name in RECORD_COLUMNS.items()}
 
 
 @dataclass(frozen=True)
@@ -133,51 +60,29 @@ class Narrowing:
     sop_instance_uids: Sequence[str] = ()
 
 
+@dataclass
+class Tally:
+    """What an entity holds, for the counts a response carries."""
+
+    studies: set[str] = field(default_factory=set)
+    series: set[str] = field(default_factory=set)
+    modalities: set[str] = field(default_factory=set)
+    sop_classes: set[str] = field(default_factory=set)
+    instances: int = 0
+    transfer_syntax: str = ""
+
+
 class QueryIndex:
     def __init__(self, database: Database, spool: Path, results: Path) -> None:
         self.database = database
         self.folders: dict[HeldAs, Path] = {INSTANCE: spool, RESULT: results}
-        # One refresh at a time, in any receiver process; queries wait for it.
-        self._lock = named_lock(database, "query-index")
-        self._unreadable: set[str] = set()  # logged once, not on every query
 
     def file(self, held: Held) -> Path:
         return self.folders[held.held_as] / held.path
 
-    def refresh(self) -> int:
-        """Index the held objects not indexed yet, drop records of objects gone; new count."""
-        with self._lock, self.database.session() as session:
-            received = session.exec(
-                select(Instance.sop_instance_uid, Instance.path).where(
-                    col(Instance.missing_since).is_(None),
-                    ~exists().where(
-                        col(QueryRecord.sop_instance_uid) == col(Instance.sop_instance_uid)
-                    ),
-                )
-            ).all()
-            made = session.exec(
-                select(ResultObject.sop_instance_uid, ResultObject.path).where(
-                    ~exists().where(
-                        col(QueryRecord.sop_instance_uid) == col(ResultObject.sop_instance_uid)
-                    )
-                )
-            ).all()
-            added = 0
-            for held_as, rows in ((INSTANCE, received), (RESULT, made)):
-                for uid, path in rows:
-                    record = self._record(held_as, uid, path)
-                    if record is not None:
-                        session.add(record)  # the lock and the query above: not indexed yet
-                        added += 1
-            session.execute(_gone(INSTANCE, Instance))
-            session.execute(_gone(RESULT, ResultObject))
-            session.commit()
-        if added:
-            log.info("query.indexed", objects=added)
-        return added
-
-    def held(self, narrowing: Narrowing) -> list[Held]:
-        statement = select_columns(*_LISTED)
+    def held(self, narrowing: Narrowing, conditions: Iterable[Condition] = ()) -> list[Held]:
+        """The objects a narrowing names (and that meet the conditions on QueryRecord)."""
+        statement = _present(select_columns(*_LISTED)).where(*conditions)
         for column, values in (
             (QueryRecord.study_uid, narrowing.study_uids),
             (QueryRecord.series_uid, narrowing.series_uids),
@@ -193,13 +98,92 @@ class QueryIndex:
         with self.database.session() as session:
             return [Held(*row) for row in session.execute(statement).all()]
 
+    def studies(
+        self, conditions: Sequence[Condition], after: str | None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The next page of studies meeting the conditions (after the study `after`, if
+        any): UID and attributes, in UID order."""
+        if after is not None:
+            conditions = [*conditions, col(QueryStudy.study_uid) > after]
+        statement = (
+            select(QueryStudy.study_uid, QueryStudy.attributes)
+            .where(*conditions)
+            .order_by(col(QueryStudy.study_uid))
+            .limit(PAGE)
+        )
+        with self.database.session() as session:
+            return [(uid, dict(attributes)) for uid, attributes in session.exec(statement)]
+
+    def patients(
+        self, conditions: Sequence[Condition], after: str | None
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The next page of patients with a study meeting the conditions (after the patient
+        `after`, if any): Patient ID and the attributes of the first such study, in Patient
+        ID order."""
+        if after is not None:
+            conditions = [*conditions, col(QueryStudy.patient_id) > after]
+        first_study = (
+            select_columns(col(QueryStudy.patient_id), func.min(col(QueryStudy.study_uid)))
+            .where(*conditions)
+            .group_by(col(QueryStudy.patient_id))
+            .order_by(col(QueryStudy.patient_id))
+            .limit(PAGE)
+        )
+        with self.database.session() as session:
+            firsts = {patient: study for patient, study in session.execute(first_study)}
+            attributes = {
+                uid: dict(values)
+                for uid, values in session.exec(
+                    select(QueryStudy.study_uid, QueryStudy.attributes).where(
+                        col(QueryStudy.study_uid).in_(firsts.values())
+                    )
+                )
+            }
+        return [(patient, attributes[study]) for patient, study in firsts.items()]
+
+    def tallies(self, keyword: str, entities: Sequence[str]) -> dict[str, Tally]:
+        """What each of these patients or studies (`keyword`: PatientID, StudyInstanceUID)
+        holds: one grouped read of their objects' records."""
+        grouping = RECORD_TABLE[keyword]
+        statement = (
+            _present(
+                select_columns(
+                    grouping,
+                    col(QueryRecord.study_uid),
+                    col(QueryRecord.series_uid),
+                    col(QueryRecord.modality),
+                    col(QueryRecord.sop_class_uid),
+                    func.count(),
+                )
+            )
+            .where(grouping.in_(entities))
+            .group_by(
+                grouping,
+                QueryRecord.study_uid,
+                QueryRecord.series_uid,
+                QueryRecord.modality,
+                QueryRecord.sop_class_uid,
+            )
+        )
+        found: dict[str, Tally] = {}
+        with self.database.session() as session:
+            for entity, study, series, modality, sop_class, count in session.execute(statement):
+                tally = found.setdefault(entity, Tally())
+                tally.studies.add(study)
+                tally.series.add(series)
+                tally.sop_classes.add(sop_class)
+                tally.instances += count
+                if modality:
+                    tally.modalities.add(modality)
+        return found
+
     def attributes(self, uids: Iterable[str]) -> dict[str, Dataset]:
         """The indexed attributes of these objects, by SOP Instance UID."""
         wanted = list(uids)
         found: dict[str, Dataset] = {}
         with self.database.session() as session:
-            for start in range(0, len(wanted), 500):  # SQLite's limit on bound parameters
-                batch = wanted[start : start + 500]
+            for start in range(0, len(wanted), PAGE):
+                batch = wanted[start : start + PAGE]
                 statement = select(QueryRecord.sop_instance_uid, QueryRecord.attributes).where(
                     col(QueryRecord.sop_instance_uid).in_(batch)
                 )
@@ -207,29 +191,23 @@ class QueryIndex:
                     found[uid] = Dataset.from_json(dict(attributes))
         return found
 
-    def _record(self, held_as: HeldAs, uid: str, path: str) -> QueryRecord | None:
-        file = self.folders[held_as] / path
-        try:
-            header = dcmread(file, stop_before_pixels=True)
-            transfer_syntax = str(header.file_meta.TransferSyntaxUID)
-            attributes = _json(header)
-        except Exception as error:  # a file gone or damaged: not served, and said so once
-            if uid not in self._unreadable:
-                self._unreadable.add(uid)
-                log.warning("query.unreadable", held_as=held_as.value, path=path, reason=str(error))
-            return None
-        return QueryRecord(
-            sop_instance_uid=uid,
-            held_as=held_as,
-            path=path,
-            patient_id=str(header.get("PatientID", "")),
-            study_uid=str(header.get("StudyInstanceUID", "")),
-            series_uid=str(header.get("SeriesInstanceUID", "")),
-            modality=str(header.get("Modality", "")),
-            sop_class_uid=str(header.get("SOPClassUID", "")),
-            transfer_syntax=transfer_syntax,
-            attributes=attributes,
-        )
+
+def holding(condition_on_record: Condition) -> Condition:
+    """A condition on a study: that one of its objects meets a condition on QueryRecord."""
+    return (
+        select_columns(col(QueryRecord.sop_instance_uid))
+        .where(col(QueryRecord.study_uid) == col(QueryStudy.study_uid), condition_on_record)
+        .exists()
+    )
+
+
+def _present(statement: Any) -> Any:
+    """Without the received objects whose file is gone (a result has no Instance row)."""
+    return (
+        statement.select_from(QueryRecord)
+        .outerjoin(Instance, col(Instance.sop_instance_uid) == col(QueryRecord.sop_instance_uid))
+        .where(col(Instance.missing_since).is_(None))
+    )
 
 
 _LISTED = [
@@ -246,19 +224,3 @@ _LISTED = [
         QueryRecord.transfer_syntax,
     )
 ]
-
-
-def _json(header: Dataset) -> dict[str, Any]:
-    kept = Dataset()
-    for keyword in HEADER_KEYS:
-        if keyword in header:
-            kept[keyword] = header[keyword]
-    return kept.to_json_dict()
-
-
-def _gone(held_as: HeldAs, model: Any) -> Any:
-    """Records of one kind whose object the index no longer holds (or whose file is missing)."""
-    still_held = exists().where(model.sop_instance_uid == QueryRecord.sop_instance_uid)
-    if model is Instance:
-        still_held = still_held.where(col(Instance.missing_since).is_(None))
-    return delete(QueryRecord).where(col(QueryRecord.held_as) == held_as, ~still_held)

@@ -11,28 +11,38 @@ Matching is cadnode.dicom.matching's, the one the UPS worklist uses: single valu
 (case-sensitive, PN case-insensitive), wildcards * and ?, a list of UIDs, date/time ranges,
 sequence matching, universal (empty) keys. Here it also takes a multi-valued key as "any
 of" (ModalitiesInStudy CT\\SR) and a lone * as universal.
+
+Matching runs in SQL first (cadnode/serve/index.py): a study or patient query over QueryStudy,
+page by page, a series or image query over the records of the one study it names; each key
+the index has a column for becomes a condition there (cadnode.dicom.matching_sql), and every
+key is then checked here, by the matcher, on the rows SQL returned.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataelem import DataElement
 
-from cadnode.dicom.matching import matches, response
+from cadnode.core.db import QueryRecord
+from cadnode.dicom.indexing import IMAGE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS
+from cadnode.dicom.matching import Wanted, holds, matches, response, wanted
+from cadnode.dicom.matching_sql import condition
 from cadnode.dicom.status import DOES_NOT_MATCH_SOP_CLASS
 from cadnode.serve.index import (
-    IMAGE_KEYS,
     INSTANCE,
-    PATIENT_KEYS,
-    SERIES_KEYS,
-    STUDY_KEYS,
+    RECORD_TABLE,
+    STUDY_TABLE,
+    Condition,
     Held,
     Narrowing,
     QueryIndex,
+    Tally,
+    holding,
 )
 
 PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
@@ -164,22 +174,74 @@ def find(
     request: Request, index: QueryIndex, retrieve_ae_title: str
 ) -> Iterator[tuple[Dataset, bool]]:
     """Each matching entity's response, and whether every key in it was supported."""
-    held = index.held(request.narrowing)
+    keys = [key for key in request.identifier if key.keyword not in NOT_KEYS]
+    matched_keys = [key for key in keys if _matchable(key, request.level)]
+    supported = len(matched_keys) == len(keys)
+    counted = any(key.keyword in COUNTED[request.level] for key in keys)
+    if request.level in (PATIENT, STUDY):
+        candidates = _grouped(request.level, index, matched_keys, counted=counted)
+    else:
+        candidates = _held(request, index, matched_keys)
+    for candidate in candidates:
+        candidate.RetrieveAETitle = retrieve_ae_title
+        candidate.InstanceAvailability = "ONLINE"
+        if all(_key_matches(candidate, key) for key in matched_keys):
+            yield _response(candidate, request, matched_keys), supported
+
+
+def _grouped(
+    level: str, index: QueryIndex, keys: Sequence[DataElement], *, counted: bool
+) -> Iterator[Dataset]:
+    """Patients or studies, page by page, as SQL narrows them on QueryStudy (and on what each
+    study holds); their counts read only when asked for."""
+    conditions = _conditions(keys, STUDY_TABLE)
+    if level == STUDY:
+        conditions += _holding(keys)
+    read = index.studies if level == STUDY else index.patients
+    after: str | None = None
+    while page := read(conditions, after):
+        entities = [entity for entity, _ in page]
+        tallies = index.tallies(UNIQUE_KEY[level], entities) if counted else {}
+        for entity, attributes in page:
+            candidate = Dataset.from_json(attributes)
+            _add_counts(candidate, level, tallies.get(entity, Tally()))
+            yield candidate
+        after = entities[-1]
+
+
+def _held(request: Request, index: QueryIndex, keys: Sequence[DataElement]) -> Iterator[Dataset]:
+    """Series or images of the one study the request names, as SQL narrows their records."""
+    held = index.held(request.narrowing, _conditions(keys, RECORD_TABLE))
     groups: dict[str, list[Held]] = {}
     for item in held:
         groups.setdefault(getattr(item, request.grouping), []).append(item)
     representatives = {key: _representative(items) for key, items in groups.items()}
     attributes = index.attributes(r.sop_instance_uid for r in representatives.values())
-    keys = [key for key in request.identifier if key.keyword not in NOT_KEYS]
-    matched_keys = [key for key in keys if _matchable(key, request.level)]
-    supported = len(matched_keys) == len(keys)
     for entity, items in groups.items():
         candidate = attributes.get(representatives[entity].sop_instance_uid)
-        if candidate is None:
-            continue
-        _add_counts(candidate, request.level, items, retrieve_ae_title)
-        if all(_key_matches(candidate, key) for key in matched_keys):
-            yield _response(candidate, request, matched_keys), supported
+        if candidate is not None:
+            _add_counts(candidate, request.level, _tally(items))
+            yield candidate
+
+
+def _conditions(keys: Sequence[DataElement], table: Mapping[str, Any]) -> list[Condition]:
+    """The keys a table has a column for, as SQL conditions on it."""
+    found = []
+    for key in keys:
+        column = table.get(key.keyword)
+        alternatives = None if column is None or key.VR == "SQ" else _alternatives(key)
+        if alternatives is not None:
+            found.append(condition(column, alternatives))
+    return found
+
+
+def _holding(keys: Sequence[DataElement]) -> list[Condition]:
+    """Modalities and SOP Classes in Study: that one of the study's objects has them."""
+    columns = {
+        "ModalitiesInStudy": QueryRecord.modality,
+        "SOPClassesInStudy": QueryRecord.sop_class_uid,
+    }
+    return [holding(c) for c in _conditions(keys, columns)]
 
 
 def _representative(items: Sequence[Held]) -> Held:
@@ -187,22 +249,31 @@ def _representative(items: Sequence[Held]) -> Held:
     return min(items, key=lambda h: (h.held_as is not INSTANCE, h.sop_instance_uid))
 
 
-def _add_counts(candidate: Dataset, level: str, items: Sequence[Held], ae_title: str) -> None:
-    candidate.RetrieveAETitle = ae_title
-    candidate.InstanceAvailability = "ONLINE"
+def _tally(items: Sequence[Held]) -> Tally:
+    return Tally(
+        studies={h.study_uid for h in items},
+        series={h.series_uid for h in items},
+        modalities={h.modality for h in items if h.modality},
+        sop_classes={h.sop_class_uid for h in items},
+        instances=len(items),
+        transfer_syntax=items[0].transfer_syntax,
+    )
+
+
+def _add_counts(candidate: Dataset, level: str, tally: Tally) -> None:
     if level == PATIENT:
-        candidate.NumberOfPatientRelatedStudies = len({h.study_uid for h in items})
-        candidate.NumberOfPatientRelatedSeries = len({h.series_uid for h in items})
-        candidate.NumberOfPatientRelatedInstances = len(items)
+        candidate.NumberOfPatientRelatedStudies = len(tally.studies)
+        candidate.NumberOfPatientRelatedSeries = len(tally.series)
+        candidate.NumberOfPatientRelatedInstances = tally.instances
     elif level == STUDY:
-        candidate.ModalitiesInStudy = sorted({h.modality for h in items if h.modality})
-        candidate.SOPClassesInStudy = sorted({h.sop_class_uid for h in items})
-        candidate.NumberOfStudyRelatedSeries = len({h.series_uid for h in items})
-        candidate.NumberOfStudyRelatedInstances = len(items)
+        candidate.ModalitiesInStudy = sorted(tally.modalities)
+        candidate.SOPClassesInStudy = sorted(tally.sop_classes)
+        candidate.NumberOfStudyRelatedSeries = len(tally.series)
+        candidate.NumberOfStudyRelatedInstances = tally.instances
     elif level == SERIES:
-        candidate.NumberOfSeriesRelatedInstances = len(items)
+        candidate.NumberOfSeriesRelatedInstances = tally.instances
     else:
-        candidate.AvailableTransferSyntaxUID = items[0].transfer_syntax
+        candidate.AvailableTransferSyntaxUID = tally.transfer_syntax
 
 
 def _matchable(key: DataElement, level: str) -> bool:
@@ -214,11 +285,24 @@ def _matchable(key: DataElement, level: str) -> bool:
 
 
 def _key_matches(candidate: Dataset, key: DataElement) -> bool:
-    if key.VR != "SQ" and not key.is_empty and key.VM == 1 and str(key.value).strip() == "*":
-        return True  # a lone * is universal matching, even for an entity without the value
-    if key.VR in ("SQ", "UI") or key.VM <= 1:
+    if key.VR == "SQ":
         return matches(candidate, _only(key, key.value))
-    return any(matches(candidate, _only(key, value)) for value in key.value)
+    alternatives = _alternatives(key)
+    return alternatives is None or holds(candidate, key.tag, alternatives)
+
+
+def _alternatives(key: DataElement) -> list[Wanted] | None:
+    """What a non-sequence key asks of a value, any one alternative sufficing; None for
+    universal matching: an empty key or a lone * (even for an entity without the value), or
+    a multi-valued key with an empty value. A multi-valued key other than a UID list is
+    "any of" its values (ModalitiesInStudy CT\\SR)."""
+    if key.is_empty or (key.VM == 1 and str(key.value).strip() == "*"):
+        return None
+    if key.VR == "UI" or key.VM <= 1:
+        return [wanted(key)]
+    if any(not str(value).strip() for value in key.value):
+        return None
+    return [wanted(DataElement(key.tag, key.VR, value)) for value in key.value]
 
 
 def _only(key: DataElement, value: object) -> Dataset:
