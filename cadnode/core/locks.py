@@ -79,6 +79,24 @@ def named_lock(database: Database, name: str) -> ProcessLock:
         return _named[path]
 
 
+# Keyed by SOP Instance UID: receive holds it from "is its file there?" to its commit, and
+# housekeeping while it deletes an old copy (cadnode.ingest.spool, cadnode.retain.removal).
+SPOOL_INSTANCE_LOCKS = "spool-instances"
+
+_keyed: dict[Path, KeyedLocks] = {}
+
+
+def keyed_locks(database: Database, name: str) -> KeyedLocks:
+    """The process's one set of keyed locks called `name` for this database: `lockf` locks
+    of two descriptors of one process never exclude each other, so two users of the same
+    keys in one process (receive and housekeeping) must share one. Never closed."""
+    path = lock_file(database, name)
+    with _named_guard:
+        if path not in _keyed:
+            _keyed[path] = KeyedLocks(path)
+        return _keyed[path]
+
+
 def _offset(key: str) -> int:
     """A key's byte in the lock file: 48 bits of its hash (a collision only means two keys
     wait on each other, or a study looks busy when it is not)."""

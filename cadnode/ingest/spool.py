@@ -34,7 +34,7 @@ from sqlmodel import select
 
 from cadnode.core.db import Database, Instance, Job, JobState, Study, utcnow
 from cadnode.core.files import is_temporary, is_valid_uid, write_durably
-from cadnode.core.locks import KeyedLocks, lock_file
+from cadnode.core.locks import SPOOL_INSTANCE_LOCKS, keyed_locks
 
 log = structlog.get_logger("cadnode.ingest.spool")
 
@@ -116,8 +116,9 @@ class Spool:
         self._connection.commit()
         self._writer = _IndexWriter(self._connection)
         # A second copy of a SOP Instance UID being written now waits for the first to settle,
-        # in this process or another receiver process (cadnode/port.py).
-        self._instances = KeyedLocks(lock_file(database, "spool-instances"))
+        # in this process or another receiver process (cadnode/port.py); housekeeping takes
+        # the same lock to delete an old copy (cadnode.retain.removal).
+        self._instances = keyed_locks(database, SPOOL_INSTANCE_LOCKS)
 
     def close(self) -> None:
         with self._lock:
@@ -126,7 +127,6 @@ class Spool:
             # Never hand a NORMAL-synchronous connection back to the pool the stages share.
             self._connection.invalidate()
             self._connection.close()
-            self._instances.close()
 
     def store(
         self, arrival: Arrival, chunks: Sequence[bytes | bytearray | memoryview]
