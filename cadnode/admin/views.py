@@ -29,6 +29,7 @@ from cadnode.core.yamlfile import ConfigError
 from cadnode.deliver import outbox_admin as deliveries
 from cadnode.dicom.pixels import ImageRefused
 from cadnode.route.explain import Connection, explain, read_subjects
+from cadnode.watch.listing import active_alerts
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 DASHBOARD_ACTOR = "admin (dashboard)"
@@ -71,6 +72,11 @@ actions = APIRouter(dependencies=[Page, Depends(csrf_checked)])
 
 def render(request: Request, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
     values.setdefault("active", template.removesuffix(".html"))
+    if values["active"] != "login":  # the watchdogs' banner, for those logged in only
+        with context_of(request).database.session() as session:
+            values.setdefault("alerts", active_alerts(session))
+    # Deliveries name their destination; the table shows its configured address beside.
+    values.setdefault("destinations", context_of(request).settings.destinations)
     return TEMPLATES.TemplateResponse(
         request,
         template,
