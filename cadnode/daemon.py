@@ -19,6 +19,8 @@ from cadnode.core.config import Settings
 from cadnode.core.db import AuditOutcome, Database
 from cadnode.core.runner import Conveyor
 from cadnode.deliver.dispatch import Dispatcher
+from cadnode.deliver.outbox import rename_legacy_destinations
+from cadnode.dicom.indexing import Indexer
 from cadnode.encode.stage import Encoder
 from cadnode.infer.bundle import discover
 from cadnode.infer.runtime import load_engines
@@ -27,7 +29,9 @@ from cadnode.ingest.assemble import Assembler
 from cadnode.ingest.receive import Receiver
 from cadnode.port import ReceiverProcesses, receiver_in_process
 from cadnode.prioritize import Prioritization
+from cadnode.retain import Housekeeper
 from cadnode.route import LiveRules, Router
+from cadnode.watch import Watchdog
 
 log = structlog.get_logger("cadnode.daemon")
 
@@ -36,6 +40,8 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         storage = settings.storage
         self.database = Database(storage.database)
+        # Rows queued before deliveries named their destination get its name (idempotent).
+        rename_legacy_destinations(self.database, settings.destinations)
         engines = load_engines(
             settings.engines.dir,
             settings.engines,
@@ -57,10 +63,16 @@ class Node:
             settings.rules, engines, settings.destinations, database=self.database
         )
         self.priority = Prioritization(settings, self.database)
+        self.housekeeping = Housekeeper(self.database, storage, settings.retention)
         router = Router(self.database, storage.spool, self.rules, settings.destinations)
         self.conveyor = Conveyor(
             [
-                Assembler(self.database, settings.assemble, rule_quiet_periods=True),
+                Assembler(
+                    self.database,
+                    settings.assemble,
+                    rule_quiet_periods=True,
+                    indexer=Indexer(storage.spool, storage.results),
+                ),
                 router,
                 Inference(
                     self.database,
@@ -73,7 +85,7 @@ class Node:
                     self.database,
                     storage.spool,
                     storage.results,
-                    settings.result_destinations(),
+                    settings.named_result_destinations(),
                     answers=storage.answers,
                     max_decoded_bytes=settings.limits.max_decoded_image_bytes,
                 ),
@@ -83,9 +95,11 @@ class Node:
                     settings.dispatch,
                     settings.dicom.ae_title,
                     spool=storage.spool,
-                    destinations=settings.destinations.values(),
+                    destinations=settings.destinations,
                 ),
                 *self.priority.stages,
+                self.housekeeping,  # retention: removes what the policy allows (cadnode/retain)
+                Watchdog(self.database, settings),  # alerts on stalls (cadnode/watch)
             ]
         )
         self.database.on_change = self.conveyor.nudge
@@ -115,6 +129,9 @@ class Node:
         )
 
     def start(self) -> int:
+        # Removals a kill cut short are finished first, so reconciling never indexes again a
+        # spool file whose row housekeeping had already deleted (cadnode/retain/removal.py).
+        self.housekeeping.recover()
         self.receiver.reconcile()  # spool and index agree before any stage or peer sees them
         self.rules.start()
         self.conveyor.start()

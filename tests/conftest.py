@@ -32,7 +32,8 @@ from cadnode.core.db import Database
 from tests import dicom_validation, peers
 
 # Loggers not cached, so every test's structlog.testing.capture_logs sees every event.
-logs.configure(cache_loggers=False)
+logs.CACHE_LOGGERS = False
+logs.configure()
 
 TESTS = Path(__file__).resolve().parent
 

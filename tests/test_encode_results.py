@@ -325,7 +325,7 @@ def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> Non
         database,
         spool,
         results,
-        [pacs, old_pacs, viewer],
+        {"pacs": pacs, "old": old_pacs, "viewer": viewer},
         answers=answers,
         max_decoded_bytes=DEFAULT_LIMIT,
     )
@@ -353,8 +353,8 @@ def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> Non
     }
     assert len(labelmaps) == 2
     sent = {
-        name: {d.object_uid for d in deliveries if d.destination == str(destination)}
-        for name, destination in (("pacs", pacs), ("old", old_pacs), ("viewer", viewer))
+        name: {d.object_uid for d in deliveries if d.destination == name}
+        for name in ("pacs", "old", "viewer")
     }
     everyone = {u for u, o in by_uid.items() if o.modality in ("SR", "SEG")} - labelmaps
     # Each destination gets what every destination gets and what it asked for, no more.
@@ -430,7 +430,7 @@ def test_a_mask_file_gone_fails_the_job_with_its_reason(tmp_path: Path) -> None:
     for mask_file in answers.rglob("*.npz"):
         mask_file.unlink()
     Encoder(
-        database, spool, tmp_path / "results", [], answers=answers, max_decoded_bytes=DEFAULT_LIMIT
+        database, spool, tmp_path / "results", {}, answers=answers, max_decoded_bytes=DEFAULT_LIMIT
     ).advance()
     job = job_of(database, job_id)
     assert job.state is JobState.failed
@@ -480,7 +480,12 @@ def test_result_series_are_numbered_apart_dated_and_overlaid_per_source_series(
         session.commit()
     captures = Destination(ae_title="OLDPACS", host="127.0.0.1", port=11113, secondary_capture=True)
     Encoder(
-        database, spool, results, [captures], answers=answers, max_decoded_bytes=DEFAULT_LIMIT
+        database,
+        spool,
+        results,
+        {"old": captures},
+        answers=answers,
+        max_decoded_bytes=DEFAULT_LIMIT,
     ).advance()
 
     with database.session() as session:

@@ -7,6 +7,7 @@ file are relative to the file, so the daemon behaves the same from any working d
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -52,6 +54,7 @@ class Destination(Section):
     """A DICOM peer that results are C-STOREd to."""
 
     ae_title: AETitle
+    # An IPv4 or IPv6 address (written bare, `::1`, or in brackets, `[::1]`) or a host name.
     host: str
     port: Port
     # Ask the peer to confirm it keeps each object (Storage Commitment, push model); its
@@ -67,20 +70,56 @@ class Destination(Section):
     # one; the binary SEG, which the SR references, is sent to every destination.
     labelmap_segmentation: bool = False
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _destination_host(value)
+
     @classmethod
     def parse(cls, text: str) -> Destination:
-        """`AE@host:port`, the form of `CADNODE_DESTINATION`; ValueError if it is not."""
+        """`AE@host:port` (`AE@[::1]:port` for IPv6), the form of `CADNODE_DESTINATION`;
+        ValueError if it is not."""
         return cls.model_validate(_address(text))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        """`AE@host:port`, an IPv6 address in brackets (`AE@[::1]:104`)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.ae_title}@{host}:{self.port}"
+
+
+# The name the destination given by `CADNODE_DESTINATION` is configured (and queued) under.
+ENVIRONMENT_DESTINATION = "CADNODE_DESTINATION"
 
 
 def _address(text: str) -> dict[str, str]:
-    match = re.fullmatch(r"(?P<ae_title>[^@]+)@(?P<host>[^:]+):(?P<port>\d+)", text.strip())
+    match = re.fullmatch(
+        r"(?P<ae_title>[^@]+)@(\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)",
+        text.strip(),
+    )
     if not match:
-        raise ValueError("expected AE@host:port")
-    return match.groupdict()
+        raise ValueError("expected AE@host:port (AE@[IPv6]:port for an IPv6 address)")
+    parts = match.groupdict()
+    host = f"[{parts['ipv6']}]" if parts["ipv6"] else parts["host"]  # brackets: an IP only
+    return {"ae_title": parts["ae_title"], "host": host, "port": parts["port"]}
+
+
+# Host names as resolvers take them: letters, digits, hyphens and (container names) underscores.
+_DESTINATION_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_DESTINATION_HOST = re.compile(
+    rf"^(?=.{{1,253}}$){_DESTINATION_LABEL}(\.{_DESTINATION_LABEL})*\.?$"
+)
+
+
+def _destination_host(value: str) -> str:
+    """An IP address (IPv6 kept without brackets) or a host name; ValueError otherwise."""
+    bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    if bare is value and _DESTINATION_HOST.match(value):
+        return value
+    raise ValueError(f"{value!r} is not an IPv4 or IPv6 address or a host name")
 
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -223,6 +262,52 @@ class StorageSettings(Section):
 
     # Below this much free space where the spool lies, C-STORE answers 0xA700 (out of resources).
     min_free_mb: float = Field(default=1024, ge=0)
+
+
+_AGE = re.compile(r"^(?P<number>\d+(\.\d+)?)\s*(?P<unit>[smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _age(value: Any) -> Any:
+    """An age as people write it ("90d", "12h", "30m", "45s", "2w"); "never" or null: none."""
+    if value is None or value == "never":
+        return None
+    if isinstance(value, dt.timedelta):
+        return value
+    match = _AGE.match(value.strip()) if isinstance(value, str) else None
+    if match is None:  # a bare number too: 30 what?
+        raise ValueError("expected a duration with its unit (90d, 12h, 30m, 45s) or never")
+    seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"]]
+    if seconds <= 0:
+        raise ValueError("a duration longer than 0 (never: kept for good)")
+    return dt.timedelta(seconds=seconds)
+
+
+Age = Annotated[dt.timedelta | None, BeforeValidator(_age)]
+
+
+class RetentionSettings(Section):
+    """Housekeeping (cadnode.retain): how long each kind of data is kept once its study is
+    finished, and a disk high-water mark (docs/operations.md#retention)."""
+
+    # Counted from the last change of the study's last job version (its end: delivered,
+    # ignored, failed); a duration ("30d", "12h", "30m", "45s") or never.
+    images: Age = dt.timedelta(days=30)  # received images: the spool
+    results: Age = dt.timedelta(days=90)  # cadnode's own objects (SR, SEG, GSPS, SC)
+    answers: Age = dt.timedelta(days=90)  # engine answers: Result rows and mask files
+    jobs: Age = dt.timedelta(days=365)  # the study's rows: jobs, deliveries, priorities...
+    audit: Age = dt.timedelta(days=2192)  # audit events: six years, leap days included
+    # Above this share of the data dir's filesystem in use, the oldest deletable files go
+    # first, whatever their age, until use is below low_water_percent. 100: never.
+    high_water_percent: float = Field(default=85, gt=0, le=100)
+    low_water_percent: float = Field(default=75, gt=0, le=100)
+    check_every_s: float = Field(default=300, gt=0)
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> RetentionSettings:
+        if self.low_water_percent >= self.high_water_percent:
+            raise ValueError("low_water_percent must be below high_water_percent")
+        return self
 
 
 class LimitsSettings(Section):
@@ -373,6 +458,82 @@ class PrioritySettings(Section):
         return self.policy or EMBEDDED_CONFIG.parent / "priority.yaml"
 
 
+def _duration_s(value: Any) -> Any:
+    """A duration written as an age is ("90s", "30m", "1h", "7d"), in seconds; not never."""
+    if isinstance(value, float):
+        return value  # a default, already in seconds
+    try:
+        age = _age(value)
+    except ValueError:
+        age = None
+    if age is None:
+        raise ValueError("expected a duration longer than 0 with its unit (90s, 30m, 1h, 7d)")
+    return age.total_seconds()
+
+
+# A threshold or interval in the file ("30m"), held as seconds.
+Duration = Annotated[float, BeforeValidator(_duration_s)]
+
+
+class SmtpSettings(Section):
+    """The mail relay alert emails go through (`alerts.smtp`), by Python's smtplib."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    host: str = Field(min_length=1)
+    port: Port = 25
+    from_: str = Field(alias="from", pattern=r"^[^@\s]+@[^@\s]+$")
+    to: list[Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(
+        min_length=1
+    )
+    # Upgrade the connection with STARTTLS (the relay's certificate is verified) before login.
+    starttls: bool = False
+    # Log in as `username` with the password held in `password_file` (read at each send and
+    # never logged); neither set: send without logging in.
+    username: str | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _login_whole(self) -> SmtpSettings:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together: set both or neither")
+        if self.password_file is not None and not self.password_file.is_file():
+            raise ValueError(f"password_file {str(self.password_file)!r} is not a file")
+        return self
+
+
+class AlertSettings(Section):
+    """Watchdogs on stalls (cadnode.watch): each condition raises an alert once it lasts
+    past its threshold, and clears it when it ends (docs/operations.md#alerts)."""
+
+    enabled: bool = True
+    check_every: Duration = 60.0
+    # A job in one unfinished state this long (received: this long past its quiet period).
+    job_stalled: Duration = 3600.0
+    # A destination failing every attempt (nothing accepted since) this long.
+    destination_failing: Duration = 3600.0
+    # Per calling AE title, the silence allowed before its alert, or "off" for never; other
+    # senders' usual silences are learned from their last `sender_history` of studies.
+    senders: dict[AETitle, Literal["off"] | Duration] = Field(default_factory=dict)
+    learn_senders: bool = True
+    sender_history: Duration = 28 * 86400.0
+    sender_min_studies: int = Field(default=20, ge=2)
+    # Silent past `sender_factor` times this quantile of its silences at this time of day on
+    # this kind of day (working day, weekend), and past `sender_min_silence`.
+    sender_quantile: float = Field(default=0.9, gt=0, le=1)
+    sender_factor: float = Field(default=2.0, ge=1)
+    sender_min_silence: Duration = 1800.0
+    # Free space falling fast enough to reach `storage.min_free_mb` within `disk_horizon`,
+    # by its trend over the last `disk_window`.
+    disk_horizon: Duration = 86400.0
+    disk_window: Duration = 6 * 3600.0
+    # Notifications of each alert raised and cleared: a JSON POST, and email.
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    webhook_headers: dict[str, str] = Field(default_factory=dict)
+    notify_timeout: Duration = 10.0
+    smtp: SmtpSettings | None = None
+
+
 class Settings(Section):
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()
@@ -385,6 +546,8 @@ class Settings(Section):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     results: ResultsSettings = ResultsSettings()
     priority: PrioritySettings = PrioritySettings()
+    retention: RetentionSettings = RetentionSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> Settings:
@@ -398,6 +561,10 @@ class Settings(Section):
 
     def result_destinations(self) -> list[Destination]:
         return [self.destinations[name] for name in self.results.destinations]
+
+    def named_result_destinations(self) -> dict[str, Destination]:
+        """`results.destinations` by name: the name is what a Delivery row records."""
+        return {name: self.destinations[name] for name in self.results.destinations}
 
 
 ResolvedPath = Annotated[Path, AfterValidator(Path.resolve)]  # a relative one: to the cwd
@@ -463,7 +630,7 @@ class Environment(BaseSettings):
             if "__" in name and (value := getattr(self, name)) is not None
         }
         if self.destination is not None:
-            name = "CADNODE_DESTINATION"  # also the name of the destination it describes
+            name = ENVIRONMENT_DESTINATION  # also the name of the destination it describes
             found[("destinations", name)] = (name, self.destination)
             found[("results",)] = (name, {"destinations": [name]})
         return found
@@ -494,6 +661,7 @@ def _resolve_relative_paths(document: dict[str, Any], base: Path) -> None:
         ("engines", "dir"),
         ("rules",),
         ("priority", "policy"),
+        ("alerts", "smtp", "password_file"),
         *(("dicom", "tls", key) for key in tls),
         *(("http", "tls", key) for key in tls[:2]),
     ):

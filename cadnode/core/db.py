@@ -15,10 +15,25 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import JSON, Column, UniqueConstraint, event, update
+from sqlalchemy import JSON, Column, Index, UniqueConstraint, event, update
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
+from cadnode.core.migrations import upgrade as upgrade_schema
+from cadnode.core.tallies import install as install_triggers
+
 log = structlog.get_logger("cadnode.db")
+
+# Every constraint named: SQLite alters a table by copying it (Alembic's batch mode), which can
+# only drop or change a constraint it can name. "ix" is SQLAlchemy's default, which the tables
+# of release ed9fd1e (migration 0001) were made with.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+SQLModel.metadata.naming_convention = NAMING_CONVENTION
 
 
 def utcnow() -> dt.datetime:
@@ -106,6 +121,10 @@ class Job(SQLModel, table=True):
     # When the job first entered each state it has been in ({state: ISO time}), by `transition`:
     # the dashboard's timeline and the per-stage latency metrics are read from it.
     timeline: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # When the job's instances entered the query index (cadnode/dicom/indexing.py): in the
+    # commit that completes it. None on a released job: made before the index was kept so
+    # (assemble indexes it later).
+    indexed_at: dt.datetime | None = Field(default=None, index=True)
 
 
 class Instance(SQLModel, table=True):
@@ -169,7 +188,7 @@ class Result(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(foreign_key="job.id", index=True)
-    engine: str
+    engine: str = Field(index=True)  # indexed: /metrics reads each engine's latest answers
     engine_version: str
     model_sha256: str
     sop_instance_uid: str
@@ -210,7 +229,8 @@ class HeldAs(StrEnum):
 class QueryRecord(SQLModel, table=True):
     """Serve's query index: one held object's query attributes, read from its file's header.
 
-    Derived data (cadnode/serve/index.py): rebuilt from the files whenever a row is missing.
+    Written (cadnode/dicom/indexing.py) in the commit that completes its study's job, or that
+    records a result object; removed with the object's row (a trigger, cadnode/core/tallies.py).
     """
 
     sop_instance_uid: str = Field(primary_key=True)
@@ -226,15 +246,65 @@ class QueryRecord(SQLModel, table=True):
     attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
+class QueryStudy(SQLModel, table=True):
+    """Serve's query index at the study level: one row per study held, with its patient's
+    and its own attributes, so a study or patient query reads studies, not every object.
+
+    Written with the study's first QueryRecord (cadnode/dicom/indexing.py), removed with its
+    last (a trigger). The columns are the keys queries narrow on, as C-FIND matching compares
+    them (cadnode.dicom.matching.comparable: names in upper case), "" where there is none.
+    """
+
+    study_uid: str = Field(primary_key=True)
+    patient_id: str = Field(default="", index=True)
+    patient_name: str = Field(default="", index=True)
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    study_date: str = Field(default="", index=True)
+    study_time: str = ""
+    accession_number: str = Field(default="", index=True)
+    referring_physician_name: str = ""
+    study_description: str = ""
+    # Every patient and study attribute a query may match or ask for, as DICOM JSON.
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class MetricTally(SQLModel, table=True):
+    """One series of a counter or gauge that /metrics reports, or a histogram's sum: kept up
+    to date by triggers in the commit of each change it counts (cadnode/core/tallies.py), so
+    a scrape reads a row per series instead of counting rows."""
+
+    metric: str = Field(primary_key=True)
+    label: str = Field(default="", primary_key=True)
+    second_label: str = Field(default="", primary_key=True)
+    value: float = 0.0
+
+
+class MetricBucket(SQLModel, table=True):
+    """A histogram's cumulative bucket (observations <= `le`; +Inf: all of them), kept by
+    the same triggers as MetricTally."""
+
+    metric: str = Field(primary_key=True)
+    label: str = Field(primary_key=True)
+    le: float = Field(primary_key=True)
+    count: int = 0
+
+
 class Delivery(SQLModel, table=True):
     """The outbox: one row per (object, destination)."""
 
-    __table_args__ = (UniqueConstraint("object_uid", "destination"),)
+    __table_args__ = (
+        UniqueConstraint("object_uid", "destination"),
+        # A destination's last success at a glance, for the watchdog (cadnode/watch).
+        Index("ix_delivery_destination_sent_at", "destination", "sent_at"),
+    )
     id: int | None = Field(default=None, primary_key=True)
     # A ResultObject's SOP Instance UID, or an Instance's where a rule forwards the original.
     object_uid: str = Field(index=True)
     job_id: int = Field(foreign_key="job.id", index=True)
-    destination: str  # AE@host:port
+    # The configured destination's name (`destinations.NAME`, or CADNODE_DESTINATION for the
+    # one that variable gives): its address and options are read from the configuration.
+    destination: str
     state: DeliveryState = Field(default=DeliveryState.pending, index=True)
     attempts: int = 0
     next_attempt_at: dt.datetime = Field(default_factory=utcnow)
@@ -335,7 +405,8 @@ class Publication(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     study_id: int = Field(foreign_key="study.id", index=True)
-    decision_id: int | None = Field(default=None, foreign_key="studypriority.id")
+    # Indexed: the first publication sent for a job is looked up by it (cadnode/core/tallies.py).
+    decision_id: int | None = Field(default=None, foreign_key="studypriority.id", index=True)
     channel: PublicationChannel
     destination: str  # a configured publisher's name, or a subscriber's AE title
     payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
@@ -364,6 +435,10 @@ class AuditKind(StrEnum):
     admin_lockout = "admin.lockout"  # an address locked out after failed checks
     admin_delivery_retry = "admin.delivery.retry"
     admin_delivery_discard = "admin.delivery.discard"
+    admin_backup = "admin.backup"  # `cadnode backup`: the database and files copied
+    admin_pin = "admin.pin"  # a study kept from housekeeping (`cadnode pin`)
+    admin_unpin = "admin.unpin"
+    retention_removed = "retention.removed"  # housekeeping removed a study's files or rows
 
 
 class AuditOutcome(StrEnum):
@@ -377,6 +452,7 @@ class AuditOutcome(StrEnum):
     partly_failed = "partly failed"
     loaded = "loaded"
     ok = "ok"
+    removed = "removed"
 
 
 class AuditEvent(SQLModel, table=True):
@@ -392,6 +468,64 @@ class AuditEvent(SQLModel, table=True):
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
+class AlertKind(StrEnum):
+    """What a watchdog alert is about (Alert.kind; cadnode.watch)."""
+
+    job_stalled = "job.stalled"  # jobs in one unfinished state too long (subject: the state)
+    destination_failing = "destination.failing"  # subject: the destination's name
+    sender_silent = "sender.silent"  # subject: the calling AE title
+    disk_filling = "disk.filling"  # subject: "data dir"
+
+
+class Alert(SQLModel, table=True):
+    """A condition a watchdog found (cadnode.watch), from when it began to when it ended.
+
+    It is an alert once it has lasted past its threshold (`raised_at`); before that it is
+    only watched, and forgotten if it ends first. `detail` names jobs, destinations and AE
+    titles, never a patient. `notified`: which notifications went out, "raised webhook" ->
+    when (the watchdog retries the others)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: AlertKind = Field(index=True)
+    subject: str
+    since: dt.datetime  # when the condition began, as far as the node can tell
+    raised_at: dt.datetime | None = Field(default=None, index=True)
+    cleared_at: dt.datetime | None = Field(default=None, index=True)
+    detail: str = ""
+    notified: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Pin(SQLModel, table=True):
+    """A study an admin keeps from housekeeping (`cadnode pin`): none of its files or rows,
+    nor the audit events naming it, are removed while the pin stands."""
+
+    study_uid: str = Field(primary_key=True)
+    pinned_by: str
+    pinned_at: dt.datetime = Field(default_factory=utcnow)
+    reason: str | None = None
+
+
+class Removal(SQLModel, table=True):
+    """Housekeeping's journal (cadnode.retain): a file whose rows are already gone, to be
+    deleted. Written in the commit that deletes the rows, dropped once the file is gone, so a
+    kill at any moment leaves the journal to finish, never a row without its file."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    folder: str  # "spool", "results" or "answers" (cadnode.retain.removal.Folder)
+    path: str  # relative to that folder
+    marked_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class RemovedTally(SQLModel, table=True):
+    """What housekeeping removed since the database was made, per kind and reason: the
+    `cadnode_retention_removed_*` counters, kept as two numbers rather than counted anew."""
+
+    kind: str = Field(primary_key=True)  # images, results, answers, jobs, audit
+    reason: str = Field(primary_key=True)  # age, disk
+    objects: int = 0
+    bytes: int = 0
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         # Called after every committed job transition; the conveyor wakes the stages with it.
@@ -401,7 +535,8 @@ class Database:
             f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30}
         )
         event.listen(self.engine, "connect", _sqlite_durability)
-        SQLModel.metadata.create_all(self.engine)
+        upgrade_schema(path)  # to this code's schema, from any released one (or none)
+        install_triggers(self.engine)  # metrics' tallies and the query index's clean-up
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -37,13 +37,18 @@ def redact_patient_identifiers(
     return event
 
 
-def configure(level: str = "INFO", *, cache_loggers: bool = True) -> None:
+# Whether loggers are cached on first use (faster). The tests turn it off for the whole
+# process: a cached logger keeps the configuration of its first use and escapes
+# `structlog.testing.capture_logs`, also after a test runs the CLI in-process.
+CACHE_LOGGERS = True
+
+
+def configure(level: str = "INFO") -> None:
     """Every record, ours and the libraries', leaves through one stdlib handler.
 
     One handler means one lock around each write, so events from concurrent threads never
     share a line. Our loggers ("cadnode.*") log at `level`; libraries stay at WARNING,
-    since pynetdicom dumps whole datasets at DEBUG. Tests turn `cache_loggers` off: a cached
-    logger keeps the configuration of its first use and escapes `structlog.testing.capture_logs`.
+    since pynetdicom dumps whole datasets at DEBUG.
     """
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -73,5 +78,5 @@ def configure(level: str = "INFO", *, cache_loggers: bool = True) -> None:
         ],
         wrapper_class=structlog.stdlib.BoundLogger,
         logger_factory=structlog.stdlib.LoggerFactory(),
-        cache_logger_on_first_use=cache_loggers,
+        cache_logger_on_first_use=CACHE_LOGGERS,
     )

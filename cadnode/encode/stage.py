@@ -28,7 +28,7 @@ import datetime as dt
 import io
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from cadnode.core.db import (
 )
 from cadnode.core.files import write_durably
 from cadnode.deliver.outbox import queue_delivery
+from cadnode.dicom.indexing import index_result
 from cadnode.encode.overlay import BoxSpec
 from cadnode.encode.pr import (
     Annotated,
@@ -131,7 +132,7 @@ class Encoder:
         database: Database,
         spool: Path,
         results: Path,
-        destinations: list[Destination],
+        destinations: Mapping[str, Destination],
         *,
         answers: Path,
         max_decoded_bytes: int,
@@ -142,19 +143,19 @@ class Encoder:
         self.results = results
         self.answers = answers  # mask files (cadnode.infer.answers.save_masks)
         warm_up()  # the first study does not wait for highdicom to read its tables
-        self.destinations = destinations
+        self.destinations = dict(destinations)  # by name: each delivery row names its own
 
     @property
     def wants_captures(self) -> bool:
-        return any(_wants_captures(destination) for destination in self.destinations)
+        return any(_wants_captures(destination) for destination in self.destinations.values())
 
     @property
     def wants_presentation_states(self) -> bool:
-        return any(_wants_presentation_states(destination) for destination in self.destinations)
+        return any(map(_wants_presentation_states, self.destinations.values()))
 
     @property
     def wants_labelmaps(self) -> bool:
-        return any(_wants_labelmaps(destination) for destination in self.destinations)
+        return any(_wants_labelmaps(destination) for destination in self.destinations.values())
 
     def advance(self) -> float | None:
         with self.database.session() as session:
@@ -227,9 +228,10 @@ class Encoder:
                 )
             )
             session.flush()  # the deliveries' foreign key needs the object row first
-            for destination in self.destinations:
+            for name, destination in self.destinations.items():
                 if made.wanted_by(destination):
-                    queue_delivery(session, job.id, uid, str(destination))
+                    queue_delivery(session, job.id, uid, name)
+            index_result(session, uid, str(relative), buffer.getvalue())  # queryable at once
         session.flush()
 
 
