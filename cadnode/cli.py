@@ -12,19 +12,25 @@ from typing import Any
 
 from sqlmodel import select
 
+from cadnode.admin.backup import add_backup_command, backup_command
 from cadnode.admin.commands import COMMANDS as ADMIN_COMMANDS
 from cadnode.admin.commands import add_admin_commands, admin_command, hash_password_command
+from cadnode.admin.schema import add_db_commands, db_command
 from cadnode.core import logs
 from cadnode.core.config import Settings, load_settings
 from cadnode.core.db import Database, Delivery, DeliveryState, Instance, Job, Result, Study
+from cadnode.core.migrations import SchemaError
 from cadnode.core.yamlfile import ConfigError
 from cadnode.deliver import outbox_admin as deliveries
 from cadnode.infer.answers import SegmentAnswer, parse_answer, summary
 from cadnode.infer.bundle import discover
 from cadnode.prioritize.history import history_line, study_priority
 from cadnode.prioritize.policy import load_policy, unknown_engines
+from cadnode.retain.commands import COMMANDS as RETAIN_COMMANDS
+from cadnode.retain.commands import add_retain_commands, retain_command
 from cadnode.route import RuleSet, load_rules
 from cadnode.route.explain import CASES, Connection, explain, read_subjects, run_cases
+from cadnode.watch.listing import add_alerts_command, alerts_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_engines_commands(commands)
     add_deliveries_commands(commands)
     add_admin_commands(commands)
+    add_retain_commands(commands)
+    add_alerts_command(commands)
+    add_db_commands(commands)
+    add_backup_command(commands)
     args = parser.parse_args(argv)
 
     logs.configure()
@@ -47,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings()
         if args.command in ADMIN_COMMANDS:
             return admin_command(settings, args)
+        if args.command in RETAIN_COMMANDS:
+            return retain_command(settings, args)
         if args.command == "serve":
             from cadnode.daemon import serve
 
@@ -61,9 +73,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return engines_command(settings, args)
         elif args.command == "deliveries":
             return deliveries_command(settings, args)
+        elif args.command == "alerts":
+            return alerts_command(settings, args)
+        elif args.command == "db":
+            return db_command(settings, args)
+        elif args.command == "backup":
+            return backup_command(settings, args)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
+        return 2
+    except SchemaError as error:  # the database is not one this cadnode can upgrade
+        print(f"database {settings.storage.database}: {error}", file=sys.stderr)
         return 2
     return 0
 
@@ -172,7 +193,7 @@ def deliveries_command(settings: Settings, args: argparse.Namespace) -> int:
     database = Database(settings.storage.database)
     if args.deliveries_command == "list":
         state = DeliveryState(args.state) if args.state else None
-        rows = deliveries.delivery_rows(database, state)
+        rows = deliveries.delivery_rows(database, state, settings.destinations)
         print(json.dumps(rows, indent=2) if args.json else deliveries.table(rows))
         return 0
     actor = f"cli:{getpass.getuser()}"
