@@ -6,12 +6,16 @@ the breast phantom's masses, so the objects encode what an engine would have fou
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
 from cadnode.encode.provenance import Algorithm
+from cadnode.encode.seg import segmentation
+from cadnode.encode.sr import ReportIdentity, Segmented, segmentation_report
 from cadnode.infer.answers import (
     Box,
     DetectAnswer,
@@ -118,22 +122,7 @@ def volume(folder: Path, *, masses: int, seed: int = 5) -> tuple[pydicom.Dataset
     """A 16-frame 128x128 tomosynthesis volume as received, and its masses as boxes."""
     path = folder / f"volume-{seed}-{masses}.dcm"
     _, phantom = write_tomosynthesis(path, seed=seed, masses=masses, patient_id="PID-8")
-    frames = phantom.volume.shape[0]
-    boxes = []
-    for mass in phantom.masses:
-        first = max(1, mass.slice)  # 0-based slice: frames slice .. slice + 2 (1-based)
-        boxes.append(
-            Box(
-                x=mass.x,
-                y=mass.y,
-                width=mass.width,
-                height=mass.height,
-                frame=mass.slice + 1,
-                first_frame=first,
-                depth=min(3, frames - first + 1),
-            )
-        )
-    return pydicom.dcmread(path), boxes
+    return pydicom.dcmread(path), mass_boxes(phantom)
 
 
 def detect_answer(source: pydicom.Dataset, boxes: list[Box]) -> DetectAnswer:
@@ -186,3 +175,27 @@ def mass_boxes(phantom: BreastPhantom) -> list[Box]:
             )
         )
     return boxes
+
+
+def segmented_film(
+    folder: Path, *, pneumothorax: bool, uid: Callable[[str], str], when: dt.datetime
+) -> tuple[pydicom.Dataset, pydicom.Dataset, pydicom.Dataset]:
+    """A phantom film in `folder`, its SEG and the segmenter's report on it, with UIDs from
+    `uid` and made at `when`: (film, SEG, SR)."""
+    film, masks = film_with_masks(folder, pneumothorax=pneumothorax)
+    findings = segment_findings(film, masks)
+    seg = segmentation(
+        film,
+        masks,
+        findings,
+        SEGMENTER,
+        series_instance_uid=uid("seg-series"),
+        sop_instance_uid=uid("seg"),
+        content_datetime=when,
+    )
+    sr = segmentation_report(
+        [Segmented(film, findings, seg)],
+        SEGMENTER,
+        ReportIdentity(uid("sr-series"), uid("sr"), content_datetime=when),
+    )
+    return film, seg, sr

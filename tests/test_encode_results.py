@@ -30,14 +30,11 @@ from cadnode.core.db import (
 from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.encode.provenance import Algorithm
 from cadnode.encode.sc import secondary_capture
-from cadnode.encode.seg import segmentation
 from cadnode.encode.sr import (
     PERCENT_OF_HEMITHORAX,
     Detection,
     ReportIdentity,
-    Segmented,
     detection_report,
-    segmentation_report,
 )
 from cadnode.encode.stage import Encoder
 from cadnode.infer.answers import Answer, dump_answer, save_masks
@@ -50,6 +47,7 @@ from tests.encode_cases import (
     film_with_masks,
     segment_answer,
     segment_findings,
+    segmented_film,
     volume,
 )
 from tests.peers import run_orthanc, wait_for
@@ -71,22 +69,7 @@ PRIVATE_SCHEME_WARNING = "Unrecognized defined term <99CADNODE>"
 
 
 def segmentation_sr(tmp_path: Path, *, pneumothorax: bool) -> tuple[Path, Path, pydicom.Dataset]:
-    film, masks = film_with_masks(tmp_path, pneumothorax=pneumothorax)
-    findings = segment_findings(film, masks)
-    seg = segmentation(
-        film,
-        masks,
-        findings,
-        SEGMENTER,
-        series_instance_uid=uid("seg-series"),
-        sop_instance_uid=uid("seg"),
-        content_datetime=WHEN,
-    )
-    sr = segmentation_report(
-        [Segmented(film, findings, seg)],
-        SEGMENTER,
-        ReportIdentity(uid("sr-series"), uid("sr"), content_datetime=WHEN),
-    )
+    film, seg, sr = segmented_film(tmp_path, pneumothorax=pneumothorax, uid=uid, when=WHEN)
     return saved(sr, tmp_path / "sr.dcm"), saved(seg, tmp_path / "seg.dcm"), film
 
 
@@ -293,17 +276,7 @@ def add_answered(
         if pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID == source.SOPInstanceUID
     )
     session.add(instance_row(source, path.name, job, size=path.stat().st_size))
-    session.add(
-        Result(
-            job_id=job.id,
-            engine=engine.name,
-            engine_version=engine.version,
-            model_sha256=engine.sha256,
-            sop_instance_uid=source.SOPInstanceUID,
-            answer=dump_answer(answer),
-            created_at=WHEN.replace(tzinfo=dt.UTC),
-        )
-    )
+    add_result(session, job, source, engine, answer)
 
 
 def test_encoder_makes_every_kind_and_orthanc_stores_them(tmp_path: Path) -> None:
@@ -514,7 +487,7 @@ def test_result_series_are_numbered_apart_dated_and_overlaid_per_source_series(
 def add_result(
     session: Session, job: Job, source: pydicom.Dataset, engine: Algorithm, answer: Answer
 ) -> None:
-    """A second engine's answer about a source already in `job`."""
+    """`engine`'s answer about `source`, an instance of `job`."""
     session.add(
         Result(
             job_id=job.id,

@@ -20,25 +20,21 @@ import pytest
 from pydicom.uid import generate_uid
 
 from cadnode.encode.provenance import Algorithm
-from cadnode.encode.seg import segmentation
 from cadnode.encode.sr import (
     Classification,
     CodedLabel,
     Detection,
     ReportIdentity,
-    Segmented,
     classification_report,
     detection_report,
-    segmentation_report,
 )
 from cadnode.infer.answers import Box
 from tests.dicom_validation import saved
 from tests.encode_cases import (
     DETECTOR,
-    SEGMENTER,
     detect_answer,
     film_with_masks,
-    segment_findings,
+    segmented_film,
     volume,
 )
 from tests.viewers.node import Ran, run_script
@@ -80,22 +76,7 @@ def classified(folder: Path) -> Built:
 
 
 def segmented(folder: Path) -> Built:
-    film, masks = film_with_masks(folder, pneumothorax=True)
-    findings = segment_findings(film, masks)
-    seg = segmentation(
-        film,
-        masks,
-        findings,
-        SEGMENTER,
-        series_instance_uid=uid("seg-series"),
-        sop_instance_uid=uid("seg"),
-        content_datetime=WHEN,
-    )
-    sr = segmentation_report(
-        [Segmented(film, findings, seg)],
-        SEGMENTER,
-        ReportIdentity(uid("s-series"), uid("s"), content_datetime=WHEN),
-    )
+    film, seg, sr = segmented_film(folder, pneumothorax=True, uid=uid, when=WHEN)
     return Built(
         saved(sr, folder / "segmentation.dcm"), [folder / "film-3-True.dcm"], film, seg=seg
     )
@@ -129,9 +110,7 @@ def walked(built: Built) -> dict[str, Any]:
 
 
 def assert_library_holds(report: dict[str, Any], source: pydicom.Dataset) -> None:
-    assert [entry["sopInstanceUID"] for entry in report["imageLibrary"]] == [
-        source.SOPInstanceUID
-    ]
+    assert [entry["sopInstanceUID"] for entry in report["imageLibrary"]] == [source.SOPInstanceUID]
     assert source.SOPInstanceUID in report["evidence"]
 
 

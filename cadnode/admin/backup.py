@@ -41,7 +41,7 @@ from cadnode import __version__
 from cadnode.core import audit
 from cadnode.core.config import Environment, Settings
 from cadnode.core.db import AuditKind, AuditOutcome, Database
-from cadnode.core.files import is_temporary, write_durably
+from cadnode.core.files import fsync_path, is_temporary, write_durably
 
 log = structlog.get_logger("cadnode.admin.backup")
 
@@ -176,7 +176,7 @@ def copy_database(
         # The copy is one self-contained file (no -wal beside it); the node turns WAL back on
         # when it opens a restored one.
         copy.execute("PRAGMA journal_mode=DELETE")
-    _fsync(target)
+    fsync_path(target)
     check, revision = inspect_database(target)
     return DatabaseCopy(
         bytes=target.stat().st_size,
@@ -293,13 +293,6 @@ def readme(metadata: dict[str, Any]) -> str:
         "and start the node on the new data dir.\n"
     )
 
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # --- checking and restoring --------------------------------------------------------------

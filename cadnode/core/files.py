@@ -49,7 +49,7 @@ def write_durably(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) 
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_path(path.parent)
     return size
 
 
@@ -61,11 +61,12 @@ def make_folders_durably(folder: Path) -> None:
         folder = folder.parent
     for new in reversed(missing):
         new.mkdir(exist_ok=True)  # exist_ok: another thread may create it at the same moment
-        _fsync_directory(new.parent)
+        fsync_path(new.parent)
 
 
-def _fsync_directory(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (a name made or removed), to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

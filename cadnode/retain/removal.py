@@ -56,6 +56,7 @@ from cadnode.core.db import (
     UpsSubscription,
     Workitem,
 )
+from cadnode.core.files import fsync_path
 from cadnode.core.locks import KeyedLocks
 from cadnode.retain.policy import Candidate, Kind, Reason
 
@@ -390,13 +391,9 @@ class Journal:
 
 def _flush_folder(folder: Path) -> None:
     try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
+        fsync_path(folder)
+    except FileNotFoundError:
         return  # gone already
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _prune_empty(folder: Path, stop_at: set[Path]) -> None:
