@@ -294,7 +294,6 @@ def readme(metadata: dict[str, Any]) -> str:
     )
 
 
-
 # --- checking and restoring --------------------------------------------------------------
 
 
