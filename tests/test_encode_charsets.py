@@ -26,7 +26,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
-from cadnode.core.config import Hl7Codes, Hl7Publisher
+from cadnode.core.config import Hl7Codes, Hl7Publisher, UpsTurnaround
 from cadnode.core.db import Instance, Priority, Workitem
 from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.encode.charset import utf8_header
@@ -51,6 +51,8 @@ WHEN = dt.datetime(2026, 1, 2, 9, 30, 0)
 # The segmenter's SR codes the percent of the hemithorax in cadnode's private scheme.
 PRIVATE_SCHEME_WARNING = "Unrecognized defined term <99CADNODE>"
 ACCESSION = "ACC-CHARSET-1"
+
+TURNAROUND = UpsTurnaround()
 
 
 @dataclass(frozen=True)
@@ -284,6 +286,7 @@ def _workitem(film: pydicom.Dataset) -> pydicom.Dataset:
         priority=Priority.HIGH,
         reason="pneumothorax",
         worklist_label="CADNODE",
+        turnaround=TURNAROUND,
         retrieve_ae="CADNODE",
         ready=True,
     )

@@ -499,3 +499,26 @@ def add_result(
             created_at=WHEN.replace(tzinfo=dt.UTC),
         )
     )
+
+
+def test_a_study_recorded_again_gets_new_result_uids(tmp_path: Path) -> None:
+    """The same study and answers, recorded afresh (as after retention removed its rows, its
+    job numbered 1 again): new UIDs, never other bytes under the first results' UIDs."""
+    made = []
+    for attempt in ("first", "again"):
+        spool, answers = tmp_path / attempt / "spool", tmp_path / attempt / "answers"
+        spool.mkdir(parents=True)
+        database = Database(tmp_path / attempt / "cadnode.db")
+        prepare_detection_job(database, spool)
+        Encoder(
+            database,
+            spool,
+            tmp_path / attempt / "results",
+            {},
+            answers=answers,
+            max_decoded_bytes=DEFAULT_LIMIT,
+        ).advance()
+        with database.session() as session:
+            made.append({o.sop_instance_uid for o in session.exec(select(ResultObject))})
+    first, again = made
+    assert len(first) == len(again) == 1 and not first & again

@@ -13,9 +13,9 @@ from pydicom import Dataset
 from pydicom.datadict import dictionary_VR
 from pynetdicom import AE
 
-from cadnode.core.db import Priority
+from cadnode.core.config import UpsTurnaround
 from cadnode.infer.phantoms.chest import write_chest_radiograph
-from cadnode.prioritize.worklist import DATETIME_FORMAT, TURNAROUND, UPS_PULL, UPS_PUSH
+from cadnode.prioritize.worklist import DATETIME_FORMAT, UPS_PULL, UPS_PUSH
 from tests.peers import Cadnode, free_port, run_cadnode, storescu, wait_for
 from tests.worklist_peers import WorklistClient, priority_config, study_query
 
@@ -239,7 +239,7 @@ def test_a_priority_set_by_a_client_moves_the_expected_completion(
     start = dt.datetime.strptime(after.ScheduledProcedureStepStartDateTime, DATETIME_FORMAT)
     expected = dt.datetime.strptime(after.ExpectedCompletionDateTime, DATETIME_FORMAT)
     assert after.ScheduledProcedureStepPriority == "HIGH"
-    assert expected - start == TURNAROUND[Priority.HIGH]
+    assert expected - start == UpsTurnaround().of("HIGH")  # the default
     assert (
         after.ScheduledProcedureStepModificationDateTime
         >= before.ScheduledProcedureStepModificationDateTime

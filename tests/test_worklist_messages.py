@@ -11,14 +11,17 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 from pydicom import Dataset
 
-from cadnode.core.config import Hl7Codes, Hl7Publisher
+from cadnode.core.config import Hl7Codes, Hl7Publisher, UpsTurnaround
 from cadnode.core.db import Instance, Priority
 from cadnode.dicom.matching import matches, response
 from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.prioritize.hl7 import order_update
 from cadnode.prioritize.notice import Notice
-from cadnode.prioritize.worklist import TURNAROUND, build_workitem, reprioritize, workitem_uid
+from cadnode.prioritize.worklist import build_workitem, reprioritize, workitem_uid
 from tests.worklist_peers import study_query
+
+# Not the defaults: the turnaround comes from the configuration.
+TURNAROUND = UpsTurnaround(HIGH=1800.0, MEDIUM=7200.0, LOW=86400.0)
 
 
 @pytest.fixture
@@ -45,6 +48,7 @@ def workitem(tmp_path: Path) -> Dataset:
         priority=Priority.HIGH,
         reason="pneumothorax detected",
         worklist_label="CADNODE",
+        turnaround=TURNAROUND,
         retrieve_ae="CADNODE",
         ready=True,
     )
@@ -133,10 +137,10 @@ def test_the_expected_completion_follows_the_priority(workitem: Dataset) -> None
         end = dt.datetime.strptime(workitem.ExpectedCompletionDateTime, "%Y%m%d%H%M%S")
         return end - start
 
-    assert expected() == TURNAROUND[Priority.HIGH]
-    reprioritize(workitem, Priority.LOW)
+    assert expected() == TURNAROUND.of("HIGH")
+    reprioritize(workitem, Priority.LOW, TURNAROUND)
     assert workitem.ScheduledProcedureStepPriority == "LOW"
-    assert expected() == TURNAROUND[Priority.LOW] > TURNAROUND[Priority.MEDIUM]
+    assert expected() == TURNAROUND.of("LOW") > TURNAROUND.of("MEDIUM")
     assert workitem.ScheduledProcedureStepModificationDateTime >= start.strftime("%Y%m%d%H%M%S")
 
 
@@ -156,6 +160,7 @@ def test_the_request_comes_from_the_images_request_attributes(tmp_path: Path) ->
         priority=Priority.MEDIUM,
         reason="arrived",
         worklist_label="CADNODE",
+        turnaround=TURNAROUND,
         retrieve_ae="CADNODE",
         ready=False,
     )

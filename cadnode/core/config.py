@@ -286,6 +286,23 @@ def _age(value: Any) -> Any:
 Age = Annotated[dt.timedelta | None, BeforeValidator(_age)]
 
 
+def _duration_s(value: Any) -> Any:
+    """A duration written as an age is ("90s", "30m", "1h", "7d"), in seconds; not never."""
+    if isinstance(value, float):
+        return value  # a default, already in seconds
+    try:
+        age = _age(value)
+    except ValueError:
+        age = None
+    if age is None:
+        raise ValueError("expected a duration longer than 0 with its unit (90s, 30m, 1h, 7d)")
+    return age.total_seconds()
+
+
+# A threshold or interval in the file ("30m"), held as seconds.
+Duration = Annotated[float, BeforeValidator(_duration_s)]
+
+
 class RetentionSettings(Section):
     """Housekeeping (cadnode.retain): how long each kind of data is kept once its study is
     finished, and a disk high-water mark (docs/operations.md#retention)."""
@@ -401,6 +418,20 @@ class ResultsSettings(Section):
     destinations: list[str] = Field(default_factory=list)
 
 
+class UpsTurnaround(Section):
+    """How soon a reading is expected at each priority (a workitem's Expected Completion
+    DateTime, from its scheduled start): a STAT read within the hour, a routine one within
+    the day, a confidently normal one later."""
+
+    HIGH: Duration = 3600.0
+    MEDIUM: Duration = 86400.0
+    LOW: Duration = 3 * 86400.0
+
+    def of(self, priority: str) -> dt.timedelta:
+        seconds: float = getattr(self, priority)
+        return dt.timedelta(seconds=seconds)
+
+
 class UpsSettings(Section):
     """cadnode's reading worklist as UPS (DICOM Unified Procedure Step)."""
 
@@ -409,6 +440,7 @@ class UpsSettings(Section):
     worklist_label: str = Field(default="CADNODE", min_length=1, max_length=64)
     # Destinations (external UPS Push SCPs) given each workitem (N-CREATE) and its changes (N-SET).
     push: list[str] = Field(default_factory=list)
+    turnaround: UpsTurnaround = UpsTurnaround()
 
 
 class Hl7Codes(Section):
@@ -456,23 +488,6 @@ class PrioritySettings(Section):
     @property
     def policy_file(self) -> Path:
         return self.policy or EMBEDDED_CONFIG.parent / "priority.yaml"
-
-
-def _duration_s(value: Any) -> Any:
-    """A duration written as an age is ("90s", "30m", "1h", "7d"), in seconds; not never."""
-    if isinstance(value, float):
-        return value  # a default, already in seconds
-    try:
-        age = _age(value)
-    except ValueError:
-        age = None
-    if age is None:
-        raise ValueError("expected a duration longer than 0 with its unit (90s, 30m, 1h, 7d)")
-    return age.total_seconds()
-
-
-# A threshold or interval in the file ("30m"), held as seconds.
-Duration = Annotated[float, BeforeValidator(_duration_s)]
 
 
 class SmtpSettings(Section):

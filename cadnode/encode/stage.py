@@ -16,10 +16,10 @@ Each result series has its own Series Number within the study (900 upward, past 
 series' numbers), kept in `ResultSeries` so re-encoding writes the same number; overlays
 (Secondary Captures) get one series per source series.
 
-UIDs derive from the study, the job version, the engine and its version (and, per object
-kind, the source image), and each object's time is when the engine answered, so
-re-encoding the same job makes the same bytes under the same UIDs, never a duplicate.
-Any object that cannot be built fails the whole job, with the reason.
+UIDs derive from the study (its UID and when its row was made), the job version, the
+engine and its version (and, per object kind, the source image), and each object's time is
+when the engine answered, so re-encoding the same job makes the same bytes under the same
+UIDs, never a duplicate. Any object that cannot be built fails the whole job, with the reason.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class Encoder:
         for (engine, version, sha256), results in by_engine.items():
             objects = _Objects(
                 Algorithm(name=engine, version=version, sha256=sha256),
-                key=(study.study_uid, str(job.version), engine, version),
+                key=(study.study_uid, _made_at(study), str(job.version), engine, version),
                 # The inference time, not now: re-encoding the same job gives the same bytes.
                 when=min(r.created_at for r in results),
                 answers_dir=self.answers,
@@ -235,6 +235,13 @@ class Encoder:
         session.flush()
 
 
+def _made_at(study: Study) -> str:
+    """When the study's row was made: part of its results' UIDs, so a study received again
+    after retention removed its rows (its jobs numbered from 1 again) gets new objects, never
+    other bytes under the UIDs its first results had."""
+    return study.created_at.replace(tzinfo=None).isoformat()
+
+
 def results_of(by_engine: dict[tuple[str, str, str], list[Result]]) -> Iterator[Result]:
     return itertools.chain.from_iterable(by_engine.values())
 
@@ -277,7 +284,7 @@ class _Objects:
     """Builds one engine's objects for one job version, with their derived UIDs."""
 
     algorithm: Algorithm
-    key: tuple[str, str, str, str]  # study UID, job version, engine, engine version
+    key: tuple[str, ...]  # study UID and row's creation, job version, engine, its version
     when: dt.datetime
     answers_dir: Path
     captures: bool

@@ -51,4 +51,4 @@ def ups_services(settings: Settings, database: Database) -> list[Service]:
     if not settings.priority.ups.enabled:
         return []
     by_ae_title = {d.ae_title: d for d in settings.destinations.values()}
-    return [UpsScp(database, by_ae_title).service()]
+    return [UpsScp(database, by_ae_title, settings.priority.ups.turnaround).service()]

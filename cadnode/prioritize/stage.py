@@ -156,7 +156,7 @@ class Prioritizer:
         readiness = "READY" if ready else "INCOMPLETE"
         readiness_changed = ds.InputReadinessState != readiness
         ds.InputReadinessState = readiness
-        worklist.reprioritize(ds, decision.level)
+        worklist.reprioritize(ds, decision.level, self.settings.ups.turnaround)
         ds.CommentsOnTheScheduledProcedureStep = decision.reason[:10240]
         ds.InputInformationSequence = worklist.input_information(
             self._header(instances[0]), instances, self.retrieve_ae
@@ -180,6 +180,7 @@ class Prioritizer:
             priority=decision.level,
             reason=decision.reason,
             worklist_label=self.settings.ups.worklist_label,
+            turnaround=self.settings.ups.turnaround,
             retrieve_ae=self.retrieve_ae,
             ready=ready,
         )

@@ -19,6 +19,7 @@ from pydicom.dataelem import DataElement
 from pynetdicom import evt
 from sqlmodel import Session, col, select
 
+from cadnode.core.config import UpsTurnaround
 from cadnode.core.db import (
     Database,
     Priority,
@@ -67,8 +68,14 @@ Status = tuple[int, Dataset | None]
 
 
 class UpsScp:
-    def __init__(self, database: Database, receiving_aes: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        receiving_aes: Mapping[str, Any],
+        turnaround: UpsTurnaround,
+    ) -> None:
         self.database = database
+        self.turnaround = turnaround  # a new priority moves the expected completion
         # Subscribers must be configured peers: events go to their address, not the caller's.
         self.receiving_aes = receiving_aes
 
@@ -149,7 +156,7 @@ class UpsScp:
             for element in changes:
                 if element.keyword not in PROTECTED:
                     ds[element.tag] = element
-            _restamp(ds, changes, priority)
+            _restamp(ds, changes, priority, self.turnaround)
             worklist.keep(session, item, ds)
             if priority is not None and priority != before:
                 decision = StudyPriority(
@@ -315,11 +322,13 @@ class UpsScp:
         return SUCCESS
 
 
-def _restamp(ds: Dataset, changes: Dataset, priority: str | None) -> None:
+def _restamp(
+    ds: Dataset, changes: Dataset, priority: str | None, turnaround: UpsTurnaround
+) -> None:
     """The SCP's part of an N-SET (PS3.4 Table CC.2.5-3): the modification time is the N-SET's,
     and a new priority moves the expected completion, unless the client set that too."""
     if priority is not None and "ExpectedCompletionDateTime" not in changes:
-        worklist.reprioritize(ds, Priority(priority))
+        worklist.reprioritize(ds, Priority(priority), turnaround)
     else:
         worklist.touch(ds)
 

@@ -23,6 +23,7 @@ from pynetdicom import sop_class
 from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
+from cadnode.core.config import UpsTurnaround
 from cadnode.core.db import (
     Database,
     Instance,
@@ -102,13 +103,6 @@ UNASSIGNED_SEQUENCES = (
     "ScheduledStationGeographicLocationCodeSequence",
     "ScheduledHumanPerformersSequence",
 )
-# How soon a reading is expected at each priority (Expected Completion DateTime): a STAT
-# read within the hour, a routine one within the day, a confidently normal one later.
-TURNAROUND = {
-    Priority.HIGH: dt.timedelta(hours=1),
-    Priority.MEDIUM: dt.timedelta(hours=24),
-    Priority.LOW: dt.timedelta(hours=72),
-}
 DATETIME_FORMAT = "%Y%m%d%H%M%S"
 
 
@@ -125,6 +119,7 @@ def build_workitem(
     priority: Priority,
     reason: str,
     worklist_label: str,
+    turnaround: UpsTurnaround,
     retrieve_ae: str,
     ready: bool,
 ) -> Dataset:
@@ -140,7 +135,7 @@ def build_workitem(
     ds.StudyInstanceUID = header.StudyInstanceUID
     _schedule(ds, header, worklist_label)
     ds.CommentsOnTheScheduledProcedureStep = reason[:10240]
-    reprioritize(ds, priority)
+    reprioritize(ds, priority, turnaround)
     ds.InputReadinessState = "READY" if ready else "INCOMPLETE"
     ds.InputInformationSequence = input_information(header, instances, retrieve_ae)
     ds.ProcedureStepState = UpsState.SCHEDULED.value
@@ -159,13 +154,14 @@ def _schedule(ds: Dataset, header: Dataset, worklist_label: str) -> None:
     ds.ScheduledProcedureStepStartDateTime = _now().strftime(DATETIME_FORMAT)
 
 
-def reprioritize(ds: Dataset, priority: Priority) -> None:
+def reprioritize(ds: Dataset, priority: Priority, turnaround: UpsTurnaround) -> None:
     """Set the priority and what follows from it: the reading's expected completion (from the
     scheduled start), and the modification time the SCP keeps (PS3.4 Table CC.2.5-3)."""
     ds.ScheduledProcedureStepPriority = priority.value
     start = _parse_datetime(str(ds.get("ScheduledProcedureStepStartDateTime", "")))
     if start is not None:
-        ds.ExpectedCompletionDateTime = (start + TURNAROUND[priority]).strftime(DATETIME_FORMAT)
+        expected = start + turnaround.of(priority.value)
+        ds.ExpectedCompletionDateTime = expected.strftime(DATETIME_FORMAT)
     touch(ds)
 
 
