@@ -16,6 +16,8 @@ from cadnode.admin.context import AdminContext
 from cadnode.admin.metrics import render
 from cadnode.core.config import RetentionSettings, Settings, StorageSettings, load_settings
 from cadnode.core.db import (
+    Alert,
+    AlertKind,
     AuditEvent,
     AuditKind,
     AuditOutcome,
@@ -524,3 +526,24 @@ def test_the_shipped_policy_is_a_hospital_s(tmp_path: Path) -> None:
     )
     assert settings.jobs == dt.timedelta(days=365)
     assert settings.high_water_percent > settings.low_water_percent
+
+
+def test_alerts_that_ended_long_ago_go_with_old_rows(
+    database: Database, storage: StorageSettings
+) -> None:
+    old = utcnow() - dt.timedelta(days=3)
+    with database.session() as session:
+        for subject, cleared in (("ended", old), ("going on", None)):
+            session.add(
+                Alert(
+                    kind=AlertKind.destination_failing,
+                    subject=subject,
+                    since=old,
+                    raised_at=old,
+                    cleared_at=cleared,
+                )
+            )
+        session.commit()
+    keeper(database, storage, jobs="2d").run_pass()
+    with database.session() as session:
+        assert [a.subject for a in session.exec(select(Alert))] == ["going on"]

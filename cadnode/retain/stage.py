@@ -30,6 +30,7 @@ from sqlmodel import Session, col, select
 
 from cadnode.core.config import RetentionSettings, StorageSettings
 from cadnode.core.db import (
+    Alert,
     AuditEvent,
     AuditKind,
     AuditOutcome,
@@ -272,13 +273,15 @@ class Housekeeper:
         return False
 
     def _loose_rows(self, cutoff: dt.datetime) -> None:
-        """Rows not tied to a study row: modalities' MPPS and completion signals, by age."""
+        """Rows not tied to a study row, by age: modalities' MPPS and completion signals, and
+        alerts that have ended (a watchdog condition still going is kept, however old)."""
         with self.database.session() as session:
             for statement in (
                 delete(PerformedProcedureStep).where(
                     col(PerformedProcedureStep.updated_at) < cutoff
                 ),
                 delete(CompletionSignal).where(col(CompletionSignal.at) < cutoff),
+                delete(Alert).where(col(Alert.cleared_at) < cutoff),
             ):
                 session.execute(statement)
             session.commit()
