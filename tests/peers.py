@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom import Dataset, dcmread
+
 from tests.dicom_validation import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -189,6 +191,25 @@ def run_cadnode(folder: Path, destination: str | None, **overrides: str) -> Iter
         yield node
     finally:
         _terminate(process)
+
+
+def findscu(port: int, folder: Path, **identifier: str) -> list[Dataset]:
+    """DCMTK's findscu, study root, against the node's port with `identifier` as its keys
+    (an empty value: a return key); the matches, as it wrote them under `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for earlier in folder.glob("rsp*.dcm"):  # a previous try's answers
+        earlier.unlink()
+    keys = [arg for key, value in identifier.items() for arg in ("-k", f"{key}={value}")]
+    command = [require_tool("findscu"), "-S", "-X", "-od", str(folder), "-aec", "CADNODE"]
+    done = subprocess.run(
+        [*command, *keys, "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [dcmread(path) for path in sorted(folder.glob("rsp*.dcm"))]
 
 
 def storescu(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pydicom import Dataset, dcmread
+from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -31,8 +31,7 @@ from cadnode.admin import backup
 from cadnode.cli import main
 from cadnode.core.db import AuditEvent, AuditKind, Database, Study
 from cadnode.infer.phantoms.chest import write_chest_radiograph
-from tests.dicom_validation import require_tool
-from tests.peers import REPO, Cadnode, run_cadnode, storescu, wait_for
+from tests.peers import REPO, Cadnode, findscu, run_cadnode, storescu, wait_for
 from tests.synthetic import write_ct_series
 
 # --- unit: a data dir made in-process ----------------------------------------------------
@@ -272,22 +271,6 @@ def cadnode_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[
     )
 
 
-def find(node: Cadnode, folder: Path, **identifier: str) -> list[Dataset]:
-    """DCMTK findscu, study root, against the node; the matches it wrote."""
-    folder.mkdir(parents=True)
-    keys = [arg for key, value in identifier.items() for arg in ("-k", f"{key}={value}")]
-    command = [require_tool("findscu"), "-S", "-X", "-od", str(folder), "-aec", "CADNODE"]
-    done = subprocess.run(
-        [*command, *keys, "127.0.0.1", str(node.dicom_port)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return [dcmread(path) for path in sorted(folder.glob("rsp*.dcm"))]
-
-
 def states(node: Cadnode) -> dict[str, str]:
     """Each study's latest job state."""
     return {row["study_uid"]: row["state"] for row in node.studies()}
@@ -360,10 +343,12 @@ def test_a_node_backed_up_while_a_study_arrives_is_restored_and_served(tmp_path:
         assert {uid: states(new)[uid] for uid in film_studies} == dict.fromkeys(
             film_studies, "encoded"
         )
-        found = find(new, tmp_path / "studies", QueryRetrieveLevel="STUDY", StudyInstanceUID="")
+        found = findscu(
+            new.dicom_port, tmp_path / "studies", QueryRetrieveLevel="STUDY", StudyInstanceUID=""
+        )
         assert {s.StudyInstanceUID for s in found} == {*film_studies, ct.StudyInstanceUID}
-        reports = find(
-            new,
+        reports = findscu(
+            new.dicom_port,
             tmp_path / "reports",
             QueryRetrieveLevel="SERIES",
             StudyInstanceUID=films[0].StudyInstanceUID,
@@ -371,8 +356,8 @@ def test_a_node_backed_up_while_a_study_arrives_is_restored_and_served(tmp_path:
             SeriesInstanceUID="",
         )
         assert reports, "the film's SR, restored from the results folder"
-        images = find(
-            new,
+        images = findscu(
+            new.dicom_port,
             tmp_path / "images",
             QueryRetrieveLevel="IMAGE",
             StudyInstanceUID=ct.StudyInstanceUID,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -24,9 +23,8 @@ from pydicom import dcmread
 
 from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.retain.stage import HALT_AFTER_MARK
-from tests.dicom_validation import require_tool
 from tests.ingest import json_events, storescp
-from tests.peers import REPO, Cadnode, run_cadnode, storescu, wait_for
+from tests.peers import REPO, Cadnode, findscu, run_cadnode, storescu, wait_for
 from tests.synthetic import write_ct_series
 
 CT_SLICES = 40
@@ -103,30 +101,10 @@ def assert_rows_and_files_agree(node: Cadnode) -> None:
 
 def found_by_cfind(node: Cadnode, study_uid: str, folder: Path) -> int:
     """Study-level C-FIND matches for one Study Instance UID (DCMTK's findscu)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        [
-            require_tool("findscu"),
-            "-S",
-            "-aec",
-            "CADNODE",
-            "-X",
-            "-od",
-            str(folder),
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={study_uid}",
-            "127.0.0.1",
-            str(node.dicom_port),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    answers = findscu(
+        node.dicom_port, folder, QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return len([dcmread(path) for path in folder.glob("rsp*.dcm")])
+    return len(answers)
 
 
 def test_a_node_killed_in_the_middle_of_a_removal_finishes_it_and_serves_no_remains(

@@ -19,9 +19,8 @@ from pydicom import dcmread
 
 from cadnode.core.migrations import head
 from cadnode.infer.phantoms.chest import write_chest_radiograph
-from tests.dicom_validation import require_tool
 from tests.ingest import json_events, storescp
-from tests.peers import REPO, Cadnode, run_cadnode, storescu, wait_for
+from tests.peers import REPO, Cadnode, findscu, run_cadnode, storescu, wait_for
 
 RELEASE = Path(__file__).resolve().parent / "fixtures" / "release-ed9fd1e"
 
@@ -106,30 +105,25 @@ def db_current(data_dir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def findscu(node: Cadnode, folder: Path, *keys: str) -> list[Any]:
-    folder.mkdir(parents=True, exist_ok=True)
-    for earlier in folder.glob("rsp*.dcm"):  # a previous try's answers
-        earlier.unlink()
-    done = subprocess.run(
-        [require_tool("findscu"), "-S", "-aec", "CADNODE", "-X", "-od", str(folder)]
-        + [arg for key in keys for arg in ("-k", key)]
-        + ["127.0.0.1", str(node.dicom_port)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return [dcmread(path) for path in sorted(folder.glob("rsp*.dcm"))]
-
-
 def find_studies(node: Cadnode, folder: Path, patient_id: str) -> list[str]:
     """Study-level C-FIND on a Patient ID: the Study Instance UIDs answered."""
-    keys = ("QueryRetrieveLevel=STUDY", f"PatientID={patient_id}", "StudyInstanceUID")
-    return [str(answer.StudyInstanceUID) for answer in findscu(node, folder, *keys)]
+    answers = findscu(
+        node.dicom_port,
+        folder,
+        QueryRetrieveLevel="STUDY",
+        PatientID=patient_id,
+        StudyInstanceUID="",
+    )
+    return [str(answer.StudyInstanceUID) for answer in answers]
 
 
 def find_series(node: Cadnode, folder: Path, study_uid: str) -> list[str]:
     """Series-level C-FIND in a study: each series' modality (the film's, the results')."""
-    keys = ("QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study_uid}", "Modality")
-    return sorted(str(answer.Modality) for answer in findscu(node, folder, *keys))
+    answers = findscu(
+        node.dicom_port,
+        folder,
+        QueryRetrieveLevel="SERIES",
+        StudyInstanceUID=study_uid,
+        Modality="",
+    )
+    return sorted(str(answer.Modality) for answer in answers)
