@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SYSTEM_PACKAGES := dcmtk orthanc dicom3tools chromium chromium-driver
+SYSTEM_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver postgresql
 # Debian's Orthanc package tries to start its own service on install; we only want the binary.
 APT := DEBIAN_FRONTEND=noninteractive apt-get
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
