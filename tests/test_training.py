@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
 from dataclasses import astuple
 from pathlib import Path
 
@@ -22,15 +23,19 @@ from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import Bundle
 from cadnode.infer.phantoms.chest import Case, make_chest_phantom, plan_cases, render
 from cadnode.infer.preprocess import image_to_tensor
+from training.bundle import code_revision, revision_caveat
 from training.cli import main
+from training.experiments import batch_control
 from training.export import ExportMismatch, check_against_torch, export_onnx
 from training.ruleout import (
     RuleoutNet,
     TrainSpec,
     auc,
     calibrate,
+    class_prior,
     controlled_batches,
     epoch_batches,
+    evaluate,
     load_config,
     prior_thresholded,
     rates,
@@ -77,6 +82,9 @@ def test_tiny_build_writes_a_verified_bundle(tiny: Path) -> None:
     assert "not for clinical use" in manifest.provenance.intended_use
     assert "test: 40 films, seeds 3000-3039" in manifest.provenance.training_data
     assert 0 <= manifest.provenance.metrics["test_auc"] <= 1
+    train = plan_cases(config.splits.train.seeds, config.positive_fraction)
+    prior = manifest.provenance.metrics["train_prior_abnormal"]
+    assert prior == round(np.mean([case.abnormal for case in train]), 6)  # before sampling
     card = (tiny / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert "not for clinical use" in card and bundle.sha256 in card
     assert Image.open(tiny / "roc.png").size == (360, 360)
@@ -227,6 +235,46 @@ def test_sampling_options_seed_003_a2() -> None:
     assert prior_thresholded(np.array([0.3]), 0.5)[0] == pytest.approx(0.3)
 
 
+def test_separated_validation_gets_exact_intervals_not_collapsed_ones() -> None:
+    """Every validation film called right at both points: the operating points' intervals are
+    Clopper-Pearson (0.025 ** (1 / 150) = 0.9757 from 150 of 150), not the bootstrap's
+    [1, 1]; a test AUC of 1.0 is marked saturated with the counts' lower bound."""
+    labels = np.array([1.0] * 150 + [0.0] * 150, dtype=np.float32)
+    scores = np.where(labels > 0.5, 0.9, 0.1).astype(np.float32)
+    cases = [Case(i, opacity=bool(label), pneumothorax=False) for i, label in enumerate(labels)]
+    spec = load_config(TINY).calibration
+    evaluation = evaluate((scores, labels), scores, cases, spec)
+    for sensitivity, specificity in evaluation.validation_ci.values():
+        for low, high in (sensitivity, specificity):
+            assert low == pytest.approx(0.025 ** (1 / 150)) and high == 1.0
+    assert evaluation.test_auc == 1.0 and evaluation.test_auc_saturated
+    assert evaluation.test_ci["test_auc"] == pytest.approx((0.025 ** (2 / 150), 1.0))
+
+
+def test_prior_thresholding_divides_by_the_data_share_before_sampling() -> None:
+    """Seed 003 A.2: p(i) = |i| / sum |k| over the training data, whatever share sampling gave
+    the batches."""
+    labels = np.array([1.0] * 30 + [0.0] * 70)
+    assert class_prior(labels) == pytest.approx(0.3)
+    assert prior_thresholded(np.array([0.3]), class_prior(labels))[0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="prior"):
+        prior_thresholded(np.array([0.5]), 1.0)
+
+
+def test_batch_control_experiment_thresholds_by_the_data_prior() -> None:
+    """Every mode of seed 000's experiment prior-thresholds by the training films' share
+    (before: by the mode's batch share, e.g. 5/6 for P83)."""
+    setup = batch_control.Setup(
+        trials=1, train_films=12, test_films=4, phantom_size=48, input_size=16, channels=(2,)
+    )
+    rows = batch_control.run(setup)
+    train_share = class_prior(
+        np.array([c.abnormal for c in plan_cases(range(10_000, 10_012), 0.22)])
+    )
+    assert [row.mode for row in rows] == list(batch_control.MODES)
+    assert {row.prior for row in rows} == {train_share}
+
+
 def test_overlapping_splits_are_rejected(tmp_path: Path) -> None:
     text = TINY.read_text(encoding="utf-8").replace("first_seed: 2000", "first_seed: 1100")
     config = tmp_path / "overlap.yaml"
@@ -246,3 +294,38 @@ def test_export_check_fails_loudly_on_a_different_graph(tmp_path: Path) -> None:
     assert check_against_torch(exported, tmp_path / "model.onnx", images, 1) <= 1e-4
     with pytest.raises(ExportMismatch, match="differs from PyTorch"):
         check_against_torch(other, tmp_path / "model.onnx", images, 1)
+
+
+def _git(repository: Path, *arguments: str) -> str:
+    settings = ("user.name=Test", "user.email=t@example.invalid", "commit.gpgsign=false")
+    options = [part for setting in settings for part in ("-c", setting)]
+    done = subprocess.run(
+        ["git", *options, *arguments], cwd=repository, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+def test_code_revision_is_the_sources_commit_and_marks_a_dirty_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The card's revision is HEAD only when the sources are committed: an edit or an
+    untracked file under training/ (the shipped cards named a commit without segmenter.py)
+    marks it -dirty; files outside the sources do not; outside git it is "unknown"."""
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no repository above
+    assert code_revision(tmp_path) == "unknown"
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "ruleout.py").write_text("a = 1\n", encoding="utf-8")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-q", "-m", "sources")
+    head = _git(tmp_path, "rev-parse", "HEAD")
+    assert code_revision(tmp_path) == head
+    (tmp_path / "notes.txt").write_text("not a source\n", encoding="utf-8")
+    assert code_revision(tmp_path) == head
+    (tmp_path / "training" / "segmenter.py").write_text("b = 2\n", encoding="utf-8")
+    assert code_revision(tmp_path) == f"{head}-dirty"
+    _git(tmp_path, "add", "training/segmenter.py")
+    _git(tmp_path, "commit", "-q", "-m", "segmenter")
+    (tmp_path / "training" / "ruleout.py").write_text("a = 3\n", encoding="utf-8")
+    assert code_revision(tmp_path) == _git(tmp_path, "rev-parse", "HEAD") + "-dirty"
+    assert "uncommitted changes" in revision_caveat(code_revision(tmp_path))

@@ -4,6 +4,7 @@ those formats, each on a small fixture written here in exactly that format."""
 from __future__ import annotations
 
 import csv
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from cadnode.infer.preprocess import frame_window, frames_to_tensor, image_to_te
 from tests.dicom_validation import dciodvfy_errors, dciodvfy_output, require_tool
 from training import datasets
 from training.cli import main
+from training.froc import Prediction, froc
+from training.phantom_sets import store_pixels
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +271,65 @@ def test_duke_loader_windows_and_flips_by_the_pixels(tmp_path: Path) -> None:
     expected = np.clip((source - 1000) / 1000, 0, 1)[:, ::-1, ::-1]
     assert np.allclose(volume, expected)
     assert datasets.image_laterality(volume[0]) == "R"
+
+
+def _turned(ds: pydicom.Dataset, volume: np.ndarray) -> pydicom.Dataset:
+    """A copy of `ds` storing `volume` turned 180 degrees under slope 2, intercept -1000."""
+    copy = deepcopy(ds)
+    store_pixels(copy, volume, turned=True, rescale=(2.0, -1000.0))
+    return copy
+
+
+def test_duke_reader_turns_a_turned_right_view_back_to_its_boxes(tmp_path: Path) -> None:
+    """A right view stored turned 180 degrees (chest wall on the left edge, so Duke's
+    `dcmread_image` flips it) and rescaled: the one reader gives back the breast's own frame,
+    the frame its boxes are drawn in, with Rescale Slope/Intercept applied."""
+    case = plan_volumes(range(40, 44), 1.0)[1]
+    assert case.view == "RCC" and case.masses
+    ds, phantom = render_volume(case, slices=6, size=64)
+    turned = _turned(ds, phantom.volume)
+    assert datasets.duke_flip_needed(turned, "rcc") and not datasets.duke_flip_needed(ds, "rcc")
+    upright, geometry = datasets.duke_volume_tensor(ds, "rcc", 48)
+    read, read_geometry = datasets.duke_volume_tensor(turned, "rcc", 48)
+    assert read_geometry == geometry
+    assert np.abs(read - upright).max() < 1e-3  # a stored unit of rounding: 0.5 / 4000
+    turned.save_as(tmp_path / "turned.dcm", enforce_file_format=True)
+    volume = datasets.read_duke_volume(tmp_path / "turned.dcm", "rcc")
+    assert np.abs(volume - phantom.volume / 4000.0).max() < 1e-3  # window 0..4000, rescaled
+    (mass, *_) = phantom.masses
+    inside = volume[mass.slice, mass.y : mass.y + mass.height, mass.x : mass.x + mass.width]
+    assert inside.mean() > volume[mass.slice][phantom.breast_mask].mean()
+
+
+def test_duke_flip_keeps_the_geometry_on_a_non_square_volume() -> None:
+    """Odd padding moves to the other side when the tensor turns: the geometry follows it."""
+    phantom = make_breast_phantom(9, slices=3, size=64, view="RCC")
+    phantom.volume = np.ascontiguousarray(phantom.volume[:, :, 22:])  # 64 x 42, wall kept
+    ds = tomosynthesis_dataset(phantom, patient_id="P")
+    upright, geometry = datasets.duke_volume_tensor(ds, "rcc", 32)
+    read, flipped = datasets.duke_volume_tensor(_turned(ds, phantom.volume), "rcc", 32)
+    assert (geometry.pad_left, flipped.pad_left) == (5, 6)  # 21 columns in 32
+    assert np.abs(
+        read[..., flipped.pad_left : flipped.pad_left + 21]
+        - upright[..., geometry.pad_left : geometry.pad_left + 21]
+    ).max() < 1e-3
+
+
+def test_turned_boxes_are_mis_scored_unless_flipped() -> None:
+    """Why the flip matters: perfect detections of the boxes score 1, the same detections in
+    a turned volume's stored frame (what an unflipped reader reports) miss."""
+    boxes = [
+        datasets.DukeBox("P", "S", "rcc", 4, 10, 12, 8, 8, "cancer", 8),
+        datasets.DukeBox("P", "S", "lcc", 4, 40, 30, 6, 6, "benign", 8),
+    ]
+
+    def detected(box: datasets.DukeBox, x: float, y: float) -> Prediction:
+        return Prediction(*box.volume, x, y, box.slice - 1, box.width, box.height, 2, 0.9)
+
+    found = [detected(b, b.x, b.y) for b in boxes]
+    stored = [detected(b, 64 - b.x - b.width, 64 - b.y - b.height) for b in boxes[:1]]
+    assert froc(boxes, found, min_distance=10).lesion[1.0] == 1.0
+    assert froc(boxes, [*stored, found[1]], min_distance=10).lesion[1.0] == 0.5
 
 
 def test_generic_folder_loader(tmp_path: Path) -> None:

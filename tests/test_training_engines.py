@@ -9,16 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom import Dataset
 
 pytest.importorskip("torch", reason="needs the `train` extra")
 
 from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import Bundle
+from cadnode.infer.phantoms.breast import VolumeCase, plan_volumes
 from cadnode.infer.runtime import Engine
 from training import detector, segmenter
 from training.cli import main
+from training.datasets import DUKE_BOXES, DUKE_LABELS, DUKE_PATHS, DukeBox
 from training.evaluate import evaluate_ruleout, evaluate_segmenter
-from training.froc import PREDICTION_HEADER
+from training.export import onnx_probabilities
+from training.froc import PREDICTION_HEADER, Prediction, read_predictions
+from training.phantom_sets import store_pixels
 
 CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
 ENGINES = Path(__file__).resolve().parent.parent / "engines"
@@ -103,6 +108,57 @@ def test_detector_bundle_and_duke_round_trip(
     assert result["volumes"] == 4 and set(result) >= {"lesion_based", "breast_based"}
 
 
+def test_detect_reads_turned_duke_volumes_in_their_boxes_frame(
+    tiny_detector: Bundle, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Right views stored turned 180 degrees (Duke's reader flips them) give, through
+    `detect --file-paths`, the boxes and the FROC of the same volumes stored upright: the
+    predictions are in the frame the Duke boxes are drawn on. Read unflipped, every
+    right-view box would come back mirrored (test_turned_boxes_are_mis_scored_unless_flipped)."""
+    results = {}
+    for name, extra in (("upright", []), ("turned", ["--flip-right"])):
+        folder = tmp_path / name
+        argv = ["phantoms", "--kind", "dbt", "--count", "8", "--out", str(folder), "--seed", "77"]
+        assert main([*argv, "--slices", "8", "--size", "64", *extra]) == 0
+        predictions = tmp_path / f"{name}.csv"
+        paths = str(folder / DUKE_PATHS)
+        argv = ["detect", "--bundle", str(tiny_detector.folder), "--out", str(predictions)]
+        assert main([*argv, "--file-paths", paths]) == 0
+        capsys.readouterr()
+        truth, labels = str(folder / DUKE_BOXES), str(folder / DUKE_LABELS)
+        argv = ["froc", "--truth", truth, "--predictions", str(predictions), "--labels", labels]
+        assert main([*argv, "--min-distance", "10"]) == 0  # 100 px would cover a 64 px slice
+        results[name] = (read_predictions(predictions), json.loads(capsys.readouterr().out))
+    (upright, upright_froc), (turned, turned_froc) = results["upright"], results["turned"]
+    assert any(p.view.startswith("r") for p in upright) and len(turned) == len(upright)
+    for a, b in zip(sorted(upright, key=_order), sorted(turned, key=_order), strict=True):
+        assert a.volume == b.volume and (a.z, a.depth) == (b.z, b.depth)
+        assert abs(a.x - b.x) <= 0.2 and abs(a.y - b.y) <= 0.2 and abs(a.score - b.score) < 1e-4
+    assert turned_froc == upright_froc
+
+
+def _order(prediction: Prediction) -> tuple[object, ...]:
+    return prediction.volume, prediction.z, round(prediction.x), round(prediction.y)
+
+
+def test_detector_trains_on_turned_volumes_through_the_duke_reader() -> None:
+    """Training slices of right views stored turned (and rescaled) are those of the upright
+    volumes: the model learns each box on the pixels it was drawn on."""
+    config = detector.load_config(CONFIGS / "dbt-tiny.yaml")
+    cases = plan_volumes(range(40, 44), 1.0)
+
+    def turned(case: VolumeCase, slices: int, size: int) -> tuple[Dataset, list[DukeBox]]:
+        ds, boxes = detector.volume_truth(case, slices, size)
+        if case.view.startswith("R"):
+            store_pixels(ds, ds.pixel_array, turned=True, rescale=(2.0, -1000.0))
+        return ds, boxes
+
+    upright = detector.training_slices(cases, config)
+    read = detector.training_slices(cases, config, render=turned)
+    assert np.array_equal(read.targets, upright.targets) and read.positive.all()
+    assert np.abs(read.images - upright.images).max() < 1e-3
+
+
 def test_detector_positive_slices_follow_the_duke_rule() -> None:
     """round(sqrt(mean side)) slices centred on the lesion's slice, kept in the volume."""
     from training.datasets import DukeBox
@@ -111,6 +167,47 @@ def test_detector_positive_slices_follow_the_duke_rule() -> None:
     assert list(detector.positive_slices(lesion, 12)) == [3, 4, 5, 6]
     edge = DukeBox("P", "S", "lcc", 0, 0, 0, 9, 9, "benign", 12)  # 3 slices, from slice 0
     assert list(detector.positive_slices(edge, 12)) == [0, 1, 2]
+
+
+def test_segmenter_thresholds_are_chosen_through_the_cascade() -> None:
+    """Two pneumothorax films the U-Net gets right at 0.6, three normal films where it draws
+    a false 0.8 region. On all films the best Dice per image is above 0.8 (3 empty films
+    right, 2 missed: 0.6); through the cascade, which rules the normal films out, every film
+    is right at the lowest threshold. The lungs are never cascaded."""
+    probabilities = np.zeros((5, 3, 8, 8), np.float32)
+    masks = np.zeros((5, 3, 8, 8), bool)
+    masks[:, :2, 2:6, 1:4] = True  # both lungs on every film (one box for both: enough here)
+    probabilities[:, :2, 2:6, 1:4] = 0.9
+    masks[:2, segmenter.PNEUMOTHORAX, 1:3, 1:3] = True
+    probabilities[:2, segmenter.PNEUMOTHORAX, 1:3, 1:3] = 0.6
+    probabilities[2:, segmenter.PNEUMOTHORAX, 5:7, 5:7] = 0.8
+    ruled_out = np.array([False, False, True, True, True])
+    alone = segmenter.choose_thresholds(probabilities, masks)
+    cascaded = segmenter.choose_thresholds(probabilities, masks, ruled_out)
+    assert alone[segmenter.PNEUMOTHORAX] == 0.81 and cascaded[segmenter.PNEUMOTHORAX] == 0.01
+    assert alone[:2] == cascaded[:2] == [0.01, 0.01]
+
+
+def test_segmenter_build_chooses_through_the_built_ruleout_bundle(tmp_path: Path) -> None:
+    """`build segmenter` with a cascade bundle (as the Makefile builds cxr-ruleout first)
+    chooses pneumothorax's threshold on the validation films through that bundle's rule-out
+    decisions, and says so in the manifest."""
+    ruleout = tmp_path / "cxr-ruleout"
+    build("ruleout", "ruleout-tiny.yaml", ruleout)
+    config_path = tmp_path / "segmenter.yaml"
+    text = (CONFIGS / "segmenter-tiny.yaml").read_text(encoding="utf-8")
+    config_path.write_text(text + f"cascade: {{bundle: {ruleout}}}\n", encoding="utf-8")
+    built = build("segmenter", str(config_path), tmp_path / "seg")
+    config = segmenter.load_config(config_path)
+    cases = segmenter.split_cases(config)["validation"]
+    images, masks = segmenter.tensors(cases, config.phantom_size, config.input_size, "v")
+    probabilities = onnx_probabilities(built.model_path, images, threads=2, batch_size=16)
+    ruled_out = segmenter.ruled_out_by(ruleout, cases, config.phantom_size)
+    assert ruled_out is not None
+    expected = segmenter.choose_thresholds(probabilities, masks, ruled_out)
+    points = built.manifest.operating_points
+    assert [points[label.name].threshold for label in segmenter.LABELS] == expected
+    assert "after the cascade" in (points["pneumothorax"].description or "")
 
 
 # --- the shipped demo engines against their own model cards ------------------------------------

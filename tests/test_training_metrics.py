@@ -19,6 +19,8 @@ from training.metrics import (
     dice,
     dice_per_image,
     pooled_dice,
+    proportion_interval,
+    saturated_auc_interval,
 )
 from training.prefilter import Filtered, healthy_prefilter
 
@@ -61,6 +63,21 @@ def test_auc_and_bootstrap() -> None:
     values = np.linspace(0, 1, 101)
     low, high = bootstrap_interval(lambda i: float(values[i].mean()), len(values), seed=1)
     assert 0.4 < low < 0.5 < high < 0.6  # the mean 0.5 lies inside a narrow interval
+
+
+def test_exact_intervals_where_a_bootstrap_collapses() -> None:
+    """300 of 300 right: the bootstrap sees only 1.0, Clopper-Pearson gives 0.9878 (the exact
+    0.025 ** (1 / 300)); a middling proportion matches scipy's textbook case; a perfectly
+    separated AUC on 150 + 150 films has the counts' lower bound 0.025 ** (2 / 150)."""
+    right = np.ones(300)
+    assert bootstrap_interval(lambda i: float(right[i].mean()), 300) == (1.0, 1.0)
+    low, high = proportion_interval(300, 300)
+    assert low == pytest.approx(0.025 ** (1 / 300)) and high == 1.0
+    assert low == pytest.approx(0.98778, abs=1e-5)
+    assert proportion_interval(7, 10) == pytest.approx((0.34755, 0.93326), abs=1e-5)
+    assert proportion_interval(0, 30)[0] == 0.0
+    assert saturated_auc_interval(150, 150) == pytest.approx((0.025 ** (2 / 150), 1.0))
+    assert saturated_auc_interval(150, 150)[0] == pytest.approx(0.9520, abs=1e-4)
 
 
 def test_siim_rle_hand_case() -> None:
@@ -198,9 +215,11 @@ def test_batch_control_report_checks_seed_000_claims() -> None:
         return [{"tpr": tpr, "tnr": 0.9, "fpr": 0.1, "accuracy": 0.8, "f1": f} for f in f1s]
 
     steady = [0.80, 0.81, 0.79]
-    rows = [Row(mode, trials(1.0 - 0.1 * i, steady), [0.8] * 3) for i, mode in enumerate(MODES)]
-    rows[-1] = Row("RAND", trials(0.3, [0.4, 0.8, 0.6]), [0.8] * 3)
+    rows = [
+        Row(mode, trials(1.0 - 0.1 * i, steady), [0.8] * 3, 0.22) for i, mode in enumerate(MODES)
+    ]
+    rows[-1] = Row("RAND", trials(0.3, [0.4, 0.8, 0.6]), [0.8] * 3, 0.22)
     assert all(findings(rows).values())
     assert "| RAND | 0.30 ± 0.00 |" in table(rows)
-    rows[2] = Row("P66", trials(0.99, steady), [0.8] * 3)  # P66 above P83: not monotone
+    rows[2] = Row("P66", trials(0.99, steady), [0.8] * 3, 0.22)  # P66 above P83: not monotone
     assert not findings(rows)["TPR never rises from one mode to the next (P100..P17)"]

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel
 from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
 from ruamel.yaml import YAML
@@ -43,7 +44,7 @@ from cadnode.infer.bundle import (
 from cadnode.infer.phantoms.chest import Case
 from training.export import INPUT, OUTPUT, TOLERANCE
 from training.plots import draw_calibration, draw_roc
-from training.ruleout import Evaluation, RuleoutConfig
+from training.ruleout import Evaluation, RuleoutConfig, class_prior
 
 MODEL_FILE, CARD_FILE, ROC_FILE = "model.onnx", "MODEL_CARD.md", "roc.png"
 FROC_FILE, CALIBRATION_FILE = "froc.png", "calibration.png"
@@ -53,6 +54,8 @@ PHANTOM_CAVEAT = (
     "variation, findings drawn from one generator), so the figures below say the pipeline "
     "works, not that the model would detect disease in patients."
 )
+# Recorded in provenance.metrics: the training data's abnormal share before any sampling.
+PRIOR_METRIC = "train_prior_abnormal"
 ABNORMAL = Code(value="263654008", scheme="SCT", meaning="Abnormal")
 # What the chest engines (rule-out filter, segmenter) accept: frontal CR/DX chest films.
 CHEST_FILMS = Inputs(
@@ -81,21 +84,36 @@ def staged(out: Path) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def code_revision() -> str:
-    """The commit the engine was built from, or "unknown" outside a git checkout."""
+# What a bundle is built from: a change here that is not committed is not in the revision.
+SOURCES = ("training", "cadnode", "pyproject.toml")
+DIRTY = "-dirty"
+
+
+def code_revision(repository: Path = REPOSITORY) -> str:
+    """The commit the engine was built from: HEAD, marked `-dirty` when `git status` shows
+    uncommitted or untracked files under SOURCES (that commit alone would not rebuild it),
+    "unknown" outside a git checkout."""
+    head = _git(repository, "rev-parse", "HEAD")
+    if not head:
+        return "unknown"
+    changes = _git(repository, "status", "--porcelain", "--untracked-files=all", "--", *SOURCES)
+    return head + DIRTY if changes is None or changes else head
+
+
+def _git(repository: Path, *arguments: str) -> str | None:
+    """A git command's output, stripped; None when git is missing or the command fails."""
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPOSITORY,
+            ["git", *arguments],
+            cwd=repository,
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=30,
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    revision = result.stdout.strip()
-    return revision if result.returncode == 0 and revision else "unknown"
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
 def write_bundle(folder: Path, manifest: Manifest, card: str) -> Bundle:
@@ -126,10 +144,22 @@ def compose_card(
         f"exceeds 1), tolerance {tolerance:g} (the build fails above it).",
         "## Rebuild\n\n```\n" + rebuild + "\n```\n\nSame config, same bytes of `model.onnx` "
         f"(sha256 `{manifest.model.sha256}`). Built from code revision "
-        f"`{manifest.provenance.code_revision}` on {manifest.provenance.date}. Config:\n\n"
+        f"`{manifest.provenance.code_revision}` on {manifest.provenance.date}"
+        + revision_caveat(manifest.provenance.code_revision)
+        + ". Config:\n\n"
         "```yaml\n" + _yaml_text(config.model_dump(mode="json", exclude={"date"})) + "```",
     ]
     return "\n\n".join([*head, *sections, *tail]) + "\n"
+
+
+def revision_caveat(revision: str) -> str:
+    """What the card adds after a revision that does not pin the code."""
+    if revision.endswith(DIRTY):
+        return (
+            " (`-dirty`: the sources under " + ", ".join(SOURCES) + " had uncommitted changes, "
+            "so that commit alone does not rebuild this bundle)"
+        )
+    return " (not built from a git checkout)" if revision == "unknown" else ""
 
 
 def provenance(
@@ -213,10 +243,16 @@ def make_manifest(
         provenance=provenance(
             describe_data(config, cases),
             config.date,
-            evaluation.metrics(),
+            {**evaluation.metrics(), PRIOR_METRIC: training_prior(cases)},
             evaluation.test_ci,
         ),
     )
+
+
+def training_prior(cases: Mapping[str, Sequence[Case]]) -> float:
+    """The abnormal prior of the training films before sampling (seed 003 A.2's p(i)): what
+    a site divides by to prior-threshold P(abnormal) (training.ruleout.prior_thresholded)."""
+    return class_prior(np.array([case.abnormal for case in cases["train"]]))
 
 
 def _rounded(bounds: tuple[float, float]) -> tuple[float, float]:
@@ -277,7 +313,13 @@ def model_card(
         f"{evaluation.test_points[name].specificity:.4f} |"
         for name, point in evaluation.operating_points.items()
     )
-    ci_text = interval(evaluation.test_ci["test_auc"])
+    ci_text = (
+        f"saturated: every abnormal test film scored above every normal one, so a bootstrap "
+        f"only ever sees 1.0; 95 % interval {interval(evaluation.test_ci['test_auc'])}, its lower "
+        "bound distribution-free from the counts of abnormal and normal films"
+        if evaluation.test_auc_saturated
+        else f"95 % bootstrap interval {interval(evaluation.test_ci['test_auc'])}"
+    )
     by_finding = "\n".join(
         f"| {finding} | {value:.4f} |"
         for finding, value in evaluation.test_sensitivity_by_finding.items()
@@ -293,12 +335,15 @@ def model_card(
         f"{config.model.channels}, global average and max pooling, one linear logit), AdamW "
         "with a one-cycle schedule, binary cross-entropy. Every batch holds a fixed share of "
         f"abnormal films ({config.training.batch_positive_fraction}; batch control, seed 000 "
-        "Chang & Huang). Deterministic: fixed seeds, `torch.use_deterministic_algorithms`, "
+        f"Chang & Huang); the training films' own abnormal share before that sampling, "
+        f"{manifest.provenance.metrics[PRIOR_METRIC]:.4f}, is recorded as `{PRIOR_METRIC}`: "
+        "seed 003 A.2's prior thresholding divides by it. Deterministic: fixed seeds, "
+        "`torch.use_deterministic_algorithms`, "
         f"{config.threads} threads.",
         "## Operating points\n\nChosen on the validation phantoms, then applied unchanged to "
         "the held-out test phantoms. A film is called abnormal when P >= threshold. In "
-        "brackets: 95 % percentile bootstrap intervals (1000 resamples of the validation "
-        "films).\n\n"
+        "brackets: 95 % Clopper-Pearson exact binomial intervals from the validation counts "
+        "(a bootstrap collapses to [1, 1] when every film is called right).\n\n"
         "| point | threshold | val. sensitivity | val. specificity | test sensitivity "
         "| test specificity |\n|---|---|---|---|---|---|\n"
         + points
@@ -309,7 +354,7 @@ def model_card(
         "phantoms separate almost perfectly; real data will not, so recalibrate on a site's "
         "own validation set.",
         "## Held-out test metrics\n\n"
-        f"AUC {evaluation.test_auc:.4f} (95 % bootstrap interval {ci_text}) on the test "
+        f"AUC {evaluation.test_auc:.4f} ({ci_text}) on the test "
         f"phantoms (validation AUC {evaluation.validation_auc:.4f}). Computed with ONNX Runtime "
         "on the shipped `model.onnx`. Sensitivity at `rule_out` by finding:\n\n"
         "| finding | sensitivity |\n|---|---|\n"

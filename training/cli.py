@@ -2,7 +2,8 @@
 
 cadnode-train phantoms --kind cxr|dbt --count 100 --out data/cxr [--positive-fraction 0.5]
 cadnode-train froc --truth BOXES.csv --predictions PREDICTIONS.csv [--labels LABELS.csv]
-cadnode-train detect --bundle engines/dbt-detector --out PREDICTIONS.csv VOLUME.dcm...
+cadnode-train detect --bundle engines/dbt-detector --out PREDICTIONS.csv
+    [--file-paths BCS-DBT-file-paths.csv] [VOLUME.dcm...]
 cadnode-train evaluate ruleout|segmenter|dbt [--bundle DIR] [--count N] [--seed S]
 cadnode-train train ruleout --config training/configs/ruleout.yaml --out ruleout.pt
 cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines/cxr-ruleout
@@ -24,7 +25,7 @@ from types import ModuleType
 from cadnode.core.yamlfile import ConfigError
 from cadnode.infer.backends import plan_for_bundle
 from cadnode.infer.bundle import Bundle
-from training.datasets import read_duke_boxes, read_duke_labels
+from training.datasets import read_duke_boxes, read_duke_labels, read_duke_paths
 from training.froc import MIN_DISTANCE_PX, froc, read_predictions, write_predictions
 from training.phantom_sets import LABELS_CSV, write_chest_set, write_dbt_set
 
@@ -67,6 +68,11 @@ def parser() -> argparse.ArgumentParser:
         "--size", type=int, help=f"film or slice side, pixels (cxr {CXR_SIZE}, dbt {DBT_SIZE})"
     )
     phantoms.add_argument("--slices", type=int, default=16, help="slices per DBT volume")
+    phantoms.add_argument(
+        "--flip-right",
+        action="store_true",
+        help="store right DBT views turned 180 degrees: Duke's reader must flip them to fit",
+    )
     phantoms.set_defaults(handler=write_phantoms)
 
     evaluation = commands.add_parser("froc", help="Duke BCS-DBT FROC of predictions (JSON)")
@@ -91,7 +97,13 @@ def parser() -> argparse.ArgumentParser:
     detect = commands.add_parser(
         "detect", help="run a dbt-detector bundle over DBT files: Duke predictions CSV"
     )
-    detect.add_argument("files", type=Path, nargs="+", help="Breast Tomosynthesis DICOM files")
+    detect.add_argument("files", type=Path, nargs="*", help="Breast Tomosynthesis DICOM files")
+    detect.add_argument(
+        "--file-paths",
+        type=Path,
+        help="Duke file-path CSV: detect its volumes (below its folder), named and oriented by "
+        "its View as the Duke boxes are",
+    )
     detect.add_argument("--bundle", type=Path, default=Path("engines/dbt-detector"))
     detect.add_argument("--out", type=Path, required=True, help="predictions CSV to write")
     detect.add_argument(
@@ -131,7 +143,9 @@ def write_phantoms(args: argparse.Namespace) -> int:
     }
     if args.kind == "dbt":
         size = args.size or DBT_SIZE
-        written = write_dbt_set(args.out, slices=args.slices, size=size, **common)
+        written = write_dbt_set(
+            args.out, slices=args.slices, size=size, flip_right=args.flip_right, **common
+        )
         print(f"wrote {written} DBT volumes and the Duke BCS-DBT CSVs to {args.out}")
     else:
         written = write_chest_set(args.out, size=args.size or CXR_SIZE, **common)
@@ -178,15 +192,30 @@ def detect_command(args: argparse.Namespace) -> int:
     if (detector := needing_torch("detector")) is None:
         return 2
     try:
+        keys = duke_names(args.file_paths)
+        files = [*args.files, *keys]
+        if not files:
+            raise ValueError("name DBT files or a Duke --file-paths CSV")
         bundle = Bundle(args.bundle)
-        predictions = detector.detect_files(bundle, args.files)
+        predictions = detector.detect_files(bundle, files, keys=keys)
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 2
+    except (OSError, ValueError, KeyError) as error:
+        print(f"cadnode-train detect: {error}", file=sys.stderr)
+        return 2
     kept = [p for p in predictions if p.score >= args.threshold]
     write_predictions(args.out, kept)
-    print(f"wrote {len(kept)} predictions for {len(args.files)} volume(s) to {args.out}")
+    print(f"wrote {len(kept)} predictions for {len(files)} volume(s) to {args.out}")
     return 0
+
+
+def duke_names(file_paths: Path | None) -> dict[Path, tuple[str, str, str]]:
+    """File -> (PatientID, StudyUID, View) from a Duke file-path CSV, files below its folder."""
+    if file_paths is None:
+        return {}
+    volumes = read_duke_paths(file_paths, file_paths.parent)
+    return {path: key for key, path in volumes.items()}
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -13,9 +13,10 @@
   read in any case): boxes CSV (PatientID, StudyUID, View, Slice, X, Y, Width,
   Height, Class, VolumeSlices; other columns ignored), file-path CSV (PatientID, StudyUID,
   View, descriptive_path and/or classic_path), labels CSV (PatientID, StudyUID, View, Normal,
-  Actionable, Benign, Cancer), multi-frame DICOM read with the window from the functional
-  groups and laterality from the pixels (the dataset authors' advice: the DICOM laterality
-  tag is unreliable).
+  Actionable, Benign, Cancer), multi-frame DICOM read as the authors' `dcmread_image` reads
+  it: laterality from the stored pixels (their advice: the DICOM laterality tag is
+  unreliable), flipped on both axes when it is not the view's (the boxes are drawn on the
+  flipped image), rescaled and windowed from the functional groups.
 - A generic DICOM folder with a labels CSV (file, then one column per label).
 """
 
@@ -23,14 +24,15 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image
 
-from cadnode.infer.preprocess import frame_window
+from cadnode.dicom.pixels import DEFAULT_LIMIT, decoded_pixels
+from cadnode.infer.preprocess import Geometry, frames_to_tensor
 
 # --- CSV helpers -------------------------------------------------------------------------------
 
@@ -344,24 +346,42 @@ def image_laterality(frame: np.ndarray) -> str:
     return "R" if float(frame[:, 0].sum()) < float(frame[:, -1].sum()) else "L"
 
 
+def duke_flip_needed(ds: pydicom.Dataset, view: str) -> bool:
+    """Whether Duke's `dcmread_image` flips this volume: the laterality of its first frame's
+    stored pixels (edge sums, before any rescale or window, as theirs) is not the view's."""
+    first = decoded_pixels(ds, DEFAULT_LIMIT, frame=0)
+    return image_laterality(first) != view[0].upper()
+
+
+def duke_volume_tensor(ds: pydicom.Dataset, view: str, size: int) -> tuple[np.ndarray, Geometry]:
+    """The one way a Duke-layout volume becomes model input (training, `cadnode-train detect`):
+    `frames_to_tensor` (rescale, each frame's window, fitted to `size`), turned upside down
+    and left-right (both axes, as Duke's `dcmread_image` does) when `duke_flip_needed`. Duke's
+    boxes are drawn on that flipped image, so the returned geometry maps model pixels to it:
+    boxes found through it are in the boxes' frame, ready for the Duke FROC."""
+    tensors, geometry = frames_to_tensor(ds, size, limit=DEFAULT_LIMIT)
+    if not duke_flip_needed(ds, view):
+        return tensors, geometry
+    content_rows = max(1, round(geometry.source_rows * geometry.scale))
+    content_columns = max(1, round(geometry.source_columns * geometry.scale))
+    mirrored = replace(
+        geometry,
+        pad_top=size - geometry.pad_top - content_rows,
+        pad_left=size - geometry.pad_left - content_columns,
+    )
+    return np.ascontiguousarray(tensors[:, :, ::-1, ::-1]), mirrored
+
+
 def read_duke_volume(path: Path, view: str) -> np.ndarray:
-    """Float32 (slices, rows, columns) in [0, 1]: windowed with each frame's functional-group
-    window, flipped left-right (and up-down, as the authors do) when the pixels' laterality
-    disagrees with the view's."""
+    """Float32 (slices, rows, columns) in [0, 1] at the stored size, in the frame Duke's boxes
+    are drawn on: `duke_volume_tensor` at the volume's own size (rescaled, windowed with each
+    frame's functional-group window, flipped when the pixels' laterality disagrees with the
+    view's), its padding cropped off."""
     ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
-    volume = pixels[None] if pixels.ndim == 2 else pixels
-    windowed = np.empty(volume.shape, dtype=np.float32)
-    for index, frame in enumerate(volume):
-        centre, width = frame_window(ds, index) or (
-            float(frame.mean()),
-            float(np.ptp(frame)) or 1.0,
-        )
-        low = centre - width / 2
-        windowed[index] = np.clip((frame.astype(np.float32) - low) / width, 0, 1)
-    if image_laterality(volume[0]) != view[0].upper():
-        windowed = windowed[:, ::-1, ::-1].copy()
-    return windowed
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    tensors, geometry = duke_volume_tensor(ds, view, max(rows, columns))
+    top, left = geometry.pad_top, geometry.pad_left
+    return np.ascontiguousarray(tensors[:, 0, top : top + rows, left : left + columns])
 
 
 # --- generic DICOM folder + labels CSV ----------------------------------------------------------

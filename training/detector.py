@@ -24,7 +24,7 @@ width, height in model-input pixels, so the daemon needs no knowledge of cells o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -40,7 +40,6 @@ from torch import nn
 from tqdm import tqdm
 
 from cadnode.core.yamlfile import load_model
-from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import (
     Bundle,
     Code,
@@ -57,7 +56,7 @@ from cadnode.infer.bundle import (
 )
 from cadnode.infer.phantoms.breast import VolumeCase, plan_volumes, render_volume
 from cadnode.infer.postprocess import Fusion, fuse_slices, source_box
-from cadnode.infer.preprocess import Geometry, frames_to_tensor
+from cadnode.infer.preprocess import Geometry
 from training.bundle import (
     FROC_FILE,
     MODEL_FILE,
@@ -69,10 +68,10 @@ from training.bundle import (
     write_bundle,
 )
 from training.checkpoint import fit
-from training.datasets import DukeBox
+from training.datasets import DukeBox, VolumeKey, duke_volume_tensor
 from training.export import INPUT, check_against_torch, export_onnx, onnx_probabilities
 from training.froc import EVALUATION_FPS, MIN_DISTANCE_PX, Froc, Prediction, froc
-from training.metrics import bootstrap_interval
+from training.metrics import bootstrap_interval, proportion_interval
 from training.plots import draw_froc
 from training.ruleout import Splits, controlled_batches, make_deterministic
 
@@ -281,15 +280,20 @@ def volume_truth(case: VolumeCase, slices: int, size: int) -> tuple[Dataset, lis
     return ds, boxes
 
 
-def training_slices(cases: Sequence[VolumeCase], config: DetectorConfig) -> Slices:
+def training_slices(
+    cases: Sequence[VolumeCase],
+    config: DetectorConfig,
+    render: Callable[[VolumeCase, int, int], tuple[Dataset, list[DukeBox]]] = volume_truth,
+) -> Slices:
     """Positive slices per lesion from volumes with masses; a few random slices of each
-    normal volume (negatives_per_volume)."""
+    normal volume (negatives_per_volume). Each volume (`render`: dataset and Duke boxes) is
+    read by `duke_volume_tensor`, as `detect` reads it."""
     grid = config.input_size // config.model.cell
     rng = np.random.default_rng(config.seed)
     images, targets, positive = [], [], []
     for case in tqdm(cases, desc="slices", unit="volume"):
-        ds, boxes = volume_truth(case, config.slices, config.phantom_size)
-        frames, geometry = frames_to_tensor(ds, config.input_size, limit=DEFAULT_LIMIT)
+        ds, boxes = render(case, config.slices, config.phantom_size)
+        frames, geometry = duke_volume_tensor(ds, case.view, config.input_size)
         if not boxes:
             count = min(len(frames), config.training.negatives_per_volume)
             chosen_slices = np.sort(rng.choice(len(frames), count, replace=False))
@@ -359,7 +363,7 @@ def _flipped(
 # --- inference -------------------------------------------------------------------------------
 
 
-def volume_key(ds: Dataset) -> tuple[str, str, str]:
+def volume_key(ds: Dataset) -> VolumeKey:
     """PatientID, StudyUID and the Duke view (e.g. "lcc") of a DBT dataset."""
     laterality = ""
     shared = ds.get("SharedFunctionalGroupsSequence")
@@ -372,13 +376,21 @@ def volume_key(ds: Dataset) -> tuple[str, str, str]:
 
 
 def detect(
-    model_path: Path, ds: Dataset, settings: DetectorInference, input_size: int, threads: int = 2
+    model_path: Path,
+    ds: Dataset,
+    settings: DetectorInference,
+    input_size: int,
+    threads: int = 2,
+    key: VolumeKey | None = None,
 ) -> list[Prediction]:
-    """The volume's Duke prediction rows, boxes in the volume's own pixels: fused and mapped
-    back by the daemon's own post-processing (cadnode.infer.postprocess)."""
-    frames, geometry = frames_to_tensor(ds, input_size, limit=DEFAULT_LIMIT)
+    """The volume's Duke prediction rows, boxes in the frame Duke's boxes are drawn on (the
+    pixels flipped as the authors' `dcmread_image` flips them, `duke_volume_tensor`): fused
+    and mapped back by the daemon's own post-processing (cadnode.infer.postprocess). `key`
+    (PatientID, StudyUID, View) as the Duke file-path CSV names the volume; default from its
+    tags."""
+    key = key or volume_key(ds)
+    frames, geometry = duke_volume_tensor(ds, key[2], input_size)
     boxes = onnx_probabilities(model_path, frames, threads, batch_size=32)
-    key = volume_key(ds)
     fusion = fusion_of(settings)
     return [
         Prediction(
@@ -392,8 +404,7 @@ def detect(
             score=round(box.score, 6),
         )
         for box in (
-            source_box(fused, geometry)
-            for fused in fuse_slices(boxes, frames, input_size, fusion)
+            source_box(fused, geometry) for fused in fuse_slices(boxes, frames, input_size, fusion)
         )
     ]
 
@@ -406,8 +417,14 @@ def fusion_of(settings: DetectorInference) -> Fusion:
     )
 
 
-def detect_files(bundle: Bundle, paths: Sequence[Path], threads: int = 2) -> list[Prediction]:
-    """Run a detector bundle over DBT files (the `cadnode-train detect` command)."""
+def detect_files(
+    bundle: Bundle,
+    paths: Sequence[Path],
+    threads: int = 2,
+    keys: Mapping[Path, VolumeKey] | None = None,
+) -> list[Prediction]:
+    """Run a detector bundle over DBT files (the `cadnode-train detect` command); `keys`
+    names volumes as a Duke file-path CSV does (their View decides the flip)."""
     output = bundle.manifest.output
     known = DetectorInference.model_fields
     settings = DetectorInference(
@@ -416,7 +433,9 @@ def detect_files(bundle: Bundle, paths: Sequence[Path], threads: int = 2) -> lis
     size = bundle.manifest.preprocessing.size
     predictions = []
     for path in tqdm(paths, desc="detect", unit="volume"):
-        predictions += detect(bundle.model_path, pydicom.dcmread(path), settings, size, threads)
+        key = (keys or {}).get(path)
+        ds = pydicom.dcmread(path)
+        predictions += detect(bundle.model_path, ds, settings, size, threads, key)
     return predictions
 
 
@@ -501,6 +520,28 @@ def bootstrap_sensitivity(
     return bootstrap_interval(statistic, len(volumes), rounds=rounds, seed=config.seed)
 
 
+def sensitivity_interval(
+    truth: Sequence[DukeBox],
+    predictions: Sequence[Prediction],
+    volumes: Sequence[tuple[str, str, str]],
+    config: DetectorConfig,
+    at_fp: float = 2.0,
+) -> tuple[float, float]:
+    """`bootstrap_sensitivity`, or where it collapses to one value (every resample finds
+    every lesion, or none) the Clopper-Pearson interval of the lesions found."""
+    low, high = bootstrap_sensitivity(truth, predictions, volumes, config, at_fp)
+    if low < high:
+        return low, high
+    result = froc(
+        truth,
+        predictions,
+        volumes=len(volumes),
+        min_distance=config.min_distance_px,
+        evaluation_fps=(at_fp,),
+    )
+    return proportion_interval(round(result.lesion[at_fp] * len(truth)), len(truth))
+
+
 def _restudied(item: Item, study_uid: str) -> Item:
     return replace(item, study_uid=study_uid)
 
@@ -520,7 +561,7 @@ def evaluate(
         test=froc(truth, predictions, volumes=count, min_distance=config.min_distance_px),
         test_published=froc(truth, predictions, volumes=count, min_distance=MIN_DISTANCE_PX),
         intervals={
-            "test_lesion_sensitivity_at_2_fp": bootstrap_sensitivity(
+            "test_lesion_sensitivity_at_2_fp": sensitivity_interval(
                 truth, predictions, volumes, config
             )
         },
@@ -708,7 +749,8 @@ def model_card(
         + row(f"D = {config.min_distance_px:g} px", evaluation.test)
         + "\n"
         + row("D = 100 px (literal)", evaluation.test_published)
-        + f"\n\nLesion sensitivity at 2 FP/volume, 95 % bootstrap interval over test volumes: "
+        + f"\n\nLesion sensitivity at 2 FP/volume, 95 % bootstrap interval over test volumes "
+        "(Clopper-Pearson of the lesions found where the bootstrap collapses to one value): "
         f"{interval(interval_2fp)}. {evaluation.test.lesions} lesions in "
         f"{evaluation.test.volumes} test volumes. Operating point `report` (chosen on "
         f"validation): threshold {evaluation.report_threshold:.4f}, validation lesion "

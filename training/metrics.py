@@ -6,7 +6,9 @@
   and averaged over images ("Dice_adjusted", from the SIIM organisers), and pooled Dice over
   all pixels of all images ("assess all the samples as a whole").
 - AUC (ties count half) and percentile bootstrap confidence intervals (seed 003 A.8 used
-  2000 bootstraps for its CIs).
+  2000 bootstraps for its CIs). A bootstrap collapses where the statistic is at its bound
+  (300/300 resamples to 1.0 every time), so proportions get exact Clopper-Pearson intervals
+  and a saturated AUC (1.0) a distribution-free lower bound from the class counts.
 FROC with the Duke rule is in `training.froc`.
 """
 
@@ -16,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import binomtest
 
 
 @dataclass(frozen=True)
@@ -140,3 +143,27 @@ def bootstrap_interval(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def proportion_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson exact interval of a binomial proportion (sensitivity, specificity, a
+    rate): never collapses, 300/300 gives [0.9878, 1]. NaN when there are no trials."""
+    if trials == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=level, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def saturated_auc_interval(
+    positives: int, negatives: int, level: float = 0.95
+) -> tuple[float, float]:
+    """An interval for an AUC observed at 1.0 (every positive above every negative), where a
+    bootstrap only ever sees 1.0. With t the lowest positive score, AUC = P(X > Y) >=
+    P(X >= t) P(Y < t). P(X >= t) >= (a/2)^(1/m) with probability 1 - a/2 (the share of
+    positives below the sample minimum is Beta(1, m)); given t, all n negatives fell below it,
+    so P(Y < t) >= (a/2)^(1/n) with probability 1 - a/2 (Clopper-Pearson, n/n). Both hold
+    with probability >= 1 - a: a distribution-free lower bound (150 + 150 cases: 0.952)."""
+    if positives == 0 or negatives == 0:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    return tail ** (1 / positives) * tail ** (1 / negatives), 1.0

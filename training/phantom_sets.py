@@ -8,13 +8,17 @@ Chest (`cadnode-train phantoms --kind cxr`): `cxr-NNNNN.dcm` films with
 - Montgomery-style lung masks: `ManualMask/leftMask/` and `ManualMask/rightMask/` PNGs.
 DBT (`--kind dbt`): `dbt-NNNNN.dcm` Breast Tomosynthesis volumes, 4 views per study (sharing
 the study's UID, patient, Accession Number and Study Date/Time), with the Duke BCS-DBT boxes,
-file-path and labels CSVs.
+file-path and labels CSVs. With `flip_right`, right views are stored turned 180 degrees (the
+chest wall on the left edge) while their boxes stay in the breast's own frame: a volume Duke's
+`dcmread_image` must flip before its boxes fit, as some real ones do.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+from pydicom import Dataset
 from tqdm import tqdm
 
 from cadnode.infer.phantoms.breast import plan_volumes, render_volume
@@ -62,14 +66,25 @@ def write_chest_set(
 
 
 def write_dbt_set(
-    out: Path, *, count: int, first_seed: int, positive_fraction: float, slices: int, size: int
+    out: Path,
+    *,
+    count: int,
+    first_seed: int,
+    positive_fraction: float,
+    slices: int,
+    size: int,
+    flip_right: bool = False,
+    rescale: tuple[float, float] = (1.0, 0.0),
 ) -> int:
+    """The volumes and Duke CSVs; `flip_right` and `rescale` (slope, intercept) change only
+    how the pixels are stored (`store_pixels`), never the boxes or what a reader should see."""
     cases = plan_volumes(range(first_seed, first_seed + count), positive_fraction)
     boxes: list[DukeBox] = []
     paths, labels = [], []
     for index, case in enumerate(tqdm(cases, desc="phantoms", unit="volume")):
         name = f"dbt-{index:05d}.dcm"
         ds, phantom = render_volume(case, slices=slices, size=size)
+        store_pixels(ds, phantom.volume, turned=flip_right and case.view[0] == "R", rescale=rescale)
         out.mkdir(parents=True, exist_ok=True)
         ds.save_as(out / name, enforce_file_format=True)
         key = (case.patient_id, case.study_uid, case.view.lower())
@@ -87,3 +102,20 @@ def write_dbt_set(
     datasets.write_rows(out / datasets.DUKE_PATHS, datasets.DUKE_PATH_HEADER, paths)
     datasets.write_rows(out / datasets.DUKE_LABELS, datasets.DUKE_LABEL_HEADER, labels)
     return len(cases)
+
+
+def store_pixels(
+    ds: Dataset, volume: np.ndarray, *, turned: bool, rescale: tuple[float, float]
+) -> None:
+    """Store `volume` (the values a reader should get back after Rescale Slope/Intercept) as
+    (value - intercept) / slope under the functional groups' rescale, turned 180 degrees in
+    plane when `turned` (its laterality then reads the other way from the pixels)."""
+    slope, intercept = rescale
+    stored = np.rint((volume.astype(np.float64) - intercept) / slope)
+    if stored.min() < 0 or stored.max() >= 2 ** int(ds.BitsStored):
+        raise ValueError(f"rescale {rescale} leaves the stored {ds.BitsStored}-bit range")
+    if turned:
+        stored = stored[:, ::-1, ::-1]
+    transformation = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    transformation.RescaleSlope, transformation.RescaleIntercept = slope, intercept
+    ds.PixelData = np.ascontiguousarray(stored.astype(np.uint16)).tobytes()

@@ -6,6 +6,11 @@ finding is added while the boxes are kept (the classifier is not sure enough to 
 detector), below beta the boxes pass unchanged. The paper's best values: alpha 0.997, beta 0.3
 (they lifted the test mAP from 0.186 to 0.242). With the cxr-ruleout engine as the classifier,
 P(healthy) = 1 - P(abnormal).
+
+No engine calls it yet: the paper applies it on top of a multi-finding chest box detector's
+output (VinBigData), and none of the shipped engines is one (the segmenter's gate is seed
+001's cascade, the DBT detector has no healthy-breast classifier). It belongs to issue 20's
+chest-findings engine, where it decides which findings are reported.
 """
 
 from __future__ import annotations

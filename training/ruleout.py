@@ -24,7 +24,7 @@ from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import Strict
 from cadnode.infer.phantoms.chest import Case, render
 from cadnode.infer.preprocess import image_to_tensor
-from training.metrics import auc, bootstrap_interval
+from training.metrics import auc, bootstrap_interval, proportion_interval, saturated_auc_interval
 from training.plots import calibration_bins
 
 # --- configuration ---------------------------------------------------------------------------
@@ -215,11 +215,24 @@ def steps_per_epoch(labels: np.ndarray, spec: TrainSpec) -> int:
     return len(labels) // spec.batch_size
 
 
+def class_prior(labels: np.ndarray) -> float:
+    """The abnormal class's prior as seed 003 A.2 (thesis, Buda) defines it for thresholding:
+    p(i) = |i| / sum_k |k|, its frequency in the training data BEFORE any sampling (not the
+    share of a batch that oversampling or batch control made)."""
+    positive = np.asarray(labels) > 0.5
+    if not len(positive):
+        raise ValueError("a class prior needs training labels")
+    return float(positive.mean())
+
+
 def prior_thresholded(probability: np.ndarray, prior: float) -> np.ndarray:
-    """Seed 003 A.2's thresholding: divide each class's output by the class prior the model
-    was trained with and renormalise, p' = (p / prior) / (p / prior + (1 - p) / (1 - prior)).
+    """Seed 003 A.2's thresholding: divide each class's output by its prior (`class_prior` of
+    the training data before sampling) and renormalise,
+    p' = (p / prior) / (p / prior + (1 - p) / (1 - prior)).
     A monotone map (AUC unchanged) that moves the 0.5 decision back to where equal priors
     would put it."""
+    if not 0 < prior < 1:
+        raise ValueError(f"a class prior must lie in (0, 1), not {prior}")
     p = np.clip(np.asarray(probability, dtype=np.float64), 1e-12, 1 - 1e-12)
     positive, negative = p / prior, (1 - p) / (1 - prior)
     return positive / (positive + negative)
@@ -340,11 +353,14 @@ class Evaluation:
     test_auc: float
     test_sensitivity_by_finding: dict[str, float]  # at rule_out: which findings slip through
     test_roc: tuple[np.ndarray, np.ndarray]  # false positive rate, true positive rate
-    # 95 % bootstrap intervals: (sensitivity, specificity) of each point on validation, and
-    # of the test AUC; reliability bins of P(abnormal) on test (plots.calibration_bins).
+    # 95 % intervals: Clopper-Pearson of (sensitivity, specificity) of each point on
+    # validation; of the test AUC a percentile bootstrap, or where the AUC is saturated (1.0,
+    # the bootstrap collapses) the counts' lower bound; reliability bins of P(abnormal) on
+    # test (plots.calibration_bins).
     validation_ci: dict[str, tuple[tuple[float, float], tuple[float, float]]]
     test_ci: dict[str, tuple[float, float]]
     test_calibration: list[tuple[float, float, int]]
+    test_auc_saturated: bool = False
 
     def metrics(self) -> dict[str, float]:
         """The figures recorded in manifest provenance.metrics (rounded for reading)."""
@@ -386,27 +402,30 @@ def evaluate(
         validation_ci={
             name: point_intervals(*validation, point.threshold) for name, point in points.items()
         },
-        test_ci={"test_auc": bootstrap_interval(_resampled(auc, test_scores, labels), len(labels))},
+        test_ci={"test_auc": auc_interval(test_scores, labels)},
         test_calibration=calibration_bins(test_scores, labels > 0.5),
+        test_auc_saturated=auc(test_scores, labels) == 1.0,
     )
+
+
+def auc_interval(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Percentile bootstrap of the AUC; at 1.0 (every resample 1.0 too) the exact lower bound
+    from the class counts (metrics.saturated_auc_interval) instead."""
+    if auc(scores, labels) == 1.0:
+        positives = int((labels > 0.5).sum())
+        return saturated_auc_interval(positives, len(labels) - positives)
+    return bootstrap_interval(_resampled(auc, scores, labels), len(labels))
 
 
 def point_intervals(
     scores: np.ndarray, labels: np.ndarray, threshold: float
 ) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Bootstrap intervals of sensitivity and specificity at `threshold`."""
-
-    def sensitivity(s: np.ndarray, y: np.ndarray) -> float:
-        positive = y > 0.5
-        return float((s[positive] >= threshold).mean()) if positive.any() else float("nan")
-
-    def specificity(s: np.ndarray, y: np.ndarray) -> float:
-        negative = y <= 0.5
-        return float((s[negative] < threshold).mean()) if negative.any() else float("nan")
-
-    return tuple(  # type: ignore[return-value]
-        bootstrap_interval(_resampled(f, scores, labels), len(labels))
-        for f in (sensitivity, specificity)
+    """Clopper-Pearson exact intervals of sensitivity and specificity at `threshold` (a
+    bootstrap collapses to [1, 1] when every film is called right)."""
+    called, positive = scores >= threshold, labels > 0.5
+    return (
+        proportion_interval(int((called & positive).sum()), int(positive.sum())),
+        proportion_interval(int((~called & ~positive).sum()), int((~positive).sum())),
     )
 
 

@@ -8,8 +8,8 @@ TPR falls from P100 to P17, TNR rises, and F1 varies far more across trials for 
 Here: the rule-out CNN (training.ruleout) on small chest phantoms whose training set is 22 %
 abnormal like theirs, trained for a fixed number of steps per trial, called abnormal at
 P >= 0.5 on a balanced test set. The last columns apply seed 003 A.2's prior thresholding
-(each class's output divided by the positive share the model was trained with) before the
-same 0.5 cut: it should take most of the batch share's pull on TPR away.
+(each class's output divided by its prior p(i) = |i| / sum |k|, its frequency in the training
+data before sampling, as the thesis defines it) before the same 0.5 cut.
 
     python -m training.experiments.batch_control --out docs/batch_control.md
 """
@@ -32,6 +32,7 @@ from training.metrics import Confusion, coefficient_of_variation
 from training.ruleout import (
     RuleoutNet,
     TrainSpec,
+    class_prior,
     make_deterministic,
     prior_thresholded,
     tensors,
@@ -69,6 +70,7 @@ class Row:
     mode: str
     rates: list[dict[str, float]]  # one per trial, at 0.5
     adjusted_tpr: list[float]  # one per trial, prior-thresholded, at 0.5
+    prior: float  # the abnormal prior the thresholding divided by
 
     def mean_sd(self, key: str) -> tuple[float, float]:
         values = np.array([r[key] for r in self.rates])
@@ -92,6 +94,7 @@ def run(setup: Setup) -> list[Row]:
         setup.input_size,
         "test films",
     )
+    prior = class_prior(train_y)  # before sampling: the same for every mode
     rows = []
     for mode, share in MODES.items():
         rates, adjusted = [], []
@@ -110,9 +113,8 @@ def run(setup: Setup) -> list[Row]:
             with torch.no_grad():
                 scores = model(torch.from_numpy(test_x)).numpy()
             rates.append(Confusion.of(scores >= 0.5, test_y > 0.5).rates())
-            prior = min(share if share is not None else DATA_POSITIVE_SHARE, 0.99)
             adjusted.append(Confusion.of(prior_thresholded(scores, prior) >= 0.5, test_y > 0.5).tpr)
-        rows.append(Row(mode, rates, adjusted))
+        rows.append(Row(mode, rates, adjusted, prior))
     return rows
 
 
@@ -172,8 +174,9 @@ in {seconds:.0f} s on the CPU: the rule-out CNN (`training/ruleout.py`, channels
 films ({DATA_POSITIVE_SHARE:.0%} abnormal, like RSNA) for {setup.epochs} epochs, {setup.trials}
 trials per mode (each its own seed), {setup.test_films} balanced test films, abnormal when
 P >= 0.5. Mean ± sample SD over trials; F1-CV = SD / mean of F1 (training/metrics.py). The last
-column applies seed 003 A.2's prior thresholding (outputs divided by the positive share the
-model was trained with) before the same cut.
+column applies seed 003 A.2's prior thresholding before the same cut: outputs divided by each
+class's frequency in the training films before sampling (thesis: p(i) = |i| / sum |k|;
+abnormal {rows[0].prior:.2f}), whatever share the batches were given.
 
 {table(rows)}
 
