@@ -426,7 +426,7 @@ def _patients(jobs: int) -> int:
 def _measure(folder: Path, patient: str, repeat: int) -> dict[str, Any]:
     settings = Settings.model_validate({"storage": {"data_dir": str(folder), "min_free_mb": 0}})
     settings.storage.spool.mkdir(parents=True, exist_ok=True)
-    database = Database(settings.storage.database)
+    database = Database(settings.database_url)
     context = AdminContext(
         settings=settings,
         database=database,

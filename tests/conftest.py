@@ -29,7 +29,7 @@ import pytest
 
 from cadnode.core import logs
 from cadnode.core.db import Database
-from tests import dicom_validation, peers
+from tests import dicom_validation, peers, postgres
 
 # Loggers not cached, so every test's structlog.testing.capture_logs sees every event.
 logs.CACHE_LOGGERS = False
@@ -47,8 +47,10 @@ PEER_MODULES = ("subprocess", "multiprocessing", "selenium", "psycopg", "psycopg
 SLOW = {
     "test_training.py::tiny",  # trains the tiny rule-out model
     "test_training.py::test_checkpoint_of_another_config_is_refused",
+    "test_training.py::test_batch_control_experiment_thresholds_by_the_data_prior",
     "test_training_engines.py::tiny_segmenter",
     "test_training_engines.py::tiny_detector",
+    "test_training_engines.py::test_segmenter_build_chooses_through_the_built_ruleout_bundle",
     "test_training_engines.py::test_shipped_detector_holds_its_card",
 }
 
@@ -60,9 +62,28 @@ PEER_TOOLS = {
 }
 
 
+# The database-level tests run on both databases; PostgreSQL's variant is integration (a
+# server process), so the unit subset stays on SQLite.
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    where = tmp_path / "cadnode.db" if request.param == "sqlite" else None
+    made = Database(where or request.getfixturevalue("postgres_url"))
+    yield made
+    made.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.PostgresServer]:
+    """One PostgreSQL server for the whole run (tests/postgres.py)."""
+    with postgres.run_postgres() as server:
+        yield server
+
+
 @pytest.fixture
-def database(tmp_path: Path) -> Iterator[Database]:
-    yield Database(tmp_path / "cadnode.db")
+def postgres_url(postgres_server: postgres.PostgresServer) -> Iterator[str]:
+    """A fresh, empty database on that server, for one test: its URL."""
+    with postgres.fresh_database(postgres_server) as url:
+        yield url
 
 
 # --- the integration marker -------------------------------------------------------------

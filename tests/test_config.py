@@ -59,6 +59,17 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert settings.rules == tmp_path / "rules.yaml"
 
 
+def test_a_relative_sqlite_file_in_the_database_url_is_relative_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir("/")
+    settings = load_settings(write(tmp_path, "database:\n  url: sqlite:///var/state.db\n"))
+    assert settings.database_url.database == str(tmp_path / "var" / "state.db")
+    absolute = load_settings(write(tmp_path, "database:\n  url: sqlite:////srv/state.db\n"))
+    assert absolute.database_url.database == "/srv/state.db"
+    assert problems(write(tmp_path, "database:\n  url: mysql://x/y\n"))  # still refused
+
+
 def test_a_wrong_type_names_file_line_column_and_key(tmp_path: Path) -> None:
     environ = write(tmp_path, "dicom:\n  ae_title: CADNODE\n  port: eleven\n")
     [problem] = problems(environ)

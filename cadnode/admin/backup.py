@@ -434,9 +434,23 @@ def add_backup_command(commands: Any) -> None:
     )
 
 
+# `cadnode backup` copies an SQLite database with SQLite's own backup API; PostgreSQL has its
+# own tools, which an admin of a shared server already runs.
+POSTGRES_REFUSAL = (
+    "backup: the database is PostgreSQL (database.url): back it up with pg_dump "
+    "(pg_dump --format=custom --file=cadnode.dump DATABASE; restore with pg_restore into an "
+    "empty database) and the data dir's files with your file backup, taken after the dump "
+    "(docs/operations.md, 'PostgreSQL'). `cadnode backup` takes and restores SQLite "
+    "databases only"
+)
+
+
 def backup_command(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 when done without a problem, 1 otherwise (each problem on stderr)."""
     action, folder = _parse_words(args.words)
+    if settings.database_url.drivername != "sqlite" and action != "verify":
+        print(POSTGRES_REFUSAL, file=sys.stderr)
+        return 1
     try:
         if action == "verify":
             return _report(verify(folder, _files_to_verify(settings, folder, args.data_dir)))
@@ -494,7 +508,7 @@ def _take_and_report(settings: Settings, target: Path, args: argparse.Namespace)
 def _audit(settings: Settings, target: Path, files: int, size: int) -> None:
     """Like every audit event, never a reason to fail the work it records."""
     try:
-        trail = Database(settings.storage.database)
+        trail = Database(settings.database_url)
     except Exception as error:
         print(f"note: the backup is whole; its audit event was not recorded: {error}")
         return

@@ -64,8 +64,8 @@ class AdminContext:
     database_file: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        if self.database_file is None:
-            self.database_file = file_identity(self.settings.storage.database)
+        if self.database_file is None and self.database.file is not None:  # None: PostgreSQL
+            self.database_file = file_identity(self.database.file)
 
 
 def file_identity(path: Path) -> tuple[int, int] | None:

@@ -26,7 +26,10 @@ from cadnode.core.db import Database, utcnow
 
 # One row, rewritten by each readiness check: outside the models, no stage reads it.
 _PROBE_TABLE = "CREATE TABLE IF NOT EXISTS readiness_probe (id INTEGER PRIMARY KEY, at TEXT)"
-_PROBE_WRITE = "INSERT OR REPLACE INTO readiness_probe (id, at) VALUES (1, :at)"
+_PROBE_WRITE = (
+    "INSERT INTO readiness_probe (id, at) VALUES (1, :at) "
+    "ON CONFLICT (id) DO UPDATE SET at = excluded.at"
+)
 _PROBE_READ = "SELECT at FROM readiness_probe WHERE id = 1"
 # /readyz answers anyone: a committed (fsync'ed) write per request would let a flood of probes
 # queue writes in front of C-STORE's own commits. One round trip a second answers them all;
@@ -53,7 +56,8 @@ def readiness(context: AdminContext) -> dict[str, Any]:
 
 
 def _database(context: AdminContext) -> Check:
-    problem = _database_file_problem(context.settings.storage.database, context.database_file)
+    file = context.database.file  # None: PostgreSQL, whose files are the server's
+    problem = _database_file_problem(file, context.database_file) if file else None
     if problem:
         return Check("database", False, problem)
     try:

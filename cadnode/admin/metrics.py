@@ -43,14 +43,20 @@ from cadnode.core.db import (
     DeliveryState,
     Job,
     JobState,
-    MetricBucket,
-    MetricTally,
     PriorityClass,
     Publication,
     PublicationState,
     StudyPriority,
 )
-from cadnode.core.tallies import INF, LATENCY_BUCKETS_S, STAGES, answer_positive
+from cadnode.core.tallies import (
+    INF,
+    LATENCY_BUCKETS_S,
+    STAGES,
+    answer_positive,
+    buckets_query,
+    series_query,
+    spelling,
+)
 from cadnode.retain.metrics import removed_metrics
 from cadnode.watch.listing import alert_metrics
 
@@ -81,10 +87,11 @@ class Tallies:
     @classmethod
     def read(cls, session: Session) -> Tallies:
         tallies = cls()
-        for row in session.exec(select(MetricTally)):
-            tallies.series[row.metric][(row.label, row.second_label)] = row.value
-        for bucket in session.exec(select(MetricBucket)):
-            tallies.buckets[bucket.metric][bucket.label][bucket.le] = bucket.count
+        dialect = session.get_bind().dialect.name
+        for metric, label, second, value in session.execute(text(series_query(dialect))):
+            tallies.series[metric][(label, second)] = float(value)
+        for metric, label, le, count in session.execute(text(buckets_query(dialect))):
+            tallies.buckets[metric][label][float(le)] = int(count)
         return tallies
 
     def of(self, metric: str) -> dict[str, float]:
@@ -267,7 +274,8 @@ def _engines(session: Session, tallies: Tallies) -> Iterator[Metric]:
 def _positive_rate(session: Session, engine: str) -> float | None:
     """The share of positives among the engine's latest answers (by the index on engine)."""
     latest = "SELECT answer FROM result WHERE engine = :engine ORDER BY id DESC LIMIT :window"
-    statement = text(f"SELECT avg({answer_positive('latest')}) FROM ({latest}) AS latest")
+    sql = spelling(session.get_bind().dialect.name)
+    statement = text(f"SELECT avg({answer_positive('latest', sql)}) FROM ({latest}) AS latest")
     found = session.execute(statement, {"engine": engine, "window": DRIFT_WINDOW}).scalar()
     return None if found is None else float(found)
 

@@ -4,10 +4,9 @@ to this cadnode's (which `cadnode serve` also does at every start)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from cadnode.core import migrations
+from cadnode.core import connection, migrations
 from cadnode.core.config import Settings
 
 
@@ -24,22 +23,23 @@ def add_db_commands(commands: Any) -> None:
 
 def db_command(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 when the database is (now) at this cadnode's revision, 1 when it is not."""
-    path = settings.storage.database
+    url = settings.database_url
+    shown = connection.sqlite_file(url) or connection.shown(url)
     if args.db_command == "upgrade":
-        before = migrations.current(path)
-        after = migrations.upgrade(path)
-        print(f"database {path}: {_upgraded(before, after)}")
+        before = migrations.current(url)
+        after = migrations.upgrade(url)
+        print(f"database {shown}: {_upgraded(before, after)}")
         return 0
-    standing = migrations.current(path)
-    print(f"database {path}: {describe(path, standing)}")
+    standing = migrations.current(url)
+    print(f"database {shown}: {describe(standing)}")
     return 0 if standing.up_to_date else 1
 
 
-def describe(path: Path, standing: migrations.Revisions) -> str:
+def describe(standing: migrations.Revisions) -> str:
     head = standing.head
     if standing.up_to_date:
         return f"revision {head} (head {head}): up to date"
-    if not path.exists() or standing.tables == 0:
+    if standing.tables == 0:
         return f"no tables yet; serve or `cadnode db upgrade` makes revision {head}'s"
     if standing.current is None:
         return (

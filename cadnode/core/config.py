@@ -20,8 +20,11 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    FilePath,
     StringConstraints,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -31,7 +34,9 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from sqlalchemy import URL
 
+from cadnode.core import connection
 from cadnode.core.backoff import Backoff
 from cadnode.core.yamlfile import ConfigError, load_model, problem, read_yaml
 
@@ -50,16 +55,10 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Destination(Section):
-    """A DICOM peer that results are C-STOREd to."""
+class ResultOptions(Section):
+    """What a destination gets besides the SEG and SR every destination gets (about what
+    encode makes, so the same for a DICOM peer and a DICOMweb service)."""
 
-    ae_title: AETitle
-    # An IPv4 or IPv6 address (written bare, `::1`, or in brackets, `[::1]`) or a host name.
-    host: str
-    port: Port
-    # Ask the peer to confirm it keeps each object (Storage Commitment, push model); its
-    # answer comes to the node's DICOM port, so the peer must know the node's AE and address.
-    storage_commitment: bool = False
     # Also send a Secondary Capture with the findings drawn over the image (for a PACS that
     # cannot show SEG or SR); only destinations that ask get one (cadnode.encode.sc).
     secondary_capture: bool = False
@@ -69,6 +68,18 @@ class Destination(Section):
     # Also send each segmentation as a LABELMAP SEG (Supplement 243) for viewers that want
     # one; the binary SEG, which the SR references, is sent to every destination.
     labelmap_segmentation: bool = False
+
+
+class Destination(ResultOptions):
+    """A DICOM peer that results are C-STOREd to."""
+
+    ae_title: AETitle
+    # An IPv4 or IPv6 address (written bare, `::1`, or in brackets, `[::1]`) or a host name.
+    host: str
+    port: Port
+    # Ask the peer to confirm it keeps each object (Storage Commitment, push model); its
+    # answer comes to the node's DICOM port, so the peer must know the node's AE and address.
+    storage_commitment: bool = False
 
     @field_validator("host")
     @classmethod
@@ -85,6 +96,82 @@ class Destination(Section):
         """`AE@host:port`, an IPv6 address in brackets (`AE@[::1]:104`)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.ae_title}@{host}:{self.port}"
+
+
+class StowAuth(Section):
+    """How the node proves who it is to a DICOMweb destination: a bearer token, or a user and
+    password (HTTP Basic). Secrets are read from files (systemd credentials, a secrets mount),
+    never written in the configuration nor passed in the environment, where child processes
+    and /proc would see them; each request reads them again, so a rotated token needs no
+    restart. Nothing set: no authentication."""
+
+    bearer_token_file: FilePath | None = None
+    username: str | None = Field(default=None, min_length=1, pattern=r"^[^:]+$")
+    password_file: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> StowAuth:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("basic authentication needs both username and password_file")
+        if self.bearer_token_file is not None and self.username is not None:
+            raise ValueError("bearer_token_file or username/password_file: one scheme, not both")
+        return self
+
+
+DIMSE_KEYS = ("ae_title", "host", "port", "storage_commitment")
+
+
+class StowDestination(ResultOptions):
+    """A DICOMweb service that results are sent to by STOW-RS (cadnode/deliver/stow.py)."""
+
+    # The service root (Orthanc's `http://host:8042/dicom-web`); objects go to `{url}/studies`.
+    url: str = Field(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    auth: StowAuth = StowAuth()
+    # A request's deadline: `timeout_s`, plus `timeout_s_per_mb` for each MB of the objects in
+    # it, from the connection to the last byte of the answer, however slowly they trickle.
+    timeout_s: float = Field(default=30, gt=0)
+    timeout_s_per_mb: float = Field(default=2, ge=0)
+    # Send the body with chunked transfer encoding (no Content-Length), for proxies that want it.
+    chunked: bool = False
+    # Requests to this destination at the same time, each carrying up to
+    # `instances_per_request` objects in one multipart body.
+    max_in_flight: int = Field(default=2, ge=1, le=16)
+    instances_per_request: int = Field(default=16, ge=1, le=1000)
+    # https: the PEM bundle of the CAs that sign the server's certificate; unset: the system's.
+    ca_file: FilePath | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_dimse(cls, values: Any) -> Any:
+        given = [key for key in DIMSE_KEYS if isinstance(values, dict) and key in values]
+        if given:
+            raise ValueError(
+                f"a destination with url is sent to by DICOMweb (STOW-RS): {', '.join(given)} "
+                "belong to a DICOM (DIMSE) destination; give url or ae_title/host/port, not both"
+            )
+        return values
+
+    @model_validator(mode="after")
+    def _ca_for_https(self) -> StowDestination:
+        if self.ca_file is not None and not self.url.startswith("https://"):
+            raise ValueError("ca_file is for an https url")
+        return self
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def _destination_kind(value: Any) -> str:
+    return "dicomweb" if isinstance(value, dict) and "url" in value else "dicom"
+
+
+# A destination in the configuration: a DICOM peer (AE title, host, port) or a DICOMweb
+# service (url). The tags name neither key of a destination, so an error's position is found
+# past them (cadnode/core/yamlfile.py).
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dicom")] | Annotated[StowDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
 
 
 # The name the destination given by `CADNODE_DESTINATION` is configured (and queued) under.
@@ -208,6 +295,9 @@ class HttpTlsSettings(Section):
 
     certificate: Path  # PEM: the node's certificate, then any intermediates
     private_key: Path  # PEM, not encrypted
+    # PEM CA certificate(s): set, every client (browsers, probes, DICOMweb clients) must
+    # present a certificate one of them signed (mutual TLS); the token is still required.
+    client_ca: Path | None = None
 
 
 class HttpSettings(Section):
@@ -233,6 +323,57 @@ class HttpSettings(Section):
     # Failed logins or tokens from one address: past this many a minute, 429 with Retry-After.
     auth_failures_per_minute: int = Field(default=10, ge=1)
     tls: HttpTlsSettings | None = None
+
+
+ArgonHash = Annotated[str, StringConstraints(pattern=r"^\$argon2(id|i|d)\$")]
+# Client names the node itself uses: the admin token's holder, a logged-in dashboard.
+ADMIN_CLIENT = "ADMIN"
+DASHBOARD_CLIENT = "DASHBOARD"
+
+
+class DicomwebSettings(Section):
+    """DICOMweb on the admin port, under /dicomweb (STOW-RS, QIDO-RS, WADO-RS)."""
+
+    # Named clients and the Argon2 hash of each one's bearer token (`cadnode hash-password`).
+    # A name is an AE title: it is recorded in the audit trail and is the calling AE title of
+    # the instances the client stores, so routing rules match on it. The admin token
+    # (`http.admin_token_hash`) is accepted too, as client ADMIN.
+    clients: dict[AETitle, ArgonHash] = Field(default_factory=dict)
+    # A STOW-RS request body: a declared Content-Length over it is refused unread (413), a
+    # chunked body is cut where it passes it. One part (one instance): `max_part_mb`.
+    max_request_mb: float = Field(default=2048, gt=0)
+    max_part_mb: float = Field(default=1024, gt=0)
+    # STOW-RS requests stored at once (each holds a worker thread and a scratch file); more:
+    # 503 with Retry-After, before the body is read. A body that sends nothing for
+    # `read_timeout_s` is cut off (408).
+    max_requests: int = Field(default=4, ge=1, le=64)
+    read_timeout_s: float = Field(default=60, gt=0)
+    # Origins (scheme://host[:port]) of web viewers on another origin allowed to call
+    # /dicomweb from a browser (CORS). Empty: no CORS headers, same-origin only.
+    cors_origins: list[str] = Field(default_factory=list)
+    # QIDO-RS: matches per response without `limit`, and the most `limit` may ask for.
+    search_default_limit: int = Field(default=100, ge=1)
+    search_max_limit: int = Field(default=1000, ge=1)
+    # WADO-RS: the most instances one retrieve streams (more: 413, ask per series), and the
+    # most frames one /frames request names.
+    retrieve_max_instances: int = Field(default=2000, ge=1)
+    retrieve_max_frames: int = Field(default=1000, ge=1)
+
+    @field_validator("clients")
+    @classmethod
+    def _names_free(cls, clients: dict[str, str]) -> dict[str, str]:
+        taken = {ADMIN_CLIENT, DASHBOARD_CLIENT} & {name.strip() for name in clients}
+        if taken:
+            raise ValueError(f"client names reserved by the node: {sorted(taken)}")
+        return clients
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * 2**20)
+
+    @property
+    def max_part_bytes(self) -> int:
+        return int(self.max_part_mb * 2**20)
 
 
 class StorageSettings(Section):
@@ -262,6 +403,22 @@ class StorageSettings(Section):
 
     # Below this much free space where the spool lies, C-STORE answers 0xA700 (out of resources).
     min_free_mb: float = Field(default=1024, ge=0)
+
+
+class DatabaseSettings(Section):
+    """Where the node's state is: unset, SQLite in `storage.data_dir` (the embedded default);
+    or a PostgreSQL database shared by several processes or nodes, as an SQLAlchemy URL
+    (`postgresql+psycopg://USER@HOST:PORT/DATABASE`; a password is better kept in
+    ~/.pgpass or PGPASSFILE than here). See cadnode/core/connection.py."""
+
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _accepted(cls, value: str | None) -> str | None:
+        if value is not None:
+            connection.parse(value)  # ValueError: what is wrong, never the password
+        return value
 
 
 _AGE = re.compile(r"^(?P<number>\d+(\.\d+)?)\s*(?P<unit>[smhdw])$")
@@ -379,13 +536,32 @@ class DispatchSettings(Section):
 
 
 Backend = Literal["auto", "onnxruntime", "tensorrt"]
+# triton names a server per engine (`engines.options.NAME.triton`), so only an engine takes it.
+EngineBackend = Literal["auto", "onnxruntime", "tensorrt", "triton"]
+
+
+class TritonOptions(Section):
+    """The NVIDIA Triton Inference Server an engine with `backend: triton` is served by."""
+
+    # host:port of the server's HTTP (Triton's default 8000) or gRPC (8001) endpoint.
+    url: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$")]
+    protocol: Literal["http", "grpc"] = "http"
+    # The model's name on the server; unset: the engine's name, as export-triton names it.
+    model: str | None = None
+    # The model version; "" lets the server pick by its version policy (the latest).
+    version: str = ""
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # One request to the server; the engine's `timeout_s` still bounds the whole call.
+    request_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class EngineOptions(Section):
     """How one engine is run (`engines.options.NAME`); unset fields take `engines`' values."""
 
-    # auto: TensorRT when a GPU and TensorRT are usable, else ONNX Runtime.
-    backend: Backend | None = None
+    # auto: TensorRT when a GPU and TensorRT are usable, else ONNX Runtime; triton: the
+    # server named in `triton`.
+    backend: EngineBackend | None = None
+    triton: TritonOptions | None = None
     # Images per model call where the task allows it (chest films); a DBT volume's slices
     # are one call of up to this many slices each.
     max_batch: int = Field(default=8, ge=1)
@@ -393,6 +569,12 @@ class EngineOptions(Section):
     concurrency: int = Field(default=1, ge=1)
     # An engine call that takes longer fails its job (retried per `engines.max_attempts`).
     timeout_s: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _triton_needs_its_server(self) -> EngineOptions:
+        if self.backend == "triton" and self.triton is None:
+            raise ValueError("backend triton needs `triton: {url: HOST:PORT}` (the server)")
+        return self
 
 
 class EngineSettings(Section):
@@ -549,16 +731,36 @@ class AlertSettings(Section):
     smtp: SmtpSettings | None = None
 
 
+class NodeSettings(Section):
+    """This node among others sharing the database (docs/operations.md, "Several nodes")."""
+
+    # Unique among the nodes; default: the host's name. Workers are "<name>/<pid>".
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[^/\s]+$")
+    # How long a claim on a job, delivery or publication lasts unrenewed: a killed node's
+    # work is taken over after about this long (renewed every lease_s / 3 while working).
+    lease_s: float = Field(default=60.0, ge=1, le=3600)
+    # How often each process writes its heartbeat (`cadnode status`, the dashboard).
+    heartbeat_s: float = Field(default=5.0, gt=0, le=300)
+    # Processes running the CPU-bound stages (infer, encode: cadnode/workers.py); 1 runs
+    # them in the node's process beside the others. More than 1 uses more of the machine's
+    # cores past the interpreter lock (one per core, with the main process, is the most
+    # that helps); each worker loads the engines, so engine memory is paid per worker.
+    workers: int = Field(default=1, ge=1, le=64)
+
+
 class Settings(Section):
+    node: NodeSettings = NodeSettings()
     dicom: DicomSettings = DicomSettings()
     http: HttpSettings = HttpSettings()
+    dicomweb: DicomwebSettings = DicomwebSettings()
     storage: StorageSettings = StorageSettings()
+    database: DatabaseSettings = DatabaseSettings()
     limits: LimitsSettings = LimitsSettings()
     assemble: AssembleSettings = AssembleSettings()
     dispatch: DispatchSettings = DispatchSettings()
     engines: EngineSettings = EngineSettings()
     rules: Path = Path("rules.yaml")
-    destinations: dict[str, Destination] = Field(default_factory=dict)
+    destinations: dict[str, AnyDestination] = Field(default_factory=dict)
     results: ResultsSettings = ResultsSettings()
     priority: PrioritySettings = PrioritySettings()
     retention: RetentionSettings = RetentionSettings()
@@ -572,12 +774,27 @@ class Settings(Section):
         unknown = [name for name in self.priority.ups.push if name not in self.destinations]
         if unknown:
             raise ValueError(f"priority.ups.push names unknown destinations: {unknown}")
+        web = [n for n in self.priority.ups.push if n not in self.dicom_destinations()]
+        if web:
+            raise ValueError(f"priority.ups.push names DICOMweb destinations (no UPS): {web}")
         return self
 
-    def result_destinations(self) -> list[Destination]:
+    def dicom_destinations(self) -> dict[str, Destination]:
+        """The destinations reached by DIMSE (AE title, host, port), by name: those a C-MOVE,
+        a UPS event or a Storage Commitment can go to."""
+        return {n: d for n, d in self.destinations.items() if isinstance(d, Destination)}
+
+    @property
+    def database_url(self) -> URL:
+        """The database the node uses: `database.url`, else SQLite in the data dir."""
+        if self.database.url is not None:
+            return connection.parse(self.database.url)
+        return connection.of(self.storage.database)
+
+    def result_destinations(self) -> list[AnyDestination]:
         return [self.destinations[name] for name in self.results.destinations]
 
-    def named_result_destinations(self) -> dict[str, Destination]:
+    def named_result_destinations(self) -> dict[str, AnyDestination]:
         """`results.destinations` by name: the name is what a Delivery row records."""
         return {name: self.destinations[name] for name in self.results.destinations}
 
@@ -599,9 +816,13 @@ class Environment(BaseSettings):
     dicom__port: int | None = Field(None, alias="CADNODE_DICOM_PORT")
     dicom__ae_title: str | None = Field(None, alias="CADNODE_AE_TITLE")
     dicom__receivers: int | None = Field(None, alias="CADNODE_DICOM_RECEIVERS")
+    node__workers: int | None = Field(None, alias="CADNODE_WORKERS")
+    node__name: str | None = Field(None, alias="CADNODE_NODE_NAME")
+    node__lease_s: float | None = Field(None, alias="CADNODE_LEASE_S")
     http__port: int | None = Field(None, alias="CADNODE_HTTP_PORT")
     http__admin_password_hash: str | None = Field(None, alias="CADNODE_ADMIN_PASSWORD_HASH")
     engines__dir: ResolvedPath | None = Field(None, alias="CADNODE_ENGINES_DIR")
+    database__url: str | None = Field(None, alias="CADNODE_DATABASE_URL")
     destination: Destination | None = Field(None, alias="CADNODE_DESTINATION")
 
     @field_validator("*", mode="before")
@@ -679,6 +900,7 @@ def _resolve_relative_paths(document: dict[str, Any], base: Path) -> None:
         ("alerts", "smtp", "password_file"),
         *(("dicom", "tls", key) for key in tls),
         *(("http", "tls", key) for key in tls[:2]),
+        *_destination_files(document),
     ):
         parent = _parent(document, keys)
         value = parent.get(keys[-1]) if parent is not None else None
@@ -686,6 +908,35 @@ def _resolve_relative_paths(document: dict[str, Any], base: Path) -> None:
             parent[keys[-1]] = str((base / value).resolve())  # type: ignore[index]
     if "rules" not in document:
         document["rules"] = str((base / "rules.yaml").resolve())
+    _resolve_sqlite_file(document, base)
+
+
+def _resolve_sqlite_file(document: dict[str, Any], base: Path) -> None:
+    """A relative file in an `sqlite:///` database.url, as the file's other paths: from the
+    file's folder, not from wherever the node happens to be started."""
+    parent = _parent(document, ("database", "url"))
+    value = parent.get("url") if parent is not None else None
+    if parent is None or not isinstance(value, str):
+        return
+    try:
+        url = connection.parse(value)
+    except ValueError:
+        return  # reported, at its line, when the section is validated
+    file = connection.sqlite_file(url)
+    if file is not None and not file.is_absolute():
+        resolved = url.set(database=str((base / file).resolve()))
+        parent["url"] = resolved.render_as_string(hide_password=False)
+
+
+def _destination_files(document: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The keys of the files a DICOMweb destination names (its CA, its secrets)."""
+    destinations = document.get("destinations")
+    names = list(destinations) if isinstance(destinations, dict) else []
+    return [
+        ("destinations", name, *keys)
+        for name in names
+        for keys in (("ca_file",), ("auth", "bearer_token_file"), ("auth", "password_file"))
+    ]
 
 
 def _parent(

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import JSON, Column, Index, UniqueConstraint, event, update
-from sqlmodel import Field, Session, SQLModel, create_engine, select
+from sqlalchemy import JSON, URL, BigInteger, Column, Index, Integer, UniqueConstraint, update
+from sqlmodel import Field, Session, SQLModel, select
 
+from cadnode.core import connection
 from cadnode.core.migrations import upgrade as upgrade_schema
 from cadnode.core.tallies import install as install_triggers
 
@@ -88,7 +89,11 @@ class Study(SQLModel, table=True):
 class Job(SQLModel, table=True):
     """One version of a study's processing; an instance arriving after release opens the next."""
 
-    __table_args__ = (UniqueConstraint("study_id", "version"),)
+    __table_args__ = (
+        UniqueConstraint("study_id", "version"),
+        # A stage's claim: jobs in its state whose lease is free (cadnode/core/claims.py).
+        Index("ix_job_state_lease_until", "state", "lease_until"),
+    )
     id: int | None = Field(default=None, primary_key=True)
     study_id: int = Field(foreign_key="study.id", index=True)
     version: int
@@ -125,6 +130,10 @@ class Job(SQLModel, table=True):
     # commit that completes it. None on a released job: made before the index was kept so
     # (assemble indexes it later).
     indexed_at: dt.datetime | None = Field(default=None, index=True)
+    # Which worker is doing the work of the job's state, and until when its lease runs
+    # (cadnode/core/claims.py); cleared by the transition that ends that work.
+    claimed_by: str | None = None
+    lease_until: dt.datetime | None = None
 
 
 class Instance(SQLModel, table=True):
@@ -269,6 +278,10 @@ class QueryStudy(SQLModel, table=True):
     attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
+# Appended rows outnumber jobs many times over: 64-bit on PostgreSQL (SQLite's rowid is).
+_BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
 class MetricTally(SQLModel, table=True):
     """One series of a counter or gauge that /metrics reports, or a histogram's sum: kept up
     to date by triggers in the commit of each change it counts (cadnode/core/tallies.py), so
@@ -290,6 +303,28 @@ class MetricBucket(SQLModel, table=True):
     count: int = 0
 
 
+class MetricTallyDelta(SQLModel, table=True):
+    """PostgreSQL only: a change to a MetricTally series, appended by the triggers instead of
+    updating the series' row, which concurrent writers would wait on and deadlock over; a
+    scrape adds these to the row and cadnode.core.tallies.compact folds them in."""
+
+    id: int | None = Field(default=None, sa_type=_BIG_ID, primary_key=True)
+    metric: str
+    label: str = ""
+    second_label: str = ""
+    value: float = 0.0
+
+
+class MetricBucketDelta(SQLModel, table=True):
+    """PostgreSQL only: a change to a MetricBucket, as MetricTallyDelta is to MetricTally."""
+
+    id: int | None = Field(default=None, sa_type=_BIG_ID, primary_key=True)
+    metric: str
+    label: str
+    le: float
+    count: int = 0
+
+
 class Delivery(SQLModel, table=True):
     """The outbox: one row per (object, destination)."""
 
@@ -297,6 +332,8 @@ class Delivery(SQLModel, table=True):
         UniqueConstraint("object_uid", "destination"),
         # A destination's last success at a glance, for the watchdog (cadnode/watch).
         Index("ix_delivery_destination_sent_at", "destination", "sent_at"),
+        # Dispatch's claim: pending deliveries that are due (cadnode/core/claims.py).
+        Index("ix_delivery_state_next_attempt_at", "state", "next_attempt_at"),
     )
     id: int | None = Field(default=None, primary_key=True)
     # A ResultObject's SOP Instance UID, or an Instance's where a rule forwards the original.
@@ -319,6 +356,9 @@ class Delivery(SQLModel, table=True):
     commitment_requests: int = 0
     committed_at: dt.datetime | None = None
     commitment_failure: str | None = None
+    # The dispatcher sending it now, and until when (cadnode/core/claims.py).
+    claimed_by: str | None = None
+    lease_until: dt.datetime | None = None
 
 
 class Priority(StrEnum):
@@ -403,6 +443,10 @@ class PublicationChannel(StrEnum):
 class Publication(SQLModel, table=True):
     """The worklist outbox: one row per (priority change or UPS event, recipient)."""
 
+    __table_args__ = (
+        # Publish's claim: pending publications that are due (cadnode/core/claims.py).
+        Index("ix_publication_state_next_attempt_at", "state", "next_attempt_at"),
+    )
     id: int | None = Field(default=None, primary_key=True)
     study_id: int = Field(foreign_key="study.id", index=True)
     # Indexed: the first publication sent for a job is looked up by it (cadnode/core/tallies.py).
@@ -416,6 +460,9 @@ class Publication(SQLModel, table=True):
     last_error: str | None = None
     created_at: dt.datetime = Field(default_factory=utcnow)
     sent_at: dt.datetime | None = None
+    # The publisher sending it now, and until when (cadnode/core/claims.py).
+    claimed_by: str | None = None
+    lease_until: dt.datetime | None = None
 
 
 class AuditKind(StrEnum):
@@ -526,17 +573,41 @@ class RemovedTally(SQLModel, table=True):
     bytes: int = 0
 
 
+class NodeHeartbeat(SQLModel, table=True):
+    """One process of a node (its main process or a worker), as it last said it was: written
+    every few seconds by the process itself (cadnode/core/claims.py), so `cadnode status`
+    and the dashboard show every node sharing the database, and which have gone quiet."""
+
+    worker: str = Field(primary_key=True)  # "<node name>/<pid>", as claims name it
+    node: str = Field(index=True)
+    pid: int
+    role: str  # "node" (the main process), or what else the process does
+    started_at: dt.datetime = Field(default_factory=utcnow)
+    last_seen: dt.datetime = Field(default_factory=utcnow)
+    dicom_port: int | None = None
+    associations: int = 0  # open on this process now
+    leases: int = 0  # rows this process holds a lease on now
+
+
 class Database:
-    def __init__(self, path: Path) -> None:
+    """The database at a URL (`Settings.database_url`: SQLite or PostgreSQL, see
+    cadnode/core/connection.py), or an SQLite file given by its path."""
+
+    def __init__(self, where: Path | str | URL) -> None:
         # Called after every committed job transition; the conveyor wakes the stages with it.
         self.on_change: Callable[[], None] = lambda: None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(
-            f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30}
-        )
-        event.listen(self.engine, "connect", _sqlite_durability)
-        upgrade_schema(path)  # to this code's schema, from any released one (or none)
+        self.url = connection.of(where)
+        self.kind = connection.kind(self.url)
+        self.engine = connection.engine(self.url, check_same_thread=False)
+        if self.kind == connection.SQLITE:
+            connection.on_connect(self.engine, _sqlite_durability)
+        upgrade_schema(self.url)  # to this code's schema, from any released one (or none)
         install_triggers(self.engine)  # metrics' tallies and the query index's clean-up
+
+    @property
+    def file(self) -> Path | None:
+        """The SQLite database's file (None on PostgreSQL): what backups and health read."""
+        return connection.sqlite_file(self.url)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -544,15 +615,32 @@ class Database:
             yield session
 
     def transition(
-        self, session: Session, job: Job, to: JobState, *, expect: JobState, **changes: Any
+        self,
+        session: Session,
+        job: Job,
+        to: JobState,
+        *,
+        expect: JobState,
+        holder: str | None = None,
+        **changes: Any,
     ) -> bool:
-        """Move `job` from `expect` to `to` unless another worker moved it first."""
+        """Move `job` from `expect` to `to` unless another worker moved it first, and end any
+        claim on it. `holder`: only while this worker still holds the job's claim (a worker
+        whose lease was taken over must not commit the work it did)."""
         now = utcnow()
         timeline = {to.value: now.isoformat(), **job.timeline}  # the first entry into each
+        held = [] if holder is None else [Job.claimed_by == holder]
         moved = session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.state == expect)  # type: ignore[arg-type]
-            .values(state=to, updated_at=now, timeline=timeline, **changes)
+            .where(Job.id == job.id, Job.state == expect, *held)  # type: ignore[arg-type]
+            .values(
+                state=to,
+                updated_at=now,
+                timeline=timeline,
+                claimed_by=None,
+                lease_until=None,
+                **changes,
+            )
         )
         if moved.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()

@@ -6,6 +6,7 @@ ruamel.yaml keeps the position of every key and item, so a pydantic error's loca
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,10 +62,15 @@ def load_model(
 
 
 def position(document: Any, location: tuple[int | str, ...]) -> tuple[int, int] | None:
-    """1-based (line, column) of the deepest node of `location` that the document has."""
+    """1-based (line, column) of the deepest node of `location` that the document has.
+
+    A key the mapping lacks before the end of `location` is passed over: a tagged union's tag
+    (`destinations.NAME.dicomweb.timeout_s`) is part of the location but not of the file."""
     node, found = document, None
-    for key in location:
+    for index, key in enumerate(location):
         try:
+            if isinstance(node, CommentedMap) and key not in node and index < len(location) - 1:
+                continue
             if isinstance(node, CommentedMap) and key in node:
                 line, column = node.lc.key(key)
             elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
@@ -91,5 +97,10 @@ def problem(error: Any) -> str:
     """`key: message (got value)` for one of a pydantic ValidationError's errors()."""
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     value = error.get("input")
+    if isinstance(value, str):  # a URL's password (database.url) is never repeated
+        value = _URL_PASSWORD.sub(r"\1***@", value)
     shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r})"
     return f"{key}: {error['msg']}{shown}"
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")

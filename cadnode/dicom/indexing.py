@@ -30,9 +30,10 @@ import structlog
 from pydicom import Dataset, dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.tag import Tag
-from sqlalchemy import exists, insert, update
+from sqlalchemy import exists, update
 from sqlmodel import Session, col, select
 
+from cadnode.core.connection import insert_new
 from cadnode.core.db import (
     Database,
     HeldAs,
@@ -215,7 +216,7 @@ class Indexer:
             if header is not None:
                 records.append(record_row(held_as, uid, path, header))
         if records:
-            session.execute(insert(QueryRecord).prefix_with("OR IGNORE"), records)
+            session.execute(_insert_new(session, QueryRecord), records)
         return len(records)
 
 
@@ -225,7 +226,7 @@ def index_result(session: Session, uid: str, path: str, data: bytes) -> None:
     if header is None:
         return
     record = record_row(RESULT, uid, path, header)
-    session.execute(insert(QueryRecord).prefix_with("OR IGNORE"), [record])
+    session.execute(_insert_new(session, QueryRecord), [record])
     _study_row(session, record["study_uid"])
 
 
@@ -264,7 +265,7 @@ def _study_row(session: Session, study_uid: str) -> None:
     ).first()
     if representative is not None:
         row = study_row(study_uid, dict(representative))
-        session.execute(insert(QueryStudy).prefix_with("OR IGNORE"), [row])
+        session.execute(_insert_new(session, QueryStudy), [row])
 
 
 def _not_indexed(uid_column: Any) -> Any:
@@ -294,3 +295,8 @@ def _first(dataset: Dataset, keyword: str) -> str:
     """The attribute's first value as matching compares it ("" where it has none)."""
     values = values_of(dataset.get(Tag(keyword)))
     return values[0] if values else ""
+
+
+def _insert_new(session: Session, model: Any) -> Any:
+    """An insert skipping what is indexed already (another writer got there first)."""
+    return insert_new(model, session.get_bind().dialect.name)

@@ -2,9 +2,10 @@
 
 A column holds each value as matching compares it (`comparable`: without its padding, a name
 in upper case, "" for none), so each kind of `Wanted` is one comparison: a single value is
-`=`, a list of UIDs `IN`, a range `>=` and a prefix `<=`, wildcards SQLite's GLOB (which
-is case-sensitive, as matching is on values already comparable). An empty value never
-matches, as in matching. tests/test_matching_sql.py holds the two to the same table of cases.
+`=`, a list of UIDs `IN`, a range `>=` and a prefix `<=`, wildcards a case-sensitive pattern
+(SQLite's GLOB, PostgreSQL's LIKE: cadnode.core.connection.Wildcard), as matching is on
+values already comparable. An empty value never matches, as in matching.
+tests/test_matching_sql.py holds the two to the same table of cases.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, true
 
+from cadnode.core.connection import Wildcard
 from cadnode.dicom.matching import How, Wanted
 
 
@@ -34,11 +36,6 @@ def _satisfies(column: Any, wanted: Wanted) -> ColumnElement[bool]:
             bounds.append(func.substr(column, 1, len(high)) <= high)
         return and_(true(), *bounds)
     if wanted.how is How.wildcard:
-        return column.op("GLOB")(glob(wanted.values[0]))  # type: ignore[no-any-return]
+        return Wildcard(column, wanted.values[0])
     return column == wanted.values[0]  # type: ignore[no-any-return]
 
-
-def glob(pattern: str) -> str:
-    """A DICOM wildcard pattern as a GLOB pattern: * and ? mean the same in both; GLOB's
-    only other special character, [, is made to stand for itself."""
-    return pattern.replace("[", "[[]")

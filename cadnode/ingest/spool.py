@@ -6,6 +6,9 @@ Success only after both. The file is the record of truth. The index commit is at
 survives the process being killed (SQLite WAL), but receive's connection does not wait for
 the disk on each commit (synchronous=NORMAL): a row that a power cut takes back is rebuilt
 from its file by `reconcile` at the next start, so one disk flush per instance is saved.
+On PostgreSQL every index commit is durable (the server may serve other nodes, which do not
+reconcile when it restarts), and a study's rows are written by one transaction at a time (an
+advisory lock on the study, where SQLite has its one writer).
 
 `reconcile` runs before the node accepts associations: a file without a row is indexed if
 it is a whole DICOM object, else moved to the quarantine folder; a row whose file is gone is
@@ -29,15 +32,18 @@ import structlog
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import Connection, bindparam, insert, update
-from sqlmodel import select
+from sqlalchemy import Connection, bindparam, func, insert, literal_column, update
+from sqlmodel import col, select
 
+from cadnode.core.connection import TRANSIENT_TRIES, transient
 from cadnode.core.db import Database, Instance, Job, JobState, Study, utcnow
 from cadnode.core.files import is_temporary, is_valid_uid, write_durably
 from cadnode.core.locks import SPOOL_INSTANCE_LOCKS, keyed_locks
 
 log = structlog.get_logger("cadnode.ingest.spool")
 
+# PostgreSQL's advisory lock namespace for a study's index writes ("spol" in ASCII).
+STUDY_LOCK_KEY = 0x73706F6C
 HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -111,14 +117,29 @@ class Spool:
         # One connection for every association thread, one index write at a time: SQLite
         # takes one writer anyway, and a held connection skips the pool on the hot path.
         self._lock = threading.Lock()
-        self._connection = database.engine.connect()
-        self._connection.exec_driver_sql("PRAGMA synchronous=NORMAL")  # see the module doc
-        self._connection.commit()
+        self._connection = self._connect()
         self._writer = _IndexWriter(self._connection)
         # A second copy of a SOP Instance UID being written now waits for the first to settle,
         # in this process or another receiver process (cadnode/port.py); housekeeping takes
         # the same lock to delete an old copy (cadnode.retain.removal).
         self._instances = keyed_locks(database, SPOOL_INSTANCE_LOCKS)
+
+    def _connect(self) -> Connection:
+        connection = self.database.engine.connect()
+        if connection.dialect.name == "sqlite":
+            connection.exec_driver_sql("PRAGMA synchronous=NORMAL")  # see the module doc
+            connection.commit()
+        return connection
+
+    def _reconnect_if_broken(self) -> None:
+        """A PostgreSQL connection lost (the server restarted): the next write opens a new
+        one; the write that found it lost has failed, and its sender is answered so."""
+        if getattr(self._writer.driver, "broken", False):
+            self._connection.invalidate()
+            self._connection.close()
+            self._connection = self._connect()
+            self._writer = _IndexWriter(self._connection)
+            log.warning("spool.reconnected")
 
     def close(self) -> None:
         with self._lock:
@@ -150,8 +171,19 @@ class Spool:
 
     def index(self, arrival: Arrival, path: Path, size: int) -> Indexed | None:
         """Commit the row of a file already in place; None if the instance is indexed."""
-        with self._lock, self._writer.transaction():
-            return self._writer.write(arrival, str(path), size)
+        with self._lock:
+            attempt = 1
+            while True:
+                self._reconnect_if_broken()
+                try:
+                    with self._writer.transaction():
+                        return self._writer.write(arrival, str(path), size)
+                except Exception as error:  # the driver's own: the writer runs on its cursor
+                    # Rolled back whole: the same write again, not a failure the sender sees.
+                    if attempt == TRANSIENT_TRIES or not transient(error):
+                        raise
+                    log.warning("spool.retried", attempt=attempt, error=type(error).__name__)
+                    attempt += 1
 
     def _indexed_path(self, sop_instance_uid: str) -> str | None:
         with self._lock:
@@ -235,7 +267,9 @@ class _Compiled:
     def __init__(self, statement: Any, dialect: Any) -> None:
         compiled = statement.compile(dialect=dialect)
         self.sql = str(compiled)
-        self.names = list(compiled.positiontup or [])
+        # SQLite's driver takes parameters in order (qmark), psycopg by name (pyformat).
+        self.positional = compiled.positiontup is not None
+        self.names = list(compiled.positiontup if self.positional else compiled.params)
         self.defaults = compiled.params  # bound literals such as LIMIT's
         types = [compiled.binds[name].type.dialect_impl(dialect) for name in self.names]
         self.binds = [kind.bind_processor(dialect) for kind in types]
@@ -243,14 +277,15 @@ class _Compiled:
         kinds = [column.type.dialect_impl(dialect) for column in columns]
         self.results = [kind.result_processor(dialect, None) for kind in kinds]
 
-    def bound(self, values: dict[str, Any]) -> list[Any]:
-        """The statement's parameters in order, each through its column type's processor."""
+    def bound(self, values: dict[str, Any]) -> list[Any] | dict[str, Any]:
+        """The statement's parameters, each through its column type's processor."""
         ordered = (values[n] if n in values else self.defaults[n] for n in self.names)
-        return [p(v) if p else v for p, v in zip(self.binds, ordered, strict=True)]
+        processed = [p(v) if p else v for p, v in zip(self.binds, ordered, strict=True)]
+        return processed if self.positional else dict(zip(self.names, processed, strict=True))
 
     def run(self, cursor: Any, **params: Any) -> list[tuple[Any, ...]]:
         cursor.execute(self.sql, self.bound(params))
-        rows = cursor.fetchall()
+        rows = cursor.fetchall() if cursor.description is not None else []  # not an UPDATE
         return [tuple(p(v) if p else v for p, v in zip(self.results, r, strict=True)) for r in rows]
 
 
@@ -259,6 +294,7 @@ class _IndexWriter:
 
     def __init__(self, connection: Connection) -> None:
         dialect = connection.dialect
+        self.sqlite = dialect.name == "sqlite"
         self.driver = connection.connection.driver_connection
         self.cursor = self.driver.cursor()  # type: ignore[union-attr]
         self.instance = _Compiled(
@@ -289,16 +325,27 @@ class _IndexWriter:
             .values(instance_count=bindparam("count"), last_instance_at=bindparam("now")),
             dialect,
         )
-        self.inserts = {
-            model: _Compiled(insert(model), dialect)  # every column: the model has the defaults
-            for model in (Study, Job, Instance)
+        # Every column (the model has the defaults); the new row's id back where it has one.
+        self.inserts: dict[type[Any], _Compiled] = {
+            model: _Compiled(_insert_new(model).returning(col(model.id)), dialect)
+            for model in (Study, Job)
         }
+        self.inserts[Instance] = _Compiled(insert(Instance), dialect)
+        self.study_lock = _Compiled(
+            select(
+                func.pg_advisory_xact_lock(
+                    literal_column(str(STUDY_LOCK_KEY)), func.hashtext(bindparam("uid"))
+                )
+            ),
+            dialect,
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One snapshot for the reads and the writes (BEGIN IMMEDIATE), committed on the
         DB-API connection: through SQLAlchemy, the BEGIN alone cost as much as an insert."""
-        self.cursor.execute("BEGIN IMMEDIATE")
+        if self.sqlite:  # psycopg begins one itself
+            self.cursor.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
@@ -309,6 +356,8 @@ class _IndexWriter:
     def write(self, arrival: Arrival, path: str, size: int) -> Indexed | None:
         uid = arrival.sop_instance_uid
         now = utcnow()
+        if not self.sqlite:  # one writer per study at a time, as SQLite's one writer
+            self.study_lock.run(self.cursor, uid=arrival.study_uid)
         for job_id, missing_since, _ in self.instance.run(self.cursor, uid=uid):
             if missing_since is not None:  # its file had gone: a resend brings it back
                 self.restore.run(self.cursor, uid=uid, path=path, size=size)
@@ -349,7 +398,13 @@ class _IndexWriter:
         self.cursor.execute(
             statement.sql, statement.bound({n: getattr(row, n) for n in statement.names})
         )
-        return int(self.cursor.lastrowid)
+        return int(self.cursor.fetchone()[0])
+
+
+def _insert_new(model: Any) -> Any:
+    """Every column but the id, which the database gives (PostgreSQL's identity takes no NULL)."""
+    columns = [column.name for column in model.__table__.columns if column.name != "id"]
+    return insert(model).values({name: bindparam(name) for name in columns})
 
 
 def instance_row(

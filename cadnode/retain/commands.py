@@ -36,7 +36,7 @@ def add_retain_commands(commands: Any) -> None:
 
 
 def retain_command(settings: Settings, args: argparse.Namespace) -> int:
-    database = Database(settings.storage.database)
+    database = Database(settings.database_url)
     if args.command == "storage":
         document = usage.report(
             database, settings.storage, settings.retention, dry_run=args.dry_run

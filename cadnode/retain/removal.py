@@ -57,7 +57,7 @@ from cadnode.core.db import (
     Workitem,
 )
 from cadnode.core.files import fsync_path
-from cadnode.core.locks import KeyedLocks
+from cadnode.core.locks import Keyed
 from cadnode.retain.policy import Candidate, Kind, Reason
 
 log = structlog.get_logger("cadnode.retain")
@@ -326,7 +326,7 @@ class Journal:
     """Steps 2 and 3: delete journalled files, then their entries."""
 
     def __init__(
-        self, database: Database, storage: StorageSettings, spool_locks: KeyedLocks
+        self, database: Database, storage: StorageSettings, spool_locks: Keyed
     ) -> None:
         self.database = database
         self.places = folders(storage)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import random
 import shutil
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy import delete, func
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlmodel import Session, col, select
 
 from cadnode.core.config import RetentionSettings, StorageSettings
@@ -40,7 +41,7 @@ from cadnode.core.db import (
     Pin,
     utcnow,
 )
-from cadnode.core.locks import SPOOL_INSTANCE_LOCKS, keyed_locks
+from cadnode.core.locks import SPOOL_INSTANCE_LOCKS, keyed_locks, named_lock
 from cadnode.retain.policy import (
     DISK_KINDS,
     STUDY_KINDS,
@@ -127,11 +128,15 @@ class Housekeeper:
         now = time.monotonic()
         if now < self._next_pass:
             return self._next_pass - now
-        if self._pass is None:
-            self._pass = _Pass(disk_before=self.disk(self.storage.data_dir).percent)
-            self.journal.retry_stuck()
-        if not self._work(self._pass, deadline=now + self.turn_s):
-            return 0.0  # more to do: on the conveyor's next turn
+        # One process among every node's at a time: what one removes, another must not.
+        with named_lock(self.database, "retention").if_free() as mine:
+            if not mine:
+                return self.settings.check_every_s  # another node's turn
+            if self._pass is None:
+                self._pass = _Pass(disk_before=self.disk(self.storage.data_dir).percent)
+                self.journal.retry_stuck()
+            if not self._work(self._pass, deadline=now + self.turn_s):
+                return 0.0  # more to do: on the conveyor's next turn
         self._log(self._pass)
         self._pass = None
         self._next_pass = time.monotonic() + self.settings.check_every_s
@@ -332,7 +337,7 @@ def _within(made: Plan, objects: int) -> list[Candidate]:
 
 def old_audit_events(cutoff: dt.datetime, limit: int | None) -> Any:
     """Ids of audit events older than `cutoff`, except those naming a pinned study."""
-    named = func.coalesce(func.json_extract(col(AuditEvent.details), "$.study_uid"), "")
+    named = func.coalesce(col(AuditEvent.details)["study_uid"].as_string(), "")
     statement = (
         select(AuditEvent.id)
         .where(col(AuditEvent.at) < cutoff, named.not_in(select(Pin.study_uid)))
@@ -356,7 +361,39 @@ def _audit_removed(count: int, cutoff: dt.datetime, at: dt.datetime) -> AuditEve
     )
 
 
+# PostgreSQL: the tables whose rows decide what may go, locked as SQLite's write lock locks
+# them all (SHARE ROW EXCLUSIVE: writers wait, and so does another node's pass).
+_DECIDING_TABLES = (
+    "pin, study, job, instance, result, resultobject, delivery, studypriority, publication, "
+    "auditevent"
+)
+
+
+# PostgreSQL: how long taking the tables' locks may wait before letting go and trying again.
+# Under deadlock_timeout (1 s unless the server sets it lower), so that a writer holding one
+# table and waiting for another that this has taken never finds a cycle to be aborted for:
+# this lets go first, the writer goes on, and retention tries again after a pause.
+_LOCK_WAIT_MS = 300
+_LOCK_TRIES = 40
+
+
 def _take_write_lock(session: Session) -> None:
-    """Begin the transaction with SQLite's write lock (BEGIN IMMEDIATE): what is checked in
-    it cannot change before it commits."""
-    session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+    """Begin the transaction with the database's write lock (SQLite's BEGIN IMMEDIATE): what
+    is checked in it cannot change before it commits."""
+    connection = session.connection()
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+    lock = f"LOCK TABLE {_DECIDING_TABLES} IN SHARE ROW EXCLUSIVE MODE"
+    for attempt in range(_LOCK_TRIES):
+        connection.exec_driver_sql(f"SET LOCAL statement_timeout = {_LOCK_WAIT_MS}")
+        try:
+            connection.exec_driver_sql(lock)
+        except OperationalError:  # timed out: the writers in the way finish first
+            session.rollback()
+            time.sleep(random.uniform(0.05, 0.05 * 2 ** min(attempt, 4)))
+            connection = session.connection()
+            continue
+        connection.exec_driver_sql("SET LOCAL statement_timeout TO DEFAULT")
+        return
+    connection.exec_driver_sql(lock)  # the writers never paused: wait for them, as before

@@ -74,15 +74,24 @@ def holdings(database: Database, storage: StorageSettings) -> list[Held]:
         answers = _count(session, Result)
         jobs = _count(session, Job)
         events = _count(session, AuditEvent)
-    database_file = storage.database
-    files = [database_file, *(Path(f"{database_file}{end}") for end in ("-wal", "-shm"))]
     return [
         Held("images", images, image_bytes, "spool/ (Instance rows)"),
         Held("results", results, _folder_bytes(storage.results), "results/"),
         Held("answers", answers, _folder_bytes(storage.answers), "answers/ (Result rows)"),
-        Held("database", jobs, sum(_size(f) for f in files), f"{database_file.name} (jobs)"),
+        Held("database", jobs, *_database_bytes(database)),
         Held("audit", events, None, "audit events (rows)"),
     ]
+
+
+def _database_bytes(database: Database) -> tuple[int, str]:
+    """The database's size, and what it is (SQLite: its files; PostgreSQL: the server's)."""
+    file = database.file
+    if file is None:
+        with database.session() as session:
+            size = session.exec(select(func.pg_database_size(func.current_database()))).one()
+        return int(size), f"PostgreSQL database {database.url.database} (jobs)"
+    files = [file, *(Path(f"{file}{end}") for end in ("-wal", "-shm"))]
+    return sum(_size(f) for f in files), f"{file.name} (jobs)"
 
 
 def _count(session: Session, model: Any) -> int:

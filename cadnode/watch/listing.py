@@ -30,7 +30,7 @@ def add_alerts_command(commands: Any) -> None:
 
 
 def alerts_command(settings: Settings, args: argparse.Namespace) -> int:
-    rows = alert_rows(Database(settings.storage.database), cleared_too=args.all)
+    rows = alert_rows(Database(settings.database_url), cleared_too=args.all)
     print(json.dumps(rows, indent=2) if args.json else table(rows))
     return 0
 

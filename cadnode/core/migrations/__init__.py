@@ -1,13 +1,14 @@
 """The database schema's history: Alembic revisions (`versions/`) over the SQLModel tables of
 cadnode/core/db.py.
 
-Every `Database` brings its file to this code's head revision as it opens it: the node at
-start, each receiver process, each command. The first to find work takes the schema lock
-(`<data dir>/locks/schema.lock`) and the database's write lock, and applies every pending
-revision in one transaction: a kill leaves the database at its old revision, never between
-two. The others wait on the lock and then find the work done. A new database is made from
-the models and stamped head (Alembic's recipe); tests/test_migrations.py checks that the
-revisions make the very same schema.
+Every `Database` brings its database to this code's head revision as it opens it: the node at
+start, each receiver process, each command. The first to find work takes the schema lock (on
+SQLite `<data dir>/locks/schema.lock` and the database's write lock; on PostgreSQL an advisory
+lock held by the upgrade's transaction, so it spans nodes) and applies every pending revision
+in one transaction: a kill leaves the database at its old revision, never between two. The
+others wait on the lock and then find the work done. A new database is made from the models
+and stamped head (Alembic's recipe); tests/test_migrations.py checks that the revisions make
+the very same schema.
 
 Release ed9fd1e made its tables with `create_all` and kept no revision: a database without
 one whose tables and columns are that release's is stamped `RELEASE_REVISION` (0001, that
@@ -33,15 +34,19 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, create_engine, event, inspect
+from sqlalchemy import URL, Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
+
+from cadnode.core import connection as databases
 
 log = structlog.get_logger("cadnode.db")
 
 SCRIPTS = Path(__file__).resolve().parent
 RELEASE_REVISION = "0001"  # the schema of release ed9fd1e, made by create_all, unversioned
 VERSION_TABLE = "alembic_version"
+# PostgreSQL's advisory lock key for upgrading the schema (any fixed number: "cadn" in ASCII).
+SCHEMA_LOCK_KEY = 0x6361646E
 
 
 class SchemaError(Exception):
@@ -82,11 +87,14 @@ def head() -> str:
     return revision
 
 
-def current(path: Path) -> Revisions:
-    """Where the database at `path` stands, read without changing it."""
-    if not path.exists():
+def current(where: Path | str | URL) -> Revisions:
+    """Where the database at `where` (an SQLite file's path, or a URL) stands, read without
+    changing it."""
+    url = databases.of(where)
+    file = databases.sqlite_file(url)
+    if file is not None and not file.exists():
         return Revisions(current=None, head=head(), tables=0)
-    engine = create_engine(f"sqlite:///{path}", poolclass=NullPool, connect_args={"timeout": 30})
+    engine = databases.engine(url, pooled=False)
     try:
         with engine.connect() as connection:
             return _revisions(connection)
@@ -96,19 +104,23 @@ def current(path: Path) -> Revisions:
         engine.dispose()
 
 
-def upgrade(path: Path, *, new_from_models: bool = True) -> Revisions:
-    """Bring the database at `path` (made here if absent) to this code's head revision.
+def upgrade(where: Path | str | URL, *, new_from_models: bool = True) -> Revisions:
+    """Bring the database at `where` (an SQLite file, made here if absent; or a URL) to this
+    code's head revision.
 
     `new_from_models=False` makes a new database by running every revision instead (what
     autogenerate compares the models with, and what the tests check against them)."""
-    standing = current(path)
+    url = databases.of(where)
+    standing = current(url)
     if standing.up_to_date:
         return standing  # the common case: no lock taken, nothing written
     _known(standing)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    engine = _writer(path)
+    file = databases.sqlite_file(url)
+    engine = _writer(file) if file is not None else databases.engine(url, pooled=False)
     try:
-        with _schema_lock(path), engine.begin() as connection:
+        with _schema_lock(file), engine.begin() as connection:
+            if file is None:  # PostgreSQL: one upgrader at a time, across nodes too
+                connection.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})"))
             return _upgrade(connection, new_from_models)
     except SQLAlchemyError as error:  # a revision failed: its transaction rolled back
         raise SchemaError(
@@ -128,6 +140,11 @@ def _upgrade(connection: Connection, new_from_models: bool) -> Revisions:
         return _create(connection)
     dangling = _dangling_references(connection)
     if standing.current is None and standing.tables:
+        if connection.dialect.name != databases.SQLITE:
+            raise SchemaError(
+                "the database holds tables but records no schema revision: it is not one "
+                "cadnode made. Give cadnode an empty database"
+            )
         _recognise_release(connection)
         _adopt_release(connection)
         MigrationContext.configure(connection).stamp(scripts(), RELEASE_REVISION)
@@ -237,7 +254,10 @@ def _columns(connection: Connection) -> dict[str, frozenset[str]]:
 
 def _dangling_references(connection: Connection) -> int:
     """Rows referring to rows that are not there. Foreign keys go unchecked while revisions
-    copy tables (SQLite's ALTER), so the upgrade counts them before and after instead."""
+    copy tables (SQLite's ALTER), so the upgrade counts them before and after instead.
+    PostgreSQL checks every foreign key as the revisions run: none to count there."""
+    if connection.dialect.name != databases.SQLITE:
+        return 0
     return len(connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall())
 
 
@@ -245,7 +265,7 @@ def _writer(path: Path) -> Engine:
     """An engine whose transactions are SQLite's own (BEGIN IMMEDIATE: the write lock at once),
     so DDL commits with the rest, and whose connections check no foreign keys while a revision
     copies a table (SQLite's way to ALTER it) that others refer to."""
-    engine = create_engine(f"sqlite:///{path}", poolclass=NullPool, connect_args={"timeout": 30})
+    engine = databases.engine(databases.of(path), pooled=False)
     event.listen(engine, "connect", _migration_pragmas)
     event.listen(engine, "begin", _begin_immediate)
     return engine
@@ -269,8 +289,12 @@ def _begin_immediate(connection: Connection) -> None:
 
 
 @contextmanager
-def _schema_lock(path: Path) -> Iterator[None]:
-    """One upgrader at a time across processes (`flock`: the kernel drops it if we die)."""
+def _schema_lock(path: Path | None) -> Iterator[None]:
+    """One upgrader of an SQLite file at a time across processes (`flock`: the kernel drops
+    it if we die). None (PostgreSQL): the upgrade's transaction takes an advisory lock."""
+    if path is None:
+        yield
+        return
     folder = path.parent / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(folder / "schema.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
