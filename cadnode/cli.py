@@ -16,7 +16,7 @@ from cadnode.admin.backup import add_backup_command, backup_command
 from cadnode.admin.commands import COMMANDS as ADMIN_COMMANDS
 from cadnode.admin.commands import add_admin_commands, admin_command, hash_password_command
 from cadnode.admin.schema import add_db_commands, db_command
-from cadnode.core import logs
+from cadnode.core import connection, logs
 from cadnode.core.config import Settings, load_settings
 from cadnode.core.db import Database, Delivery, DeliveryState, Instance, Job, Result, Study
 from cadnode.core.migrations import SchemaError
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 2
     except SchemaError as error:  # the database is not one this cadnode can upgrade
-        print(f"database {settings.storage.database}: {error}", file=sys.stderr)
+        print(f"database {connection.shown(settings.database_url)}: {error}", file=sys.stderr)
         return 2
     return 0
 
@@ -129,7 +129,9 @@ def add_rules_commands(commands: Any) -> None:
 
 
 def add_engines_commands(commands: Any) -> None:
-    engines = commands.add_parser("engines", help="engine bundles: list, info, verify")
+    engines = commands.add_parser(
+        "engines", help="engine bundles: list, info, verify, export-triton"
+    )
     actions = engines.add_subparsers(dest="engines_command", required=True)
     actions.add_parser("list", help="name, version, task, backend here, sha256, labels")
     info = actions.add_parser("info", help="one engine's manifest: inputs, labels, provenance")
@@ -138,6 +140,9 @@ def add_engines_commands(commands: Any) -> None:
         "verify", help="schema, hashes, load and a test inference per engine; exit 1 on a fault"
     )
     verify.add_argument("names", nargs="*", metavar="NAME", help="default: every engine")
+    from cadnode.infer.triton_repository import add_export_arguments
+
+    add_export_arguments(actions)
 
 
 def engines_command(settings: Settings, args: argparse.Namespace) -> int:
@@ -147,6 +152,10 @@ def engines_command(settings: Settings, args: argparse.Namespace) -> int:
         return catalogue.list_engines(settings.engines)
     if args.engines_command == "info":
         return catalogue.describe(settings.engines, args.name)
+    if args.engines_command == "export-triton":
+        from cadnode.infer.triton_repository import export_command
+
+        return export_command(settings.engines, args)
     plans = settings.storage.data_dir / "plans"
     return catalogue.verify(settings.engines, args.names, limits=settings.limits, plan_cache=plans)
 
@@ -190,7 +199,7 @@ def add_deliveries_commands(commands: Any) -> None:
 
 def deliveries_command(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 1 when any named delivery could not be changed (each says why)."""
-    database = Database(settings.storage.database)
+    database = Database(settings.database_url)
     if args.deliveries_command == "list":
         state = DeliveryState(args.state) if args.state else None
         rows = deliveries.delivery_rows(database, state, settings.destinations)
@@ -266,7 +275,7 @@ def study_rows(database: Database) -> list[dict[str, Any]]:
 
 
 def show_studies(settings: Settings, *, as_json: bool) -> None:
-    rows = study_rows(Database(settings.storage.database))
+    rows = study_rows(Database(settings.database_url))
     if as_json:
         print(json.dumps(rows, indent=2))
         return

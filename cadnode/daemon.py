@@ -15,16 +15,16 @@ import structlog
 from cadnode.admin.app import AdminServer
 from cadnode.admin.context import AdminContext, EngineInfo
 from cadnode.core import audit
+from cadnode.core.claims import worker_for
 from cadnode.core.config import Settings
 from cadnode.core.db import AuditOutcome, Database
 from cadnode.core.runner import Conveyor
+from cadnode.core.tallies import Compactor
 from cadnode.deliver.dispatch import Dispatcher
 from cadnode.deliver.outbox import rename_legacy_destinations
 from cadnode.dicom.indexing import Indexer
-from cadnode.encode.stage import Encoder
 from cadnode.infer.bundle import discover
 from cadnode.infer.runtime import load_engines
-from cadnode.infer.stage import Inference
 from cadnode.ingest.assemble import Assembler
 from cadnode.ingest.receive import Receiver
 from cadnode.port import ReceiverProcesses, receiver_in_process
@@ -32,6 +32,7 @@ from cadnode.prioritize import Prioritization
 from cadnode.retain import Housekeeper
 from cadnode.route import LiveRules, Router
 from cadnode.watch import Watchdog
+from cadnode.workers import WorkerProcesses, cpu_stages
 
 log = structlog.get_logger("cadnode.daemon")
 
@@ -39,7 +40,9 @@ log = structlog.get_logger("cadnode.daemon")
 class Node:
     def __init__(self, settings: Settings) -> None:
         storage = settings.storage
-        self.database = Database(storage.database)
+        self.database = Database(settings.database_url)
+        # This process as a claimer of work, before any stage claims (cadnode/core/claims.py).
+        self.presence = worker_for(self.database, settings.node)
         # Rows queued before deliveries named their destination get its name (idempotent).
         rename_legacy_destinations(self.database, settings.destinations)
         engines = load_engines(
@@ -65,6 +68,9 @@ class Node:
         self.priority = Prioritization(settings, self.database)
         self.housekeeping = Housekeeper(self.database, storage, settings.retention)
         router = Router(self.database, storage.spool, self.rules, settings.destinations)
+        # Infer and encode: here, or in `node.workers` processes (cadnode/workers.py).
+        in_workers = settings.node.workers > 1
+        cpu_bound = [] if in_workers else cpu_stages(settings, self.database, engines)
         self.conveyor = Conveyor(
             [
                 Assembler(
@@ -74,21 +80,7 @@ class Node:
                     indexer=Indexer(storage.spool, storage.results),
                 ),
                 router,
-                Inference(
-                    self.database,
-                    storage.spool,
-                    engines,
-                    answers=storage.answers,
-                    settings=settings.engines,
-                ),
-                Encoder(
-                    self.database,
-                    storage.spool,
-                    storage.results,
-                    settings.named_result_destinations(),
-                    answers=storage.answers,
-                    max_decoded_bytes=settings.limits.max_decoded_image_bytes,
-                ),
+                *cpu_bound,
                 Dispatcher(
                     self.database,
                     storage.results,
@@ -100,15 +92,17 @@ class Node:
                 *self.priority.stages,
                 self.housekeeping,  # retention: removes what the policy allows (cadnode/retain)
                 Watchdog(self.database, settings),  # alerts on stalls (cadnode/watch)
+                Compactor(self.database.engine),  # PostgreSQL: metrics' changes folded in
             ]
         )
-        self.database.on_change = self.conveyor.nudge
+        self.workers = WorkerProcesses(settings, self.nudge) if in_workers else None
+        self.database.on_change = self.nudge
         # The DICOM port, with every stage's DIMSE services on it (cadnode/port.py): in
         # this process, or in `dicom.receivers` processes that wake the stages here.
         self.receiver: Receiver | ReceiverProcesses = (
-            ReceiverProcesses(settings, self.database, self.conveyor.nudge)
+            ReceiverProcesses(settings, self.database, self.nudge)
             if settings.dicom.receivers > 1
-            else receiver_in_process(settings, self.database, self.conveyor.nudge)
+            else receiver_in_process(settings, self.database, self.nudge)
         )
         self.admin = AdminServer(
             AdminContext(
@@ -131,19 +125,35 @@ class Node:
     def start(self) -> int:
         # Removals a kill cut short are finished first, so reconciling never indexes again a
         # spool file whose row housekeeping had already deleted (cadnode/retain/removal.py).
+        self.presence.start(fresh_node=True)  # claims of this node's earlier life: free now
         self.housekeeping.recover()
         self.receiver.reconcile()  # spool and index agree before any stage or peer sees them
         self.rules.start()
         self.conveyor.start()
+        if self.workers is not None:
+            self.workers.start()
         self.admin.start()
-        return self.receiver.start()
+        port = self.receiver.start()
+        self.presence.dicom_port = port
+        if isinstance(self.receiver, Receiver):  # receiver processes beat on their own
+            self.presence.associations = self.receiver.open_associations
+        return port
+
+    def nudge(self) -> None:
+        """A change committed here, in a receiver or in a worker: every stage looks again."""
+        self.conveyor.nudge()
+        if self.workers is not None:
+            self.workers.nudge()
 
     def stop(self) -> None:
         """Drain: refuse new associations and let running ones finish (dicom.drain_timeout_s),
         then let each stage finish the job in hand; a job left unfinished stays in its state
         and is picked up again at the next start."""
         self.receiver.stop()
+        if self.workers is not None:
+            self.workers.stop()
         self.conveyor.stop()
+        self.presence.stop()
         self.rules.stop()
         self.admin.stop()
         log.info("node.stopped")

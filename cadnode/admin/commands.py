@@ -12,6 +12,7 @@ import urllib.request
 from typing import Any
 
 from cadnode.core import audit
+from cadnode.core.claims import describe, processes
 from cadnode.core.config import HttpSettings, Settings
 from cadnode.core.db import Database
 
@@ -20,7 +21,9 @@ COMMANDS = ("status", "audit", "hash-password")
 
 def add_admin_commands(commands: Any) -> None:
     commands.add_parser(
-        "status", help="ask the running node whether it is ready (its /readyz); exit 1 if not"
+        "status",
+        help="ask the running node whether it is ready (its /readyz; exit 1 if not), and list "
+        "every node sharing its database: processes, associations, leases",
     )
     trail = commands.add_parser("audit", help="the audit trail as JSON lines, oldest first")
     trail.add_argument(
@@ -35,13 +38,15 @@ def add_admin_commands(commands: Any) -> None:
 
 def admin_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "status":
-        return show_status(settings.http)
+        ready = show_status(settings.http)
+        show_nodes(settings)
+        return ready
     try:
         since = audit.parse_since(args.since)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
-    for event in audit.events(Database(settings.storage.database), since, args.kind):
+    for event in audit.events(Database(settings.database_url), since, args.kind):
         print(audit.as_json_line(event))
     return 0
 
@@ -70,6 +75,19 @@ def readyz_url(http: HttpSettings) -> str:
     host = f"[{host}]" if ":" in host else host
     scheme = "https" if http.tls else "http"
     return f"{scheme}://{host}:{http.port}/readyz"
+
+
+def show_nodes(settings: Settings) -> None:
+    """Every node's processes, as their heartbeats in the shared database say."""
+    try:
+        with Database(settings.database_url).session() as session:
+            seen = processes(session, settings.node)
+    except Exception as error:  # the database unreachable: readiness said what it could
+        print(f"nodes: the database cannot be read: {type(error).__name__}")
+        return
+    print("nodes sharing the database:" if seen else "nodes: none has written a heartbeat")
+    for process in seen:
+        print(f"  {describe(process)}")
 
 
 def show_status(http: HttpSettings) -> int:

@@ -24,6 +24,7 @@ from cadnode.admin.auth import Gate, Outcome, Verdict, client_address
 from cadnode.admin.context import AdminContext
 from cadnode.admin.thumbnails import overlay_png
 from cadnode.core import audit
+from cadnode.core.claims import processes
 from cadnode.core.db import AuditEvent, AuditKind, AuditOutcome, Instance, Result
 from cadnode.core.yamlfile import ConfigError
 from cadnode.deliver import outbox_admin as deliveries
@@ -208,9 +209,11 @@ def result_overlay(request: Request, result_id: str) -> Response:
 
 @pages.get("/queues", response_class=HTMLResponse)
 def queues(request: Request, note: str | None = None) -> HTMLResponse:
-    with context_of(request).database.session() as session:
+    context = context_of(request)
+    with context.database.session() as session:
         found = data.failures(session)
-    return render(request, "queues.html", failures=found, note=note)
+        nodes = processes(session, context.settings.node)  # every node sharing the database
+    return render(request, "queues.html", failures=found, nodes=nodes, note=note)
 
 
 @actions.post("/deliveries/{delivery_id}/retry")

@@ -7,25 +7,51 @@ The kernel drops them when their process dies, so a crash never leaves one held.
 
 POSIX record locks (`lockf`) belong to a process, not a thread: threads of one process first
 queue here, and only then ask the kernel.
+
+On PostgreSQL, where several nodes on several machines share the data dir, the same locks
+are the database's session-level advisory locks instead (`pg_advisory_lock` and kin, keyed
+by 64 bits of a hash of the lock's name and key), held on one dedicated connection per
+process and name: no lock files at all, and the server drops them when the process's
+connection ends (a killed process; a lost machine once TCP keepalive gives up on it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
+import structlog
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import OperationalError
+
+from cadnode.core import connection
 from cadnode.core.db import Database
+
+log = structlog.get_logger("cadnode.core.locks")
+
+# How long a wait for a lock another process holds sleeps between asks, at most (PostgreSQL:
+# a try, never a blocking call, so the process's other threads keep the connection).
+_POLL_MAX_S = 0.05
+
+
+def on_postgresql(database: Database) -> bool:
+    return database.kind == connection.POSTGRESQL
 
 
 def lock_file(database: Database, name: str) -> Path:
-    """`<data dir>/locks/<name>.lock`: beside the database every process opens."""
-    folder = Path(str(database.engine.url.database)).parent / "locks"
+    """`<data dir>/locks/<name>.lock`: beside the SQLite database every process opens."""
+    if database.file is None:
+        raise ValueError(f"lock {name!r}: no lock files on PostgreSQL, its locks are advisory")
+    folder = database.file.parent / "locks"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{name}.lock"
 
@@ -34,11 +60,88 @@ def _open(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
-class ProcessLock:
-    """Exclusive across threads and processes, reentrant within a thread (`flock`)."""
+class _Kernel(Protocol):
+    """What a named lock asks of whoever keeps it across processes (the kernel, the database)."""
 
+    def acquire(self, wait: bool) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class _FileKernel:
     def __init__(self, path: Path) -> None:
         self._descriptor = _open(path)
+
+    def acquire(self, wait: bool) -> bool:
+        try:
+            fcntl.flock(self._descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+
+
+class _Advisory:
+    """One dedicated PostgreSQL connection of this process (outside the sessions' pool), on
+    which its advisory locks of one name are held; calls on it are serialized."""
+
+    def __init__(self, database: Database, name: str) -> None:
+        self.name = name
+        self._engine = connection.engine(database.url, pooled=False)  # outside the pool
+        self._connection = self._connect()
+        self._guard = threading.Lock()
+
+    def _connect(self) -> Connection:
+        return self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def key(self, key: str = "") -> int:
+        digest = hashlib.blake2b(f"{self.name}\0{key}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    def ask(self, function: str, key: int) -> bool:
+        asked = text(f"SELECT {function}(:key)")
+        with self._guard:
+            try:
+                return bool(self._connection.execute(asked, {"key": key}).scalar())
+            except OperationalError:  # the server restarted (its locks went with it): again
+                log.warning("locks.reconnected", name=self.name)
+                self._connection = self._connect()
+                return bool(self._connection.execute(asked, {"key": key}).scalar())
+
+    def wait_for(self, function: str, key: int) -> None:
+        pause = 0.001
+        while not self.ask(function, key):
+            time.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX_S)
+
+    def close(self) -> None:
+        with self._guard:
+            self._connection.close()
+
+
+class _AdvisoryKernel:
+    def __init__(self, database: Database, name: str) -> None:
+        self._advisory = _Advisory(database, name)
+        self._key = self._advisory.key()
+
+    def acquire(self, wait: bool) -> bool:
+        if wait:
+            self._advisory.wait_for("pg_try_advisory_lock", self._key)
+            return True
+        return self._advisory.ask("pg_try_advisory_lock", self._key)
+
+    def release(self) -> None:
+        self._advisory.ask("pg_advisory_unlock", self._key)
+
+
+class ProcessLock:
+    """Exclusive across threads and processes (on PostgreSQL: across machines), reentrant
+    within a thread. Given a path: a `flock` on that file."""
+
+    def __init__(self, kernel: Path | _Kernel) -> None:
+        self._kernel = _FileKernel(kernel) if isinstance(kernel, Path) else kernel
         self._threads = threading.RLock()
         self._depth = 0
 
@@ -46,7 +149,7 @@ class ProcessLock:
         self._threads.acquire()
         if self._depth == 0:
             try:
-                fcntl.flock(self._descriptor, fcntl.LOCK_EX)
+                self._kernel.acquire(wait=True)
             except BaseException:
                 self._threads.release()
                 raise
@@ -61,40 +164,94 @@ class ProcessLock:
     ) -> None:
         self._depth -= 1
         if self._depth == 0:
-            fcntl.flock(self._descriptor, fcntl.LOCK_UN)
+            self._kernel.release()
         self._threads.release()
 
+    @contextmanager
+    def if_free(self) -> Iterator[bool]:
+        """Hold the lock if no one else does, without waiting: yields whether it is held
+        (a task that one process at a time does, and any may do: housekeeping, watchdogs)."""
+        if not self._threads.acquire(blocking=False):
+            yield False
+            return
+        try:
+            if self._depth == 0 and not self._kernel.acquire(wait=False):
+                yield False
+                return
+            self._depth += 1
+            try:
+                yield True
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._kernel.release()
+        finally:
+            self._threads.release()
 
-_named: dict[Path, ProcessLock] = {}
+
+_named: dict[tuple[str, str], ProcessLock] = {}
 _named_guard = threading.Lock()
 
 
+def _place(database: Database, name: str) -> tuple[str, str]:
+    """Where the lock called `name` lives: its file, or the database's URL."""
+    if on_postgresql(database):
+        return database.engine.url.render_as_string(hide_password=True), name
+    return str(lock_file(database, name)), ""
+
+
 def named_lock(database: Database, name: str) -> ProcessLock:
-    """The process's one lock called `name` for this database (one descriptor per process:
-    `flock` locks of two descriptors of one process would exclude each other)."""
-    path = lock_file(database, name)
+    """The process's one lock called `name` for this database (one descriptor or connection
+    per process: two of one process would exclude each other)."""
+    place = _place(database, name)
     with _named_guard:
-        if path not in _named:
-            _named[path] = ProcessLock(path)
-        return _named[path]
+        if place not in _named:
+            kernel: Path | _Kernel = (
+                _AdvisoryKernel(database, name) if on_postgresql(database) else Path(place[0])
+            )
+            _named[place] = ProcessLock(kernel)
+        return _named[place]
 
 
 # Keyed by SOP Instance UID: receive holds it from "is its file there?" to its commit, and
 # housekeeping while it deletes an old copy (cadnode.ingest.spool, cadnode.retain.removal).
 SPOOL_INSTANCE_LOCKS = "spool-instances"
 
-_keyed: dict[Path, KeyedLocks] = {}
+
+class Keyed(Protocol):
+    """One lock per key, exclusive across threads and processes; and marks (shared locks)
+    that say "this process is using the key"."""
+
+    def hold(self, key: str) -> contextlib.AbstractContextManager[None]: ...
+
+    def mark(self, key: str) -> None: ...
+
+    def unmark(self, key: str) -> None: ...
+
+    def marked_elsewhere(self, key: str) -> bool: ...
+
+    def close(self) -> None: ...
 
 
-def keyed_locks(database: Database, name: str) -> KeyedLocks:
-    """The process's one set of keyed locks called `name` for this database: `lockf` locks
-    of two descriptors of one process never exclude each other, so two users of the same
-    keys in one process (receive and housekeeping) must share one. Never closed."""
-    path = lock_file(database, name)
+_keyed: dict[tuple[str, str], Keyed] = {}
+
+
+def keyed_locks(database: Database, name: str) -> Keyed:
+    """The process's one set of keyed locks called `name` for this database: two users of
+    the same keys in one process (receive and housekeeping) must share one (`lockf` locks
+    of two descriptors of one process never exclude each other). Never closed."""
+    place = _place(database, name)
     with _named_guard:
-        if path not in _keyed:
-            _keyed[path] = KeyedLocks(path)
-        return _keyed[path]
+        if place not in _keyed:
+            _keyed[place] = new_keyed_locks(database, name)
+        return _keyed[place]
+
+
+def new_keyed_locks(database: Database, name: str) -> Keyed:
+    """A set of keyed locks of its own (its caller closes it): for a sole user of `name`."""
+    if on_postgresql(database):
+        return AdvisoryKeyedLocks(database, name)
+    return KeyedLocks(lock_file(database, name))
 
 
 def _offset(key: str) -> int:
@@ -103,8 +260,29 @@ def _offset(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=6).digest(), "big")
 
 
+class _ThreadQueue:
+    """Threads of one process wait here for a key before asking the kernel or the database,
+    which only tell processes apart."""
+
+    def __init__(self) -> None:
+        self._held: set[int] = set()
+        self._settled = threading.Condition()
+
+    @contextmanager
+    def turn(self, slot: int) -> Iterator[None]:
+        with self._settled:
+            self._settled.wait_for(lambda: slot not in self._held)
+            self._held.add(slot)
+        try:
+            yield
+        finally:
+            with self._settled:
+                self._held.discard(slot)
+                self._settled.notify_all()
+
+
 class KeyedLocks:
-    """One lock per key (a SOP Instance UID, a Study UID): a byte of one file each (`lockf`).
+    """Keyed locks in one file: a byte per key (`lockf`).
 
     `hold` is exclusive across threads and processes. `mark` / `unmark` take and drop a shared
     lock that says "this process is using the key"; `marked_elsewhere` says whether another
@@ -113,8 +291,7 @@ class KeyedLocks:
 
     def __init__(self, path: Path) -> None:
         self._descriptor = _open(path)
-        self._held: set[int] = set()
-        self._settled = threading.Condition()
+        self._threads = _ThreadQueue()
 
     def close(self) -> None:
         os.close(self._descriptor)
@@ -122,19 +299,12 @@ class KeyedLocks:
     @contextmanager
     def hold(self, key: str) -> Iterator[None]:
         offset = _offset(key)
-        with self._settled:
-            self._settled.wait_for(lambda: offset not in self._held)
-            self._held.add(offset)
-        try:
+        with self._threads.turn(offset):
             fcntl.lockf(self._descriptor, fcntl.LOCK_EX, 1, offset)
             try:
                 yield
             finally:
                 fcntl.lockf(self._descriptor, fcntl.LOCK_UN, 1, offset)
-        finally:
-            with self._settled:
-                self._held.discard(offset)
-                self._settled.notify_all()
 
     def mark(self, key: str) -> None:
         fcntl.lockf(self._descriptor, fcntl.LOCK_SH, 1, _offset(key))
@@ -150,4 +320,41 @@ class KeyedLocks:
         except OSError:
             return True
         fcntl.lockf(self._descriptor, fcntl.LOCK_SH, 1, offset)
+        return False
+
+
+class AdvisoryKeyedLocks:
+    """The same as KeyedLocks, as PostgreSQL advisory locks (64 bits of the name's and key's
+    hash): they exclude processes on every machine that shares the database."""
+
+    def __init__(self, database: Database, name: str) -> None:
+        self._advisory = _Advisory(database, name)
+        self._threads = _ThreadQueue()
+
+    def close(self) -> None:
+        self._advisory.close()
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        slot = self._advisory.key(key)
+        with self._threads.turn(slot):
+            self._advisory.wait_for("pg_try_advisory_lock", slot)
+            try:
+                yield
+            finally:
+                self._advisory.ask("pg_advisory_unlock", slot)
+
+    def mark(self, key: str) -> None:
+        self._advisory.wait_for("pg_try_advisory_lock_shared", self._advisory.key(key))
+
+    def unmark(self, key: str) -> None:
+        self._advisory.ask("pg_advisory_unlock_shared", self._advisory.key(key))
+
+    def marked_elsewhere(self, key: str) -> bool:
+        """Whether another process marks `key`; call it while this one marks it (a session's
+        own shared lock never conflicts with its exclusive one)."""
+        slot = self._advisory.key(key)
+        if not self._advisory.ask("pg_try_advisory_lock", slot):
+            return True
+        self._advisory.ask("pg_advisory_unlock", slot)
         return False

@@ -26,7 +26,7 @@ from pynetdicom.association import Association
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from cadnode.core.config import Destination, DispatchSettings
+from cadnode.core.config import AnyDestination, Destination, DispatchSettings
 from cadnode.core.db import Database, Delivery, DeliveryState, utcnow
 from cadnode.dicom.services import Service
 from cadnode.dicom.status import NO_SUCH_INSTANCE, PROCESSING_FAILURE, SUCCESS, status_is_success
@@ -52,10 +52,16 @@ FAILURE_REASONS = {
 class Commitments:
     """Dispatch's side: ask, ask again when no answer comes, and give up after the limit."""
 
-    def __init__(self, settings: DispatchSettings, destinations: Mapping[str, Destination]) -> None:
+    def __init__(
+        self, settings: DispatchSettings, destinations: Mapping[str, AnyDestination]
+    ) -> None:
         self.settings = settings
-        # By name, as deliveries name their destination.
-        self.wanted_by = {name for name, d in destinations.items() if d.storage_commitment}
+        # By name, as deliveries name their destination; only DICOM peers are asked.
+        self.wanted_by = {
+            name
+            for name, d in destinations.items()
+            if isinstance(d, Destination) and d.storage_commitment
+        }
 
     def wanted(self, destination: str) -> bool:
         return destination in self.wanted_by

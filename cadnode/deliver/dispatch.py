@@ -9,7 +9,8 @@ delivery is dead-lettered and its job failed (`FailureKind.dead_letter`, with th
 words). Original images that a routing rule forwards go through the same outbox. An admin
 replays or discards dead letters with `cadnode deliveries` (cadnode/deliver/outbox_admin.py);
 destinations with `storage_commitment` are then asked to confirm they keep each object
-(cadnode/deliver/commitment.py).
+(cadnode/deliver/commitment.py). A destination given by `url` (a DICOMweb service) gets
+the same outbox by STOW-RS instead of C-STORE (cadnode/deliver/stow.py).
 
 Nothing one delivery does stalls the others: whatever goes wrong with it (its file missing
 or unreadable, its destination gone from the configuration, refused, unreachable, an error
@@ -43,10 +44,11 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from cadnode.core import audit
-from cadnode.core.config import Destination, DispatchSettings
+from cadnode.core.claims import worker_for
+from cadnode.core.config import AnyDestination, Destination, DispatchSettings, StowDestination
 from cadnode.core.db import (
     AuditOutcome,
     Database,
@@ -58,8 +60,11 @@ from cadnode.core.db import (
     ResultObject,
     utcnow,
 )
+from cadnode.core.locks import named_lock
+from cadnode.deliver import stow
 from cadnode.deliver.commitment import STORAGE_COMMITMENT, Commitments, CommitmentScp
 from cadnode.deliver.outbox import record_dead_letter, record_failure, record_sent
+from cadnode.deliver.stow import StowObject
 from cadnode.dicom.pdu import tune_connection
 from cadnode.dicom.status import status_is_success
 
@@ -72,6 +77,8 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 # A job failed by a dead letter, in words (the kind is FailureKind.dead_letter).
 DEAD_LETTER = "a result could not be delivered (dead letter)"
 NOT_ESTABLISHED = "association not established (refused, rejected or unreachable)"
+# Deliveries claimed in one pass: a few associations' worth, leaving the rest to others.
+CLAIM_BATCH = 512
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # An association holds 128 presentation contexts; one is kept for Storage Commitment.
@@ -117,7 +124,7 @@ class Dispatcher:
         settings: DispatchSettings,
         calling_ae: str,
         spool: Path | None = None,
-        destinations: Mapping[str, Destination] | None = None,
+        destinations: Mapping[str, AnyDestination] | None = None,
     ) -> None:
         self.database = database
         self.results = results
@@ -129,22 +136,30 @@ class Dispatcher:
         self.commitments = Commitments(settings, self.destinations)
         # A commitment answer may come on dispatch's own association, while it is still open.
         self.commitment_reports = CommitmentScp(database)
+        self.worker = worker_for(database)
 
     def advance(self) -> float | None:
         with self.database.session() as session:
-            now = utcnow()
-            due = session.exec(
-                select(Delivery)
-                .where(Delivery.state == DeliveryState.pending, Delivery.next_attempt_at <= now)
-                .order_by(Delivery.id)  # type: ignore[arg-type]
-            ).all()
+            # Claimed before sending (cadnode/core/claims.py): no two dispatchers, on this node
+            # or another, send the same delivery.
+            due = self.worker.claim(
+                session,
+                Delivery,
+                col(Delivery.state) == DeliveryState.pending,
+                col(Delivery.next_attempt_at) <= utcnow(),
+                limit=CLAIM_BATCH,
+            )
             by_destination: dict[str, list[Delivery]] = defaultdict(list)
             for delivery in due:
                 by_destination[delivery.destination].append(delivery)
             for name, deliveries in by_destination.items():
                 self._send(session, name, deliveries)
-            for name, transactions in self.commitments.due(session).items():
-                self._ask_again(session, name, transactions)
+            # Any this pass claimed and left (discarded meanwhile, a batch cut short): freed.
+            left = [d.id for d in due if self.worker.holds(Delivery, d.id)]
+            self.worker.release(session, Delivery, left)
+            with named_lock(self.database, "commitment-requests").if_free() as mine:
+                for name, transactions in self.commitments.due(session).items() if mine else ():
+                    self._ask_again(session, name, transactions)  # by one process at a time
             self._settle_jobs(session)
             delays = [
                 self._seconds_to_next_attempt(session),
@@ -160,6 +175,9 @@ class Dispatcher:
                 self._failed(session, delivery, reason, final=True)
             return
         outgoing = [item for d in deliveries if (item := self._prepare(session, d)) is not None]
+        if isinstance(destination, StowDestination):
+            self._send_stow(session, destination, outgoing)
+            return
         limit = MAX_STORE_CONTEXTS - (1 if self.commitments.wanted(name) else 0)
         for batch in _batches(outgoing, limit):
             self._send_batch(session, name, destination, batch)
@@ -201,6 +219,33 @@ class Dispatcher:
         if original is not None and self.spool is not None:
             return "received", self.spool, original.path
         raise _Unsendable("neither a result nor a received instance", uid, final=True)
+
+    def _send_stow(
+        self, session: Session, destination: StowDestination, outgoing: list[_Outgoing]
+    ) -> None:
+        """By STOW-RS (cadnode/deliver/stow.py): each delivery recorded as its request's
+        answer comes, sent only if the answer names its object as stored."""
+        items = {item.delivery.id: item for item in outgoing}
+        objects = [
+            StowObject(key, item.delivery.object_uid, item.path)
+            for key, item in items.items()
+            if key is not None
+        ]
+        for outcome in stow.send_all(destination, objects):
+            item = items[outcome.key]
+            session.refresh(item.delivery)  # an admin may have discarded it meanwhile
+            if not self._still_mine(item.delivery):
+                continue
+            if not outcome.stored:
+                self._failed(
+                    session, item.delivery, outcome.reason, outcome.detail, final=outcome.final
+                )
+                continue
+            record_sent(item.delivery)
+            item.delivery.last_error = outcome.warning  # a 202's warning, kept on the sent row
+            if not self.worker.settle(session, item.delivery):
+                continue  # its lease ran out meanwhile: whoever took it sends it again
+            self._sent(item.delivery, destination, item, outcome.status)
 
     def _send_batch(
         self, session: Session, name: str, destination: Destination, batch: list[_Outgoing]
@@ -254,6 +299,8 @@ class Dispatcher:
     def _ask_again(self, session: Session, name: str, transactions: list[list[Delivery]]) -> None:
         """Storage Commitment requests that got no answer (or were never made), made again."""
         destination = self.destinations[name]  # only configured destinations are asked
+        if not isinstance(destination, Destination):  # nor is a DICOMweb one ever (no DIMSE)
+            return
         try:
             assoc = self._associate(destination, [(STORAGE_COMMITMENT, list(UNCOMPRESSED))])
         except Exception as error:  # a bad address: counts as a request, like a refusal
@@ -306,7 +353,7 @@ class Dispatcher:
         """C-STORE one object; True once the peer has it and that is committed."""
         delivery = item.delivery
         session.refresh(delivery)  # an admin may have discarded it while earlier ones went
-        if delivery.state is not DeliveryState.pending:
+        if not self._still_mine(delivery):
             return False
         try:
             status = assoc.send_c_store(_payload(assoc, item))
@@ -324,13 +371,13 @@ class Dispatcher:
             return False
         # The peer has it: record that before anything else (the window in the module's doc).
         record_sent(delivery)
-        session.add(delivery)
-        session.commit()
-        self._sent(delivery, destination, item, code)
+        if not self.worker.settle(session, delivery):
+            return False  # its lease ran out meanwhile: whoever took it sends it again
+        self._sent(delivery, destination, item, f"0x{code:04X}")
         return True
 
     def _sent(
-        self, delivery: Delivery, destination: Destination, item: _Outgoing, code: int
+        self, delivery: Delivery, destination: AnyDestination, item: _Outgoing, status: str
     ) -> None:
         log.info(
             "delivery.sent",
@@ -338,7 +385,7 @@ class Dispatcher:
             job=delivery.job_id,
             destination=delivery.destination,
             attempts=delivery.attempts,
-            status=f"0x{code:04X}",
+            status=status,
         )
         audit.record(
             self.database,
@@ -351,7 +398,7 @@ class Dispatcher:
             destination=delivery.destination,
             object_uid=delivery.object_uid,
             sop_class_uid=item.sop_class,
-            status=f"0x{code:04X}",
+            status=status,
             attempts=delivery.attempts,
         )
 
@@ -373,8 +420,7 @@ class Dispatcher:
             dead = True
         else:
             dead = record_failure(delivery, stored, self.settings.backoff)
-        session.add(delivery)
-        session.commit()
+        self.worker.settle(session, delivery)  # and free it for whoever tries next
         log.warning(
             "delivery.dead_lettered" if dead else "delivery.retry_scheduled",
             delivery=delivery.id,
@@ -382,6 +428,14 @@ class Dispatcher:
             destination=delivery.destination,
             attempts=delivery.attempts,
             reason=reason,
+        )
+
+    def _still_mine(self, delivery: Delivery) -> bool:
+        """Pending and claimed by this worker: an admin may have discarded it, or another
+        worker taken it over after this one's lease ran out."""
+        return (
+            delivery.state is DeliveryState.pending
+            and delivery.claimed_by == self.worker.identity
         )
 
     def _settle_jobs(self, session: Session) -> None:

@@ -22,7 +22,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from cadnode.core.backoff import Backoff
-from cadnode.core.config import Destination
+from cadnode.core.config import AnyDestination, Destination
 from cadnode.core.db import (
     Database,
     Delivery,
@@ -132,14 +132,20 @@ def record_failure(row: Delivery | Publication, reason: str, backoff: Backoff) -
     return False
 
 
-def legacy_destination_names(destinations: Mapping[str, Destination]) -> dict[str, str]:
+def legacy_destination_names(destinations: Mapping[str, AnyDestination]) -> dict[str, str]:
     """The `AE@host:port` text that rows queued before deliveries named their destination hold
     (`Delivery.destination`), mapped to the name now configured for that address. Text that
-    no configured destination has is not in the map."""
-    return {f"{d.ae_title}@{d.host}:{d.port}": name for name, d in destinations.items()}
+    no configured destination has is not in the map (nor has a DICOMweb one any such rows)."""
+    return {
+        f"{d.ae_title}@{d.host}:{d.port}": name
+        for name, d in destinations.items()
+        if isinstance(d, Destination)
+    }
 
 
-def rename_legacy_destinations(database: Database, destinations: Mapping[str, Destination]) -> int:
+def rename_legacy_destinations(
+    database: Database, destinations: Mapping[str, AnyDestination]
+) -> int:
     """Give every row that still holds its destination's `AE@host:port` the name configured
     for that address; how many were renamed. Idempotent, run at each start before dispatch:
     a row whose address no configured destination has keeps its text, and is dead-lettered

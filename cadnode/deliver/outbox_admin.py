@@ -19,7 +19,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from cadnode.core import audit
-from cadnode.core.config import Destination
+from cadnode.core.config import AnyDestination
 from cadnode.core.db import (
     AuditKind,
     AuditOutcome,
@@ -55,7 +55,7 @@ class Outcome:
 def delivery_rows(
     database: Database,
     state: DeliveryState | None = None,
-    destinations: Mapping[str, Destination] | None = None,
+    destinations: Mapping[str, AnyDestination] | None = None,
 ) -> list[dict[str, Any]]:
     """Every delivery (in `state`), each with its destination's name and, where `destinations`
     (the configuration's) still has that name, its address (`AE@host:port`, `AE@[::1]:port`)."""
@@ -66,7 +66,7 @@ def delivery_rows(
         return [_row(d, destinations or {}) for d in session.exec(query)]
 
 
-def address_of(name: str, destinations: Mapping[str, Destination]) -> str | None:
+def address_of(name: str, destinations: Mapping[str, AnyDestination]) -> str | None:
     """The configured address of the destination a delivery names; None once it is gone."""
     destination = destinations.get(name)
     return None if destination is None else str(destination)
@@ -209,7 +209,7 @@ def _record(
     )
 
 
-def _row(delivery: Delivery, destinations: Mapping[str, Destination]) -> dict[str, Any]:
+def _row(delivery: Delivery, destinations: Mapping[str, AnyDestination]) -> dict[str, Any]:
     return {
         "id": delivery.id,
         "job": delivery.job_id,

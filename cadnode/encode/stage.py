@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from cadnode.core.config import Destination
+from cadnode.core.claims import worker_for
+from cadnode.core.config import AnyDestination, ResultOptions
 from cadnode.core.db import (
     Database,
     FailureKind,
@@ -86,26 +87,26 @@ from cadnode.infer.answers import (
 )
 
 
-def _every(destination: Destination) -> bool:
+def _every(destination: ResultOptions) -> bool:
     return True
 
 
-def _wants_captures(destination: Destination) -> bool:
+def _wants_captures(destination: ResultOptions) -> bool:
     return destination.secondary_capture
 
 
-def _wants_labelmaps(destination: Destination) -> bool:
+def _wants_labelmaps(destination: ResultOptions) -> bool:
     return destination.labelmap_segmentation
 
 
-def _wants_presentation_states(destination: Destination) -> bool:
+def _wants_presentation_states(destination: ResultOptions) -> bool:
     return destination.presentation_state
 
 
 # Part of every result UID: raised whenever what the builders write for the same answer
 # changes, so an object re-encoded by a newer release is a new object, never a different
 # one under an old UID.
-RESULTS_FORMAT = "results-format-2"
+RESULTS_FORMAT = "results-format-3"  # 3: a film SEG carries shared Pixel Measures
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class _Made:
     """An object built for a job, and which destinations get it."""
 
     dataset: Dataset
-    wanted_by: Callable[[Destination], bool] = _every
+    wanted_by: Callable[[ResultOptions], bool] = _every
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class Encoder:
         database: Database,
         spool: Path,
         results: Path,
-        destinations: Mapping[str, Destination],
+        destinations: Mapping[str, AnyDestination],
         *,
         answers: Path,
         max_decoded_bytes: int,
@@ -144,6 +145,7 @@ class Encoder:
         self.answers = answers  # mask files (cadnode.infer.answers.save_masks)
         warm_up()  # the first study does not wait for highdicom to read its tables
         self.destinations = dict(destinations)  # by name: each delivery row names its own
+        self.worker = worker_for(database)  # claims each job before encoding it
 
     @property
     def wants_captures(self) -> bool:
@@ -159,12 +161,16 @@ class Encoder:
 
     def advance(self) -> float | None:
         with self.database.session() as session:
-            for job in self.database.jobs_in(session, JobState.inferred):
+            # One job claimed at a time: encoding is CPU-bound, and other workers share a burst.
+            while claimed := self.worker.claim(
+                session, Job, col(Job.state) == JobState.inferred, limit=1
+            ):
+                job = claimed[0]
                 try:
                     self._encode(session, job)
                 except Exception as error:  # a result that cannot be encoded fails its job
                     session.rollback()
-                    self.database.transition(
+                    self.worker.transition(
                         session,
                         job,
                         JobState.failed,
@@ -197,7 +203,7 @@ class Encoder:
             )
             for made in objects.build([answered[result.id] for result in results]):
                 self._keep(session, job, engine, made)
-        self.database.transition(session, job, JobState.encoded, expect=JobState.inferred)
+        self.worker.transition(session, job, JobState.encoded, expect=JobState.inferred)
 
     def _answered(self, session: Session, result: Result) -> _Answered:
         instance = session.get(Instance, result.sop_instance_uid)

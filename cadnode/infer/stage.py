@@ -35,9 +35,10 @@ from pathlib import Path
 
 import structlog
 from pydicom import dcmread
-from sqlalchemy import update
-from sqlmodel import Session, select
+from sqlalchemy import case, or_, update
+from sqlmodel import Session, col, select
 
+from cadnode.core.claims import worker_for
 from cadnode.core.config import EngineSettings
 from cadnode.core.db import (
     Database,
@@ -113,13 +114,15 @@ class Inference:
         self._calls: dict[int, _Call] = {}  # by job id
         self._progress: dict[int, _Progress] = {}
         self._call_ended = threading.Event()
-        self._recovered = False
+        # Each job is claimed before its attempt counts, and held until it moves on or waits
+        # for a retry: no two workers run it. One claimed with an attempt counted and not
+        # ended, yet not in progress here, was running where a process stopped (perhaps
+        # killed by the image it decoded): that attempt failed; it is not replayed as new.
+        self.worker = worker_for(database)
 
     def advance(self) -> float | None:
         """Start every call that can start, most urgent job first; collect them as they end
         and start the next; return when none is running (the seconds until a retry is due)."""
-        if not self._recovered:
-            self._recover()
         while True:
             self._call_ended.clear()
             with self.database.session() as session:
@@ -143,14 +146,42 @@ class Inference:
     # --- choosing and starting calls -------------------------------------------------------
 
     def _start_calls(self, session: Session) -> None:
-        now = utcnow()
-        waiting = [
-            job
-            for job in self.database.jobs_in(session, JobState.routed)
-            if job.id not in self._calls and _due(job, now)
-        ]
+        waiting = [job for job in self._claim(session) if job.id not in self._calls]
         for job in sorted(waiting, key=lambda job: (URGENCY[job.priority], job.id)):
+            assert job.id is not None
+            if job.id not in self._progress and job.attempts > 0 and job.next_attempt_at is None:
+                self._attempt_failed(session, job.id, None, "the node stopped during this attempt")
+                continue
             self._start_next_step(session, job)
+        # Claimed but not begun (their engine busy): free for another worker meanwhile.
+        begun = {job_id for job_id, progress in self._progress.items() if progress.counted}
+        unstarted = [job.id for job in waiting if job.id not in self._calls.keys() | begun]
+        for job_id in unstarted:
+            self._progress.pop(job_id, None)  # type: ignore[arg-type]
+        self.worker.release(session, Job, unstarted, col(Job.state) == JobState.routed)
+
+    def _claim(self, session: Session) -> list[Job]:
+        """The jobs this worker may start a call for now: those it holds part-way through,
+        and as many more, most urgent first, as its engines have free workers."""
+        free = sum(
+            max(0, engine.options.concurrency - self._busy(name))
+            for name, engine in self.engines.items()
+        )
+        if not free and self.engines:
+            return []  # nothing can start before a call ends
+        now = utcnow()
+        urgency = case(
+            *((col(Job.priority) == level, rank) for level, rank in URGENCY.items()), else_=9
+        )
+        return self.worker.claim(
+            session,
+            Job,
+            col(Job.state) == JobState.routed,
+            or_(col(Job.next_attempt_at).is_(None), col(Job.next_attempt_at) <= now),
+            col(Job.id).not_in(list(self._calls)),  # held already; the renewer keeps them
+            order_by=[urgency],
+            limit=len(self._progress) + max(free, 1),
+        )
 
     def _start_next_step(self, session: Session, job: Job) -> None:
         """Start the job's next engine call if its engine has a free worker; finish the job
@@ -219,7 +250,7 @@ class Inference:
 
     def _count_attempt(self, session: Session, job: Job) -> None:
         """Record the attempt before its first image is decoded (and clear the retry time:
-        an attempt counted with none set has not ended, see `_recover`)."""
+        an attempt counted with none set has not ended, see `_start_calls`)."""
         session.execute(
             update(Job)
             .where(Job.id == job.id, Job.state == JobState.routed)  # type: ignore[arg-type]
@@ -239,7 +270,11 @@ class Inference:
 
     def _collect(self, session: Session) -> None:
         for job_id, call in list(self._calls.items()):
-            if call.future.done():
+            if not self.worker.holds(Job, job_id):  # its lease was taken over: not ours to end
+                del self._calls[job_id]
+                self._progress.pop(job_id, None)
+                log.warning("inference.claim_lost", job=job_id, engine=call.name)
+            elif call.future.done():
                 del self._calls[job_id]
                 error = call.future.exception()
                 if error is None:
@@ -323,23 +358,24 @@ class Inference:
             retry_in_s=delay,
             reason=error,
         )
-        # Bookkeeping, not a state change: the job stays routed, not due before the delay.
+        # Bookkeeping, not a state change: the job stays routed, not due before the delay,
+        # when any worker may claim it.
+        self.worker.forget(Job, [job.id])
         session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.state == JobState.routed)  # type: ignore[arg-type]
-            .values(next_attempt_at=utcnow() + dt.timedelta(seconds=delay), reason=reason)
+            .where(
+                col(Job.id) == job.id,
+                col(Job.state) == JobState.routed,
+                col(Job.claimed_by) == self.worker.identity,  # unless taken over meanwhile
+            )
+            .values(
+                next_attempt_at=utcnow() + dt.timedelta(seconds=delay),
+                reason=reason,
+                claimed_by=None,
+                lease_until=None,
+            )
         )
         session.commit()
-
-    def _recover(self) -> None:
-        """At the first advance: an attempt counted but never ended was running when the node
-        stopped, perhaps killed by the image it decoded. It failed; it is not replayed as new."""
-        self._recovered = True
-        with self.database.session() as session:
-            for job in self.database.jobs_in(session, JobState.routed):
-                if job.id is not None and job.attempts > 0 and job.next_attempt_at is None:
-                    stopped = "the node stopped during this attempt"
-                    self._attempt_failed(session, job.id, None, stopped)
 
     # --- ending jobs -----------------------------------------------------------------------
 
@@ -347,12 +383,12 @@ class Inference:
         assert job.id is not None
         self._progress.pop(job.id, None)
         session.add_all(progress.results)
-        self.database.transition(session, job, JobState.inferred, expect=JobState.routed)
+        self.worker.transition(session, job, JobState.inferred, expect=JobState.routed)
 
     def _fail(self, session: Session, job: Job, reason: str, failure: FailureKind) -> None:
         assert job.id is not None
         self._progress.pop(job.id, None)
-        self.database.transition(
+        self.worker.transition(
             session, job, JobState.failed, expect=JobState.routed, reason=reason, failure=failure
         )
 

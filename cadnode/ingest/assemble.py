@@ -20,6 +20,7 @@ that did not index so are indexed here too, a few per pass.
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import structlog
 from pydicom.uid import (
@@ -105,7 +106,7 @@ class Assembler:
 
     def _complete(self, session: Session, job: Job) -> bool:
         """Release the job, its instances indexed in the same commit."""
-        indexed = {}
+        indexed: dict[str, Any] = {}
         if self.indexer is not None:
             assert job.id is not None
             self.indexer.index_job(session, job.id)

@@ -28,11 +28,11 @@ class Prioritization:
     def __init__(self, settings: Settings, database: Database) -> None:
         priority = settings.priority
         self.policy = load_policy(priority.policy_file)
-        by_ae_title = {d.ae_title: d for d in settings.destinations.values()}
+        by_ae_title = {d.ae_title: d for d in settings.dicom_destinations().values()}
         ae_title, timeout_s = settings.dicom.ae_title, settings.dispatch.timeout_s
         senders: list[Channel] = [
             UpsEventChannel(ae_title, by_ae_title, timeout_s),
-            UpsPushChannel(ae_title, settings.destinations, timeout_s),
+            UpsPushChannel(ae_title, settings.dicom_destinations(), timeout_s),
             Hl7Channel(priority.hl7),
             WebhookChannel(priority.webhooks),
         ]
@@ -50,5 +50,5 @@ def ups_services(settings: Settings, database: Database) -> list[Service]:
     """The UPS worklist on the node's DICOM port, if enabled (built in every receiver process)."""
     if not settings.priority.ups.enabled:
         return []
-    by_ae_title = {d.ae_title: d for d in settings.destinations.values()}
+    by_ae_title = {d.ae_title: d for d in settings.dicom_destinations().values()}
     return [UpsScp(database, by_ae_title, settings.priority.ups.turnaround).service()]

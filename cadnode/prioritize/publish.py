@@ -16,6 +16,7 @@ import structlog
 from sqlmodel import Session, col, select
 
 from cadnode.core.backoff import Backoff
+from cadnode.core.claims import worker_for
 from cadnode.core.db import (
     Database,
     Priority,
@@ -26,6 +27,7 @@ from cadnode.core.db import (
     StudyPriority,
     utcnow,
 )
+from cadnode.core.locks import named_lock
 from cadnode.deliver.outbox import record_failure, record_sent
 from cadnode.prioritize import worklist
 from cadnode.prioritize.notice import Channel, Notice, PublishError
@@ -45,17 +47,37 @@ class Publisher:
         self.database = database
         self.channels = channels
         self.backoff = backoff
+        self.worker = worker_for(database)
 
     def advance(self) -> float | None:
         with self.database.session() as session:
-            for (channel, destination), rows in self._due(session).items():
-                self._send(session, channel, destination, rows)
+            # One publisher among every node's at a time keeps each recipient's order; each
+            # row is claimed too, so none is sent twice should that lock ever be lost.
+            with named_lock(self.database, "publish").if_free() as mine:
+                if mine:
+                    self._publish(session)
             upcoming = session.exec(
                 select(Publication.next_attempt_at)
                 .where(Publication.state == PublicationState.pending)
                 .order_by(col(Publication.next_attempt_at))
             ).first()
         return None if upcoming is None else max((upcoming - utcnow()).total_seconds(), 0.0)
+
+    def _publish(self, session: Session) -> None:
+        due = self._due(session)
+        wanted = [row.id for rows in due.values() for row in rows]
+        if not wanted:
+            return
+        claimed = {
+            row.id: row
+            for row in self.worker.claim(session, Publication, col(Publication.id).in_(wanted))
+        }
+        for (channel, destination), rows in due.items():
+            mine = [claimed[row.id] for row in rows if row.id in claimed]
+            if mine:
+                self._send(session, channel, destination, mine)
+        left = [row_id for row_id in claimed if self.worker.holds(Publication, row_id)]
+        self.worker.release(session, Publication, left)
 
     def _due(self, session: Session) -> dict[tuple[PublicationChannel, str], list[Publication]]:
         """Pending rows that are due, by recipient, without letting one overtake an earlier
@@ -150,8 +172,8 @@ class Publisher:
 
     def _sent(self, session: Session, row: Publication) -> None:
         record_sent(row)
-        session.add(row)
-        session.commit()
+        if not self.worker.settle(session, row):
+            return  # its lease ran out meanwhile: whoever took it sends it again
         log.info(
             "publication.sent",
             publication=row.id,
@@ -163,8 +185,7 @@ class Publisher:
 
     def _failed(self, session: Session, row: Publication, reason: str) -> None:
         dead = record_failure(row, reason, self.backoff)
-        session.add(row)
-        session.commit()
+        self.worker.settle(session, row)  # and free it for whoever tries next
         log.warning(
             "publication.dead_lettered" if dead else "publication.retry_scheduled",
             publication=row.id,

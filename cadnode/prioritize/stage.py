@@ -15,7 +15,6 @@ from pathlib import Path
 
 import structlog
 from pydantic import ValidationError
-from pydicom import Dataset, dcmread
 from sqlalchemy import exists
 from sqlmodel import Session, col, select
 
@@ -32,7 +31,6 @@ from cadnode.core.db import (
     Workitem,
 )
 from cadnode.deliver.outbox import queue_publication
-from cadnode.encode.charset import utf8_header
 from cadnode.infer.answers import parse_answer
 from cadnode.prioritize import worklist
 from cadnode.prioritize.policy import Decision, EngineResult, Policy, StudyOutcome
@@ -113,6 +111,9 @@ class Prioritizer:
     ) -> int:
         assert study_id is not None
         with worklist.lock(self.database):
+            session.commit()  # what the lock's last holder committed, not an older snapshot
+            if _decided(session, study_id, job):  # by another node, since it was read
+                return 0
             current = _current(session, study_id)
             changed = current is None or current.level != decision.level
             row = StudyPriority(
@@ -158,8 +159,9 @@ class Prioritizer:
         ds.InputReadinessState = readiness
         worklist.reprioritize(ds, decision.level, self.settings.ups.turnaround)
         ds.CommentsOnTheScheduledProcedureStep = decision.reason[:10240]
+        # From the rows alone: reading an image again would cost more than the rest.
         ds.InputInformationSequence = worklist.input_information(
-            self._header(instances[0]), instances, self.retrieve_ae
+            _study_uid(session, decision.study_id), instances, self.retrieve_ae
         )
         worklist.keep(session, item, ds)
         if changed or readiness_changed:
@@ -169,10 +171,8 @@ class Prioritizer:
     def _create_workitem(
         self, session: Session, decision: StudyPriority, instances: list[Instance], ready: bool
     ) -> None:
-        study = session.get(Study, decision.study_id)
-        assert study is not None
-        header = self._header(instances[0])
-        uid = worklist.workitem_uid(study.study_uid)
+        header = worklist.workitem_source(self.spool / instances[0].path)
+        uid = worklist.workitem_uid(_study_uid(session, decision.study_id))
         ds = worklist.build_workitem(
             uid,
             header,
@@ -216,11 +216,6 @@ class Prioritizer:
             if webhook.enabled:
                 queue(PublicationChannel.webhook, name)
 
-    def _header(self, instance: Instance) -> Dataset:
-        """What the workitem (and the HL7 and webhook notices made from it) copies: decoded
-        whatever the image's character set, as the workitem is UTF-8."""
-        return utf8_header(dcmread(self.spool / instance.path, stop_before_pixels=True))
-
 
 def _outcome(session: Session, study_id: int) -> StudyOutcome:
     """What every settled version of the study has answered, and what it could not."""
@@ -240,6 +235,12 @@ def _outcome(session: Session, study_id: int) -> StudyOutcome:
             outcome.unanswered.append(job.reason or job.state.value)
             outcome.failed |= job.state is JobState.failed
     return outcome
+
+
+def _study_uid(session: Session, study_id: int) -> str:
+    study = session.get(Study, study_id)
+    assert study is not None
+    return study.study_uid
 
 
 def _current(session: Session, study_id: int) -> StudyPriority | None:
@@ -268,3 +269,13 @@ def _any_job_past_received(session: Session, study_id: int) -> bool:
         ).first()
         is not None
     )
+
+
+def _decided(session: Session, study_id: int, job: Job | None) -> bool:
+    """Whether this decision is made already: the job's, or the study's at arrival."""
+    made = (
+        col(StudyPriority.job_id) == job.id
+        if job is not None
+        else col(StudyPriority.study_id) == study_id
+    )
+    return session.exec(select(StudyPriority.id).where(made)).first() is not None

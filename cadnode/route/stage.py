@@ -22,7 +22,8 @@ from pydicom import dcmread
 from sqlalchemy import update
 from sqlmodel import Session, col, select
 
-from cadnode.core.config import Destination
+from cadnode.core.claims import worker_for
+from cadnode.core.config import AnyDestination
 from cadnode.core.db import Database, FailureKind, Instance, Job, JobState, utcnow
 from cadnode.deliver.outbox import queue_delivery
 from cadnode.route.live import LiveRules
@@ -30,6 +31,9 @@ from cadnode.route.rules import Decision
 from cadnode.route.values import Subject
 
 log = structlog.get_logger("cadnode.route")
+
+# Jobs claimed at once: few, so that other workers share a burst.
+CLAIM_BATCH = 16
 
 
 class Router:
@@ -40,19 +44,23 @@ class Router:
         database: Database,
         spool: Path,
         rules: LiveRules,
-        destinations: Mapping[str, Destination] | None = None,
+        destinations: Mapping[str, AnyDestination] | None = None,
     ) -> None:
         self.database = database
         self.spool = spool
         self.rules = rules
         self.destinations = dict(destinations or {})
+        self.worker = worker_for(database)  # claims each job before routing it
 
     def advance(self) -> float | None:
         with self.database.session() as session:
             if self._record_quiet_periods(session):
                 self.database.on_change()  # assemble reads them
-            for job in self.database.jobs_in(session, JobState.complete):
-                self._route(session, job)
+            while jobs := self.worker.claim(
+                session, Job, col(Job.state) == JobState.complete, limit=CLAIM_BATCH
+            ):
+                for job in jobs:
+                    self._route(session, job)
         return None
 
     def _record_quiet_periods(self, session: Session) -> int:
@@ -97,7 +105,7 @@ class Router:
         try:
             subjects = [self._subject(instance) for instance in instances]
         except Exception as error:  # a stored file that no longer reads is a failed job
-            self.database.transition(
+            self.worker.transition(
                 session,
                 job,
                 JobState.failed,
@@ -115,7 +123,7 @@ class Router:
         }
         if not decision.acts:
             reason = _why_ignored(decision.rule_names)
-            self.database.transition(
+            self.worker.transition(
                 session, job, JobState.ignored, expect=JobState.complete, reason=reason, **recorded
             )
             return
@@ -123,7 +131,7 @@ class Router:
         steps = decision.steps()
         if not steps:  # nothing to infer: the originals are what gets delivered
             destinations = sorted({name for _, name in decision.forwards()})
-            self.database.transition(
+            self.worker.transition(
                 session,
                 job,
                 JobState.encoded,
@@ -132,7 +140,7 @@ class Router:
                 **recorded,
             )
             return
-        self.database.transition(
+        self.worker.transition(
             session,
             job,
             JobState.routed,

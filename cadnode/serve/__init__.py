@@ -84,7 +84,7 @@ class QueryRetrieveScp:
         # within this (cadnode.dicom.pixels): a C-GET must not make the node decode a bomb.
         self.max_decoded_bytes = settings.limits.max_decoded_image_bytes
         self.destinations: Mapping[str, Destination] = {
-            d.ae_title: d for d in settings.destinations.values()
+            d.ae_title: d for d in settings.dicom_destinations().values()
         }
 
     @property

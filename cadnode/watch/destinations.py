@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from sqlmodel import Session, col, select
 
 from cadnode.core.audit import aware
-from cadnode.core.config import Destination
+from cadnode.core.config import AnyDestination
 from cadnode.core.db import AlertKind, Delivery, DeliveryState
 from cadnode.watch.findings import Finding, OpenAlerts, moment
 
@@ -31,7 +31,7 @@ def failing_destinations(
     *,
     after_s: float,
     max_attempts: int,
-    destinations: Mapping[str, Destination],
+    destinations: Mapping[str, AnyDestination],
     watched: OpenAlerts,
 ) -> list[Finding]:
     names = _names(destinations)
@@ -54,7 +54,7 @@ def failing_destinations(
     return findings
 
 
-def _names(destinations: Mapping[str, Destination]) -> dict[str, str]:
+def _names(destinations: Mapping[str, AnyDestination]) -> dict[str, str]:
     """Delivery.destination -> the destination's configured name. Rows name their
     destination; rows queued by an older cadnode hold its address (AE@host:port)."""
     names = {str(destination): name for name, destination in destinations.items()}

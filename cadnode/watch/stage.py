@@ -14,6 +14,7 @@ from sqlmodel import Session
 
 from cadnode.core.config import Settings
 from cadnode.core.db import Database, utcnow
+from cadnode.core.locks import named_lock
 from cadnode.watch.destinations import failing_destinations
 from cadnode.watch.disk import DiskTrend, free_bytes_under
 from cadnode.watch.findings import Finding, OpenAlerts
@@ -53,7 +54,10 @@ class Watchdog:
             return (self._next_check - now).total_seconds()
         # Scheduled before the pass: one that raises waits its turn, not the conveyor's poll.
         self._next_check = now + dt.timedelta(seconds=self.alerts.check_every)
-        self.check(now)
+        # One process among every node's at a time: an alert is raised and notified once.
+        with named_lock(self.database, "watch").if_free() as mine:
+            if mine:
+                self.check(now)
         return self.alerts.check_every
 
     def check(self, now: dt.datetime) -> None:
