@@ -9,15 +9,21 @@ from pathlib import Path
 import pytest
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 
 from cadnode.core.config import Hl7Codes, Hl7Publisher, UpsTurnaround
 from cadnode.core.db import Instance, Priority
 from cadnode.dicom.matching import matches, response
+from cadnode.encode.charset import utf8_header
 from cadnode.infer.phantoms.chest import write_chest_radiograph
 from cadnode.prioritize.hl7 import order_update
 from cadnode.prioritize.notice import Notice
-from cadnode.prioritize.worklist import build_workitem, reprioritize, workitem_uid
+from cadnode.prioritize.worklist import (
+    build_workitem,
+    reprioritize,
+    workitem_source,
+    workitem_uid,
+)
 from tests.worklist_peers import study_query
 
 # Not the defaults: the turnaround comes from the configuration.
@@ -212,3 +218,53 @@ def test_orm_carries_priority_in_orc_7_and_obr_5_and_the_study_in_zds(workitem: 
     assert segments["OBR"].obr_5.to_er7() == "S"
     assert segments["OBR"].obr_18.to_er7() == "ACC00000003"
     assert segments["ZDS"].zds_1.to_er7() == f"{workitem.StudyInstanceUID}^100^Application^DICOM"
+
+
+def test_reading_only_the_source_keywords_makes_the_same_workitem(tmp_path: Path) -> None:
+    """The stage reads only SOURCE_KEYWORDS from the image: the workitem is what the whole
+    header makes, for an image carrying every attribute the workitem copies."""
+    path = tmp_path / "film.dcm"
+    film = write_chest_radiograph(path, seed=5, patient_name="Buc^Jérôme")
+    film.SpecificCharacterSet = "ISO_IR 100"
+    film.StudyDescription = "Thorax à l'entrée"
+    film.IssuerOfPatientID = "HOSPITAL"
+    film.OtherPatientIDsSequence = [Dataset()]
+    film.OtherPatientIDsSequence[0].PatientID = "OTHER-5"
+    film.AdmissionID = "ADM-5"
+    film.MedicalAlerts = "Latex"
+    film.PregnancyStatus = 4
+    film.IssuerOfAccessionNumberSequence = [Dataset()]
+    film.IssuerOfAccessionNumberSequence[0].LocalNamespaceEntityID = "RIS"
+    request = Dataset()
+    request.RequestedProcedureID = "RP-5"
+    request.FillerOrderNumberImagingServiceRequest = "FILLER-5"
+    request.RequestedProcedureCodeSequence = [Dataset()]
+    request.RequestedProcedureCodeSequence[0].CodeValue = "RPID5"
+    request.RequestedProcedureCodeSequence[0].CodingSchemeDesignator = "99RIS"
+    request.RequestedProcedureCodeSequence[0].CodeMeaning = "Chest PA"
+    film.RequestAttributesSequence = [request]
+    film.save_as(path, enforce_file_format=True)
+
+    def workitem_of(header: Dataset) -> dict[str, object]:
+        ds = build_workitem(
+            workitem_uid(film.StudyInstanceUID),
+            header,
+            [],
+            priority=Priority.MEDIUM,
+            reason="arrived",
+            worklist_label="CADNODE",
+            turnaround=TURNAROUND,
+            retrieve_ae="CADNODE",
+            ready=False,
+        )
+        for clock in (  # now, to the second: may differ between the two builds
+            "ScheduledProcedureStepStartDateTime",
+            "ExpectedCompletionDateTime",
+            "ScheduledProcedureStepModificationDateTime",
+        ):
+            del ds[clock]
+        return ds.to_json_dict()
+
+    whole = workitem_of(utf8_header(dcmread(path, stop_before_pixels=True)))
+    assert whole == workitem_of(workitem_source(path))
+    assert "Jérôme" in str(whole) and "RP-5" in str(whole) and "Latex" in str(whole)

@@ -12,9 +12,10 @@ import datetime as dt
 from collections import defaultdict
 from collections.abc import Iterable
 from copy import deepcopy
+from pathlib import Path
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -38,6 +39,7 @@ from cadnode.core.db import (
 from cadnode.core.locks import ProcessLock, named_lock
 from cadnode.deliver.outbox import queue_publication
 from cadnode.dicom.matching import matches
+from cadnode.encode.charset import utf8_header
 
 FINAL_STATES = tuple(state for state in UpsState if state.final)
 
@@ -104,11 +106,32 @@ UNASSIGNED_SEQUENCES = (
     "ScheduledHumanPerformersSequence",
 )
 DATETIME_FORMAT = "%Y%m%d%H%M%S"
+# Every attribute `build_workitem` reads from the study's image (`workitem_source`).
+SOURCE_KEYWORDS = (
+    *PATIENT_KEYWORDS,
+    *MEDICAL_KEYWORDS,
+    "StudyInstanceUID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "RequestAttributesSequence",
+    "StudyDescription",
+    "ProcedureCodeSequence",
+    "Modality",
+)
 
 
 def workitem_uid(study_uid: str) -> str:
     """Derived from the study, so a study never gets two workitems."""
     return str(generate_uid(entropy_srcs=[study_uid, "reading workitem"]))
+
+
+def workitem_source(path: Path) -> Dataset:
+    """What the workitem (and the HL7 and webhook notices made from it) copies from the image
+    at `path`: decoded whatever its character set, as the workitem is UTF-8. Only
+    SOURCE_KEYWORDS are read: decoding the rest of the header would cost more than the
+    workitem itself."""
+    read = dcmread(path, stop_before_pixels=True, specific_tags=list(SOURCE_KEYWORDS))
+    return utf8_header(read)
 
 
 def build_workitem(
@@ -137,7 +160,9 @@ def build_workitem(
     ds.CommentsOnTheScheduledProcedureStep = reason[:10240]
     reprioritize(ds, priority, turnaround)
     ds.InputReadinessState = "READY" if ready else "INCOMPLETE"
-    ds.InputInformationSequence = input_information(header, instances, retrieve_ae)
+    ds.InputInformationSequence = input_information(
+        str(header.StudyInstanceUID), instances, retrieve_ae
+    )
     ds.ProcedureStepState = UpsState.SCHEDULED.value
     ds.ProcedureStepProgressInformationSequence = []
     ds.UnifiedProcedureStepPerformedProcedureSequence = []
@@ -230,7 +255,7 @@ def _label(header: Dataset) -> str:
 
 
 def input_information(
-    header: Dataset, instances: Iterable[Instance], retrieve_ae: str
+    study_uid: str, instances: Iterable[Instance], retrieve_ae: str
 ) -> list[Dataset]:
     by_series: dict[str, list[Instance]] = defaultdict(list)
     for instance in instances:
@@ -238,7 +263,7 @@ def input_information(
     items = []
     for series_uid, members in sorted(by_series.items()):
         item = Dataset()
-        item.StudyInstanceUID = header.StudyInstanceUID
+        item.StudyInstanceUID = study_uid
         item.SeriesInstanceUID = series_uid
         item.TypeOfInstances = "DICOM"
         retrieval = Dataset()
@@ -298,13 +323,11 @@ def subscribers(session: Session, item: Workitem) -> list[str]:
             )
         )
     ).all()
-    ds = dataset_of(item)
-    chosen = {
-        row.ae_title
-        for row in rows
-        if row.workitem_uid != FILTERED_GLOBAL_SUBSCRIPTION
-        or matches(ds, Dataset.from_json(row.filter))
-    }
+    chosen = {row.ae_title for row in rows if row.workitem_uid != FILTERED_GLOBAL_SUBSCRIPTION}
+    filters = [row for row in rows if row.workitem_uid == FILTERED_GLOBAL_SUBSCRIPTION]
+    if filters:  # the workitem is parsed (which costs) only to be matched
+        ds = dataset_of(item)
+        chosen |= {row.ae_title for row in filters if matches(ds, Dataset.from_json(row.filter))}
     return sorted(chosen)
 
 

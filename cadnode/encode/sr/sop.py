@@ -47,6 +47,7 @@ from cadnode.encode.sr.content import (
     region_group,
     segment_group,
 )
+from cadnode.encode.sr.document import report_document
 from cadnode.infer.answers import DetectFinding
 from cadnode.infer.preprocess import frame_pixel_spacing_mm
 
@@ -178,9 +179,9 @@ def _report(
     )
     _add_library(report, image_library(sources, frames or {}))
     content_date, content_time = split(identity.content_datetime)
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[source_header(source) for source in [*sources, *derived]],
-        content=report[0],
+    sr = report_document(
+        [source_header(source) for source in [*sources, *derived]],
+        report[0],
         series_instance_uid=identity.series_instance_uid,
         series_number=identity.series_number,
         sop_instance_uid=identity.sop_instance_uid,
