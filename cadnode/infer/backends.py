@@ -1,4 +1,5 @@
-"""Engine backends: one interface over ONNX Runtime (CPU, or its CUDA provider) and TensorRT.
+"""Engine backends: one interface over ONNX Runtime (CPU, or its CUDA provider), TensorRT,
+and a Triton Inference Server (`backend: triton`, cadnode.infer.triton_backend).
 
 An engine hands its backend a preprocessed batch for the model's declared input and gets
 the declared output back (`Backend.run`); nothing else in cadnode knows which one runs.
@@ -40,14 +41,14 @@ import numpy as np
 import onnxruntime as ort
 import structlog
 
-from cadnode.core.config import EngineSettings
+from cadnode.core.config import EngineSettings, TritonOptions
 from cadnode.core.files import write_durably
 from cadnode.core.yamlfile import ConfigError
 from cadnode.infer.bundle import Bundle, sha256_of
 
 log = structlog.get_logger("cadnode.infer")
 
-Choice = Literal["auto", "onnxruntime", "tensorrt"]
+Choice = Literal["auto", "onnxruntime", "tensorrt", "triton"]
 CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
 INSTALL_GPU = "pip install 'cadnode[gpu]'"
 
@@ -75,10 +76,13 @@ def onnxruntime_name(providers: list[str]) -> str:
 
 
 class OnnxRuntimeBackend:
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, intra_op_threads: int = 0) -> None:
+        """`intra_op_threads`: threads per model call; 0 lets ONNX Runtime pick (one per
+        core), a node's worker processes pass their share of the cores (cadnode/workers.py)."""
         self.model = bundle.manifest.model
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        options.intra_op_num_threads = intra_op_threads
         try:
             self.session = ort.InferenceSession(
                 str(bundle.model_path), options, providers=onnxruntime_providers()
@@ -406,6 +410,8 @@ class Decision:
 
 def decide(choice: Choice) -> Decision:
     """Which backend `choice` means on this machine, without loading any model."""
+    if choice == "triton":  # the server is asked when the engine loads, not here
+        return Decision("triton", "configured: triton")
     onnxruntime = onnxruntime_name(onnxruntime_providers())
     if choice == "onnxruntime":
         return Decision(onnxruntime, "configured: onnxruntime")
@@ -433,25 +439,40 @@ def backend_faults(settings: EngineSettings, names: Iterable[str]) -> list[str]:
 
 
 def select_backend(
-    bundle: Bundle, choice: Choice = "auto", *, max_batch: int = 8, cache: Path | None = None
+    bundle: Bundle,
+    choice: Choice = "auto",
+    *,
+    max_batch: int = 8,
+    cache: Path | None = None,
+    triton: TritonOptions | None = None,
+    intra_op_threads: int = 0,
 ) -> Backend:
-    """Load the bundle's model on the backend `choice` means here; log which and why."""
+    """Load the bundle's model on the backend `choice` means here; log which and why.
+
+    `triton`: the server of an engine whose choice is `triton` (the configuration requires it).
+    """
     engine = bundle.manifest.name
     decision = decide(choice)
     if decision.fault is not None:
         raise ConfigError([refusal(engine, decision.fault)])
     why = decision.why
     backend: Backend
-    if decision.backend == "tensorrt":
+    if decision.backend == "triton":
+        from cadnode.infer.triton_backend import TritonBackend  # it uses check_io_names here
+
+        if triton is None:
+            raise ConfigError([f"engine {engine}: backend triton is configured without a server"])
+        backend = TritonBackend(bundle, triton)
+    elif decision.backend == "tensorrt":
         try:
             backend = TensorRTBackend(bundle, max_batch=max_batch, cache=cache)
         except (ConfigError, RuntimeError) as error:
             if choice == "tensorrt":
                 raise ConfigError([f"engine {engine}: TensorRT failed: {error}"]) from error
             why = f"auto: TensorRT failed ({error}); ONNX Runtime instead"
-            backend = OnnxRuntimeBackend(bundle)
+            backend = OnnxRuntimeBackend(bundle, intra_op_threads)
     else:
-        backend = OnnxRuntimeBackend(bundle)
+        backend = OnnxRuntimeBackend(bundle, intra_op_threads)
     log.info("engine.backend", engine=engine, backend=backend.name, why=why)
     return backend
 

@@ -1,8 +1,8 @@
 """Engines kept resident: a verified bundle plus its model loaded on a backend.
 
 Loaded once at start and warmed up with one call of the largest batch it will get, so the
-first study pays no load time. The backend (ONNX Runtime or TensorRT, cadnode.infer.backends)
-is chosen per engine by configuration; a Triton backend is not built yet.
+first study pays no load time. The backend (ONNX Runtime or TensorRT, cadnode.infer.backends,
+or a Triton server, cadnode.infer.triton_backend) is chosen per engine by configuration.
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ class Engine:
         *,
         plan_cache: Path | None = None,
         max_decoded_bytes: int,
+        intra_op_threads: int = 0,
     ) -> None:
         """`max_decoded_bytes`: an image larger once decoded, or whose codestream disagrees
-        with its dataset, is refused before it is decoded (cadnode.dicom.pixels.ImageRefused)."""
+        with its dataset, is refused before it is decoded (cadnode.dicom.pixels.ImageRefused).
+        `intra_op_threads`: ONNX Runtime's threads per call (0: one per core)."""
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.options = options or EngineOptions(backend="auto")
@@ -46,6 +48,8 @@ class Engine:
             self.options.backend or "auto",
             max_batch=self.options.max_batch,
             cache=plan_cache,
+            triton=self.options.triton,
+            intra_op_threads=intra_op_threads,
         )
         self.warm_up()
         log.info(
@@ -129,14 +133,20 @@ def load_engines(
     *,
     limits: LimitsSettings,
     plan_cache: Path | None = None,
+    intra_op_threads: int = 0,
 ) -> dict[str, Engine]:
     """Every bundle in `engines_dir`, each on the backend its options pick (`engines.*`),
-    decoding images within `limits.max_decoded_image_mb`."""
+    decoding images within `limits.max_decoded_image_mb`; ONNX Runtime with
+    `intra_op_threads` per call (0: one per core)."""
     settings = settings or EngineSettings()
     limit = limits.max_decoded_image_bytes
     return {
         name: Engine(
-            bundle, settings.for_engine(name), plan_cache=plan_cache, max_decoded_bytes=limit
+            bundle,
+            settings.for_engine(name),
+            plan_cache=plan_cache,
+            max_decoded_bytes=limit,
+            intra_op_threads=intra_op_threads,
         )
         for name, bundle in discover(engines_dir).items()
     }
