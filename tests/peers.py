@@ -87,15 +87,30 @@ class Orthanc:
     def destination(self) -> str:
         return f"{self.ae_title}@127.0.0.1:{self.dicom_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """Its DICOMweb service root (run_orthanc's `dicomweb`)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
 
 @contextmanager
 def run_orthanc(
-    folder: Path, dicom_port: int | None = None, extra: dict[str, Any] | None = None
+    folder: Path,
+    dicom_port: int | None = None,
+    extra: dict[str, Any] | None = None,
+    *,
+    dicomweb: bool = False,
+    http_port: int | None = None,
 ) -> Iterator[Orthanc]:
     """Orthanc as the PACS; `extra` adds to (or overrides) its configuration, e.g. the
-    DicomModalities it sends Storage Commitment reports to."""
+    DicomModalities it sends Storage Commitment reports to. `dicomweb`: with its DICOMweb
+    plugin, served at `Orthanc.dicomweb_url` (STOW-RS, QIDO-RS, WADO-RS). `http_port`: a
+    restarted Orthanc comes back where its clients were told it is."""
     binary = require_tool("Orthanc")
-    orthanc = Orthanc(http_port=free_port(), dicom_port=dicom_port or free_port())
+    orthanc = Orthanc(http_port=http_port or free_port(), dicom_port=dicom_port or free_port())
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "Name": "cadnode-test-pacs",
@@ -108,7 +123,8 @@ def run_orthanc(
         "AuthenticationEnabled": False,
         "DicomAlwaysAllowStore": True,
         "DicomCheckCalledAet": False,
-        "Plugins": [],
+        "Plugins": [DICOMWEB_PLUGIN] if dicomweb else [],
+        **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}} if dicomweb else {}),
         **(extra or {}),
     }
     (folder / "orthanc.json").write_text(json.dumps(config))

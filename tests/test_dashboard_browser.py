@@ -10,7 +10,6 @@ is sent. The study's page is the README's screenshot (docs/dashboard.png), check
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from cadnode.admin.auth import hash_password
 from cadnode.core import audit
 from cadnode.core.db import Database
 from cadnode.infer.phantoms.chest import write_chest_radiograph
+from tests.browser import chromium
 from tests.dicom_validation import require_tool
 from tests.peers import REPO, Cadnode, free_port, port_open, run_cadnode, storescu, wait_for
 
@@ -47,21 +47,8 @@ PATIENCE_S = 120
 
 @pytest.fixture
 def browser() -> Iterator[webdriver.Chrome]:
-    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (binary and driver):
-        pytest.fail("chromium and chromium-driver are needed: make install-dev installs them")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1400,1350"):
-        options.add_argument(argument)
-    service = webdriver.ChromeService(executable_path=driver)
-    chrome = webdriver.Chrome(options=options, service=service)
-    chrome.set_page_load_timeout(60)
-    try:
+    with chromium() as chrome:
         yield chrome
-    finally:
-        chrome.quit()
 
 
 @pytest.fixture

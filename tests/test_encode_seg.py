@@ -139,7 +139,8 @@ def test_same_inputs_same_bytes(tmp_path: Path, labelmap: bool) -> None:
 def test_film_seg_is_on_the_films_grid(tmp_path: Path) -> None:
     """No Frame of Reference (the film has none), the film's Patient Orientation, each frame
     derived from the film pixel for pixel, and the shared Plane Orientation viewers assume
-    for a film (cornerstone3D refuses a SEG without one: cadnode.encode.seg.sop)."""
+    for a film (cornerstone3D refuses a SEG without one: cadnode.encode.seg.sop) with the
+    film's own spacing (OHIF's SEG viewport shows an error without it)."""
     film, masks = film_with_masks(tmp_path, pneumothorax=True)
     seg = pydicom.dcmread(saved(build(film, masks, segment_findings(film, masks)), tmp_path / "s"))
     assert "FrameOfReferenceUID" not in seg
@@ -147,7 +148,9 @@ def test_film_seg_is_on_the_films_grid(tmp_path: Path) -> None:
     shared = seg.SharedFunctionalGroupsSequence[0]
     [orientation] = shared.PlaneOrientationSequence
     assert [float(v) for v in orientation.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
-    assert "PixelMeasuresSequence" not in shared
+    [measures] = shared.PixelMeasuresSequence
+    film_spacing = film.get("PixelSpacing") or film.ImagerPixelSpacing
+    assert [float(v) for v in measures.PixelSpacing] == [float(v) for v in film_spacing]
     for frame in seg.PerFrameFunctionalGroupsSequence:
         assert "PlanePositionSequence" not in frame
         [source] = frame.DerivationImageSequence[0].SourceImageSequence

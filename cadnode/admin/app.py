@@ -8,6 +8,7 @@ checked by the guard (cadnode.admin.guard) before any request body is read.
 from __future__ import annotations
 
 import secrets
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from cadnode.admin.auth import SESSION_COOKIE, Gate, NotLoggedIn
 from cadnode.admin.context import AdminContext
 from cadnode.admin.guard import Guard
 from cadnode.admin.health import readiness
+from cadnode.ingest.stow import stow_router
+from cadnode.serve import dicomweb
 
 log = structlog.get_logger("cadnode.admin")
 
@@ -44,14 +47,14 @@ SECURITY_HEADERS = [
 
 def create_app(context: AdminContext) -> FastAPI:
     http = context.settings.http
-    gate = Gate(http, context.database)
+    gate = Gate(http, context.database, context.settings.dicomweb)
     app = FastAPI(title="cadnode", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.context = context
     app.state.gate = gate
     # Added first, so innermost: it sees the session the session middleware decoded, and
     # runs before any route reads a body.
-    app.add_middleware(Guard, gate=gate, settings=http)
+    app.add_middleware(Guard, gate=gate, settings=http, dicomweb=context.settings.dicomweb)
     app.add_middleware(
         SessionMiddleware,
         secret_key=secrets.token_urlsafe(32),
@@ -61,6 +64,8 @@ def create_app(context: AdminContext) -> FastAPI:
         https_only=gate.secure_cookie,
     )
     app.add_middleware(_SecurityHeaders)
+    # Outermost: a CORS preflight is answered before the guard, a refusal gets CORS headers.
+    app.add_middleware(dicomweb.Cors, origins=context.settings.dicomweb.cors_origins)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     @app.exception_handler(NotLoggedIn)
@@ -82,6 +87,8 @@ def create_app(context: AdminContext) -> FastAPI:
         return Response(metrics.render(context), media_type=metrics.CONTENT_TYPE)
 
     app.include_router(views.router)
+    app.include_router(stow_router(context))  # STOW-RS: POST /dicomweb/studies[/{study}]
+    app.include_router(dicomweb.router)
     return app
 
 
@@ -105,6 +112,8 @@ class AdminServer:
         if http.tls is not None:
             options = {"ssl_certfile": str(http.tls.certificate),
                        "ssl_keyfile": str(http.tls.private_key)}
+        if http.tls is not None and http.tls.client_ca is not None:  # mutual TLS
+            options |= {"ssl_ca_certs": str(http.tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         app = create_app(context)
         self._gate: Gate = app.state.gate
         config = uvicorn.Config(

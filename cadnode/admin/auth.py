@@ -30,14 +30,16 @@ from starlette.concurrency import run_in_threadpool
 
 from cadnode.admin.throttle import Busy, CheckPool, FailureLimiter, Lockout
 from cadnode.core import audit
-from cadnode.core.config import HttpSettings
+from cadnode.core.config import ADMIN_CLIENT, DicomwebSettings, HttpSettings
 from cadnode.core.db import AuditKind, AuditOutcome, Database
 
 log = structlog.get_logger("cadnode.admin")
 
 SESSION_COOKIE = "cadnode_session"
-# Set in the request's state by the guard (cadnode.admin.guard): how the request got in.
+# Set in the request's state by the guard (cadnode.admin.guard): how the request got in,
+# and on /dicomweb who: the client's name (`dicomweb.clients`, ADMIN or DASHBOARD).
 AUTHENTICATED_BY = "authenticated_by"
+DICOMWEB_CLIENT = "dicomweb_client"
 
 
 def hash_password(password: str) -> str:
@@ -69,6 +71,7 @@ class Outcome(StrEnum):
 class Verdict:
     outcome: Outcome
     retry_after_s: int = 0
+    client: str = ""  # whose token it was, when it was right
 
     @property
     def ok(self) -> bool:
@@ -79,14 +82,23 @@ BUSY = Verdict(Outcome.busy, retry_after_s=1)
 
 
 class Gate:
-    def __init__(self, settings: HttpSettings, database: Database | None = None) -> None:
+    def __init__(
+        self,
+        settings: HttpSettings,
+        database: Database | None = None,
+        dicomweb: DicomwebSettings | None = None,
+    ) -> None:
         self.settings = settings
         self.database = database  # for the audit trail; None in the odd unit test
         self.limiter = FailureLimiter(settings.auth_failures_per_minute)
         self.pool = CheckPool(settings.auth_workers)
         self._sessions: set[str] = set()
-        # SHA-256 of the bearer token once verified, so each scrape is not another Argon2 run.
-        self._tokens: set[str] = set()
+        # Bearer tokens: the admin's (metrics, DICOMweb) and DICOMweb clients' (DICOMweb only).
+        self._admin_token = {ADMIN_CLIENT: settings.admin_token_hash}
+        self._dicomweb_tokens = {**self._admin_token, **(dicomweb or DicomwebSettings()).clients}
+        # SHA-256 of a bearer token once verified, and whose it is, so each scrape or DICOMweb
+        # request is not another Argon2 run.
+        self._tokens: dict[str, str] = {}
         self._lock = threading.Lock()
 
     @property
@@ -123,23 +135,25 @@ class Gate:
     # -- password and token checks --------------------------------------------------------
 
     async def check_password(self, address: str, password: str) -> Verdict:
-        hashed = self.settings.admin_password_hash
+        hashed = {ADMIN_CLIENT: self.settings.admin_password_hash}
         return await self._check(AuditKind.admin_login, address, hashed, password)
 
-    async def check_token(self, address: str, token: str) -> Verdict:
+    async def check_token(self, address: str, token: str, *, dicomweb: bool = False) -> Verdict:
+        """The admin token; with `dicomweb`, a DICOMweb client's too (the verdict names whose).
+        Each client's hash is tried in turn: a wrong token costs one Argon2 run per client."""
         lockout = await self.lockout(address)
         if lockout is not None:  # the right token too: the address is locked out
             return lockout
+        accepted = self._dicomweb_tokens if dicomweb else self._admin_token
         digest = hashlib.sha256(token.encode()).hexdigest()
         with self._lock:
-            if digest in self._tokens:
-                return Verdict(Outcome.ok)
-        verdict = await self._check(
-            AuditKind.admin_token, address, self.settings.admin_token_hash, token
-        )
+            known = self._tokens.get(digest)
+        if known is not None:
+            return Verdict(Outcome.ok if known in accepted else Outcome.wrong, client=known)
+        verdict = await self._check(AuditKind.admin_token, address, accepted, token)
         if verdict.ok:
             with self._lock:
-                self._tokens.add(digest)
+                self._tokens[digest] = verdict.client
         return verdict
 
     async def lockout(self, address: str) -> Verdict | None:
@@ -147,31 +161,33 @@ class Gate:
         return await self._locked_out(address, self.limiter.check(address))
 
     async def _check(
-        self, kind: AuditKind, address: str, hashed: str | None, secret: str
+        self, kind: AuditKind, address: str, hashes: Mapping[str, str | None], secret: str
     ) -> Verdict:
         locked = await self._locked_out(address, self.limiter.admit(address))
         if locked is not None:
             return locked
         failed = True  # unless the check says otherwise: a cancelled one counts as a failure
         try:
-            ok = await self.pool.run(lambda: self._verify_audited(kind, address, hashed, secret))
-            failed = not ok
+            owner = await self.pool.run(
+                lambda: self._verify_audited(kind, address, hashes, secret)
+            )
+            failed = owner is None
         except Busy:
             failed = False  # never checked
             log.warning("admin.auth_busy", kind=kind.value)
             return BUSY
         finally:
             self.limiter.settle(address, failed=failed)
-        return Verdict(Outcome.ok if ok else Outcome.wrong)
+        return Verdict(Outcome.wrong) if owner is None else Verdict(Outcome.ok, client=owner)
 
     def _verify_audited(
-        self, kind: AuditKind, address: str, hashed: str | None, secret: str
-    ) -> bool:
-        """In a check worker: the Argon2 check and, if it failed, its audit event."""
-        ok = verify(hashed, secret)
-        if not ok:
+        self, kind: AuditKind, address: str, hashes: Mapping[str, str | None], secret: str
+    ) -> str | None:
+        """In a check worker: whose hash `secret` matches and, if none, the audit event."""
+        owner = next((name for name, hashed in hashes.items() if verify(hashed, secret)), None)
+        if owner is None:
             self._audit(kind, address, AuditOutcome.refused)
-        return ok
+        return owner
 
     async def _locked_out(self, address: str, lockout: Lockout | None) -> Verdict | None:
         if lockout is None:

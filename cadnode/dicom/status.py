@@ -26,6 +26,9 @@ NO_SUCH_ACTION = 0x0123
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900  # the dataset (or identifier) does not fit the SOP class
 CANNOT_UNDERSTAND = 0xC000  # Q/R: unable to process
+# STOW-RS to /studies/{study}: an instance of another study (in C000-CFFF, "cannot
+# understand"; the code dcm4chee answers too).
+DIFFERENT_STUDY = 0xC409
 
 
 def status_is_success(status: int) -> bool:

@@ -10,6 +10,9 @@ Who may associate is checked first (cadnode/ingest/admission.py); DICOM TLS is o
 from a peer has a deadline, so a peer that stalls mid-PDU is cut off without holding
 anything else up; garbage on the socket aborts its own association only.
 
+The checks, the durable store and the index are one path (`Intake`), which STOW-RS parts
+take too (cadnode/ingest/stow.py).
+
 When an association that stored instances is released (not aborted), and no other live
 association is sending the same study, receive records that the sender is done with it:
 assemble may then release the study without waiting out its quiet period.
@@ -19,12 +22,14 @@ from __future__ import annotations
 
 import functools
 import io
+import mmap
 import os
 import socket
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -42,12 +47,13 @@ from cadnode.core import audit
 from cadnode.core.config import Settings
 from cadnode.core.db import AuditOutcome, CompletionSignal, CompletionSource, Database
 from cadnode.core.files import is_valid_uid
-from cadnode.core.locks import KeyedLocks, lock_file
+from cadnode.core.locks import new_keyed_locks
 from cadnode.dicom.gatekeeper import Gatekeeper, GateLimits, RefusalHook
 from cadnode.dicom.pdu import PduLimits, tune_connection
 from cadnode.dicom.services import Service, routed_handlers
 from cadnode.dicom.status import (
     CANNOT_UNDERSTAND,
+    DIFFERENT_STUDY,
     DOES_NOT_MATCH_SOP_CLASS,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
@@ -63,7 +69,7 @@ from cadnode.ingest.admission import (
 )
 from cadnode.ingest.checks import TooLarge, inflated, pixel_data_problem, undecodable
 from cadnode.ingest.mpps import MppsScp
-from cadnode.ingest.spool import HEADER_TAGS, Arrival, OutOfSpace, Spool, cut_short
+from cadnode.ingest.spool import HEADER_TAGS, Arrival, Indexed, OutOfSpace, Spool, cut_short
 
 log = structlog.get_logger("cadnode.ingest.receive")
 
@@ -112,6 +118,7 @@ class Receiver:
         self.scratch = Scratch(storage.spool, settings.limits.max_inflated_bytes)
         # Called when a new job appears or a sender says it is done: assemble looks again.
         self.on_indexed = on_indexed
+        self.intake = Intake(self.spool, self.scratch, database, on_indexed)
         self.policy = PeerPolicy(settings.dicom)
         self.tls = server_tls_context(settings.dicom.tls) if settings.dicom.tls else None
         # Other stages' DIMSE services on the same port (the UPS worklist): one AE title for all.
@@ -120,7 +127,7 @@ class Receiver:
         self._sending_lock = threading.Lock()
         # While any of its associations sends a study, this process marks it, so a receiver
         # process releasing an association sees the others' (cadnode/port.py).
-        self._studies_sent = KeyedLocks(lock_file(database, "studies-sent"))
+        self._studies_sent = new_keyed_locks(database, "studies-sent")
         self._server: _Server | None = None
 
     def reconcile(self) -> dict[str, int]:
@@ -194,6 +201,11 @@ class Receiver:
             shared=listening is not None,
         )
         return port
+
+    def open_associations(self) -> int:
+        """Associations this process serves now (its heartbeat: `cadnode status`)."""
+        server = self._server
+        return len(server.active_associations) if server is not None else 0
 
     def stop(self, drain_timeout_s: float | None = None) -> None:
         """Stop accepting, give running associations time to finish, abort the rest."""
@@ -299,67 +311,17 @@ class Receiver:
         return SUCCESS
 
     def _on_store(self, event: Any) -> int:
-        calling_ae, peer = _calling_ae(event), _peer(event)
         sending = self._sending_of(event.assoc)
-        try:
-            meta = _file_meta(event, calling_ae)
-            arrival = _read_arrival(event, calling_ae, peer, self.scratch)
-            with event.request.DataSet.getbuffer() as dataset:
-                indexed = self.spool.store(arrival, [meta, dataset])
-        except Rejected as rejection:
-            return self._refused(sending, rejection.status, rejection.reason, calling_ae, peer)
-        except OutOfSpace as error:
-            return self._refused(sending, OUT_OF_RESOURCES, str(error), calling_ae, peer)
-        except OSError as error:  # ENOSPC, EIO: the disk, not the sender
-            return self._refused(sending, OUT_OF_RESOURCES, str(error), calling_ae, peer)
-        except Exception:
-            # Our fault, not the sender's: say so, keep the association and the thread alive.
-            log.exception("instance.not_stored", calling_ae=calling_ae, peer=peer)
+        taken = self.intake.take(_offer(event), event.request.DataSet)
+        if taken.arrival is None:
             sending.refused += 1
-            return PROCESSING_FAILURE
-        self._sending_study(sending, arrival.study_uid)
-        if indexed is None:
+            return taken.status
+        self._sending_study(sending, taken.arrival.study_uid)
+        if taken.indexed is None:
             sending.duplicates += 1
-            log.info("instance.duplicate", calling_ae=calling_ae)
-            return SUCCESS
-        sending.stored += 1
-        log.info(
-            "instance.received",
-            job=indexed.job_id,
-            study=indexed.study_id,
-            version=indexed.version,
-            instances=indexed.instance_count,
-            calling_ae=calling_ae,
-        )
-        if indexed.opened_job:
-            if indexed.version == 1:  # the study's first instance: who sent whose study
-                audit.study_received(
-                    self.database,
-                    self.spool.folder / arrival.relative_path,
-                    study_uid=arrival.study_uid,
-                    calling_ae=calling_ae,
-                    peer=peer,
-                )
-            self.on_indexed()
+        else:
+            sending.stored += 1
         return SUCCESS
-
-    def _refused(
-        self, sending: _Sending, status: int, reason: str, calling_ae: str, peer: str
-    ) -> int:
-        sending.refused += 1
-        log.warning(
-            "instance.rejected", calling_ae=calling_ae, peer=peer, status=hex(status), reason=reason
-        )
-        audit.record(
-            self.database,
-            audit.INSTANCE_REFUSED,
-            actor=calling_ae,
-            address=peer,
-            outcome=AuditOutcome.refused,
-            status=hex(status),
-            reason=reason,
-        )
-        return status
 
     def _sending_of(self, association: Any) -> _Sending:
         with self._sending_lock:
@@ -509,14 +471,133 @@ class _Server(ThreadedAssociationServer):
         return list(self.active_associations)
 
 
-def _file_meta(event: Any, calling_ae: str) -> bytes:
+@dataclass(frozen=True)
+class Offer:
+    """One instance as a sender offers it, before its dataset is read: by C-STORE, or as a
+    STOW-RS part (cadnode/ingest/stow.py)."""
+
+    sop_class_uid: str  # what the request (or the part's File Meta Information) says
+    sop_instance_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    called_ae: str
+    peer: str
+    said_by: str = "the C-STORE request"  # for the refusal's reason
+    study_uid: str | None = None  # STOW-RS to /studies/{study}: the study it must be of
+
+
+@dataclass(frozen=True)
+class Taken:
+    """What became of an offered instance: stored (`indexed`), a duplicate, or refused."""
+
+    status: int
+    arrival: Arrival | None = None  # None: refused, `status` and `reason` say why
+    indexed: Indexed | None = None  # None with an arrival: stored before (a duplicate)
+    reason: str = ""
+
+
+class Intake:
+    """An offered instance checked, made durable, indexed and audited: the one path of
+    C-STORE and STOW-RS. Success only once the bytes are durable and the row committed."""
+
+    def __init__(
+        self, spool: Spool, scratch: Scratch, database: Database, on_indexed: Callable[[], None]
+    ) -> None:
+        self.spool = spool
+        self.scratch = scratch
+        self.database = database
+        self.on_indexed = on_indexed
+
+    def take(self, offer: Offer, dataset: BinaryIO) -> Taken:
+        """`dataset`: its bytes as they came, from offset 0 (in memory, or a scratch file)."""
+        calling_ae, peer = offer.calling_ae, offer.peer
+        try:
+            meta = _file_meta(offer)
+            with _buffer_of(dataset) as buffer:
+                arrival = _read_arrival(offer, dataset, buffer, self.scratch)
+                indexed = self.spool.store(arrival, [meta, buffer])
+        except Rejected as rejection:
+            return self.refuse(calling_ae, peer, rejection.status, rejection.reason)
+        except (OutOfSpace, OSError) as error:  # ENOSPC, EIO: the disk, not the sender
+            return self.refuse(calling_ae, peer, OUT_OF_RESOURCES, str(error))
+        except Exception:
+            # Our fault, not the sender's: say so, keep the association and the thread alive.
+            log.exception("instance.not_stored", calling_ae=calling_ae, peer=peer)
+            return Taken(PROCESSING_FAILURE, reason="the node could not store it")
+        if indexed is None:
+            log.info("instance.duplicate", calling_ae=calling_ae)
+            return Taken(SUCCESS, arrival)
+        log.info(
+            "instance.received",
+            job=indexed.job_id,
+            study=indexed.study_id,
+            version=indexed.version,
+            instances=indexed.instance_count,
+            calling_ae=calling_ae,
+        )
+        if indexed.opened_job:
+            if indexed.version == 1:  # the study's first instance: who sent whose study
+                audit.study_received(
+                    self.database,
+                    self.spool.folder / arrival.relative_path,
+                    study_uid=arrival.study_uid,
+                    calling_ae=calling_ae,
+                    peer=peer,
+                )
+            self.on_indexed()
+        return Taken(SUCCESS, arrival, indexed)
+
+    def refuse(self, calling_ae: str, peer: str, status: int, reason: str) -> Taken:
+        """An instance refused, here or before it could be offered (a bad STOW-RS part)."""
+        log.warning(
+            "instance.rejected", calling_ae=calling_ae, peer=peer, status=hex(status), reason=reason
+        )
+        audit.record(
+            self.database,
+            audit.INSTANCE_REFUSED,
+            actor=calling_ae,
+            address=peer,
+            outcome=AuditOutcome.refused,
+            status=hex(status),
+            reason=reason,
+        )
+        return Taken(status, reason=reason)
+
+
+def _offer(event: Any) -> Offer:
     request = event.request
-    uid = str(request.AffectedSOPInstanceUID)
-    if not is_valid_uid(uid):
-        raise Rejected(CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID in the request")
-    return file_meta(
-        str(request.AffectedSOPClassUID), uid, str(event.context.transfer_syntax), calling_ae
+    return Offer(
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        transfer_syntax=str(event.context.transfer_syntax),
+        calling_ae=_calling_ae(event),
+        called_ae=str(event.assoc.requestor.primitive.called_ae_title).strip(),
+        peer=_peer(event),
     )
+
+
+@contextmanager
+def _buffer_of(dataset: BinaryIO) -> Iterator[memoryview]:
+    """The dataset's bytes without a copy: a received one's buffer, a file's mapping."""
+    if isinstance(dataset, io.BytesIO):
+        with dataset.getbuffer() as buffer:
+            yield buffer
+        return
+    if os.fstat(dataset.fileno()).st_size == 0:  # nothing to map
+        yield memoryview(b"")
+        return
+    with (
+        mmap.mmap(dataset.fileno(), 0, access=mmap.ACCESS_READ) as mapped,
+        memoryview(mapped) as buffer,
+    ):
+        yield buffer
+
+
+def _file_meta(offer: Offer) -> bytes:
+    uid = offer.sop_instance_uid
+    if not is_valid_uid(uid):
+        raise Rejected(CANNOT_UNDERSTAND, f"invalid SOP Instance UID in {offer.said_by}")
+    return file_meta(offer.sop_class_uid, uid, offer.transfer_syntax, offer.calling_ae)
 
 
 def file_meta(
@@ -553,10 +634,12 @@ def file_meta_around_uid(
     return encoded[:start], encoded[start + uid_length + uid_length % 2 :]
 
 
-def _read_arrival(event: Any, calling_ae: str, peer: str, scratch: Scratch) -> Arrival:
+def _read_arrival(
+    offer: Offer, dataset: BinaryIO, buffer: memoryview, scratch: Scratch
+) -> Arrival:
     """Decode the whole dataset's structure (not its pixels) and check its identity."""
     try:
-        header = _decode(event.request.DataSet, UID(event.context.transfer_syntax), scratch)
+        header = _decode(dataset, buffer, UID(offer.transfer_syntax), scratch)
         uids = {tag: str(header.get(tag, "")) for tag in HEADER_TAGS}
     except TooLarge as error:
         raise Rejected(OUT_OF_RESOURCES, f"dataset {error}") from error
@@ -567,24 +650,25 @@ def _read_arrival(event: Any, calling_ae: str, peer: str, scratch: Scratch) -> A
     bad = [tag for tag, value in uids.items() if not is_valid_uid(value)]
     if bad:
         raise Rejected(CANNOT_UNDERSTAND, f"missing or invalid UID: {', '.join(bad)}")
-    if uids["SOPClassUID"] != str(event.request.AffectedSOPClassUID):
+    if uids["SOPClassUID"] != offer.sop_class_uid:
         raise Rejected(
-            DOES_NOT_MATCH_SOP_CLASS,
-            "SOP Class UID of the dataset differs from the C-STORE request's",
+            DOES_NOT_MATCH_SOP_CLASS, f"SOP Class UID of the dataset differs from {offer.said_by}"
         )
-    if uids["SOPInstanceUID"] != str(event.request.AffectedSOPInstanceUID):
+    if uids["SOPInstanceUID"] != offer.sop_instance_uid:
         raise Rejected(
-            CANNOT_UNDERSTAND, "SOP Instance UID of the dataset differs from the C-STORE request's"
+            CANNOT_UNDERSTAND, f"SOP Instance UID of the dataset differs from {offer.said_by}"
         )
+    if offer.study_uid is not None and uids["StudyInstanceUID"] != offer.study_uid:
+        raise Rejected(DIFFERENT_STUDY, "Study Instance UID is not the one the request names")
     return Arrival(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_uid=uids["StudyInstanceUID"],
         series_uid=uids["SeriesInstanceUID"],
-        transfer_syntax=str(event.context.transfer_syntax),
-        calling_ae=calling_ae,
-        called_ae=str(event.assoc.requestor.primitive.called_ae_title).strip(),
-        peer=peer,
+        transfer_syntax=offer.transfer_syntax,
+        calling_ae=offer.calling_ae,
+        called_ae=offer.called_ae,
+        peer=offer.peer,
     )
 
 
@@ -596,13 +680,12 @@ class Scratch:
     max_inflated_bytes: int
 
 
-def _decode(dataset: io.BytesIO, transfer_syntax: UID, scratch: Scratch) -> Dataset:
+def _decode(
+    dataset: BinaryIO, buffer: memoryview, transfer_syntax: UID, scratch: Scratch
+) -> Dataset:
     if transfer_syntax != DeflatedExplicitVRLittleEndian:
-        return _checked(dataset, transfer_syntax, len(dataset.getbuffer()))
-    with (
-        dataset.getbuffer() as deflated,
-        inflated(deflated, scratch.max_inflated_bytes, scratch.folder) as stream,
-    ):
+        return _checked(dataset, transfer_syntax, len(buffer))
+    with inflated(buffer, scratch.max_inflated_bytes, scratch.folder) as stream:
         return _checked(stream, transfer_syntax, os.fstat(stream.fileno()).st_size)
 
 

@@ -175,7 +175,7 @@ def find(
 ) -> Iterator[tuple[Dataset, bool]]:
     """Each matching entity's response, and whether every key in it was supported."""
     keys = [key for key in request.identifier if key.keyword not in NOT_KEYS]
-    matched_keys = [key for key in keys if _matchable(key, request.level)]
+    matched_keys = [key for key in keys if matchable(key, request.level)]
     supported = len(matched_keys) == len(keys)
     counted = any(key.keyword in COUNTED[request.level] for key in keys)
     if request.level in (PATIENT, STUDY):
@@ -276,7 +276,8 @@ def _add_counts(candidate: Dataset, level: str, tally: Tally) -> None:
         candidate.AvailableTransferSyntaxUID = tally.transfer_syntax
 
 
-def _matchable(key: DataElement, level: str) -> bool:
+def matchable(key: DataElement, level: str) -> bool:
+    """Whether `key` is matched at `level` (an attribute of it or a level above)."""
     keyword = key.keyword or keyword_for_tag(key.tag)
     if keyword in ANY_LEVEL:
         return True

@@ -155,7 +155,8 @@ def _omit_empty_frames(masks: np.ndarray, labelmap: bool) -> bool:
 
 
 def _finish(seg: hd.seg.Segmentation, source: pydicom.Dataset, sop_instance_uid: str) -> None:
-    """What highdicom leaves random or out: the dimension UID, a film's orientations."""
+    """What highdicom leaves random or out: the dimension UID, a film's orientation and
+    spacing."""
     dimension_uid = generate_uid(entropy_srcs=["cadnode-seg-dimensions", sop_instance_uid])
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dimension_uid
@@ -190,7 +191,28 @@ def _orient_projection(seg: hd.seg.Segmentation, source: pydicom.Dataset) -> Non
     orientation.ImageOrientationPatient = list(
         source.get("ImageOrientationPatient", PROJECTION_ORIENTATION)
     )
-    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [orientation]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    shared.PlaneOrientationSequence = [orientation]
+    if spacing := _film_spacing(source):
+        measures = pydicom.Dataset()
+        measures.PixelSpacing = spacing
+        # Type 1C, so a value or nothing; nothing makes highdicom's reader refuse the SEG.
+        # A film has no slice: its own value where it states one, else 1 mm, a placeholder
+        # no viewer measures with (docs/conformance.md says so).
+        measures.SliceThickness = source.get("SliceThickness") or "1"
+        shared.PixelMeasuresSequence = [measures]
+
+
+def _film_spacing(source: pydicom.Dataset) -> list[str] | None:
+    """The film's pixel spacing for the shared Pixel Measures, by the same viewers' convention
+    as the orientation: OHIF's SEG viewport reads it before it draws anything, and without it
+    shows an error instead of the masks. Pixel Spacing where the film has it, else Imager
+    Pixel Spacing (at the detector: what a viewer measures a film with, PS3.3 10.7.1.3);
+    none where the film says nothing, rather than an invented one."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if keyword in source and source[keyword].VM == 2:
+            return [str(value) for value in source[keyword].value]
+    return None
 
 
 def _content_label(name: str) -> str:

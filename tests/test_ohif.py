@@ -1,0 +1,250 @@
+"""OHIF, the web viewer, pointed at a node's /dicomweb, in headless Chromium.
+
+OHIF's published static build (`make ohif`: @ohif/app from the npm registry, at the version
+the Makefile pins) is served from a second origin by a small static server in the test, with
+an app-config.js naming the node's DICOMweb root and its bearer token; the node allows that
+origin (`dicomweb.cors_origins`). The node holds a chest film, its SEG and two SRs. OHIF's
+study list shows the study; its viewer draws the film and lists the SEG and SR series. Loading
+the SEG over the film is an expected failure until a film's SEG carries what OHIF's SEG
+viewport reads (see that test). docs/ohif.png is the viewer's screenshot, rewritten only when
+CADNODE_WRITE_DOCS_SCREENSHOT=1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.wait import WebDriverWait
+
+from tests.browser import chromium
+from tests.dicom_validation import in_ci
+from tests.dicomweb_node import TOKEN, FilmNode, node_holding_a_film
+from tests.viewers.node import HARNESS
+
+DIST = HARNESS / "ohif" / "dist"  # `make ohif`
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "ohif.png"
+WRITE_SCREENSHOT = os.environ.get("CADNODE_WRITE_DOCS_SCREENSHOT") == "1"
+# Each wait is on its condition; this bounds a test's waits all together, for a loaded
+# 2-core machine (OHIF's bundles are some 200 MB of JavaScript and WebAssembly to parse).
+PATIENCE_S = 150
+
+# OHIF's configuration: its DICOMweb data source on the node; the token given by a small
+# extension through OHIF's user authentication service, which every request OHIF makes asks
+# for its Authorization header (QIDO-RS and WADO-RS by dicomweb-client, frames by
+# cornerstone's image loader).
+APP_CONFIG = """// OHIF's guided tour, once per browser, would stand over the viewer: taken as seen.
+localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));
+window.config = {
+  routerBasename: '/',
+  extensions: [{
+    id: 'cadnode-bearer-token',
+    preRegistration: ({ servicesManager }) => {
+      servicesManager.services.userAuthenticationService.setServiceImplementation({
+        getAuthorizationHeader: () => ({ Authorization: 'Bearer ' + TOKEN }),
+      });
+    },
+  }],
+  modes: [],
+  showStudyList: true,
+  investigationalUseDialog: { option: 'never' },
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: false,
+  maxNumberOfWebWorkers: 2,
+  defaultDataSourceName: 'cadnode',
+  dataSources: [{
+    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+    sourceName: 'cadnode',
+    configuration: {
+      friendlyName: 'cadnode',
+      name: 'cadnode',
+      qidoRoot: ROOT,
+      wadoRoot: ROOT,
+      wadoUriRoot: ROOT,
+      qidoSupportsIncludeField: true,
+      supportsWildcard: true,
+      supportsFuzzyMatching: false,
+      imageRendering: 'wadors',
+      thumbnailRendering: 'wadors',
+      enableStudyLazyLoad: true,
+      bulkDataURI: { enabled: true },
+      omitQuotationForMultipartRequest: true,
+    },
+  }],
+};
+"""
+
+
+class OhifServer(ThreadingHTTPServer):
+    """OHIF's dist/ on loopback, with the app-config.js given, and any path that is not a
+    file answered with index.html (OHIF's routes, /viewer among them, are the page's own)."""
+
+    daemon_threads = True
+
+    def __init__(self, app_config: str) -> None:
+        self.app_config = app_config.encode()
+        super().__init__(("127.0.0.1", 0), partial(_OhifFiles, directory=str(DIST)))
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _OhifFiles(SimpleHTTPRequestHandler):
+    server: OhifServer
+
+    def send_head(self) -> Any:
+        path = self.path.split("?", 1)[0]
+        if path == "/app-config.js":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/javascript")
+            self.send_header("Content-Length", str(len(self.server.app_config)))
+            self.end_headers()
+            return io.BytesIO(self.server.app_config)
+        if not Path(self.translate_path(path)).is_file():
+            self.path = "/index.html"
+        return super().send_head()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the browser's hundreds of requests are not the test's output
+
+
+@pytest.fixture(scope="module")
+def ohif() -> Iterator[OhifServer]:
+    if not (DIST / "index.html").is_file():
+        reason = f"OHIF's build is not installed: run `make ohif` ({DIST})"
+        if in_ci():
+            pytest.fail(f"{reason}; CI must open the study in OHIF, not skip", pytrace=False)
+        pytest.skip(reason)
+    server = OhifServer("")
+    thread = threading.Thread(target=server.serve_forever, name="ohif", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def held(ohif: OhifServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FilmNode]:
+    with node_holding_a_film(tmp_path_factory.mktemp("ohif"), None, [ohif.origin]) as held:
+        ohif.app_config = app_config(held.base, TOKEN).encode()
+        yield held
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    with chromium("1400,900") as chrome:
+        yield chrome
+
+
+def app_config(root: str, token: str) -> str:
+    return APP_CONFIG.replace("ROOT", json.dumps(root)).replace("TOKEN", json.dumps(token))
+
+
+def test_ohif_lists_the_study_and_shows_the_film_with_its_results_listed(
+    ohif: OhifServer, held: FilmNode, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    film = held.film
+    wait = Patience(browser, PATIENCE_S)
+    browser.get(ohif.origin + "/")  # the study list: QIDO-RS studies
+    wait.until(lambda b: film.AccessionNumber in _text(b))
+    listed = _text(browser)
+    assert "Webviewer, Wilma" in listed and "DX\\SEG\\SR" in listed
+
+    _open_the_study(browser, ohif, held)
+    labels = wait.until(lambda b: {"DX", "SEG", "SR"} <= set(_series(b)) and _series(b))
+    assert sorted(labels) == ["DX", "SEG", "SR", "SR"]
+    panel = _text(browser)
+    assert "cxr-segmenter SEG" in panel and "cxr-ruleout results" in panel
+    viewport = wait.until(_drawn_viewport)  # the film: WADO-RS metadata and frames
+    assert viewport.size["width"] > 500
+
+
+def test_ohif_loads_the_seg_over_the_film(
+    ohif: OhifServer, held: FilmNode, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    wait = Patience(browser, PATIENCE_S)
+    _open_the_study(browser, ohif, held)
+    wait.until(_drawn_viewport)
+    seg = wait.until(
+        lambda b: b.find_element(By.XPATH, "//*[@data-cy='series-modality-label'][.='SEG']")
+    )
+    ActionChains(browser).double_click(seg).perform()
+    wait.until(lambda b: OPEN_SEG in _text(b) or CRASHED in _text(b))
+    assert CRASHED not in _text(browser), "OHIF's SEG viewport failed"
+    browser.find_element(By.XPATH, "//button[normalize-space()='Yes']").click()
+    wait.until(lambda b: _coloured(_drawn_viewport(b)))  # the segments painted on the film
+    screenshot = SCREENSHOT if WRITE_SCREENSHOT else tmp_path / "ohif.png"
+    browser.save_screenshot(str(screenshot))
+
+
+class Patience:
+    """WebDriverWait's `until`, every call within one deadline for the whole test."""
+
+    def __init__(self, browser: webdriver.Chrome, seconds: float) -> None:
+        self.browser, self.deadline = browser, time.monotonic() + seconds
+
+    def until(self, condition: Callable[[webdriver.Chrome], Any]) -> Any:
+        left = max(1.0, self.deadline - time.monotonic())
+        return WebDriverWait(self.browser, left).until(condition)
+
+
+OPEN_SEG, CRASHED = "Do you want to open this Segmentation?", "Something went wrong"
+
+
+def _open_the_study(browser: webdriver.Chrome, ohif: OhifServer, held: FilmNode) -> None:
+    study = held.film.StudyInstanceUID
+    browser.get(f"{ohif.origin}/viewer?StudyInstanceUIDs={study}")
+
+
+def _text(browser: webdriver.Chrome) -> str:
+    return str(browser.find_element(By.TAG_NAME, "body").text)
+
+
+def _series(browser: webdriver.Chrome) -> list[str]:
+    """The modalities of the series in OHIF's study panel, one per series."""
+    labels = browser.find_elements(By.CSS_SELECTOR, "[data-cy='series-modality-label']")
+    return [label.text.strip() for label in labels]
+
+
+def _viewport_pixels(element: WebElement) -> np.ndarray:
+    png = element.screenshot_as_png
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+
+
+def _drawn_viewport(browser: webdriver.Chrome) -> WebElement | None:
+    """The first viewport whose pixels are an image, not a blank."""
+    for element in browser.find_elements(By.CSS_SELECTOR, "canvas.cornerstone-canvas"):
+        if element.size["width"] < 64:
+            continue
+        grey = _viewport_pixels(element).mean(axis=2)
+        if grey.std() > 10 and len(np.unique(grey.astype(np.uint8))) > 32:
+            return element
+    return None
+
+
+def _coloured(element: WebElement | None) -> bool:
+    """Whether a viewport shows colour (a segmentation over a greyscale film): a share of
+    its pixels whose channels differ."""
+    if element is None:
+        return False
+    pixels = _viewport_pixels(element)
+    spread = pixels.max(axis=2) - pixels.min(axis=2)
+    return bool((spread > 40).mean() > 0.05)
