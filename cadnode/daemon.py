@@ -95,7 +95,7 @@ class Node:
                 Compactor(self.database.engine),  # PostgreSQL: metrics' changes folded in
             ]
         )
-        self.workers = WorkerProcesses(settings, self.nudge) if in_workers else None
+        self.workers = WorkerProcesses(settings, self.database, self.nudge) if in_workers else None
         self.database.on_change = self.nudge
         # The DICOM port, with every stage's DIMSE services on it (cadnode/port.py): in
         # this process, or in `dicom.receivers` processes that wake the stages here.

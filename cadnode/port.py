@@ -32,7 +32,7 @@ import structlog
 
 from cadnode.core import logs
 from cadnode.core.children import Children, Link
-from cadnode.core.claims import worker_for
+from cadnode.core.claims import free_claims, node_name, worker_for
 from cadnode.core.config import Settings
 from cadnode.core.db import Database
 from cadnode.deliver.commitment import CommitmentScp
@@ -72,6 +72,10 @@ class ReceiverProcesses:
         self._on_change = on_change
         self._children: Children | None = None
 
+    def _forget(self, pid: int) -> None:
+        """A receiver that died: its heartbeat (and any claim) goes with it."""
+        free_claims(self.database, node_name(self.settings.node), pid=pid)
+
     def reconcile(self) -> dict[str, int]:
         """Make spool and index agree before any receiver process starts."""
         storage = self.settings.storage
@@ -92,6 +96,7 @@ class ReceiverProcesses:
             _receive,
             (self.settings, self._listening),
             self._on_change,
+            on_death=self._forget,
         )
         self._children.start()
         self._listening.listen(BACKLOG)

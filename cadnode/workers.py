@@ -30,7 +30,7 @@ import structlog
 
 from cadnode.core import logs
 from cadnode.core.children import Children, Link
-from cadnode.core.claims import worker_for
+from cadnode.core.claims import free_claims, node_name, worker_for
 from cadnode.core.config import Settings
 from cadnode.core.db import Database
 from cadnode.core.runner import Conveyor, Stage
@@ -76,11 +76,27 @@ def intra_op_threads(workers: int) -> int:
 class WorkerProcesses:
     """`node.workers` processes running `cpu_stages`, woken by `nudge`."""
 
-    def __init__(self, settings: Settings, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self, settings: Settings, database: Database, on_change: Callable[[], None]
+    ) -> None:
         self.settings = settings
+        self.database = database  # the node's: to free a dead worker's claims
         self._children = Children(
-            "worker", "worker", settings.node.workers, _work, (settings,), on_change, nudged=True
+            "worker",
+            "worker",
+            settings.node.workers,
+            _work,
+            (settings,),
+            on_change,
+            nudged=True,
+            on_death=self._free_claims_of,
         )
+
+    def _free_claims_of(self, pid: int) -> None:
+        """A worker that died held its jobs' claims: freed at once, so they are taken over
+        now rather than after `node.lease_s`."""
+        freed = free_claims(self.database, node_name(self.settings.node), pid=pid)
+        log.info("worker.claims_freed", pid=pid, rows=freed)
 
     def start(self) -> None:
         self._children.start()

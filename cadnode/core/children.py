@@ -71,6 +71,7 @@ class Children:
         on_change: Callable[[], None],
         *,
         nudged: bool = False,
+        on_death: Callable[[int], None] = lambda _pid: None,
     ) -> None:
         self.kind = kind
         self.label = label
@@ -79,6 +80,7 @@ class Children:
         self.args = args
         self.on_change = on_change
         self.nudged = nudged
+        self.on_death = on_death  # called with a dead child's pid before it is replaced
         self._context = multiprocessing.get_context("spawn")
         self._children: dict[int, _Child] = {}
         self._guard = threading.Lock()  # the supervisor replaces children while nudge reads
@@ -192,10 +194,22 @@ class Children:
                     pid=dead.process.pid,
                     exit_code=dead.process.exitcode,
                 )
+                self._bury(dead)
                 if time.monotonic() - dead.started_at < CRASH_LOOP_S:
                     self._stopping.wait(1.0)
                 if not self._stopping.is_set():
                     self._spawn(dead.number)
+
+
+    def _bury(self, dead: _Child) -> None:
+        """What the dead child held (its claims) is freed; a failure here only leaves it to
+        run out, so it must not stop the supervisor."""
+        if dead.process.pid is None:
+            return
+        try:
+            self.on_death(dead.process.pid)
+        except Exception:
+            log.exception(f"{self.kind}.process_not_buried", pid=dead.process.pid)
 
 
 class Link:

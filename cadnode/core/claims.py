@@ -271,27 +271,39 @@ class Worker:
             session.commit()
 
     def _free_earlier_lives(self) -> None:
-        mine = f"{self.node}/"
-        with self.database.session() as session:
-            freed = 0
-            for table in CLAIMED:
-                moved = session.execute(
-                    update(table)
-                    .where(
-                        col(table.claimed_by).startswith(mine, autoescape=True),
-                        col(table.claimed_by) != self.identity,
-                    )
-                    .values(claimed_by=None, lease_until=None)
-                )
-                freed += int(moved.rowcount)  # type: ignore[attr-defined]
-            session.execute(
-                delete(NodeHeartbeat).where(
-                    col(NodeHeartbeat.node) == self.node, col(NodeHeartbeat.worker) != self.identity
-                )
-            )
-            session.commit()
+        freed = free_claims(self.database, self.node, but=self.identity)
         if freed:
             log.info("claims.freed_earlier", node=self.node, rows=freed)
+
+
+def free_claims(database: Database, node: str, *, pid: int | None = None, but: str = "") -> int:
+    """Free the claims of the node's processes that are gone, and forget their heartbeats:
+    the one with `pid`, or every one but `but`. Only for processes known dead (a node's
+    earlier life, a worker its supervisor saw exit): their work is taken over now rather than
+    when their leases run out. Returns how many rows were freed."""
+    freed = 0
+    with database.session() as session:
+        for table in CLAIMED:
+            whose = col(table.claimed_by)
+            chosen = (
+                whose == f"{node}/{pid}"
+                if pid is not None
+                else whose.startswith(f"{node}/", autoescape=True) & (whose != but)
+            )
+            moved = session.execute(
+                update(table).where(chosen).values(claimed_by=None, lease_until=None)
+            )
+            freed += int(moved.rowcount)  # type: ignore[attr-defined]
+        beats = col(NodeHeartbeat.worker)
+        session.execute(
+            delete(NodeHeartbeat).where(
+                beats == f"{node}/{pid}"
+                if pid is not None
+                else (col(NodeHeartbeat.node) == node) & (beats != but)
+            )
+        )
+        session.commit()
+    return freed
 
 
 def _dialect(session: Session) -> str:
