@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pydicom import dcmread
+from pydicom import Dataset, dcmread, dcmwrite
 from pydicom.uid import generate_uid
 
 from cadnode.admin.auth import hash_password
@@ -143,16 +143,27 @@ def part(content: bytes, kind: bytes = b"application/dicom") -> bytes:
 def test_parts_after_a_preamble_and_without_a_preamble_are_stored(
     database: Database, tmp_path: Path
 ) -> None:
-    files = write_ct_series(tmp_path / "ct", 2, size=32, seed=37)
+    files = write_ct_series(tmp_path / "ct", 3, size=32, seed=37)
     headerless = files[1].read_bytes()[132:]  # File Meta Information, no preamble or DICM
-    body = b"a preamble\r\n" + part(files[0].read_bytes()) + part(headerless) + b"--b0und--"
+    # What pydicom (so dicomweb-client) writes for a dataset read from no file: the meta
+    # group without its (0002,0000) group length, and no preamble.
+    read = dcmread(files[2])
+    plain = Dataset(read)
+    plain.file_meta = read.file_meta
+    del plain.file_meta.FileMetaInformationGroupLength
+    written = io.BytesIO()
+    dcmwrite(written, plain)
+    lengthless = written.getvalue()
+    assert lengthless[:2] == b"\x02\x00" and lengthless[2:4] != b"\x00\x00"  # as said
+    body = b"a preamble\r\n" + part(files[0].read_bytes()) + part(headerless)
+    body += part(lengthless) + b"--b0und--"
     parts = fed(parts_of(database, tmp_path / "spool"), body)
     assert parts.ended
-    assert [o.failure for o in parts.outcomes] == [None, None]
+    assert [o.failure for o in parts.outcomes] == [None, None, None]
     assert {o.sop_instance_uid for o in parts.outcomes} == {
         dcmread(f).SOPInstanceUID for f in files
     }
-    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 2
+    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 3
 
 
 def test_a_part_too_large_or_not_dicom_fails_alone(database: Database, tmp_path: Path) -> None:

@@ -59,6 +59,10 @@ NATIVE_XML = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
 # A PS3.10 file: 128-byte preamble, "DICM", then (0002,0000) UL, the meta group's length.
 META_START = 132
 GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
+META_GROUP = b"\x02\x00"
+# Explicit VRs whose length is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                      b"UR", b"UT", b"UV"})
 MAX_META = 64 * 2**10
 MAX_PREAMBLE = 64 * 2**10  # of the multipart body, before its first boundary
 RETRY_AFTER_S = 5
@@ -250,26 +254,47 @@ class Parts:
 
 def _meta_end(head: bytearray) -> int | None:
     """Where the File Meta Information ends in a part's first bytes (a PS3.10 file's, or its
-    meta group without the preamble, as some clients write it); None while they do not say
-    yet. _PartRefused if they are neither."""
-    if head[:8] == GROUP_LENGTH:
+    meta group without the preamble, as pydicom and so dicomweb-client write a dataset read
+    from no file); None while they do not say yet. _PartRefused if they are neither."""
+    if head[:2] == META_GROUP:
         start = 0
-    elif len(head) < META_START + 8:
+    elif len(head) < META_START + 2:
         return None
-    elif head[128:META_START] == b"DICM" and head[META_START : META_START + 8] == GROUP_LENGTH:
+    elif head[128:META_START] == b"DICM" and head[META_START : META_START + 2] == META_GROUP:
         start = META_START
     else:
         raise _PartRefused(CANNOT_UNDERSTAND, "not a DICOM PS3.10 file (no File Meta Information)")
-    if len(head) < start + 12:
-        return None
-    end = start + 12 + int.from_bytes(head[start + 8 : start + 12], "little")
-    if end > MAX_META:
+    end: int | None
+    if head[start : start + 8] == GROUP_LENGTH:
+        if len(head) < start + 12:
+            return None
+        end = start + 12 + int.from_bytes(head[start + 8 : start + 12], "little")
+    else:  # no (0002,0000): the group ends where the first element of another begins
+        end = _meta_walked(head, start)
+    if end is not None and end > MAX_META:
         raise _PartRefused(CANNOT_UNDERSTAND, "File Meta Information over 64 KiB")
     return end
 
 
+def _meta_walked(head: bytearray, offset: int) -> int | None:
+    """The end of the meta group from its elements (explicit VR little endian, PS3.10 7.1);
+    None until the first element past it has arrived."""
+    while offset <= MAX_META:
+        if len(head) < offset + 8:
+            return None
+        if head[offset : offset + 2] != META_GROUP:
+            return offset
+        if bytes(head[offset + 4 : offset + 6]) in LONG_VRS:
+            if len(head) < offset + 12:
+                return None
+            offset += 12 + int.from_bytes(head[offset + 8 : offset + 12], "little")
+        else:
+            offset += 8 + int.from_bytes(head[offset + 6 : offset + 8], "little")
+    raise _PartRefused(CANNOT_UNDERSTAND, "File Meta Information over 64 KiB")
+
+
 def _file_meta(encoded: bytes) -> Dataset:
-    if encoded[:8] == GROUP_LENGTH:
+    if encoded[:2] == META_GROUP:
         encoded = PREAMBLE + encoded
     try:
         meta = dcmread(io.BytesIO(encoded)).file_meta
