@@ -29,8 +29,10 @@ from sqlmodel import select
 
 from cadnode.admin import backup
 from cadnode.cli import main
+from cadnode.core import migrations
 from cadnode.core.db import AuditEvent, AuditKind, Database, Study
 from cadnode.infer.phantoms.chest import write_chest_radiograph
+from tests import postgres
 from tests.peers import REPO, Cadnode, findscu, run_cadnode, storescu, wait_for
 from tests.synthetic import write_ct_series
 
@@ -195,6 +197,51 @@ def test_restore_takes_files_from_elsewhere_and_leaves_out_a_changed_one(
     ]
     assert not (fresh / changed).exists()  # a restore never puts a wrong file in place
     assert (fresh / "results/1.2.3/1.2.3.9.dcm").read_bytes() == b"a structured report"
+
+
+def test_a_postgresql_database_is_dumped_checked_and_restored_into_an_empty_one(
+    data_dir: DataDir,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    postgres_server: postgres.PostgresServer,
+    postgres_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On PostgreSQL the database goes by pg_dump, is checked by pg_restore reading it back,
+    and is restored with pg_restore, only into an empty database; the files as on SQLite."""
+    with Database(postgres_url).session() as session:
+        session.add(Study(study_uid="9.8.7"))
+        session.commit()
+    monkeypatch.setenv("CADNODE_DATABASE_URL", postgres_url)
+    target, fresh = tmp_path / "backup", tmp_path / "restored"
+    assert main(["backup", str(target), "--copy-files"]) == 0
+    metadata = json.loads((target / "backup.json").read_text())
+    assert metadata["database"]["file"] == "cadnode.pgdump"
+    assert metadata["database"]["check"] == "ok"
+    assert metadata["schema_revision"] == migrations.head()
+    assert main(["backup", "verify", str(target)]) == 0
+    # Never into a database that holds anything: the node's own does.
+    assert main(["backup", "restore", str(target), "--data-dir", str(fresh)]) == 1
+    assert "restore into an empty database" in capsys.readouterr().err
+    empty = postgres_server.create_database()
+    try:
+        monkeypatch.setenv("CADNODE_DATABASE_URL", empty)
+        assert main(["backup", "restore", str(target), "--data-dir", str(tmp_path / "r2")]) == 0
+        with Database(empty).session() as session:
+            assert [s.study_uid for s in session.exec(select(Study))] == ["9.8.7"]
+        restored = {
+            p.relative_to(tmp_path / "r2").as_posix(): p.read_bytes()
+            for p in (tmp_path / "r2").rglob("*")
+            if p.is_file()
+        }
+        assert restored == data_dir.files
+    finally:
+        postgres_server.drop_database(empty)
+    # A damaged dump is found by verify.
+    dump = target / "cadnode.pgdump"
+    dump.write_bytes(dump.read_bytes()[: dump.stat().st_size // 2])
+    assert main(["backup", "verify", str(target)]) == 1
+    assert "the database dump fails its check" in capsys.readouterr().err
 
 
 def test_verify_refuses_an_incomplete_backup(

@@ -1,10 +1,11 @@
 """`cadnode backup`: an online copy of the database and a manifest of the held files; checking
 a data dir against a backup, and restoring one into a fresh data dir.
 
-The database is copied with SQLite's backup API, page-stepped, inside one read transaction
+An SQLite database is copied with SQLite's backup API, page-stepped, inside one read transaction
 of its own. In WAL mode a reader never blocks the node's writers, and holding the snapshot
 keeps every step on the same version of the database: a page-stepped copy without it starts
-again each time the node commits, and under steady traffic may never finish.
+again each time the node commits, and under steady traffic may never finish. A PostgreSQL
+database is dumped with pg_dump and restored with pg_restore (cadnode/admin/backup_postgres.py).
 
 The files (spool, results, answers) are listed after the copy. The node writes each file
 before the row that names it, so every row in the copy has its file in the manifest; a file
@@ -36,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from sqlalchemy import URL
 
 from cadnode import __version__
+from cadnode.admin import backup_postgres as postgres
 from cadnode.core import audit
 from cadnode.core.config import Environment, Settings
 from cadnode.core.db import AuditKind, AuditOutcome, Database
@@ -111,7 +114,7 @@ def take(
     """Back the node's data dir up into `target` (absent or empty); returns the metadata."""
     _prepare_empty(target)
     started = time.monotonic()
-    database = copy_database(settings.storage.database, target / DATABASE_FILE)
+    database, database_file = _copy_database(settings, target)
     listing = write_manifest(settings.storage.data_dir, target, hashes=hashes, copies=copies)
     metadata = {
         "format": FORMAT,
@@ -119,7 +122,7 @@ def take(
         "cadnode_version": __version__,
         "schema_revision": database.schema_revision,
         "data_dir": str(settings.storage.data_dir),
-        "database": {"file": DATABASE_FILE, **asdict(database)},
+        "database": {"file": database_file, **asdict(database)},
         "files": {
             "manifest": MANIFEST_FILE,
             "count": listing.count,
@@ -142,6 +145,15 @@ def take(
         seconds=metadata["seconds"],
     )
     return metadata
+
+
+def _copy_database(settings: Settings, target: Path) -> tuple[DatabaseCopy, str]:
+    """The database into the backup (SQLite's file, or a PostgreSQL dump), and its name."""
+    url = settings.database_url
+    if url.drivername == "sqlite":
+        return copy_database(settings.storage.database, target / DATABASE_FILE), DATABASE_FILE
+    size, seconds, check, revision = postgres.dump(url, target / postgres.DUMP_FILE)
+    return DatabaseCopy(size, seconds, check, revision), postgres.DUMP_FILE
 
 
 def _prepare_empty(folder: Path) -> None:
@@ -343,8 +355,8 @@ def _differs(entry: HeldFile, size: int, sha256: str | None) -> str | None:
 def verify(backup: Path, files_in: Path) -> list[str]:
     """Every problem with the backup's database copy and with the files under `files_in`
     (a data dir, or the backup's own copies) against the manifest."""
-    read_metadata(backup)
-    problems = _database_problems(backup / DATABASE_FILE)
+    metadata = read_metadata(backup)
+    problems = _database_problems(backup / metadata["database"]["file"])
     listed = set()
     for entry in manifest(backup):
         listed.add(entry.path)
@@ -356,6 +368,9 @@ def verify(backup: Path, files_in: Path) -> list[str]:
 
 
 def _database_problems(path: Path) -> list[str]:
+    if path.name == postgres.DUMP_FILE:
+        check = postgres.dump_check(path)
+        return [] if check == "ok" else [f"the database dump fails its check: {check}"]
     if not path.is_file():
         return [f"missing: the database copy {path}"]
     try:
@@ -365,20 +380,33 @@ def _database_problems(path: Path) -> list[str]:
     return [] if check == "ok" else [f"the database copy fails its check: {check}"]
 
 
-def restore(backup: Path, data_dir: Path, files_from: Path | None) -> list[str]:
-    """Copy the backup into `data_dir` (absent or empty): its database, and each manifest file
-    from the backup's copies or `files_from`, checked as it is copied; the problems found."""
+def restore(
+    backup: Path, data_dir: Path, files_from: Path | None, database_url: URL | None = None
+) -> list[str]:
+    """Copy the backup into `data_dir` (absent or empty): its database (a PostgreSQL dump into
+    the empty database at `database_url`), and each manifest file from the backup's copies or
+    `files_from`, checked as it is copied; the problems found."""
     metadata = read_metadata(backup)
+    dumped = metadata["database"]["file"] == postgres.DUMP_FILE
+    if dumped and (database_url is None or database_url.drivername == "sqlite"):
+        raise BackupError(
+            f"{backup} holds a PostgreSQL dump: give the node an empty PostgreSQL database "
+            "(database.url or CADNODE_DATABASE_URL) to restore it into"
+        )
     source = backup / COPIES_FOLDER if metadata["files"]["copies"] else files_from
     if source is None and metadata["files"]["count"]:
         raise BackupError(
             f"{backup} holds no copies of the files: name where they are with --files-from"
         )
-    if problems := _database_problems(backup / DATABASE_FILE):
+    if problems := _database_problems(backup / metadata["database"]["file"]):
         return problems
     _prepare_empty(data_dir)
-    with (backup / DATABASE_FILE).open("rb") as database:
-        write_durably(data_dir / DATABASE_FILE, iter(lambda: database.read(CHUNK_BYTES), b""))
+    if dumped:
+        assert database_url is not None
+        postgres.load(backup / postgres.DUMP_FILE, database_url)
+    else:
+        with (backup / DATABASE_FILE).open("rb") as database:
+            write_durably(data_dir / DATABASE_FILE, iter(lambda: database.read(CHUNK_BYTES), b""))
     problems = []
     for entry in manifest(backup):
         if source is not None and (problem := _restore_file(source, data_dir, entry)):
@@ -434,32 +462,19 @@ def add_backup_command(commands: Any) -> None:
     )
 
 
-# `cadnode backup` copies an SQLite database with SQLite's own backup API; PostgreSQL has its
-# own tools, which an admin of a shared server already runs.
-POSTGRES_REFUSAL = (
-    "backup: the database is PostgreSQL (database.url): back it up with pg_dump "
-    "(pg_dump --format=custom --file=cadnode.dump DATABASE; restore with pg_restore into an "
-    "empty database) and the data dir's files with your file backup, taken after the dump "
-    "(docs/operations.md, 'PostgreSQL'). `cadnode backup` takes and restores SQLite "
-    "databases only"
-)
-
-
 def backup_command(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 when done without a problem, 1 otherwise (each problem on stderr)."""
     action, folder = _parse_words(args.words)
-    if settings.database_url.drivername != "sqlite" and action != "verify":
-        print(POSTGRES_REFUSAL, file=sys.stderr)
-        return 1
     try:
         if action == "verify":
             return _report(verify(folder, _files_to_verify(settings, folder, args.data_dir)))
         if action == "restore":
             if args.data_dir is None:
                 raise BackupError("restore needs --data-dir: the new, empty data dir")
-            return _report(restore(folder, args.data_dir, args.files_from), restored=True)
+            restored = restore(folder, args.data_dir, args.files_from, settings.database_url)
+            return _report(restored, restored=True)
         return _take_and_report(settings, folder, args)
-    except (BackupError, OSError, sqlite3.Error) as error:
+    except (BackupError, postgres.DumpError, OSError, sqlite3.Error) as error:
         print(f"backup: {error}", file=sys.stderr)
         return 1
 
