@@ -52,6 +52,10 @@ SLOW = {
     "test_training_engines.py::tiny_detector",
     "test_training_engines.py::test_segmenter_build_chooses_through_the_built_ruleout_bundle",
     "test_training_engines.py::test_shipped_detector_holds_its_card",
+    "test_training_folders.py::chest_folder",  # writes a phantom folder, builds per layout
+    "test_training_folders.py::test_memory_stays_flat_when_the_dataset_doubles",
+    "test_findings.py::tiny_findings",  # trains the tiny cxr-findings model
+    "test_findings.py::test_findings_train_from_a_cxrlt_folder_with_vindr_boxes",
 }
 
 # Executables a unit test must never start (each is a real peer): the guard's list.

@@ -41,10 +41,9 @@ from cadnode.infer.bundle import (
     TaskKind,
     sha256_of,
 )
-from cadnode.infer.phantoms.chest import Case
 from training.export import INPUT, OUTPUT, TOLERANCE
 from training.plots import draw_calibration, draw_roc
-from training.ruleout import Evaluation, RuleoutConfig, class_prior
+from training.ruleout import Evaluation, Labelled, RuleoutConfig, class_prior
 
 MODEL_FILE, CARD_FILE, ROC_FILE = "model.onnx", "MODEL_CARD.md", "roc.png"
 FROC_FILE, CALIBRATION_FILE = "froc.png", "calibration.png"
@@ -186,13 +185,17 @@ def write_ruleout_bundle(
     folder: Path,
     *,
     config: RuleoutConfig,
-    cases: Mapping[str, Sequence[Case]],
+    cases: Mapping[str, Sequence[Labelled]],
     evaluation: Evaluation,
     export_difference: float,
     rebuild: str,
+    description: str | None = None,
 ) -> Bundle:
-    """The cxr-ruleout bundle: manifest, card, ROC and calibration plots beside model.onnx."""
-    manifest = make_manifest(config, cases, evaluation, sha256_of(folder / MODEL_FILE))
+    """The cxr-ruleout bundle: manifest, card, ROC and calibration plots beside model.onnx.
+    `description`: the training data's, for data other than the config's phantoms."""
+    manifest = make_manifest(
+        config, cases, evaluation, sha256_of(folder / MODEL_FILE), description
+    )
     points = [
         (name, 1 - point.specificity, point.sensitivity)
         for name, point in evaluation.test_points.items()
@@ -208,7 +211,11 @@ def write_ruleout_bundle(
 
 
 def make_manifest(
-    config: RuleoutConfig, cases: Mapping[str, Sequence[Case]], evaluation: Evaluation, sha256: str
+    config: RuleoutConfig,
+    cases: Mapping[str, Sequence[Labelled]],
+    evaluation: Evaluation,
+    sha256: str,
+    description: str | None = None,
 ) -> Manifest:
     calibration = config.calibration
     meanings = {
@@ -241,7 +248,7 @@ def make_manifest(
         },
         model=ModelFile(file=MODEL_FILE, sha256=sha256, input=INPUT, output=OUTPUT),
         provenance=provenance(
-            describe_data(config, cases),
+            description or describe_data(config, cases),
             config.date,
             {**evaluation.metrics(), PRIOR_METRIC: training_prior(cases)},
             evaluation.test_ci,
@@ -249,7 +256,7 @@ def make_manifest(
     )
 
 
-def training_prior(cases: Mapping[str, Sequence[Case]]) -> float:
+def training_prior(cases: Mapping[str, Sequence[Labelled]]) -> float:
     """The abnormal prior of the training films before sampling (seed 003 A.2's p(i)): what
     a site divides by to prior-threshold P(abnormal) (training.ruleout.prior_thresholded)."""
     return class_prior(np.array([case.abnormal for case in cases["train"]]))
@@ -264,7 +271,7 @@ def interval(bounds: tuple[float, float]) -> str:
     return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]"
 
 
-def describe_data(config: RuleoutConfig, cases: Mapping[str, Sequence[Case]]) -> str:
+def describe_data(config: RuleoutConfig, cases: Mapping[str, Sequence[Labelled]]) -> str:
     """Counts, seeds and findings of every split, in one sentence per split."""
     parts = []
     for name, split in config.splits.named().items():

@@ -8,6 +8,8 @@ cadnode-train evaluate ruleout|segmenter|dbt [--bundle DIR] [--count N] [--seed 
 cadnode-train train ruleout --config training/configs/ruleout.yaml --out ruleout.pt
 cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines/cxr-ruleout
     [--checkpoint ruleout.pt]
+cadnode-train build ruleout|segmenter|dbt --data DIR [--layout L] [--folds K --fold I]
+    [--workers N] [--patience P] [--run-dir DIR] [--resume] --out DIR
 """
 
 from __future__ import annotations
@@ -28,11 +30,20 @@ from cadnode.infer.bundle import Bundle
 from training.datasets import read_duke_boxes, read_duke_labels, read_duke_paths
 from training.froc import MIN_DISTANCE_PX, froc, read_predictions, write_predictions
 from training.phantom_sets import LABELS_CSV, write_chest_set, write_dbt_set
+from training.records import LAYOUTS
 
 # Commands that train, build or run a model import torch (the `train` extra) when they run,
 # so `phantoms` and `froc` work on the daemon's own install.
 CXR_SIZE, DBT_SIZE = 512, 128
-ENGINES = {"ruleout": "cxr-ruleout", "segmenter": "cxr-segmenter", "dbt": "dbt-detector"}
+ENGINES = {
+    "ruleout": "cxr-ruleout",
+    "segmenter": "cxr-segmenter",
+    "dbt": "dbt-detector",
+    "findings": "cxr-findings",
+}
+# The engines `evaluate` measures (training.evaluate.EVALUATORS, which imports torch: named
+# here so parsing the command line needs none). The findings engine has no evaluator yet.
+EVALUATED = ("dbt", "ruleout", "segmenter")
 
 
 def needing_torch(module: str) -> ModuleType | None:
@@ -88,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
     measure = commands.add_parser(
         "evaluate", help="measure a built bundle on fresh phantoms; JSON like its manifest"
     )
-    measure.add_argument("engine", choices=sorted(ENGINES))
+    measure.add_argument("engine", choices=EVALUATED)
     measure.add_argument("--bundle", type=Path, help="default engines/<engine name>")
     measure.add_argument("--count", type=int, default=100, help="films or volumes")
     measure.add_argument("--seed", type=int, default=990_000, help="first phantom seed")
@@ -115,6 +126,7 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("engine", choices=sorted(ENGINES))
     fit.add_argument("--config", type=Path, help="default training/configs/ENGINE.yaml")
     fit.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
+    add_data_options(fit)
     fit.set_defaults(handler=train_command)
 
     build = commands.add_parser("build", help="train, calibrate, export and bundle an engine")
@@ -124,8 +136,56 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--checkpoint", type=Path, help="weights from `cadnode-train train` (skips training)"
     )
+    add_data_options(build)
     build.set_defaults(handler=build_command)
     return top
+
+
+def add_data_options(command: argparse.ArgumentParser) -> None:
+    """Training from a dataset folder (training.records, training.streaming)."""
+    data = command.add_argument_group("dataset folder (default: the config's phantom seeds)")
+    data.add_argument("--data", type=Path, help="dataset folder in its published layout")
+    data.add_argument("--layout", choices=LAYOUTS, help="default: guessed from the folder")
+    data.add_argument("--labels", type=Path, help="the layout's labels CSV, if not its default")
+    data.add_argument("--validation", type=float, default=0.15, help="share of patients")
+    data.add_argument("--test", type=float, default=0.15, help="share of patients")
+    data.add_argument("--folds", type=int, help="K-fold: test is fold --fold, validation the next")
+    data.add_argument("--fold", type=int, default=0)
+    data.add_argument("--workers", type=int, help="DataLoader worker processes (min(4, cores))")
+    data.add_argument(
+        "--patience", type=int, help="stop after this many epochs without a better validation AUC"
+    )
+    data.add_argument(
+        "--run-dir", type=Path, help="checkpoint.pt, metrics.csv and tensorboard/ of the run"
+    )
+    data.add_argument("--resume", action="store_true", help="continue from --run-dir's checkpoint")
+
+
+def data_source(args: argparse.Namespace) -> object:
+    """The training.sources.Source the data options name (needs torch)."""
+    from training.sources import Source
+    from training.streaming import RunOptions, default_workers
+
+    if args.resume and args.run_dir is None:
+        raise ValueError("--resume needs --run-dir")
+    if (args.workers is not None and args.workers < 0) or (args.folds or 2) < 2:
+        raise ValueError("need --workers >= 0 and --folds >= 2")
+    run = RunOptions(
+        run_dir=args.run_dir,
+        resume=args.resume,
+        patience=args.patience,
+        workers=default_workers() if args.workers is None else args.workers,
+    )
+    return Source(
+        data=args.data,
+        layout=args.layout,
+        labels=args.labels,
+        validation=args.validation,
+        test=args.test,
+        folds=args.folds,
+        fold=args.fold,
+        run=run,
+    )
 
 
 def write_phantoms(args: argparse.Namespace) -> int:
@@ -225,9 +285,12 @@ def train_command(args: argparse.Namespace) -> int:
     if (builds := needing_torch("builds")) is None:
         return 2
     try:
-        model = builds.TRAINERS[args.engine](config)[-1]
+        model = builds.TRAINERS[args.engine](config, None, data_source(args))[-1]
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as error:
+        print(f"cadnode-train train: {error}", file=sys.stderr)
         return 2
     builds.save_checkpoint(model, args.out, engine=args.engine, config_path=config)
     print(f"{args.engine}: trained in {time.monotonic() - started:.1f} s -> {args.out}")
@@ -238,15 +301,22 @@ def build_command(args: argparse.Namespace) -> int:
     started = time.monotonic()
     config = args.config or Path(f"training/configs/{args.engine}.yaml")
     out = args.out or Path("engines") / ENGINES[args.engine]
-    rebuild = shlex.join(
-        ["cadnode-train", "build", args.engine, "--config", str(config), "--out", str(out)]
-    )
     if (builds := needing_torch("builds")) is None:
         return 2
     try:
-        bundle = builds.BUILDERS[args.engine](config, out, rebuild, args.checkpoint)
+        source = builds.resolved(data_source(args), args.engine)
+        rebuild = shlex.join(
+            [
+                *("cadnode-train", "build", args.engine, "--config", str(config)),
+                *("--out", str(out), *source.arguments()),
+            ]
+        )
+        bundle = builds.BUILDERS[args.engine](config, out, rebuild, args.checkpoint, source)
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as error:
+        print(f"cadnode-train build: {error}", file=sys.stderr)
         return 2
     except builds.ExportMismatch as error:
         print(f"cadnode-train build: export check FAILED: {error}", file=sys.stderr)

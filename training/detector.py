@@ -74,6 +74,7 @@ from training.froc import EVALUATION_FPS, MIN_DISTANCE_PX, Froc, Prediction, fro
 from training.metrics import bootstrap_interval, proportion_interval
 from training.plots import draw_froc
 from training.ruleout import Splits, controlled_batches, make_deterministic
+from training.sources import Source, phantoms_only
 
 OUTPUT = "boxes"
 FIELDS = ["score", "x", "y", "width", "height"]
@@ -576,11 +577,12 @@ def split_cases(config: DetectorConfig) -> dict[str, list[VolumeCase]]:
 
 
 def trained(
-    config_path: Path, checkpoint: Path | None = None
+    config_path: Path, checkpoint: Path | None = None, source: Source | None = None
 ) -> tuple[DetectorConfig, dict[str, list[VolumeCase]], Slices, GridDetector]:
     """The config, its cases and training slices, and the model trained on them (or the
     checkpoint's)."""
     config = load_config(config_path)
+    phantoms_only(source, "dbt")
     make_deterministic(config.seed, config.threads)
     cases = split_cases(config)
     data = training_slices(cases["train"], config)
@@ -595,10 +597,16 @@ def trained(
     return config, cases, data, model
 
 
-def build(config_path: Path, out: Path, rebuild: str, checkpoint: Path | None = None) -> Bundle:
+def build(
+    config_path: Path,
+    out: Path,
+    rebuild: str,
+    checkpoint: Path | None = None,
+    source: Source | None = None,
+) -> Bundle:
     """Train on phantom slices (or take a checkpoint's weights), export, check, choose the
     report threshold, FROC, bundle."""
-    config, cases, data, model = trained(config_path, checkpoint)
+    config, cases, data, model = trained(config_path, checkpoint, source)
     with staged(out) as folder:
         onnx_path = folder / MODEL_FILE
         export_onnx(model, onnx_path, config.input_size, output=OUTPUT)

@@ -29,9 +29,12 @@ class ExportMismatch(RuntimeError):
     """ONNX Runtime disagrees with PyTorch: the exported graph is not the trained model."""
 
 
-def export_onnx(model: nn.Module, path: Path, input_size: int, output: str = OUTPUT) -> None:
+def export_onnx(
+    model: nn.Module, path: Path, input_size: int, output: str | tuple[str, ...] = OUTPUT
+) -> None:
     """Write `model` as ONNX: input "image" (N, 1, S, S) with a dynamic batch, output `output`
-    (N, ...): (N,) for a classifier, label maps or boxes for the other engines.
+    (N, ...): (N,) for a classifier, label maps or boxes for the other engines; a tuple of
+    names for a model returning several (the findings engine's P(abnormal) and findings).
 
     Uses the torch.export-based exporter (the legacy TorchScript one is deprecated); it folds
     BatchNorm into the convolutions and writes the same bytes for the same weights, which
@@ -68,7 +71,9 @@ def _strip_debug_metadata(path: Path) -> None:
     onnx.save(graph_model, str(path))
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: Path, output: str) -> None:
+def _export(
+    model: nn.Module, example: torch.Tensor, path: Path, output: str | tuple[str, ...]
+) -> None:
     torch.onnx.export(
         model,
         (example,),
@@ -76,7 +81,7 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path, output: str) ->
         dynamo=True,
         verbose=False,
         input_names=[INPUT],
-        output_names=[output],
+        output_names=[output] if isinstance(output, str) else list(output),
         # By position, not by name: forward's argument may be called anything.
         dynamic_shapes=({0: torch.export.Dim("batch")},),
         opset_version=OPSET,

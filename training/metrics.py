@@ -167,3 +167,46 @@ def saturated_auc_interval(
         return float("nan"), float("nan")
     tail = (1 - level) / 2
     return tail ** (1 / positives) * tail ** (1 / negatives), 1.0
+
+
+# --- multi-label (seed 004, CXR-LT) ----------------------------------------------------------
+
+# CXR-LT groups classes by their share of the training images: head above 10 %, medium 1-10 %,
+# tail below 1 % (the CXR-LT 2023 overview's grouping; seed 004 itself gives none).
+HEAD_SHARE, TAIL_SHARE = 0.10, 0.01
+GROUPS = ("head", "medium", "tail")
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AP as CXR-LT scores it (scikit-learn's `average_precision_score`): sum over the
+    distinct thresholds, from the highest score down, of precision there times the recall
+    gained, sum_n (R_n - R_{n-1}) P_n; tied scores enter together. NaN without a positive."""
+    y = np.asarray(labels) > 0.5
+    positives = int(y.sum())
+    if positives == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    ranked, hits = np.asarray(scores, dtype=np.float64)[order], y[order]
+    true_positives = np.cumsum(hits)
+    last_of_tie = np.r_[ranked[1:] != ranked[:-1], True]  # a threshold ends at each tie
+    tp, called = true_positives[last_of_tie], np.flatnonzero(last_of_tie) + 1
+    recall_gain = np.diff(np.r_[0, tp]) / positives
+    return float((recall_gain * tp / called).sum())
+
+
+def frequency_group(share: float, head: float = HEAD_SHARE, tail: float = TAIL_SHARE) -> str:
+    """head, medium or tail by a class's share of the training images."""
+    return "head" if share > head else "tail" if share < tail else "medium"
+
+
+def group_means(
+    values: dict[str, float], groups: dict[str, str]
+) -> dict[str, float]:
+    """The mean of `values` (e.g. per-class AP) over each group's classes (NaN-skipping;
+    groups without a class are left out)."""
+    means = {}
+    for group in GROUPS:
+        members = [values[c] for c, g in groups.items() if g == group and np.isfinite(values[c])]
+        if members:
+            means[group] = float(np.mean(members))
+    return means

@@ -5,7 +5,12 @@ Chest (`cadnode-train phantoms --kind cxr`): `cxr-NNNNN.dcm` films with
 - RSNA Pneumonia Detection: `stage_2_train_labels.csv` and `stage_2_detailed_class_info.csv`,
   patientId = the file's stem (RSNA names each file `<patientId>.dcm`);
 - SIIM-ACR Pneumothorax: `train-rle.csv`, ImageId = SOP Instance UID, `-1` when empty;
-- Montgomery-style lung masks: `ManualMask/leftMask/` and `ManualMask/rightMask/` PNGs.
+- Montgomery-style lung masks: `ManualMask/leftMask/` and `ManualMask/rightMask/` PNGs;
+- CXR-LT / MIMIC-CXR style `train.csv` (dicom_id = the file's stem, subject_id, study_id, one
+  0/1 column per label: Lung Opacity, Pneumothorax, No Finding);
+- `montgomery/` and `shenzhen/`: each a folder in that dataset's own layout, the films as
+  8-bit PNGs in `CXR_png/` named `<name>_<abnormal>.png` (the datasets' label digit) with
+  left/right masks (Montgomery) or one both-lungs `mask/<name>_mask.png` (Shenzhen).
 DBT (`--kind dbt`): `dbt-NNNNN.dcm` Breast Tomosynthesis volumes, 4 views per study (sharing
 the study's UID, patient, Accession Number and Study Date/Time), with the Duke BCS-DBT boxes,
 file-path and labels CSVs. With `flip_right`, right views are stored turned 180 degrees (the
@@ -18,22 +23,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom import Dataset
 from tqdm import tqdm
 
 from cadnode.infer.phantoms.breast import plan_volumes, render_volume
-from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom, plan_cases
+from cadnode.infer.phantoms.chest import (
+    ChestPhantom,
+    chest_dataset,
+    make_chest_phantom,
+    plan_cases,
+)
 from training import datasets
 from training.datasets import DukeBox
+from training.records import CXRLT_LABELS
 
 LABELS_CSV = "labels.csv"
+CXRLT_HEADER = ("dicom_id", "subject_id", "study_id", "Lung Opacity", "Pneumothorax", "No Finding")
 
 
 def write_chest_set(
     out: Path, *, count: int, first_seed: int, positive_fraction: float, size: int
 ) -> int:
     cases = plan_cases(range(first_seed, first_seed + count), positive_fraction)
-    labels, rsna, classes, siim = [], [], [], []
+    labels, rsna, classes, siim, cxrlt = [], [], [], [], []
     for index, case in enumerate(tqdm(cases, desc="phantoms", unit="film")):
         name = f"cxr-{index:05d}"
         phantom = make_chest_phantom(
@@ -58,11 +71,37 @@ def write_chest_set(
         classes.append([name, kind])
         siim.append([ds.SOPInstanceUID, datasets.rle_encode(phantom.pneumothorax_mask)])
         datasets.write_montgomery_masks(out, name, phantom.left_lung_mask, phantom.right_lung_mask)
+        write_lung_mask_films(out, f"{name}_{int(case.abnormal)}", phantom)
+        cxrlt.append(
+            [
+                name,
+                case.patient_id,
+                ds.StudyInstanceUID,
+                *(int(v) for v in (case.opacity, case.pneumothorax, not case.abnormal)),
+            ]
+        )
     datasets.write_rows(out / LABELS_CSV, ["file", "abnormal", "opacity", "pneumothorax"], labels)
     datasets.write_rows(out / datasets.RSNA_LABELS, datasets.RSNA_HEADER, rsna)
     datasets.write_rows(out / datasets.RSNA_CLASSES, ["patientId", "class"], classes)
     datasets.write_rows(out / datasets.SIIM_LABELS, datasets.SIIM_HEADER, siim)
+    datasets.write_rows(out / CXRLT_LABELS, CXRLT_HEADER, cxrlt)
     return len(cases)
+
+
+def write_lung_mask_films(out: Path, name: str, phantom: ChestPhantom) -> None:
+    """The film as an 8-bit PNG in a Montgomery and a Shenzhen layout folder, with masks."""
+    pixels = phantom.pixels.astype(np.float64)
+    span = max(float(pixels.max() - pixels.min()), 1.0)
+    film = Image.fromarray(np.rint((pixels - pixels.min()) / span * 255).astype(np.uint8))
+    for layout in ("montgomery", "shenzhen"):
+        (out / layout / "CXR_png").mkdir(parents=True, exist_ok=True)
+        film.save(out / layout / "CXR_png" / f"{name}.png")
+    datasets.write_montgomery_masks(
+        out / "montgomery", name, phantom.left_lung_mask, phantom.right_lung_mask
+    )
+    (out / "shenzhen" / "mask").mkdir(parents=True, exist_ok=True)
+    both = np.where(phantom.lung_mask, 255, 0).astype(np.uint8)
+    Image.fromarray(both).save(out / "shenzhen" / "mask" / f"{name}_mask.png")
 
 
 def write_dbt_set(

@@ -8,10 +8,11 @@ the three splits are disjoint seed ranges of `cadnode.infer.phantoms.chest`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -81,6 +82,9 @@ class TrainSpec(Strict):
     sampling: Literal["oversample", "undersample", "random"] = "oversample"
     learning_rate: float = Field(gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
+    # Seed 002's augmentations (brightness, contrast, rotation; training.sources), drawn
+    # per film: for real data, whose films vary as the phantoms do not.
+    augment: bool = False
 
 
 class CalibrationSpec(Strict):
@@ -111,6 +115,16 @@ def load_config(path: Path) -> RuleoutConfig:
 
 
 # --- data ------------------------------------------------------------------------------------
+
+
+class Labelled(Protocol):
+    """A test film as evaluation reads it: a phantom `Case` or a dataset `Record`."""
+
+    @property
+    def abnormal(self) -> bool: ...
+
+    @property
+    def finding(self) -> str: ...
 
 
 def tensors(
@@ -369,14 +383,15 @@ class Evaluation:
             figures[f"test_sensitivity_at_{name}"] = point.sensitivity
             figures[f"test_specificity_at_{name}"] = point.specificity
         for finding, sensitivity in self.test_sensitivity_by_finding.items():
-            figures[f"test_sensitivity_at_rule_out_{finding.replace('+', '_and_')}"] = sensitivity
+            key = re.sub(r"\W+", "_", finding.replace("+", "_and_")).strip("_").lower()
+            figures[f"test_sensitivity_at_rule_out_{key}"] = sensitivity
         return {name: round(value, 6) for name, value in figures.items()}
 
 
 def evaluate(
     validation: tuple[np.ndarray, np.ndarray],
     test_scores: np.ndarray,
-    test_cases: Sequence[Case],
+    test_cases: Sequence[Labelled],
     spec: CalibrationSpec,
 ) -> Evaluation:
     """Calibrate on (validation scores, labels); measure on the held-out test cases."""

@@ -62,6 +62,7 @@ from training.export import INPUT, OUTPUT, check_against_torch, export_onnx, onn
 from training.metrics import bootstrap_interval, dice, dice_per_image, pooled_dice
 from training.plots import calibration_bins, draw_calibration
 from training.ruleout import Splits, SplitTensors, make_deterministic
+from training.sources import Source, phantoms_only
 
 ANATOMY = Code(value="91723000", scheme="SCT", meaning="Anatomical Structure")
 ABNORMAL_STRUCTURE = Code(
@@ -346,10 +347,11 @@ def ruled_out_by(
 
 
 def trained(
-    config_path: Path, checkpoint: Path | None = None
+    config_path: Path, checkpoint: Path | None = None, source: Source | None = None
 ) -> tuple[SegmenterConfig, dict[str, list[Case]], SplitTensors, Segmenter]:
     """The config, its cases and tensors, and the model trained on them (or the checkpoint's)."""
     config = load_config(config_path)
+    phantoms_only(source, "segmenter")
     make_deterministic(config.seed, config.threads)
     cases = split_cases(config)
     data = {
@@ -366,10 +368,16 @@ def trained(
     return config, cases, data, model
 
 
-def build(config_path: Path, out: Path, rebuild: str, checkpoint: Path | None = None) -> Bundle:
+def build(
+    config_path: Path,
+    out: Path,
+    rebuild: str,
+    checkpoint: Path | None = None,
+    source: Source | None = None,
+) -> Bundle:
     """Train on positive phantoms (or take a checkpoint's weights), export, check, choose
     thresholds, measure, write the bundle."""
-    config, cases, data, model = trained(config_path, checkpoint)
+    config, cases, data, model = trained(config_path, checkpoint, source)
     with staged(out) as folder:
         onnx_path = folder / MODEL_FILE
         export_onnx(model, onnx_path, config.input_size)

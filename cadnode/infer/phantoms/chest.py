@@ -9,6 +9,7 @@ Everything is deterministic for a seed.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import cycle
 from pathlib import Path
@@ -32,6 +33,8 @@ class ChestPhantom:
     lung_mask: np.ndarray  # bool, both lungs
     pneumothorax_mask: np.ndarray  # bool, empty when absent
     opacity_boxes: list[tuple[int, int, int, int]] = field(default_factory=list)  # x, y, w, h
+    # Boxes (x, y, w, h) of the extra findings drawn (EXTRA_FINDINGS), by finding.
+    finding_boxes: dict[str, list[tuple[int, int, int, int]]] = field(default_factory=dict)
 
     @property
     def abnormal(self) -> bool:
@@ -54,8 +57,14 @@ class ChestPhantom:
 
 
 def make_chest_phantom(
-    seed: int, *, size: int = 512, opacity: bool = False, pneumothorax: bool = False
+    seed: int,
+    *,
+    size: int = 512,
+    opacity: bool = False,
+    pneumothorax: bool = False,
+    extra: Sequence[str] = (),
 ) -> ChestPhantom:
+    """`extra`: findings of EXTRA_FINDINGS to draw too (the multi-label findings set)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
 
@@ -96,9 +105,58 @@ def make_chest_phantom(
             half = int(2 * radius * size)
             boxes.append((int(ox * size) - half, int(oy * size) - half, 2 * half, 2 * half))
 
+    found: dict[str, list[tuple[int, int, int, int]]] = {}
+    if extra:
+        found = _draw_extra(density, x, y, lung_centres, set(extra), seed)
     density += rng.normal(0, 0.015, density.shape)
     pixels = np.clip(density / max(float(density.max()), 1e-6), 0, 1) * 4000
-    return ChestPhantom(pixels.astype(np.uint16), lungs, ptx_mask, boxes)
+    return ChestPhantom(pixels.astype(np.uint16), lungs, ptx_mask, boxes, found)
+
+
+EFFUSION, CARDIOMEGALY, NODULE = "effusion", "cardiomegaly", "nodule"
+EXTRA_FINDINGS = (EFFUSION, CARDIOMEGALY, NODULE)
+
+
+def _draw_extra(
+    density: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    lung_centres: list[tuple[float, float, float, float]],
+    kinds: set[str],
+    seed: int,
+) -> dict[str, list[tuple[int, int, int, int]]]:
+    """Add the `kinds` to `density` in place; their boxes. Drawn from a generator of their
+    own, so a film without extra findings is the same film it always was."""
+    unknown = kinds - set(EXTRA_FINDINGS)
+    if unknown:
+        raise ValueError(f"unknown phantom finding(s) {sorted(unknown)}; one of {EXTRA_FINDINGS}")
+    rng = np.random.default_rng([seed, 4])
+    found: dict[str, list[tuple[int, int, int, int]]] = {}
+
+    def box(region: np.ndarray) -> tuple[int, int, int, int]:
+        rows, columns = np.nonzero(region)
+        top, left = int(rows.min()), int(columns.min())
+        return left, top, int(columns.max()) - left + 1, int(rows.max()) - top + 1
+
+    if CARDIOMEGALY in kinds:  # a heart far wider than the normal 0.12 half-width
+        heart = _ellipse(x, y, 0.53, 0.64, rng.uniform(0.19, 0.23), rng.uniform(0.16, 0.19))
+        density += 0.25 * heart
+        found[CARDIOMEGALY] = [box(heart)]
+    if EFFUSION in kinds:  # fluid filling the base of one lung up to a meniscus
+        cx, cy, rx, ry = lung_centres[int(rng.integers(2))]
+        level = cy + ry * rng.uniform(0.35, 0.6)
+        meniscus = level - 0.08 * np.abs(x - cx) / rx  # climbs towards the chest wall
+        fluid = _ellipse(x, y, cx, cy, rx, ry) & (y >= meniscus)
+        density += 0.3 * fluid
+        found[EFFUSION] = [box(fluid)]
+    if NODULE in kinds:  # one small round dense spot inside a lung
+        cx, cy, rx, ry = lung_centres[int(rng.integers(2))]
+        ox, oy = cx + rng.uniform(-0.5, 0.5) * rx, cy + rng.uniform(-0.6, 0.3) * ry
+        radius = rng.uniform(0.015, 0.025)
+        spot = _ellipse(x, y, ox, oy, radius, radius)  # its centre is inside the lung
+        density += 0.3 * spot
+        found[NODULE] = [box(spot)]
+    return found
 
 
 def chest_dataset(
