@@ -6,16 +6,19 @@ case's answer (names in any case, everything else case-sensitive, as docs/confor
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 from pydicom import Dataset
 from sqlalchemy import Engine, create_engine, delete, func, insert, select
 from sqlmodel import SQLModel
 
+from cadnode.core import connection
 from cadnode.core.db import QueryStudy
 from cadnode.dicom.indexing import STUDY_COLUMNS, study_row
 from cadnode.dicom.matching import matches, wanted
 from cadnode.dicom.matching_sql import condition
+from tests.postgres import fresh_database
 
 # A wildcard in a UID is a case below: pydicom warns that it is no UID.
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
@@ -82,12 +85,25 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    engine = create_engine("sqlite://")
-    SQLModel.metadata.create_all(engine, tables=[QueryStudy.__table__])  # type: ignore[attr-defined]
-    yield engine
-    engine.dispose()
+# PostgreSQL's variant is integration (a server process): the unit subset stays on SQLite.
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
+)
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """The query index's table alone, on SQLite in memory or on a PostgreSQL server."""
+    with ExitStack() as stack:
+        engine = (
+            create_engine("sqlite://")
+            if request.param == "sqlite"
+            else connection.engine(
+                connection.of(
+                    stack.enter_context(fresh_database(request.getfixturevalue("postgres_server")))
+                )
+            )
+        )
+        SQLModel.metadata.create_all(engine, tables=[QueryStudy.__table__])  # type: ignore[attr-defined]
+        yield engine
+        engine.dispose()
 
 
 @pytest.mark.parametrize(("keyword", "asked", "held", "expected"), CASES)

@@ -1,32 +1,26 @@
 """What is PostgreSQL's own (the database-level tests run on it too, through conftest's
-`database` fixture): the schema its migrations make, the tallies' PL/pgSQL triggers, C-FIND
-matching in its SQL, times that keep their zone, and a whole `cadnode serve` on it, from
-storescu to storescp."""
+`database` fixture, and C-FIND matching in its SQL through tests/test_matching_sql.py's): the
+schema its migrations make, the tallies' PL/pgSQL triggers, times that keep their zone, and a
+whole `cadnode serve` on it, from storescu to storescp."""
 
 from __future__ import annotations
 
 import datetime as dt
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlmodel
-from pydicom import Dataset, dcmread
-from sqlalchemy import Engine, delete, func, insert, select, text
-from sqlmodel import SQLModel, col
+from pydicom import dcmread
+from sqlalchemy import text
+from sqlmodel import col
 
 from cadnode.core import connection, migrations
-from cadnode.core.db import Alert, AlertKind, Database, QueryStudy, utcnow
+from cadnode.core.db import Alert, AlertKind, Database, utcnow
 from cadnode.core.migrations.compare import differences, summary
-from cadnode.dicom.indexing import STUDY_COLUMNS, study_row
-from cadnode.dicom.matching import matches, wanted
-from cadnode.dicom.matching_sql import condition
 from cadnode.infer.phantoms.chest import write_chest_radiograph
 from tests.ingest import storescp
 from tests.peers import run_cadnode, storescu, wait_for
-from tests.postgres import PostgresServer, fresh_database
-from tests.test_matching_sql import CASES
 from tests.test_metrics_tallies import (
     assert_agree,
     context_for,
@@ -105,37 +99,6 @@ def test_a_recount_gives_what_the_triggers_kept(postgres_url: str) -> None:
     database.engine.dispose()
 
 
-@pytest.fixture(scope="module")
-def query_index(postgres_server: PostgresServer) -> Iterator[Engine]:
-    with fresh_database(postgres_server) as url:
-        engine = connection.engine(connection.of(url))
-        SQLModel.metadata.create_all(engine, tables=[QueryStudy.__table__])  # type: ignore[attr-defined]
-        yield engine
-        engine.dispose()
-
-
-@pytest.mark.parametrize(("keyword", "asked", "held", "expected"), CASES)
-def test_cfind_matching_in_postgresql_gives_the_matchers_answers(
-    query_index: Engine, keyword: str, asked: str, held: str, expected: bool
-) -> None:
-    """tests/test_matching_sql.py's table of cases, on PostgreSQL's SQL."""
-    candidate = Dataset()
-    if held:
-        setattr(candidate, keyword, held)
-    query = Dataset()
-    setattr(query, keyword, asked)
-    assert matches(candidate, query) is expected, "the matcher"
-    uid = held if keyword == "StudyInstanceUID" else "1.2.999"
-    column = getattr(QueryStudy, STUDY_COLUMNS[keyword])
-    with query_index.begin() as connected:
-        connected.execute(delete(QueryStudy))
-        connected.execute(insert(QueryStudy), [study_row(uid, candidate.to_json_dict())])
-        found = connected.execute(
-            select(func.count())
-            .select_from(QueryStudy)
-            .where(condition(column, [wanted(query[keyword])]))
-        ).scalar()
-    assert bool(found) is expected, "SQL"
 
 
 def test_a_film_is_received_routed_and_its_results_delivered_on_postgresql(

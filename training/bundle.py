@@ -235,17 +235,7 @@ def make_manifest(
         inputs=CHEST_FILMS,
         preprocessing=Preprocessing(size=config.input_size),
         labels=[Label(name="abnormal", code=ABNORMAL)],
-        operating_points={
-            name: OperatingPoint(
-                threshold=point.threshold,
-                description=meanings[name],
-                sensitivity=round(point.sensitivity, 6),
-                specificity=round(point.specificity, 6),
-                sensitivity_ci=_rounded(evaluation.validation_ci[name][0]),
-                specificity_ci=_rounded(evaluation.validation_ci[name][1]),
-            )
-            for name, point in evaluation.operating_points.items()
-        },
+        operating_points=calibrated_points(evaluation, meanings),
         model=ModelFile(file=MODEL_FILE, sha256=sha256, input=INPUT, output=OUTPUT),
         provenance=provenance(
             description or describe_data(config, cases),
@@ -262,7 +252,25 @@ def training_prior(cases: Mapping[str, Sequence[Labelled]]) -> float:
     return class_prior(np.array([case.abnormal for case in cases["train"]]))
 
 
-def _rounded(bounds: tuple[float, float]) -> tuple[float, float]:
+def calibrated_points(
+    evaluation: Evaluation, meanings: Mapping[str, str]
+) -> dict[str, OperatingPoint]:
+    """The manifest's operating points from a calibration on validation (the rule-out
+    engine's, and the findings engine's on P(abnormal)), each with its meaning."""
+    return {
+        name: OperatingPoint(
+            threshold=point.threshold,
+            description=meanings[name],
+            sensitivity=round(point.sensitivity, 6),
+            specificity=round(point.specificity, 6),
+            sensitivity_ci=rounded(evaluation.validation_ci[name][0]),
+            specificity_ci=rounded(evaluation.validation_ci[name][1]),
+        )
+        for name, point in evaluation.operating_points.items()
+    }
+
+
+def rounded(bounds: tuple[float, float]) -> tuple[float, float]:
     return round(bounds[0], 6), round(bounds[1], 6)
 
 

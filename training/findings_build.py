@@ -26,7 +26,6 @@ from cadnode.infer.bundle import (
     Label,
     Manifest,
     ModelFile,
-    OperatingPoint,
     Output,
     Preprocessing,
     TaskKind,
@@ -38,6 +37,7 @@ from training.bundle import (
     MODEL_FILE,
     PHANTOM_CAVEAT,
     ROC_FILE,
+    calibrated_points,
     compose_card,
     interval,
     provenance,
@@ -528,17 +528,7 @@ def make_manifest(
         preprocessing=Preprocessing(size=config.input_size),
         labels=[Label(name=ABNORMAL, code=ABNORMAL_CODE)]
         + [Label(name=k, code=config.code(k)) for k in config.labels],
-        operating_points={
-            name: OperatingPoint(
-                threshold=point.threshold,
-                description=meanings[name],
-                sensitivity=round(point.sensitivity, 6),
-                specificity=round(point.specificity, 6),
-                sensitivity_ci=rounded(ruleout.validation_ci[name][0]),
-                specificity_ci=rounded(ruleout.validation_ci[name][1]),
-            )
-            for name, point in ruleout.operating_points.items()
-        },
+        operating_points=calibrated_points(ruleout, meanings),
         model=ModelFile(file=MODEL_FILE, sha256=sha256, input=INPUT, output=OUTPUT),
         output=Output(
             shape=["batch", "label"],
@@ -566,10 +556,6 @@ def evaluation_intervals(evaluation: FindingsEvaluation) -> dict[str, tuple[floa
         named[f"test_auc_{key(label)}"] = evaluation.ci[f"auc_{key(label)}"]
     named |= {f"ruleout_{k}": v for k, v in evaluation.ruleout.test_ci.items()}
     return named
-
-
-def rounded(bounds: tuple[float, float]) -> tuple[float, float]:
-    return round(bounds[0], 6), round(bounds[1], 6)
 
 
 def describe(config: FindingsConfig, data: Data) -> str:
