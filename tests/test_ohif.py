@@ -7,8 +7,10 @@ origin (`dicomweb.cors_origins`). The node holds a chest film, its SEG and two S
 study list shows the study; its viewer draws the film and lists the SEG and SR series; the SEG,
 opened, is painted over the film. Each SR, opened, is read by OHIF's SR handler (every
 measurement group, by its tracking identifier) but not shown: an expected failure, OHIF's
-(see `RegionlessReportNotShown`). docs/ohif.png is the viewer's screenshot, rewritten only
-when CADNODE_WRITE_DOCS_SCREENSHOT=1.
+(see `RegionlessReportNotShown`). A second node holds a DBT volume and the detector's SR,
+whose groups each carry a region: OHIF, opening that SR, draws its rectangle on its frame.
+docs/ohif.png and docs/ohif-sr.png are the viewer's screenshots, rewritten only when
+CADNODE_WRITE_DOCS_SCREENSHOT=1.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
@@ -37,11 +41,18 @@ from selenium.webdriver.support.wait import WebDriverWait
 
 from tests.browser import chromium
 from tests.dicom_validation import in_ci
-from tests.dicomweb_node import TOKEN, FilmNode, node_holding_a_film
+from tests.dicomweb_node import (
+    TOKEN,
+    FilmNode,
+    VolumeNode,
+    node_holding_a_film,
+    node_holding_a_volume,
+)
 from tests.viewers.node import HARNESS
 
 DIST = HARNESS / "ohif" / "dist"  # `make ohif`
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "ohif.png"
+SCREENSHOT_SR = SCREENSHOT.with_name("ohif-sr.png")
 WRITE_SCREENSHOT = os.environ.get("CADNODE_WRITE_DOCS_SCREENSHOT") == "1"
 # Each wait is on its condition; this bounds a test's waits all together, for a loaded
 # 2-core machine (OHIF's bundles are some 200 MB of JavaScript and WebAssembly to parse).
@@ -129,6 +140,19 @@ class _OhifFiles(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def ohif() -> Iterator[OhifServer]:
+    with _ohif_served() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ohif_on_volume() -> Iterator[OhifServer]:
+    """A second OHIF, on its own origin, for the node holding the DBT volume."""
+    with _ohif_served() as server:
+        yield server
+
+
+@contextmanager
+def _ohif_served() -> Iterator[OhifServer]:
     if not (DIST / "index.html").is_file():
         reason = f"OHIF's build is not installed: run `make ohif` ({DIST})"
         if in_ci():
@@ -148,6 +172,16 @@ def ohif() -> Iterator[OhifServer]:
 def held(ohif: OhifServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FilmNode]:
     with node_holding_a_film(tmp_path_factory.mktemp("ohif"), None, [ohif.origin]) as held:
         ohif.app_config = app_config(held.base, TOKEN).encode()
+        yield held
+
+
+@pytest.fixture(scope="module")
+def volume_held(
+    ohif_on_volume: OhifServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VolumeNode]:
+    origins = [ohif_on_volume.origin]
+    with node_holding_a_volume(tmp_path_factory.mktemp("ohif-dbt"), origins) as held:
+        ohif_on_volume.app_config = app_config(held.base, TOKEN).encode()
         yield held
 
 
@@ -223,7 +257,7 @@ REPORTS = ["cadnode cxr-segmenter results", "cadnode cxr-ruleout results"]
 def test_ohif_opens_each_sr_and_names_its_findings(
     ohif: OhifServer, held: FilmNode, browser: webdriver.Chrome, series: str
 ) -> None:
-    report = _the_report(held, series)
+    report = _the_report(held.client, held.film.StudyInstanceUID, series)
     tracked, findings = _tracking_identifiers(report), _findings(report)
     wait = Patience(browser, PATIENCE_S)
     _open_the_study(browser, ohif, held)
@@ -238,6 +272,76 @@ def test_ohif_opens_each_sr_and_names_its_findings(
         details = _crash_details(browser, wait)
         assert all(part in details for part in REGIONLESS_GROUP_DEFECT), details
         raise RegionlessReportNotShown(f"{series}: {details.splitlines()[0]}; read: {read}")
+
+
+DETECTOR_REPORT = "cadnode dbt-detector results"
+
+
+def test_ohif_shows_the_dbt_detectors_sr_as_its_rectangles_on_their_frames(
+    ohif_on_volume: OhifServer,
+    volume_held: VolumeNode,
+    browser: webdriver.Chrome,
+    tmp_path: Path,
+) -> None:
+    """The detector's groups (TID 1410) each carry a region, a closed POLYLINE on one frame
+    of the volume: OHIF draws the volume, then, the SR opened, reads every group, jumps to
+    the first region's frame and draws the rectangle there, over the same pixels."""
+    volume = volume_held.volume
+    report = _the_report(volume_held.client, volume.StudyInstanceUID, DETECTOR_REPORT)
+    tracked, regions = _tracking_identifiers(report), _regions(report)
+    wait = Patience(browser, PATIENCE_S)
+    browser.get(f"{ohif_on_volume.origin}/viewer?StudyInstanceUIDs={volume.StudyInstanceUID}")
+    wait.until(_drawn_viewport)  # the volume: a multi-frame Breast Tomosynthesis Image
+    listed = f"//*[@data-cy='series-description-label'][.={json.dumps(DETECTOR_REPORT)}]"
+    sr = wait.until(lambda b: b.find_element(By.XPATH, listed))
+    ActionChains(browser).double_click(sr).perform()
+    read = wait.until(lambda b: CRASHED in _text(b) or _measurements_read(b, DETECTOR_REPORT))
+    assert CRASHED not in _text(browser), _crash_details(browser, wait)
+    assert sorted(group["trackingIdentifier"] for group in read) == tracked  # every group
+    assert all(group["regions"] == 1 for group in read)
+    frame, corners = regions[0]
+    drawn = wait.until(lambda b: _drawn_viewport(b) and _outlines_on(b, frame))
+    outlined = [o for o in drawn if o.shape == corners.shape and np.allclose(o, corners, atol=1)]
+    assert outlined, (drawn, corners)  # the region's own rectangle, on its pixels
+    assert "Probability: " in _text(browser)  # the group's measurement, its label
+    screenshot = SCREENSHOT_SR if WRITE_SCREENSHOT else tmp_path / "ohif-sr.png"
+    browser.save_screenshot(str(screenshot))
+
+
+def _regions(report: Dataset) -> list[tuple[int, np.ndarray]]:
+    """Each group's region: its frame (1-based) and its corners (columns, rows), in order."""
+    regions = []
+    for group in _measurement_groups(report):
+        for item in group.ContentSequence:
+            if item.ValueType == "SCOORD":
+                (image,) = item.ContentSequence[0].ReferencedSOPSequence
+                points = np.asarray(item.GraphicData, dtype=float).reshape(-1, 2)
+                regions.append((int(image.ReferencedFrameNumber), points))
+    return regions
+
+
+# The outlines cornerstone's SR display tool has drawn (SVG polylines over the viewport), in
+# the pixel coordinates of the image shown, if that image is the frame asked for.
+OUTLINES_ON_FRAME = """
+const viewport = window.cornerstone.getEnabledElements()[0].viewport;
+const imageId = viewport.getCurrentImageId();
+if (!imageId || !imageId.endsWith('/frames/' + arguments[0])) { return null; }
+const toImage = point => window.cornerstone.utilities.worldToImageCoords(
+  imageId, viewport.canvasToWorld(point));
+return [...viewport.element.querySelectorAll('svg polyline')].map(line => {
+  const numbers = line.getAttribute('points').match(/-?[0-9.]+/g).map(Number);
+  const points = [];
+  for (let i = 0; i + 1 < numbers.length; i += 2) {
+    points.push(toImage([numbers[i], numbers[i + 1]]));
+  }
+  return points;
+});
+"""
+
+
+def _outlines_on(browser: webdriver.Chrome, frame: int) -> list[np.ndarray] | None:
+    outlines = browser.execute_script(OUTLINES_ON_FRAME, frame)
+    return [np.asarray(outline) for outline in outlines] if outlines else None
 
 
 class Patience:
@@ -295,12 +399,11 @@ def _coloured(element: WebElement | None) -> bool:
     return bool((spread > 40).mean() > 0.05)
 
 
-def _the_report(held: FilmNode, description: str) -> Dataset:
+def _the_report(client: DICOMwebClient, study: str, description: str) -> Dataset:
     """The node's SR of that series, by WADO-RS (dicomweb-client)."""
-    study = held.film.StudyInstanceUID
-    for series in held.client.search_for_series(study, search_filters={"Modality": "SR"}):
+    for series in client.search_for_series(study, search_filters={"Modality": "SR"}):
         if series["0008103E"]["Value"] == [description]:
-            (report,) = held.client.retrieve_series(study, series["0020000E"]["Value"][0])
+            (report,) = client.retrieve_series(study, series["0020000E"]["Value"][0])
             return report
     raise AssertionError(f"the node holds no SR series {description!r}")
 
