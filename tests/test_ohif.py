@@ -328,7 +328,11 @@ const imageId = viewport.getCurrentImageId();
 if (!imageId || !imageId.endsWith('/frames/' + arguments[0])) { return null; }
 const toImage = point => window.cornerstone.utilities.worldToImageCoords(
   imageId, viewport.canvasToWorld(point));
-return [...viewport.element.querySelectorAll('svg polyline')].map(line => {
+const lines = [...viewport.element.querySelectorAll('svg polyline')];
+// The SR's annotations are drawn at the viewport's next render, which OHIF's jump to the
+// frame does not always ask for (a pointer moving over the image would): asked here.
+if (!lines.length) { viewport.render(); return null; }
+return lines.map(line => {
   const numbers = line.getAttribute('points').match(/-?[0-9.]+/g).map(Number);
   const points = [];
   for (let i = 0; i + 1 < numbers.length; i += 2) {
