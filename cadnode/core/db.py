@@ -201,6 +201,9 @@ class Result(SQLModel, table=True):
     engine_version: str
     model_sha256: str
     sop_instance_uid: str
+    # A shadow version's answer (issue 21): stored for comparison with the live one on the
+    # same job and image, never encoded, delivered, published or shown as a result.
+    shadow: bool = Field(default=False, index=True)
     answer: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     # How long the engine call that gave this answer took (one call may answer a batch).
     seconds: float | None = None
