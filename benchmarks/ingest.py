@@ -9,7 +9,9 @@ the machines here are shared and noisy, absolute seconds mean little.
     .venv/bin/python benchmarks/ingest.py [--repeat 3] [--ct 300] [--dx 20] [--targets ...]
 
 Targets: cadnode (receiving in the node's process), cadnode-2p and cadnode-4p (two or four
-receiver processes, `dicom.receivers`), storescp, orthanc.
+receiver processes, `dicom.receivers`), cadnode-before and cadnode-2p-before (the same on
+round 1's receive path: pynetdicom's polling loops, each spool file fsynced and renamed
+before the answer), storescp, orthanc.
 """
 
 from __future__ import annotations
@@ -44,12 +46,18 @@ class Target:
 TargetFactory = Callable[[Path], AbstractContextManager[Target]]
 
 
-def cadnode_with(receivers: int) -> TargetFactory:
+# Round 1's receive path, for before/after figures in one run: pynetdicom's polling loops and
+# each spool file fsynced and renamed into place before the answer.
+BEFORE = {"CADNODE_DICOM_REACTOR": "stock", "CADNODE_SPOOL_JOURNAL": "false"}
+
+
+def cadnode_with(receivers: int, **overrides: str) -> TargetFactory:
     """cadnode with `dicom.receivers` receiver processes (1: receiving in the node's own)."""
 
     @contextmanager
     def cadnode(folder: Path) -> Iterator[Target]:
-        with run_cadnode(folder, None, CADNODE_DICOM_RECEIVERS=str(receivers)) as node:
+        settings = {"CADNODE_DICOM_RECEIVERS": str(receivers), **overrides}
+        with run_cadnode(folder, None, **settings) as node:
             spool = node.data_dir / "spool"
             yield Target(node.dicom_port, "CADNODE", lambda: sum(1 for _ in spool.rglob("*.dcm")))
 
@@ -87,6 +95,8 @@ TARGETS: dict[str, TargetFactory] = {
     "cadnode": cadnode_with(1),
     "cadnode-2p": cadnode_with(2),  # two receiver processes
     "cadnode-4p": cadnode_with(4),
+    "cadnode-before": cadnode_with(1, **BEFORE),  # round 1: stock reactor, renamed files
+    "cadnode-2p-before": cadnode_with(2, **BEFORE),
     "storescp": storescp,
     "orthanc": orthanc,
 }
@@ -135,7 +145,9 @@ def main() -> None:
     parser.add_argument("--ct", type=int, default=300, help="CT instances")
     parser.add_argument("--dx", type=int, default=20, help="DX images")
     parser.add_argument(
-        "--targets", default="cadnode,cadnode-2p,storescp,orthanc", help="comma-separated"
+        "--targets",
+        default="cadnode,cadnode-before,cadnode-2p,storescp,orthanc",
+        help="comma-separated",
     )
     parser.add_argument("--associations", default="1,4", help="comma-separated")
     args = parser.parse_args()

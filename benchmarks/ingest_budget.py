@@ -11,13 +11,18 @@ run. pynetdicom's own notification events time each instance's steps in cadnode:
            (header check, durable write, index commit, event), pynetdicom building the response
   answer   response handed over -> on the wire (pynetdicom's 1 ms poll again)
 
-Also, in the same run, what writing one such file costs: plainly (what storescp does) and
-durably as cadnode does (`cadnode.core.files.write_durably`: write, fdatasync, rename, folder
-fsync), the floor of any receiver with cadnode's durability. Every figure is also printed in
-units of storescp's time per instance (storescp writes without fsync). The last lines are the
-throughput ratios to storescp: cadnode's, and the ceilings for a receiver that did nothing
-but the durable write, with an instant peer, and with the peer's turn estimated as
-storescp's time less a plain write.
+Each step is shown before and after, in the same run: "before" is round 1's receive path
+(`dicom.reactor: stock`, pynetdicom's polling loops; `storage.spool_journal: false`, each
+file written, fdatasynced, renamed and its folder fsynced before the answer), "after" the
+event-driven reactor and the spool's journal (cadnode/ingest/reactor.py, journal.py).
+
+Also, in the same run, what writing one such file costs: plainly (what storescp does), durably
+by rename (`cadnode.core.files.write_durably`) and durably by the journal (one append, one
+fdatasync, then the file made unflushed): the floors of a receiver with cadnode's durability.
+Every figure is also printed in units of storescp's time per instance (storescp writes
+without fsync). The last lines are the throughput ratios to storescp, before and after, and
+the ceilings for a receiver that did nothing but the durable write, with an instant peer, and
+with the peer's turn estimated as storescp's time less a plain write.
 
     .venv/bin/python benchmarks/ingest_budget.py [--ct 300] [--repeat 3]
 """
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.ingest import Target, measure, push, storescp
 from cadnode.core.db import Database
 from cadnode.core.files import write_durably
+from cadnode.ingest.journal import Journal
 from tests.ingest import node_settings
 from tests.synthetic import write_ct_series
 
@@ -94,14 +100,24 @@ class StepClock:
         return found
 
 
-def cadnode_push(files: list[Path], scratch: Path) -> tuple[float, dict[str, list[float]]]:
+# Round 1's receive path, and this one's.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "before": {"dicom": {"reactor": "stock"}, "storage": {"spool_journal": False}},
+    "after": {"dicom": {"reactor": "events"}, "storage": {"spool_journal": True}},
+}
+
+
+def cadnode_push(
+    files: list[Path], scratch: Path, sections: dict[str, dict[str, Any]]
+) -> tuple[float, dict[str, list[float]]]:
     """Seconds for storescu to push `files` to a fresh in-process receiver; its steps."""
     from cadnode.ingest.receive import Receiver
 
     clock = StepClock()
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
         database = Database(Path(folder) / "cadnode.db")
-        receiver = Receiver(node_settings(Path(folder)), database, lambda: None)
+        settings = node_settings(Path(folder), **sections)
+        receiver = Receiver(settings, database, lambda: None)
         port = receiver.start(observers=clock.observers())
         try:
             seconds = push(Target(port, "CADNODE", lambda: len(files)), files, 1)
@@ -110,23 +126,33 @@ def cadnode_push(files: list[Path], scratch: Path) -> tuple[float, dict[str, lis
     return seconds, clock.steps()
 
 
-def write_seconds(size: int, count: int, scratch: Path, durably: bool) -> float:
-    """Median seconds to write a new `size`-byte file into one folder: as cadnode does
-    (`write_durably`), or plainly (open, write, close: what storescp does)."""
+WRITES = ("plainly", "durably by rename", "durably by the journal")
+
+
+def write_seconds(size: int, count: int, scratch: Path) -> dict[str, float]:
+    """Median seconds to write a new `size`-byte file into one folder, each way in turn (so
+    all see the same disk): plainly (open, write, close: what storescp does), durably by
+    rename (`write_durably`, round 1) or by the spool's journal (this round)."""
     payload = os.urandom(size)
+    seconds: dict[str, list[float]] = {how: [] for how in WRITES}
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
-        series = Path(folder) / "series"
-        series.mkdir()
-        seconds = []
+        root = Path(folder)
+        journal = Journal(root / WRITES[2])
+        for how in WRITES:
+            (root / how / "series").mkdir(parents=True)
         for index in range(count):
-            path = series / f"{index}.dcm"
-            start = time.perf_counter()
-            if durably:
-                write_durably(path, [payload])
-            else:
-                path.write_bytes(payload)
-            seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+            for how in WRITES:
+                path = Path("series") / f"{index}.dcm"
+                start = time.perf_counter()
+                if how == "durably by the journal":
+                    journal.write(path, [payload])
+                elif how == "durably by rename":
+                    write_durably(root / how / path, [payload])
+                else:
+                    (root / how / path).write_bytes(payload)
+                seconds[how].append(time.perf_counter() - start)
+        journal.close()
+    return {how: statistics.median(values) for how, values in seconds.items()}
 
 
 def main() -> None:
@@ -141,41 +167,46 @@ def main() -> None:
         scratch = Path(scratch_name)
         files = write_ct_series(scratch / "ct", args.ct)
         size = statistics.median(f.stat().st_size for f in files)
-        ours: list[float] = []
-        steps: dict[str, list[float]] = {step: [] for step in STEPS}
+        totals: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+        steps: dict[str, dict[str, list[float]]] = {
+            variant: {step: [] for step in STEPS} for variant in VARIANTS
+        }
         anchor: list[float] = []
-        for _ in range(args.repeat):  # interleaved, so both see the same machine load
-            seconds, found = cadnode_push(files, scratch)
-            ours.append(seconds)
-            for step in STEPS:
-                steps[step] += found[step]
+        for _ in range(args.repeat):  # interleaved, so all see the same machine load
+            for variant, sections in VARIANTS.items():
+                seconds, found = cadnode_push(files, scratch, sections)
+                totals[variant].append(seconds)
+                for step in STEPS:
+                    steps[variant][step] += found[step]
             anchor.append(measure(storescp, scratch, files, 1))
-        floor = write_seconds(int(size), args.ct, scratch, durably=True)
-        plain = write_seconds(int(size), args.ct, scratch, durably=False)
+        writes = write_seconds(int(size), args.ct, scratch)
 
     unit = statistics.median(anchor) / len(files)
-    total = statistics.median(ours) / len(files)
+    total = {variant: statistics.median(values) / len(files) for variant, values in totals.items()}
 
-    def show(label: str, seconds: float) -> None:
-        print(f"  {label:<38} {seconds * 1e3:6.2f} ms  {seconds / unit:5.2f} units")
+    def show(label: str, *seconds: float) -> None:
+        cells = "".join(f"  {s * 1e3:6.2f} ms {s / unit:5.2f} u" for s in seconds)
+        print(f"  {label:<38}{cells}")
 
     print(f"CT {len(files)} x {size / 1e3:.0f} KB, one association, medians of {args.repeat}")
-    print("  per instance; 1 unit = storescp's time per instance")
+    print("  per instance; 1 unit (u) = storescp's time per instance")
+    print(f"  {'':<38}  {'before':>17}  {'after':>17}")
     show("storescp", unit)
-    show("cadnode", total)
+    show("cadnode", *total.values())
     for step in STEPS:
-        show(f"  {step}", statistics.median(steps[step]))
-    show("a new file, written plainly", plain)
-    show("a new file, written durably (the floor)", floor)
+        show(f"  {step}", *(statistics.median(steps[v][step]) for v in VARIANTS))
+    for how, seconds in writes.items():
+        show(f"a new file, written {how}", seconds)
     # What is left of storescp's time for storescu's own turn, at most (storescp also
     # decodes the request): the ceiling below is generous where that estimate is high.
-    peer = max(unit - plain, 0.0)
-    print(f"  cadnode / storescp throughput: {unit / total:.2f}x")
-    print(f"  ceiling with durable writes, were the peer instant: {unit / floor:.2f}x")
-    print(
-        f"  ceiling with the peer's turn at most storescp's time less a plain write: "
-        f"{unit / (peer + floor):.2f}x"
-    )
+    peer = max(unit - writes["plainly"], 0.0)
+    for variant in VARIANTS:
+        print(f"  cadnode / storescp throughput, {variant}: {unit / total[variant]:.2f}x")
+    for how in WRITES[1:]:
+        floor = writes[how]
+        print(f"  written {how}: ceiling were the peer instant {unit / floor:.2f}x,")
+        estimated = unit / (peer + floor)
+        print(f"    with the peer's turn at most storescp's less a plain write {estimated:.2f}x")
 
 
 if __name__ == "__main__":

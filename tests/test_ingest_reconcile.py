@@ -49,6 +49,8 @@ def test_reconcile_indexes_quarantines_marks_and_cleans(tmp_path: Path, database
     cut.write_bytes(cut.read_bytes()[:-100])  # a file cut short (by a disk fault, a copy...)
     (spool.folder / "junk.dcm").write_bytes(b"not DICOM at all")
     (cut.parent / ".x.dcm.0123.part").write_bytes(b"half a write")
+    assert spool.journal is not None
+    spool.journal.checkpoint()  # all this long after the store: its journal is gone
     (spool.folder / kept_arrival.relative_path).unlink()  # someone deleted a stored file
 
     with captured_events() as events:

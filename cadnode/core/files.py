@@ -34,6 +34,22 @@ def is_temporary(path: Path) -> bool:
 def write_durably(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) -> int:
     """Write `chunks` to `path` atomically and durably; returns the number of bytes."""
     make_folders_durably(path.parent)
+    size = _write_then_rename(path, chunks, sync=True)
+    fsync_path(path.parent)
+    return size
+
+
+def write_visible(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) -> int:
+    """Write `chunks` to `path` atomically (a reader sees the whole file or none), without
+    flushing it: for a file whose bytes are durable elsewhere already (the spool's journal,
+    cadnode/ingest/journal.py); returns the number of bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_then_rename(path, chunks, sync=False)
+
+
+def _write_then_rename(
+    path: Path, chunks: Iterable[bytes | bytearray | memoryview], sync: bool
+) -> int:
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
     size = 0
     try:
@@ -42,14 +58,14 @@ def write_durably(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) 
                 handle.write(chunk)
                 size += len(chunk)
             handle.flush()
-            # fdatasync: the data and what reading it back needs (size, block map), without
-            # the timestamps a full fsync also flushes; the name is made durable below.
-            os.fdatasync(handle.fileno())
+            if sync:
+                # fdatasync: the data and what reading it back needs (size, block map),
+                # without the timestamps a full fsync also flushes; the name: the caller.
+                os.fdatasync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_path(path.parent)
     return size
 
 

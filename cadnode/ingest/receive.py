@@ -28,6 +28,7 @@ import socket
 import socketserver
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import structlog
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import Verification as VERIFICATION  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
@@ -69,6 +70,8 @@ from cadnode.ingest.admission import (
 )
 from cadnode.ingest.checks import TooLarge, inflated, pixel_data_problem, undecodable
 from cadnode.ingest.mpps import MppsScp
+from cadnode.ingest.negotiation import accept_proposed_storage
+from cadnode.ingest.reactor import request_handler
 from cadnode.ingest.spool import HEADER_TAGS, Arrival, Indexed, OutOfSpace, Spool, cut_short
 
 log = structlog.get_logger("cadnode.ingest.receive")
@@ -100,6 +103,7 @@ class _Sending:
     stored: int = 0
     duplicates: int = 0
     refused: int = 0
+    closed: bool = False  # its connection has closed (it sends no more)
 
 
 class Receiver:
@@ -113,7 +117,9 @@ class Receiver:
         self.settings = settings
         self.database = database
         storage = settings.storage
-        self.spool = Spool(storage.spool, database, int(storage.min_free_mb * 2**20))
+        self.spool = Spool(
+            storage.spool, database, int(storage.min_free_mb * 2**20), storage.spool_journal
+        )
         self.quarantine = storage.quarantine
         self.scratch = Scratch(storage.spool, settings.limits.max_inflated_bytes)
         # Called when a new job appears or a sender says it is done: assemble looks again.
@@ -123,7 +129,10 @@ class Receiver:
         self.tls = server_tls_context(settings.dicom.tls) if settings.dicom.tls else None
         # Other stages' DIMSE services on the same port (the UPS worklist): one AE title for all.
         self.services = [*services, MppsScp(database, on_signal=on_indexed).service()]
-        self._sending: dict[int, _Sending] = {}
+        # By association, until it is garbage: its connection may close (EVT_CONN_CLOSE, in
+        # pynetdicom's DUL thread) before or after its release is handled (EVT_RELEASED, in
+        # its association thread), and either must still see what it sent.
+        self._sending: weakref.WeakKeyDictionary[Any, _Sending] = weakref.WeakKeyDictionary()
         self._sending_lock = threading.Lock()
         # While any of its associations sends a study, this process marks it, so a receiver
         # process releasing an association sees the others' (cadnode/port.py).
@@ -152,11 +161,8 @@ class Receiver:
         ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         ae.network_timeout = dicom.network_timeout_s
         ae.acse_timeout = dicom.acse_timeout_s
-        # Every storage SOP class (private ones too) in whatever transfer syntax the sender
-        # proposes first: the bytes are kept as they come, so none needs to be known here.
-        # (Listing ~150 classes x ~40 syntaxes instead cost 0.4 s of CPU per association,
-        # which pynetdicom deep-copies for each.) Other services negotiate as usual.
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
+        # Storage SOP classes are added per association, as proposed (_on_requested); other
+        # services negotiate as usual.
         ae.add_supported_context(VERIFICATION)
         for service in self.services:
             for sop_class in service.sop_classes:
@@ -185,9 +191,9 @@ class Receiver:
                 listening=listening,
                 gate=self._gate_limits(),
                 on_refused=self._on_refused_at_gate,
+                request_handler=request_handler(dicom.reactor == "events"),
             ),
         )
-        ae._servers.append(server)  # as AE.start_server does: the server's shutdown expects it
         accept = server.serve_forever if listening is None else server.accept_in_turn
         threading.Thread(target=accept, name="receive-accept", daemon=True).start()
         self._server = server
@@ -222,7 +228,6 @@ class Receiver:
             aborted = [a for a in running if a.is_alive()]
             for association in aborted:
                 association.abort()
-            server.ae._servers.remove(server)
             log.info("receive.stopped", drained=len(running) - len(aborted), aborted=len(aborted))
         self.spool.close()
 
@@ -263,6 +268,8 @@ class Receiver:
         except Exception as error:  # fail closed: pynetdicom would accept after a raise
             refusal = Refusal(CALLING_AE_NOT_RECOGNISED, f"cannot check the peer: {error}")
         if refusal is None:
+            # Any storage SOP class, as the bytes are kept as they come (none need be known).
+            accept_proposed_storage(event.assoc)
             return
         log.warning(
             "association.refused",
@@ -325,24 +332,27 @@ class Receiver:
 
     def _sending_of(self, association: Any) -> _Sending:
         with self._sending_lock:
-            return self._sending.setdefault(id(association), _Sending())
+            return self._sending.setdefault(association, _Sending())
 
     def _sending_study(self, sending: _Sending, study_uid: str) -> None:
         with self._sending_lock:
             if study_uid in sending.studies:
                 return
-            if not any(study_uid in s.studies for s in self._sending.values()):
+            if study_uid not in self._studies_sending_now(sending):
                 self._studies_sent.mark(study_uid)
             sending.studies.add(study_uid)
+
+    def _studies_sending_now(self, besides: _Sending) -> set[str]:
+        """Studies the open associations other than `besides` have sent (under the lock)."""
+        open_ones = (s for s in self._sending.values() if s is not besides and not s.closed)
+        return set().union(*(s.studies for s in open_ones))
 
     def _on_released(self, event: Any) -> None:
         """The sender is done: studies no other live association is sending (in this process
         or another receiver process) are signalled."""
         with self._sending_lock:
-            mine = self._sending.get(id(event.assoc), _Sending())
-            others = set().union(
-                *(s.studies for key, s in self._sending.items() if key != id(event.assoc))
-            )
+            mine = self._sending.get(event.assoc, _Sending())
+            others = self._studies_sending_now(mine)
             elsewhere = {uid for uid in mine.studies if self._studies_sent.marked_elsewhere(uid)}
         done = sorted(mine.studies - others - elsewhere)
         if done:
@@ -357,15 +367,17 @@ class Receiver:
 
     def _on_aborted(self, event: Any) -> None:
         with self._sending_lock:
-            mine = self._sending.get(id(event.assoc), _Sending())
+            mine = self._sending.get(event.assoc, _Sending())
         _log_closed("association.aborted", event, mine)
 
     def _on_closed(self, event: Any) -> None:
         with self._sending_lock:
-            mine = self._sending.pop(id(event.assoc), _Sending())
-            for study_uid in mine.studies:
-                if not any(study_uid in s.studies for s in self._sending.values()):
-                    self._studies_sent.unmark(study_uid)
+            mine = self._sending.get(event.assoc)
+            if mine is None or mine.closed:
+                return
+            mine.closed = True
+            for study_uid in mine.studies - self._studies_sending_now(mine):
+                self._studies_sent.unmark(study_uid)
 
 
 class _Server(ThreadedAssociationServer):

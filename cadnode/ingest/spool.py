@@ -1,18 +1,25 @@
 """The spool: each received instance as a file, and its row in the index.
 
-An instance is in the spool once its bytes are in their file (written under a temporary
-name, fsynced, renamed, the folder fsynced) and its index row is committed; receive answers
-Success only after both. The file is the record of truth. The index commit is atomic and
-survives the process being killed (SQLite WAL), but receive's connection does not wait for
-the disk on each commit (synchronous=NORMAL): a row that a power cut takes back is rebuilt
-from its file by `reconcile` at the next start, so one disk flush per instance is saved.
+An instance is in the spool once its bytes are durable and in their file, and its index row
+is committed; receive answers Success only after both. Its bytes (up to 1 MiB) are made
+durable by one append to the spool's journal and one fdatasync, then its file is made under
+a temporary name and renamed into place, and flushed later in bulk
+(cadnode/ingest/journal.py); a larger instance's, or any with `storage.spool_journal:
+false`, by its file itself (written under a temporary name, fsynced, renamed, the folder
+fsynced). The file is the record of truth. The index commit
+is atomic and survives the process being killed (SQLite WAL), but receive's connection
+does not wait for the disk on each commit (synchronous=NORMAL): a row that a power cut
+takes back is rebuilt from its file by `reconcile` at the next start, so one disk flush
+per instance is saved.
 On PostgreSQL every index commit is durable (the server may serve other nodes, which do not
 reconcile when it restarts), and a study's rows are written by one transaction at a time (an
 advisory lock on the study, where SQLite has its one writer).
 
-`reconcile` runs before the node accepts associations: a file without a row is indexed if
-it is a whole DICOM object, else moved to the quarantine folder; a row whose file is gone is
-marked (`Instance.missing_since`) and logged; temporaries of interrupted writes are removed.
+`reconcile` runs before the node accepts associations: the journal is replayed first (the
+files of acknowledged instances a power cut took back are made again), then a file without
+a row is indexed if it is a whole DICOM object, else moved to the quarantine folder; a row
+whose file is gone is marked (`Instance.missing_since`) and logged; temporaries of
+interrupted writes are removed.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from cadnode.core.connection import TRANSIENT_TRIES, transient
 from cadnode.core.db import Database, Instance, Job, JobState, Study, utcnow
 from cadnode.core.files import is_temporary, is_valid_uid, write_durably
 from cadnode.core.locks import SPOOL_INSTANCE_LOCKS, keyed_locks
+from cadnode.ingest.journal import LARGEST_RECORD, Journal, recover
 
 log = structlog.get_logger("cadnode.ingest.spool")
 
@@ -109,10 +117,13 @@ class DiskGuard:
 
 
 class Spool:
-    def __init__(self, folder: Path, database: Database, min_free_bytes: int) -> None:
+    def __init__(
+        self, folder: Path, database: Database, min_free_bytes: int, journal: bool = True
+    ) -> None:
         self.folder = folder
         self.database = database
         folder.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(folder) if journal else None
         self.disk = DiskGuard(folder, min_free_bytes)
         # One connection for every association thread, one index write at a time: SQLite
         # takes one writer anyway, and a held connection skips the pool on the hot path.
@@ -142,6 +153,8 @@ class Spool:
             log.warning("spool.reconnected")
 
     def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
         with self._lock:
             if self._connection.closed:
                 return
@@ -162,8 +175,13 @@ class Spool:
         with self._instances.hold(arrival.sop_instance_uid):
             if path.exists():
                 return self.index(arrival, relative, path.stat().st_size)
-            self.disk.check(sum(len(chunk) for chunk in chunks))
-            indexed = self.index(arrival, relative, write_durably(path, chunks))
+            incoming = sum(len(chunk) for chunk in chunks)
+            self.disk.check(incoming)
+            if self.journal is not None and incoming <= LARGEST_RECORD:
+                size = self.journal.write(relative, chunks)
+            else:
+                size = write_durably(path, chunks)
+            indexed = self.index(arrival, relative, size)
             if indexed is None and self._indexed_path(arrival.sop_instance_uid) != str(relative):
                 # The same SOP Instance UID, stored before under another study or series.
                 path.unlink()
@@ -193,6 +211,7 @@ class Spool:
 
     def reconcile(self, quarantine: Path) -> dict[str, int]:
         """Make spool and index agree; run before the first association is accepted."""
+        recover(self.folder)  # whatever the journal setting is now
         with self._lock:
             rows = {
                 row.path: row

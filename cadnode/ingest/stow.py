@@ -334,7 +334,12 @@ class Stow:
         with self._lock:
             if self._intake is None:
                 storage = self.settings.storage
-                spool = Spool(storage.spool, self.database, int(storage.min_free_mb * 2**20))
+                spool = Spool(
+                    storage.spool,
+                    self.database,
+                    int(storage.min_free_mb * 2**20),
+                    storage.spool_journal,
+                )
                 scratch = Scratch(storage.spool, self.settings.limits.max_inflated_bytes)
                 self._intake = Intake(spool, scratch, self.database, self._wake)
             return self._intake

@@ -1,0 +1,315 @@
+"""An event-driven reactor for pynetdicom's associations: each PDU handled when it arrives.
+
+pynetdicom 3.0 runs two polling loops per association. The DUL thread looks at its socket
+(`select` with a zero timeout) and its queues, and sleeps `_run_loop_delay` (1 ms) after any
+pass that found nothing; the association thread sleeps 1 ms before every look at its DIMSE
+queue. On one association every request/response turn waits on those sleeps (half of
+cadnode's time per instance against DCMTK's storescp), and an idle association still wakes
+2000 times a second. Shortening the sleeps only spins the CPU.
+
+Here both loops block until there is work, with the same state machine and the same order of
+checks as pynetdicom's (the loop bodies below mirror `DULServiceProvider.run_reactor` and
+`Association._run_reactor` of 3.0):
+
+- the DUL thread polls its socket and a wake-up socketpair, with no timeout unless the ARTIM
+  timer runs; a primitive put on its provider or event queue, and `kill_dul`/`stop_dul`,
+  write to the socketpair;
+- the association thread waits on a `threading.Event` that a message put on its DIMSE queue,
+  a primitive put on the DUL's user queue, the DUL thread's end and `kill` set, with the
+  network idle timer's remaining time as its timeout.
+
+`make_event_driven` converts an association before its thread starts; `request_handler`
+gives an `AssociationServer` request handler that converts each one it accepts. Both apply
+only to the pynetdicom versions whose loops they mirror (`SUPPORTED_VERSIONS`); with another
+version `request_handler` returns pynetdicom's own handler and logs `receive.reactor_stock`.
+Written to be offered upstream as a change to those two loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import select
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pynetdicom
+import structlog
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import RequestHandler
+
+log = structlog.get_logger("cadnode.ingest.reactor")
+
+# The pynetdicom releases whose DUL and association loops the loops here mirror.
+SUPPORTED_VERSIONS = ("3.0",)
+
+READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def supported(version: str = pynetdicom.__version__) -> bool:
+    return ".".join(version.split(".")[:2]) in SUPPORTED_VERSIONS
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """A queue that calls `wake` after every put (put_nowait included)."""
+
+    def __init__(self, wake: Callable[[], None], items: list[Any]) -> None:
+        super().__init__()
+        self._wake = wake
+        self.queue.extend(items)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+def _waking(old: queue.Queue[Any], wake: Callable[[], None]) -> _WakingQueue:
+    return _WakingQueue(wake, list(old.queue))
+
+
+class EventDrivenDUL(DULServiceProvider):
+    """pynetdicom's DUL, blocking on its socket and its queues instead of polling them."""
+
+    _waker: socket.socket
+    _woken: socket.socket
+    wakeups: int  # times the reactor came back from a wait (tests count them)
+    waiting: bool  # in a wait now
+    waiting_with: float | None  # that wait's timeout (None: none)
+
+    def _become_event_driven(self, wake_association: Callable[[], None]) -> None:
+        self._woken, self._waker = socket.socketpair()
+        self._waker.setblocking(False)
+        self._woken.setblocking(False)
+        self.wakeups = 0
+        self.waiting, self.waiting_with = False, None
+        self._wake_association = wake_association
+        self.event_queue = _waking(self.event_queue, self.wake)
+        self.to_provider_queue = _waking(self.to_provider_queue, self.wake)
+        self.to_user_queue = _waking(self.to_user_queue, wake_association)
+
+    def wake(self) -> None:
+        if threading.get_ident() == self.ident:
+            return  # its own put (an event for its state machine): it looks before it waits
+        # Full: a wake-up is pending already; closed: the reactor has ended.
+        with contextlib.suppress(OSError):
+            self._waker.send(b"\0")
+
+    def run(self) -> None:  # Thread.run: the target bound at __init__ is the stock loop
+        try:
+            self.run_reactor()
+        finally:
+            self._waker.close()
+            self._woken.close()
+            self._wake_association()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.wake()
+
+    def stop_dul(self) -> bool:
+        """As pynetdicom's, joining the thread rather than polling it."""
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self._kill_thread = True
+        self.wake()
+        if threading.current_thread() is not self:
+            self.join()
+        return True
+
+    def run_reactor(self) -> None:
+        """pynetdicom's `run_reactor`, its sleep replaced by `_wait`."""
+        self._idle_timer.start()
+        poller = select.poll()
+        poller.register(self._woken, select.POLLIN)
+        watched = -1
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as error:
+                self._abort_after(error)
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                watched = self._wait(poller, watched)
+                continue
+            self.state_machine.do_action(event)
+
+    def _wait(self, poller: Any, watched: int) -> int:
+        """Block until the socket has data (or closes), a wake-up comes or the ARTIM timer
+        expires; returns the descriptor now watched."""
+        connection = self.socket.socket if self.socket is not None else None
+        descriptor = connection.fileno() if connection is not None else -1
+        if descriptor != watched:
+            if watched >= 0:
+                poller.unregister(watched)
+            if descriptor >= 0:
+                poller.register(descriptor, READABLE)
+        timeout = self._artim_remaining()
+        self.waiting, self.waiting_with = True, timeout
+        poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+        self.waiting = False
+        self.wakeups += 1
+        with contextlib.suppress(OSError):  # BlockingIOError: drained
+            while self._woken.recv(4096):
+                pass
+        return descriptor
+
+    def _artim_remaining(self) -> float | None:
+        timer = self.artim_timer
+        running = timer._start_time is not None and timer._end_time is None
+        return timer.remaining if running and timer.timeout is not None else None
+
+    def _abort_after(self, error: Exception) -> None:
+        """pynetdicom's handling of an exception in the loop: A-ABORT, bypassing the state
+        machine, and both reactors stopped."""
+        log.error("association.reactor_failed", error=f"{type(error).__name__}: {error}")
+        abort = A_ABORT_RQ()
+        abort.source = 0x02
+        abort.reason_diagnostic = 0x00
+        if self.socket is not None:
+            self.socket.send(abort.encode())
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self.assoc._kill = True
+        self._kill_thread = True
+
+
+class EventDrivenAssociation(Association):
+    """pynetdicom's association, waiting for work instead of sleeping 1 ms per look."""
+
+    _work: threading.Event
+    dul: EventDrivenDUL
+    wakeups: int  # times the reactor came back from a wait (tests count them)
+    waiting: bool  # in a wait now
+    waiting_with: float | None  # that wait's timeout (None: none)
+
+    def wake(self) -> None:
+        self._work.set()
+
+    def kill(self) -> None:
+        self._kill = True
+        self.wake()
+        super().kill()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom's `_run_reactor`, its sleep replaced by `_wait_for_work`."""
+        self._is_paused = False
+        self._work.set()  # look once before waiting: a request may be queued already
+        while not self._kill:
+            self._wait_for_work()
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            if self._serve_next() or self._ended():
+                return
+
+    def _wait_for_work(self) -> None:
+        # Paused while it waits: it touches no queue until past the checkpoint, so a
+        # send_*() or release() from another thread need not wait for it to come round.
+        self._is_paused = True
+        timer = self.dul._idle_timer
+        timeout = max(0.0, timer.remaining) if timer.timeout is not None else None
+        self.waiting, self.waiting_with = True, timeout
+        self._work.wait(timeout)
+        self.waiting = False
+        self.wakeups += 1
+        self._work.clear()
+
+    def _serve_next(self) -> bool:
+        """Serve a request if one is decoded; True if the association has ended (as in
+        pynetdicom: released or aborted by the peer)."""
+        context_id, message = self.dimse.get_msg(block=False)
+        if message:
+            self._serve_request(message, int(context_id or 0))
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            self.is_released = True
+            self.is_established = False
+            pynetdicom.evt.trigger(self, pynetdicom.evt.EVT_RELEASED, {})
+            self.kill()
+            return True
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires for subscribers
+            self.is_aborted = True
+            self.is_established = False
+            pynetdicom.evt.trigger(self, pynetdicom.evt.EVT_ABORTED, {})
+            self.kill()
+            return True
+        return False
+
+    def _ended(self) -> bool:
+        """The DUL thread has gone, or the network timeout ran out (A-ABORT, or A-RELEASE
+        where `network_timeout_response` asks for it)."""
+        if not self.dul.is_alive():
+            self.kill()
+            return True
+        if not self.dul.idle_timer_expired():
+            return False
+        log.warning("association.network_timeout")
+        if self.network_timeout_response == "A-RELEASE":
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self.release()
+            self._is_paused = False
+        else:
+            self.abort()
+        self.kill()
+        return True
+
+
+def make_event_driven(association: Association) -> None:
+    """Convert an association (acceptor or requestor) whose threads have not started."""
+    if association.is_alive() or association.dul.is_alive():
+        raise RuntimeError("an association is made event-driven before it starts")
+    association.__class__ = EventDrivenAssociation
+    association.dul.__class__ = EventDrivenDUL
+    converted = association  # now an EventDrivenAssociation
+    assert isinstance(converted, EventDrivenAssociation)
+    converted._work = threading.Event()
+    converted.wakeups = 0
+    converted.waiting, converted.waiting_with = False, None
+    converted.dul._become_event_driven(converted.wake)
+    converted.dimse.msg_queue = _waking(converted.dimse.msg_queue, converted.wake)
+
+
+class EventDrivenRequestHandler(RequestHandler):
+    """pynetdicom's request handler, its association made event-driven before it starts."""
+
+    def _create_association(self) -> Association:
+        association = super()._create_association()
+        make_event_driven(association)
+        return association
+
+
+def request_handler(
+    event_driven: bool = True, version: str = pynetdicom.__version__
+) -> type[RequestHandler]:
+    """The request handler for an `AssociationServer`: event-driven where this pynetdicom is
+    one whose loops are mirrored here (and `event_driven` asks for it), else pynetdicom's."""
+    if event_driven and supported(version):
+        log.info("receive.reactor", reactor="event-driven", pynetdicom=version)
+        return EventDrivenRequestHandler
+    if not event_driven:
+        log.info("receive.reactor", reactor="stock", pynetdicom=version)
+        return RequestHandler
+    log.warning(
+        "receive.reactor_stock",
+        pynetdicom=version,
+        supported=list(SUPPORTED_VERSIONS),
+        reason="this pynetdicom's loops are not the ones cadnode/ingest/reactor.py mirrors",
+    )
+    return RequestHandler

@@ -1,0 +1,155 @@
+"""The spool's journal (cadnode/ingest/journal.py): after a kill or a power cut, every whole
+record is replayed and a record cut anywhere is dropped, so nothing acknowledged is lost and
+nothing half-written is indexed."""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from pathlib import Path
+
+import pytest
+from pydicom.uid import CTImageStorage
+
+from cadnode.core.db import Database
+from cadnode.ingest.journal import HEADER, SUFFIX, Journal, journal_folder, records, recover
+from cadnode.ingest.spool import Arrival, Spool, examine
+from tests.synthetic import write_image
+
+
+def segments(spool: Path) -> list[Path]:
+    return sorted(journal_folder(spool).glob(f"*{SUFFIX}"))
+
+
+def test_a_segment_cut_at_every_byte_of_its_last_record_keeps_exactly_the_whole_ones(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool"
+    journal = Journal(spool, idle_s=3600)  # no checkpoint while the test reads the segment
+    written = [(Path(f"1.2/3.4/{n}.dcm"), os.urandom(size)) for n, size in enumerate((90, 1, 60))]
+    for path, body in written:
+        journal.write(path, [body[:10], body[10:]])  # chunks, as receive gives them
+    [segment] = segments(spool)
+    data = segment.read_bytes()
+    last_path, last_body = written[-1]
+    last_start = len(data) - (HEADER.size + len(str(last_path)) + len(last_body))
+
+    for cut in range(last_start, len(data) + 1):
+        found = [(path, bytes(body)) for path, body, _ in records(data[:cut])]
+        assert found == (written if cut == len(data) else written[:-1]), f"cut at {cut}"
+    journal.close()
+    assert not segments(spool)
+
+
+def test_a_record_whose_bytes_changed_ends_the_replay(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "spool", idle_s=3600)
+    for n in range(3):
+        journal.write(Path(f"a/{n}.dcm"), [bytes([n]) * 100])
+    [segment] = segments(tmp_path / "spool")
+    data = bytearray(segment.read_bytes())
+    data[-50] ^= 0xFF  # the last record's body, as a power cut may leave it (blocks unwritten)
+    assert [str(path) for path, _, _ in records(bytes(data))] == ["a/0.dcm", "a/1.dcm"]
+    data[: len(b"CNJ1")] = b"XXXX"  # and a first record not a record at all: nothing
+    assert list(records(bytes(data))) == []
+    journal.close()
+
+
+def test_a_record_naming_a_place_outside_the_spool_is_not_replayed(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "spool", idle_s=3600)
+    journal.write(Path("a/ok.dcm"), [b"x"])
+    with pytest.raises(ValueError, match="outside the spool"):
+        journal.write(Path("../escape.dcm"), [b"y"])
+    [segment] = segments(tmp_path / "spool")
+    name, body = b"../escape.dcm", b"y"
+    forged = HEADER.pack(b"CNJ1", len(name), len(body), zlib.crc32(body, zlib.crc32(name)))
+    data = segment.read_bytes() + forged + name + body
+    assert [str(path) for path, _, _ in records(data)] == ["a/ok.dcm"]
+    journal.close()
+
+
+def test_appends_from_many_threads_are_each_whole(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "spool", idle_s=3600)
+
+    def append(thread: int) -> None:
+        for n in range(10):
+            journal.write(Path(f"{thread}/{n}.dcm"), [os.urandom(1000 + thread)])
+
+    threads = [threading.Thread(target=append, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    [segment] = segments(tmp_path / "spool")
+    found = {str(path): len(body) for path, body, _ in records(segment.read_bytes())}
+    assert found == {f"{t}/{n}.dcm": 1000 + t for t in range(6) for n in range(10)}
+    assert journal.checkpoint() == 1 and not segments(tmp_path / "spool")
+    assert all((tmp_path / "spool" / name).stat().st_size == size for name, size in found.items())
+    journal.close()
+
+
+def test_recovery_leaves_the_segment_of_a_live_writer_alone(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    journal = Journal(spool, idle_s=3600)  # another node on a shared spool, say
+    journal.write(Path("a/1.dcm"), [b"live"])
+    (spool / "a" / "1.dcm").unlink()
+
+    assert recover(spool)["in_use"] == 1
+    assert segments(spool) and not (spool / "a" / "1.dcm").exists()
+    journal.close()
+
+
+def stored_instances(tmp_path: Path, count: int) -> list[tuple[Arrival, bytes]]:
+    stored = []
+    for n in range(count):
+        file = tmp_path / "sent" / f"{n}.dcm"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_image(file, CTImageStorage, "CT")
+        arrival, problem = examine(file)
+        assert arrival is not None, problem
+        stored.append((arrival, file.read_bytes()))
+    return stored
+
+
+# Where the segment ends after the power cut, from the start of the last record.
+CUTS = {"inside its header": HEADER.size // 2, "one byte short": -1, "whole": None}
+
+
+@pytest.mark.parametrize("cut", CUTS.values(), ids=CUTS.keys())
+def test_reconcile_after_a_power_cut_indexes_every_acknowledged_instance_and_no_cut_one(
+    tmp_path: Path, cut: int | None
+) -> None:
+    folder = tmp_path / "spool"
+    spool = Spool(folder, Database(tmp_path / "before.db"), min_free_bytes=0)
+    spool.journal = Journal(folder, idle_s=3600)
+    instances = stored_instances(tmp_path, 2)
+    for arrival, data in instances:
+        assert spool.store(arrival, [data]) is not None  # each acknowledged
+    [segment] = segments(folder)
+    journaled = segment.read_bytes()
+    spool.close()
+
+    # The power cut: nothing flushed after the journal's fdatasync survives (the spool
+    # files, the index's commits), and the last append was cut short wherever `cut` says.
+    for file in folder.rglob("*.dcm"):
+        file.unlink()
+    last = instances[-1][0]
+    last_start = len(journaled) - (
+        HEADER.size + len(str(last.relative_path)) + len(instances[-1][1])
+    )
+    end = (
+        len(journaled) if cut is None else (last_start + cut if cut >= 0 else len(journaled) + cut)
+    )
+    segment.write_bytes(journaled[:end])
+
+    database = Database(tmp_path / "after.db")
+    after = Spool(folder, database, min_free_bytes=0)
+    counts = after.reconcile(tmp_path / "quarantine")
+    after.close()
+
+    whole = instances if cut is None else instances[:-1]
+    assert counts["indexed"] == len(whole) and counts["quarantined"] == 0
+    for arrival, data in whole:
+        assert (folder / arrival.relative_path).read_bytes() == data
+    assert (folder / last.relative_path).exists() == (cut is None)
+    assert not segments(folder)

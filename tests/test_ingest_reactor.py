@@ -1,0 +1,164 @@
+"""The event-driven reactor (cadnode/ingest/reactor.py) under the receiver, and per-association
+storage negotiation (cadnode/ingest/negotiation.py), against pynetdicom as the peer.
+
+pynetdicom's own loops poll: an idle association's two threads wake every millisecond. Here
+they block until a PDU, a queued primitive or a timer is due, and one C-ECHO costs a handful
+of wake-ups: counted, not timed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler
+
+from cadnode.core.db import Database
+from cadnode.ingest.reactor import (
+    EventDrivenAssociation,
+    EventDrivenRequestHandler,
+    request_handler,
+)
+from tests.ingest import captured_events, named, node_settings
+from tests.peers import wait_for
+
+PRIVATE_CLASS = "1.2.826.0.1.3680043.9.7433.1.1"  # a private storage SOP class
+
+
+class Accepted:
+    """The receiver's associations, as they are accepted."""
+
+    def __init__(self) -> None:
+        self.associations: list[Any] = []
+
+    def observer(self) -> tuple[Any, Any]:
+        return (evt.EVT_ACCEPTED, lambda event: self.associations.append(event.assoc))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[int, Accepted, Any]]:
+    from cadnode.ingest.receive import Receiver
+
+    accepted = Accepted()
+    settings = node_settings(tmp_path, dicom={"network_timeout_s": 30})
+    receiver = Receiver(settings, Database(tmp_path / "cadnode.db"), lambda: None)
+    port = receiver.start(observers=[accepted.observer()])
+    yield port, accepted, receiver
+    receiver.stop(drain_timeout_s=0)
+
+
+def associate(port: int, *contexts: str) -> Any:
+    ae = AE(ae_title="PEER")
+    for context in contexts or (Verification,):
+        ae.add_requested_context(context, ExplicitVRLittleEndian)
+    association = ae.associate("127.0.0.1", port, ae_title="CADNODE")
+    assert association.is_established
+    return association
+
+
+def idle(association: Any) -> bool:
+    return bool(association.waiting and association.dul.waiting)
+
+
+def test_an_idle_association_blocks_with_no_timeout_but_the_network_one(
+    served: tuple[int, Accepted, Any],
+) -> None:
+    port, accepted, _ = served
+    peer = associate(port)
+    wait_for(lambda: accepted.associations, 10, "the association to be accepted")
+    [ours] = accepted.associations
+    assert isinstance(ours, EventDrivenAssociation)
+    wait_for(lambda: idle(ours), 10, "both reactor threads to wait")
+    assert ours.dul.waiting_with is None  # the DUL waits on its socket and queues only
+    assert ours.waiting_with is not None and ours.waiting_with > 1  # the network timeout
+    before = (ours.wakeups, ours.dul.wakeups)
+
+    other = associate(port)  # time passes, another association works: this one sleeps on
+    assert other.send_c_echo().Status == 0
+    other.release()
+
+    assert idle(ours) and (ours.wakeups, ours.dul.wakeups) == before
+    peer.release()
+
+
+def test_each_c_echo_wakes_each_reactor_thread_a_handful_of_times(
+    served: tuple[int, Accepted, Any],
+) -> None:
+    port, accepted, _ = served
+    peer = associate(port)
+    wait_for(lambda: accepted.associations, 10, "the association to be accepted")
+    [ours] = accepted.associations
+    assert peer.send_c_echo().Status == 0
+    wait_for(lambda: idle(ours), 10, "both reactor threads to wait")
+    before = (ours.wakeups, ours.dul.wakeups)
+
+    echoes = 50
+    for _ in range(echoes):
+        assert peer.send_c_echo().Status == 0
+
+    # A poll loop wakes once a millisecond; the reactor only for a PDU in (the request), a
+    # message decoded, the response queued and sent: a few per echo, however slow the host.
+    association_wakeups = ours.wakeups - before[0]
+    dul_wakeups = ours.dul.wakeups - before[1]
+    assert association_wakeups <= 3 * echoes
+    assert dul_wakeups <= 4 * echoes
+    peer.release()
+    wait_for(lambda: not ours.is_alive() and not ours.dul.is_alive(), 10, "its threads to end")
+
+
+def test_a_silent_peer_is_aborted_when_the_network_timeout_runs_out(tmp_path: Path) -> None:
+    from cadnode.ingest.receive import Receiver
+
+    accepted = Accepted()
+    settings = node_settings(tmp_path, dicom={"network_timeout_s": 0.3})
+    receiver = Receiver(settings, Database(tmp_path / "cadnode.db"), lambda: None)
+    port = receiver.start(observers=[accepted.observer()])
+    try:
+        peer = associate(port)
+        wait_for(lambda: accepted.associations, 10, "the association to be accepted")
+        [ours] = accepted.associations
+        wait_for(lambda: not ours.is_alive(), 10, "the reactor to end the association")
+        assert ours.is_aborted
+        wait_for(lambda: peer.is_aborted, 10, "the peer to see the abort")
+    finally:
+        receiver.stop(drain_timeout_s=0)
+
+
+def test_a_private_storage_class_is_taken_without_a_process_wide_switch(
+    served: tuple[int, Accepted, Any],
+) -> None:
+    port, _, receiver = served
+    peer = associate(port, PRIVATE_CLASS)
+    status = peer.send_c_store(private_instance())
+    peer.release()
+
+    assert status.Status == 0
+    assert not _config.UNRESTRICTED_STORAGE_SERVICE
+    assert len(list(receiver.spool.folder.rglob("*.dcm"))) == 1
+
+
+def private_instance() -> Dataset:
+    dataset = Dataset()
+    dataset.SOPClassUID = PRIVATE_CLASS
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.StudyInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.Modality = "OT"
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return dataset
+
+
+def test_another_pynetdicom_version_gets_the_stock_reactor_and_says_so() -> None:
+    with captured_events() as events:
+        assert request_handler(version="3.0.4") is EventDrivenRequestHandler
+        assert request_handler(version="3.1.0") is RequestHandler
+        assert request_handler(event_driven=False) is RequestHandler
+    [fallback] = named(events, "receive.reactor_stock")
+    assert fallback["pynetdicom"] == "3.1.0"
