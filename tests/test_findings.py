@@ -19,6 +19,7 @@ from training.findings import (
     FindingsFilm,
     FpsmSpec,
     Patch,
+    ReportSpec,
     asymmetric_loss,
     dadam_records,
     phantom_boxes,
@@ -28,7 +29,15 @@ from training.findings import (
     synthetic,
     write_findings_set,
 )
-from training.findings_build import FINDINGS_OUTPUT, reported_findings
+from training.findings_build import (
+    BEST_F1,
+    FINDINGS_OUTPUT,
+    NOT_REPORTED,
+    SPECIFICITY,
+    best_f1_threshold,
+    report_point,
+    reported_findings,
+)
 from training.metrics import average_precision, frequency_group, group_means
 from training.records import NO_FINDING, index_folder
 
@@ -140,6 +149,32 @@ def test_cxrlt_metrics_against_hand_computed_values() -> None:
     assert means == {"head": 0.75, "tail": 0.2}
 
 
+def test_a_label_with_two_validation_positives_gets_a_specificity_point_not_best_f1() -> None:
+    """The best F1 on two positives is the threshold that catches the high one alone: F1 2/3
+    on validation, noise on test (the shipped Nodule had test precision 0). Below
+    min_positives_for_f1 the point is the lowest with validation specificity >= target."""
+    spec = ReportSpec(min_positives_for_f1=10, fallback_specificity=0.99)
+    negatives = np.linspace(0.0, 0.8, 298)
+    scores, truth = np.append(negatives, [0.25, 0.9]), np.append(np.zeros(298), [1.0, 1.0])
+    choice = report_point(scores, truth, spec)
+    assert (choice.rule, choice.positives, choice.negatives) == (SPECIFICITY, 2, 298)
+    assert choice.threshold != best_f1_threshold(scores, truth) == 0.9
+    # 296 of 298 negatives below it (0.9933); one step lower 295 (0.9899 < 0.99)
+    assert choice.threshold == negatives[296]
+    assert np.mean(negatives < choice.threshold) >= 0.99 > np.mean(negatives < negatives[295])
+
+
+def test_best_f1_needs_enough_positives_and_a_specificity_point_enough_negatives() -> None:
+    spec = ReportSpec(min_positives_for_f1=10, fallback_specificity=0.99)
+    rng = np.random.default_rng(0)
+    truth = np.append(np.zeros(200), np.ones(10))
+    scores = np.append(rng.uniform(0, 0.6, 200), rng.uniform(0.4, 1.0, 10))
+    enough = report_point(scores, truth, spec)
+    assert enough.rule == BEST_F1 and enough.threshold == best_f1_threshold(scores, truth)
+    few = report_point(scores[:99], truth[:99], spec)  # 99 negatives: 0.99 is not measurable
+    assert (few.rule, few.threshold, few.negatives) == (NOT_REPORTED, None, 99)
+
+
 def test_two_class_rule_decides_the_reported_findings() -> None:
     thresholds = {"Pneumothorax": 0.5, "Nodule": 0.4}
     p = {"Pneumothorax": 0.7, "Nodule": 0.3, NO_FINDING: 0.1}
@@ -169,9 +204,13 @@ def test_tiny_findings_bundle_verifies_with_codes_and_both_outputs(tiny_findings
                      "Pleural Effusion": "60046008", "Cardiomegaly": "8186001",
                      "Pneumothorax": "36118008", "Nodule": "427359005"}  # fmt: skip
     assert set(manifest.operating_points) == {"rule_out", "urgent"}
-    assert manifest.output is not None and manifest.output.fields == list(codes)
-    parameters = manifest.output.parameters
-    assert parameters["prefilter_alpha"] == 0.997 and "threshold:Nodule" in parameters
+    findings = manifest.findings
+    assert findings is not None and findings.output == FINDINGS_OUTPUT
+    assert findings.healthy == NO_FINDING and findings.prefilter is not None
+    assert (findings.prefilter.alpha, findings.prefilter.beta) == (0.997, 0.3)
+    reported = {k for k, points in findings.operating_points.items() if "report" in points}
+    assert reported == {"Consolidation", "Pleural Effusion"}
+    assert set(findings.not_reported) == set(codes) - {"abnormal", NO_FINDING} - reported
     metrics = manifest.provenance.metrics
     assert {"test_map", "test_ap_nodule", "test_auc_cardiomegaly"} <= set(metrics)
     from training.export import session
@@ -180,6 +219,7 @@ def test_tiny_findings_bundle_verifies_with_codes_and_both_outputs(tiny_findings
     assert [o.name for o in runner.get_outputs()] == ["probability", FINDINGS_OUTPUT]
     card = (bundle.folder / "MODEL_CARD.md").read_text()
     assert "Feature Pyramid Sum" in card and "mAP" in card and "(DADAM)" in card
+    assert "| Consolidation | best F1 |" in card and "| Nodule | not reported |" in card
     assert all((bundle.folder / name).is_file() for name in ("pr.png", "roc-findings.png"))
 
 

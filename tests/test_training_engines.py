@@ -23,6 +23,7 @@ from training.datasets import DUKE_BOXES, DUKE_LABELS, DUKE_PATHS, DukeBox
 from training.evaluate import evaluate_ruleout, evaluate_segmenter
 from training.export import onnx_probabilities
 from training.froc import PREDICTION_HEADER, Prediction, read_predictions
+from training.metrics import proportion_interval
 from training.phantom_sets import store_pixels
 
 CONFIGS = Path(__file__).resolve().parent.parent / "training" / "configs"
@@ -213,7 +214,7 @@ def test_segmenter_build_chooses_through_the_built_ruleout_bundle(tmp_path: Path
 # --- the shipped demo engines against their own model cards ------------------------------------
 # Fresh phantoms (seeds in no split) are a new sample: a card's figure must hold on it within
 # these tolerances (about two standard errors of the small fresh sets).
-RULEOUT_TOLERANCE = {"test_auc": 0.05, "sensitivity": 0.1, "specificity": 0.1}
+RULEOUT_TOLERANCE = {"test_auc": 0.05}
 DICE_TOLERANCE = {"lung": 0.03, "pneumothorax": 0.1}
 FROC_TOLERANCE = 0.25
 
@@ -231,12 +232,17 @@ def card_states(bundle: Bundle, value: float) -> bool:
 def test_shipped_ruleout_holds_its_card() -> None:
     bundle = shipped("cxr-ruleout")
     claims = bundle.manifest.provenance.metrics
-    measured = evaluate_ruleout(bundle, range(960_000, 960_080))
+    films = 80
+    measured = evaluate_ruleout(bundle, range(960_000, 960_000 + films))
     assert card_states(bundle, claims["test_auc"])
     assert abs(measured["test_auc"] - claims["test_auc"]) <= RULEOUT_TOLERANCE["test_auc"]
     for kind in ("sensitivity", "specificity"):
-        name = f"test_{kind}_at_rule_out"
-        assert abs(measured[name] - claims[name]) <= RULEOUT_TOLERANCE[kind], (name, measured)
+        # The claim inside the exact 95 % interval of the fresh count (half the films are
+        # abnormal): at `default` difficulty the points are no longer saturated, and 40 films
+        # vary by more than a fixed tolerance.
+        name, per_class = f"test_{kind}_at_rule_out", films // 2
+        low, high = proportion_interval(round(measured[name] * per_class), per_class)
+        assert low <= claims[name] <= high, (name, measured)
 
 
 def test_shipped_segmenter_holds_its_card() -> None:

@@ -8,12 +8,15 @@ a dataset folder (`--data`, training.sources).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from ruamel.yaml import YAML
 from torch import nn
 
 from cadnode.infer.bundle import Bundle
@@ -22,6 +25,7 @@ from training.bundle import MODEL_FILE, staged, write_ruleout_bundle
 from training.checkpoint import fit, save_checkpoint
 from training.export import ExportMismatch, check_against_torch, export_onnx, onnx_probabilities
 from training.metrics import auc
+from training.population import ruleout_population
 from training.records import Record
 from training.ruleout import (
     RuleoutConfig,
@@ -84,8 +88,10 @@ def train_ruleout(
         ),
     )
     sampler = EpochBatches(lambda rng: epoch_batches(labels, spec, rng), config.seed)
-    sample = ChestFilm(config.input_size, config.phantom_size, augment=spec.augment)
-    plain = ChestFilm(config.input_size, config.phantom_size)
+    sample = ChestFilm(
+        config.input_size, config.phantom_size, augment=spec.augment, difficulty=config.difficulty
+    )
+    plain = ChestFilm(config.input_size, config.phantom_size, difficulty=config.difficulty)
     loss_fn = nn.BCEWithLogitsLoss()
 
     def step(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -159,7 +165,7 @@ def build_ruleout(
     thresholds are set on exactly the numbers the daemon will compare them with.
     """
     config, splits, description, model = trained_ruleout(config_path, checkpoint, source)
-    sample = ChestFilm(config.input_size, config.phantom_size)
+    sample = ChestFilm(config.input_size, config.phantom_size, difficulty=config.difficulty)
     with staged(out) as folder:
         onnx_path = folder / MODEL_FILE
         export_onnx(model, onnx_path, config.input_size)
@@ -178,8 +184,32 @@ def build_ruleout(
             export_difference=difference,
             rebuild=rebuild,
             description=description,
+            population=ruleout_population(
+                splits["train"],
+                test_scores,
+                [point.threshold for point in evaluation.operating_points.values()],
+                config.phantom_size,
+            ),
         )
     return Bundle(out)
+
+
+@contextmanager
+def config_with(path: Path, **changes: object) -> Iterator[Path]:
+    """The config at `path` with top-level keys changed (`build --version --seed`: a second
+    version of an engine, cadnode/infer/releases.py), as a file for the build's duration."""
+    if not changes:
+        yield path
+        return
+    yaml = YAML()
+    data = yaml.load(path.read_text())
+    for key, value in changes.items():
+        data[key] = value
+    with tempfile.TemporaryDirectory(prefix="cadnode-config-") as folder:
+        derived = Path(folder) / path.name
+        with derived.open("w") as handle:
+            yaml.dump(data, handle)
+        yield derived
 
 
 # By engine name: (config path, checkpoint=None, source=None) -> (config, ..., trained model).

@@ -6,8 +6,9 @@ card's middle sections. The rule-out engine's manifest and card are at the end.
 
 The bundle is assembled in a hidden folder beside its destination and moved into place only
 once `cadnode.infer.bundle.Bundle` has loaded and verified it, so `engines/` never holds a
-half-written engine (the daemon refuses to start with a faulty bundle). Apart from the date
-and the code revision, the same config gives the same bytes.
+half-written engine (the daemon refuses to start with a faulty bundle). The same config and
+the same sources give the same bytes: the date is the source commit's (`source_date`), not the
+day of the build.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ from cadnode.infer.bundle import (
     Manifest,
     ModelFile,
     OperatingPoint,
+    Population,
     Preprocessing,
     Provenance,
     TaskKind,
     sha256_of,
 )
+from cadnode.infer.phantoms.difficulty import Difficulty
 from training.export import INPUT, OUTPUT, TOLERANCE
 from training.plots import draw_calibration, draw_roc
 from training.ruleout import Evaluation, Labelled, RuleoutConfig, class_prior
@@ -53,6 +56,23 @@ PHANTOM_CAVEAT = (
     "variation, findings drawn from one generator), so the figures below say the pipeline "
     "works, not that the model would detect disease in patients."
 )
+SYNTHETIC_FIGURES = (
+    "These figures are measured on synthetic phantoms, not on patients' images: they say how "
+    "the engine does on the generator's findings at the difficulty above, nothing about "
+    "clinical performance."
+)
+
+
+def difficulty_sentence(difficulty: Difficulty) -> str:
+    """The card's and provenance's account of how hard the phantoms' findings were."""
+    return (
+        f"Phantom difficulty {difficulty.describe()}, as cadnode.infer.phantoms.difficulty "
+        "sets it: each lesion's contrast drawn from that share of the original look's, lesion "
+        "size and noise scaled, and normal structures that look like lesions added at that "
+        "mean count per image."
+    )
+
+
 # Recorded in provenance.metrics: the training data's abnormal share before any sampling.
 PRIOR_METRIC = "train_prior_abnormal"
 ABNORMAL = Code(value="263654008", scheme="SCT", meaning="Abnormal")
@@ -99,6 +119,12 @@ def code_revision(repository: Path = REPOSITORY) -> str:
     return head + DIRTY if changes is None or changes else head
 
 
+def source_date(repository: Path = REPOSITORY) -> str:
+    """The bundle's date: its source commit's committer date (`git log -1 --format=%cs`), so a
+    rebuild from that commit writes the same manifest; today's outside a git checkout."""
+    return _git(repository, "log", "-1", "--format=%cs") or dt.date.today().isoformat()
+
+
 def _git(repository: Path, *arguments: str) -> str | None:
     """A git command's output, stripped; None when git is missing or the command fails."""
     try:
@@ -143,7 +169,8 @@ def compose_card(
         f"exceeds 1), tolerance {tolerance:g} (the build fails above it).",
         "## Rebuild\n\n```\n" + rebuild + "\n```\n\nSame config, same bytes of `model.onnx` "
         f"(sha256 `{manifest.model.sha256}`). Built from code revision "
-        f"`{manifest.provenance.code_revision}` on {manifest.provenance.date}"
+        f"`{manifest.provenance.code_revision}`, dated {manifest.provenance.date} (the "
+        "commit's date, not the build's: a rebuild from it writes the same manifest)"
         + revision_caveat(manifest.provenance.code_revision)
         + ". Config:\n\n"
         "```yaml\n" + _yaml_text(config.model_dump(mode="json", exclude={"date"})) + "```",
@@ -171,7 +198,7 @@ def provenance(
     return Provenance(
         training_data=training_data,
         intended_use=INTENDED_USE,
-        date=date or dt.date.today().isoformat(),
+        date=date or source_date(),
         code_revision=code_revision(),
         metrics={name: round(value, 6) for name, value in metrics.items()},
         confidence_intervals={
@@ -190,12 +217,14 @@ def write_ruleout_bundle(
     export_difference: float,
     rebuild: str,
     description: str | None = None,
+    population: Population | None = None,
 ) -> Bundle:
     """The cxr-ruleout bundle: manifest, card, ROC and calibration plots beside model.onnx.
-    `description`: the training data's, for data other than the config's phantoms."""
+    `description`: the training data's, for data other than the config's phantoms;
+    `population`: the training population, for the node's drift checks."""
     manifest = make_manifest(
         config, cases, evaluation, sha256_of(folder / MODEL_FILE), description
-    )
+    ).model_copy(update={"population": population})
     points = [
         (name, 1 - point.specificity, point.sensitivity)
         for name, point in evaluation.test_points.items()
@@ -206,7 +235,9 @@ def write_ruleout_bundle(
         [("P(abnormal)", evaluation.test_calibration)],
         "Held-out test calibration",
     )
-    card = model_card(manifest, config, evaluation, export_difference, rebuild)
+    card = model_card(
+        manifest, config, evaluation, export_difference, rebuild, phantoms=description is None
+    )
     return write_bundle(folder, manifest, card)
 
 
@@ -293,7 +324,7 @@ def describe_data(config: RuleoutConfig, cases: Mapping[str, Sequence[Labelled]]
         "Synthetic chest radiograph phantoms (cadnode/infer/phantoms/chest.py, "
         f"{config.phantom_size}x{config.phantom_size} px DX, MONOCHROME2), preprocessed by "
         f"cadnode.infer.preprocess.image_to_tensor to {config.input_size} px. Abnormal = opacity "
-        "and/or pneumothorax. " + " ".join(parts)
+        "and/or pneumothorax. " + " ".join(parts) + " " + difficulty_sentence(config.difficulty)
     )
 
 
@@ -318,14 +349,18 @@ def model_card(
     evaluation: Evaluation,
     export_difference: float,
     rebuild: str,
+    *,
+    phantoms: bool = True,
 ) -> str:
     """An honest account: synthetic data, what the figures mean, how to rebuild."""
     points = "\n".join(
         f"| `{name}` | {point.threshold:.6f} | {point.sensitivity:.4f} "
         f"{interval(evaluation.validation_ci[name][0])} | {point.specificity:.4f} "
         f"{interval(evaluation.validation_ci[name][1])} | "
-        f"{evaluation.test_points[name].sensitivity:.4f} | "
-        f"{evaluation.test_points[name].specificity:.4f} |"
+        f"{evaluation.test_points[name].sensitivity:.4f} "
+        f"{interval(evaluation.test_ci[f'test_sensitivity_at_{name}'])} | "
+        f"{evaluation.test_points[name].specificity:.4f} "
+        f"{interval(evaluation.test_ci[f'test_specificity_at_{name}'])} |"
         for name, point in evaluation.operating_points.items()
     )
     ci_text = (
@@ -357,8 +392,8 @@ def model_card(
         f"{config.threads} threads.",
         "## Operating points\n\nChosen on the validation phantoms, then applied unchanged to "
         "the held-out test phantoms. A film is called abnormal when P >= threshold. In "
-        "brackets: 95 % Clopper-Pearson exact binomial intervals from the validation counts "
-        "(a bootstrap collapses to [1, 1] when every film is called right).\n\n"
+        "brackets: 95 % Clopper-Pearson exact binomial intervals from the counts of each "
+        "split (a bootstrap collapses to [1, 1] when every film is called right).\n\n"
         "| point | threshold | val. sensitivity | val. specificity | test sensitivity "
         "| test specificity |\n|---|---|---|---|---|---|\n"
         + points
@@ -366,10 +401,10 @@ def model_card(
         + "\n".join(f"- `{k}`: {v.description}" for k, v in manifest.operating_points.items())
         + "\n\n`rule_out` never gives away sensitivity that buys no specificity: it keeps "
         "every abnormal validation film it can without ruling in more normal ones. The "
-        "phantoms separate almost perfectly; real data will not, so recalibrate on a site's "
-        "own validation set.",
+        "thresholds fit these phantoms only: recalibrate on a site's own validation set.",
         "## Held-out test metrics\n\n"
-        f"AUC {evaluation.test_auc:.4f} ({ci_text}) on the test "
+        + (SYNTHETIC_FIGURES + "\n\n" if phantoms else "")
+        + f"AUC {evaluation.test_auc:.4f} ({ci_text}) on the test "
         f"phantoms (validation AUC {evaluation.validation_auc:.4f}). Computed with ONNX Runtime "
         "on the shipped `model.onnx`. Sensitivity at `rule_out` by finding:\n\n"
         "| finding | sensitivity |\n|---|---|\n"

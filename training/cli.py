@@ -1,6 +1,7 @@
 """`cadnode-train`: write phantom datasets, build engine bundles, evaluate detections.
 
 cadnode-train phantoms --kind cxr|dbt --count 100 --out data/cxr [--positive-fraction 0.5]
+    [--difficulty easy|default|hard]
 cadnode-train froc --truth BOXES.csv --predictions PREDICTIONS.csv [--labels LABELS.csv]
 cadnode-train detect --bundle engines/dbt-detector --out PREDICTIONS.csv
     [--file-paths BCS-DBT-file-paths.csv] [VOLUME.dcm...]
@@ -27,6 +28,7 @@ from types import ModuleType
 from cadnode.core.yamlfile import ConfigError
 from cadnode.infer.backends import plan_for_bundle
 from cadnode.infer.bundle import Bundle
+from cadnode.infer.phantoms.difficulty import PRESETS
 from training.datasets import read_duke_boxes, read_duke_labels, read_duke_paths
 from training.froc import MIN_DISTANCE_PX, froc, read_predictions, write_predictions
 from training.phantom_sets import LABELS_CSV, write_chest_set, write_dbt_set
@@ -84,6 +86,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store right DBT views turned 180 degrees: Duke's reader must flip them to fit",
     )
+    phantoms.add_argument(
+        "--difficulty",
+        choices=sorted(PRESETS),
+        default="easy",
+        help="how faint, small and noisy the findings are, with look-alikes "
+        "(cadnode.infer.phantoms.difficulty; the shipped engines train at `default`)",
+    )
     phantoms.set_defaults(handler=write_phantoms)
 
     evaluation = commands.add_parser("froc", help="Duke BCS-DBT FROC of predictions (JSON)")
@@ -136,6 +145,8 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--checkpoint", type=Path, help="weights from `cadnode-train train` (skips training)"
     )
+    build.add_argument("--version", help="the bundle's version, instead of the config's")
+    build.add_argument("--seed", type=int, help="the training seed, instead of the config's")
     add_data_options(build)
     build.set_defaults(handler=build_command)
     return top
@@ -200,6 +211,7 @@ def write_phantoms(args: argparse.Namespace) -> int:
         "count": args.count,
         "first_seed": args.seed,
         "positive_fraction": args.positive_fraction,
+        "difficulty": PRESETS[args.difficulty],
     }
     if args.kind == "dbt":
         size = args.size or DBT_SIZE
@@ -305,13 +317,17 @@ def build_command(args: argparse.Namespace) -> int:
         return 2
     try:
         source = builds.resolved(data_source(args), args.engine)
+        asked = (("version", args.version), ("seed", args.seed))
+        changes = {key: value for key, value in asked if value is not None}
         rebuild = shlex.join(
             [
                 *("cadnode-train", "build", args.engine, "--config", str(config)),
                 *("--out", str(out), *source.arguments()),
+                *(item for key, value in changes.items() for item in (f"--{key}", str(value))),
             ]
         )
-        bundle = builds.BUILDERS[args.engine](config, out, rebuild, args.checkpoint, source)
+        with builds.config_with(config, **changes) as chosen:
+            bundle = builds.BUILDERS[args.engine](chosen, out, rebuild, args.checkpoint, source)
     except ConfigError as error:
         print("\n".join(error.problems), file=sys.stderr)
         return 2

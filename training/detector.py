@@ -55,6 +55,7 @@ from cadnode.infer.bundle import (
     sha256_of,
 )
 from cadnode.infer.phantoms.breast import VolumeCase, plan_volumes, render_volume
+from cadnode.infer.phantoms.difficulty import EASY, Difficulty, DifficultySetting
 from cadnode.infer.postprocess import Fusion, fuse_slices, source_box
 from cadnode.infer.preprocess import Geometry
 from training.bundle import (
@@ -73,8 +74,19 @@ from training.export import INPUT, check_against_torch, export_onnx, onnx_probab
 from training.froc import EVALUATION_FPS, MIN_DISTANCE_PX, Froc, Prediction, froc
 from training.metrics import bootstrap_interval, proportion_interval
 from training.plots import draw_froc
-from training.ruleout import Splits, controlled_batches, make_deterministic
-from training.sources import Source, phantoms_only
+from training.records import Record, volume_key, volume_records
+from training.ruleout import Splits, controlled_batches
+from training.sources import Source, folder_splits, resolved
+from training.streaming import (
+    EpochBatches,
+    Schedule,
+    alone,
+    concatenated,
+    in_order,
+    loader,
+    seed_everything,
+)
+from training.streaming import fit as fit_streaming
 
 OUTPUT = "boxes"
 FIELDS = ["score", "x", "y", "width", "height"]
@@ -108,11 +120,16 @@ class DetectorSpec(Strict):
 
 class DetectorTraining(Strict):
     epochs: int = Field(gt=0)
+    # Volumes per batch, each giving its slab of slices (its lesions' slices, or
+    # negatives_per_volume slices of a normal volume): a batch reads `batch_size` volumes.
     batch_size: int = Field(gt=1)
     learning_rate: float = Field(gt=0)
     batch_positive_fraction: float = Field(default=0.5, gt=0, lt=1)
     box_weight: float = Field(default=5.0, ge=0)
     negatives_per_volume: int = Field(default=4, gt=0, description="Slices of a normal volume")
+    # Duke's model selection: stop after this many epochs without a better validation FROC
+    # (their baseline: 25); `--patience` overrides it. None: run every epoch.
+    patience: int | None = Field(default=None, gt=0)
 
 
 class DetectorInference(Strict):
@@ -133,6 +150,8 @@ class DetectorConfig(Strict):
     phantom_size: int = Field(default=128, gt=31)
     input_size: int = Field(default=128, gt=15)
     positive_fraction: float = Field(default=0.5, gt=0, lt=1, description="Volumes with masses")
+    # cadnode.infer.phantoms.difficulty: a preset's name or its fields; absent, easy.
+    difficulty: DifficultySetting = EASY
     # The Duke rule's 100 px are ~10 mm at their ~0.1 mm pixels; the phantoms' pixels are
     # 0.5 mm, so 20 px is the same distance. The card also reports the literal 100 px.
     min_distance_px: float = Field(default=20.0, gt=0)
@@ -271,8 +290,10 @@ def grid_target(boxes: Sequence[tuple[float, ...]], spec: DetectorSpec, grid: in
     return target
 
 
-def volume_truth(case: VolumeCase, slices: int, size: int) -> tuple[Dataset, list[DukeBox]]:
-    ds, phantom = render_volume(case, slices=slices, size=size)
+def volume_truth(
+    case: VolumeCase, slices: int, size: int, difficulty: Difficulty = EASY
+) -> tuple[Dataset, list[DukeBox]]:
+    ds, phantom = render_volume(case, slices=slices, size=size, difficulty=difficulty)
     key = (case.patient_id, case.study_uid, case.view.lower())
     label = "cancer" if case.cancer else "benign"
     boxes = [
@@ -281,90 +302,180 @@ def volume_truth(case: VolumeCase, slices: int, size: int) -> tuple[Dataset, lis
     return ds, boxes
 
 
+Volume = tuple[np.ndarray, Geometry, VolumeKey, list[DukeBox]]
+
+
+@dataclass(frozen=True)
+class DukeReader:
+    """A DBT record as the model sees it: a phantom rendered, a Duke file read; either way
+    through `duke_volume_tensor` (rescale, each frame's window, flipped as Duke's
+    `dcmread_image` flips it), so its boxes fit its pixels. Gives (frames (F, 1, S, S), their
+    geometry, the volume's Duke key, its boxes): one volume in memory at a time."""
+
+    slices: int
+    phantom_size: int
+    input_size: int
+    difficulty: Difficulty = EASY  # of a phantom record's volume
+
+    def dataset(self, record: Record) -> tuple[Dataset, list[DukeBox]]:
+        if record.volume is not None:
+            return volume_truth(record.volume, self.slices, self.phantom_size, self.difficulty)
+        if record.image is None:
+            raise ValueError(f"{record.key}: neither a phantom nor a file")
+        return pydicom.dcmread(record.image), list(record.lesions)
+
+    def __call__(self, record: Record, rng: np.random.Generator | None = None) -> Volume:
+        ds, boxes = self.dataset(record)
+        key = volume_key(record)
+        frames, geometry = duke_volume_tensor(ds, key[2], self.input_size)
+        return frames, geometry, key, boxes
+
+
+def reader_of(config: DetectorConfig) -> DukeReader:
+    return DukeReader(config.slices, config.phantom_size, config.input_size, config.difficulty)
+
+
+def slab(
+    volume: Volume, spec: DetectorSpec, negatives: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A volume's training rows: its positive slices per lesion (the Duke rule), each with
+    the boxes of every lesion it belongs to, or `negatives` random slices of a volume without
+    lesions. (images (k, 1, S, S), grid targets (k, 5, G, G), positive (k,))."""
+    frames, geometry, _, boxes = volume
+    grid = frames.shape[-1] // spec.cell
+    if not boxes:
+        count = min(len(frames), negatives)
+        chosen_slices = np.sort(rng.choice(len(frames), count, replace=False))
+        empty = np.zeros((count, 5, grid, grid), np.float32)
+        return frames[chosen_slices], empty, np.zeros(count, dtype=bool)
+    chosen: dict[int, list[DukeBox]] = {}
+    for box in boxes:
+        for index in positive_slices(box, len(frames)):
+            chosen.setdefault(index, []).append(box)
+    rows = sorted(chosen)
+    targets = [grid_target(model_boxes(chosen[row], geometry), spec, grid) for row in rows]
+    return frames[rows], np.stack(targets), np.ones(len(rows), dtype=bool)
+
+
+@dataclass(frozen=True)
+class Slab:
+    """The training sample of a DBT record (streaming.loader): `slab`, mirrored at random."""
+
+    reader: DukeReader
+    spec: DetectorSpec
+    negatives: int
+
+    def __call__(self, record: Record, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        images, targets, positive = slab(self.reader(record), self.spec, self.negatives, rng)
+        images, targets = mirrored(images, targets, rng)
+        return images, targets, positive
+
+
 def training_slices(
     cases: Sequence[VolumeCase],
     config: DetectorConfig,
     render: Callable[[VolumeCase, int, int], tuple[Dataset, list[DukeBox]]] = volume_truth,
 ) -> Slices:
-    """Positive slices per lesion from volumes with masses; a few random slices of each
-    normal volume (negatives_per_volume). Each volume (`render`: dataset and Duke boxes) is
-    read by `duke_volume_tensor`, as `detect` reads it."""
-    grid = config.input_size // config.model.cell
+    """Every planned volume's `slab` at once (`render`: dataset and Duke boxes), each read by
+    `duke_volume_tensor` as training and `detect` read it."""
     rng = np.random.default_rng(config.seed)
-    images, targets, positive = [], [], []
-    for case in tqdm(cases, desc="slices", unit="volume"):
-        ds, boxes = render(case, config.slices, config.phantom_size)
-        frames, geometry = duke_volume_tensor(ds, case.view, config.input_size)
-        if not boxes:
-            count = min(len(frames), config.training.negatives_per_volume)
-            chosen_slices = np.sort(rng.choice(len(frames), count, replace=False))
-            images.append(frames[chosen_slices])
-            targets += [np.zeros((5, grid, grid), np.float32)] * count
-            positive += [False] * count
-            continue
-        chosen: dict[int, list[DukeBox]] = {}
-        for box in boxes:
-            for index in positive_slices(box, len(frames)):
-                chosen.setdefault(index, []).append(box)
-        for index, found in sorted(chosen.items()):
-            images.append(frames[index : index + 1])
-            targets.append(grid_target(model_boxes(found, geometry), config.model, grid))
-            positive.append(True)
-    return Slices(np.concatenate(images), np.stack(targets), np.array(positive))
+    parts = []
+    for record in volume_records(cases):
+        assert record.volume is not None
+        ds, boxes = render(record.volume, config.slices, config.phantom_size)
+        frames, geometry = duke_volume_tensor(ds, record.view, config.input_size)
+        volume = (frames, geometry, volume_key(record), boxes)
+        parts.append(slab(volume, config.model, config.training.negatives_per_volume, rng))
+    images, targets, positive = (np.concatenate(part) for part in zip(*parts, strict=True))
+    return Slices(images, targets, positive)
 
 
 # --- training --------------------------------------------------------------------------------
 
 
-def train(model: GridDetector, data: Slices, spec: DetectorTraining, seed: int) -> list[float]:
-    """Adam; focal objectness + weighted MSE on the positive cells' boxes; random flips."""
-    rng = np.random.default_rng(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
+def detection_loss(
+    raw: torch.Tensor, targets: torch.Tensor, focal: FocalLoss, box_weight: float
+) -> torch.Tensor:
+    """Focal loss on objectness + `box_weight` x squared error of the positive cells' boxes."""
+    objectness = targets[:, :1]
+    loss: torch.Tensor = focal(raw[:, :1], objectness)
+    cells = objectness[:, 0] > 0.5
+    if cells.any():
+        predicted = torch.cat([torch.sigmoid(raw[:, 1:3]), raw[:, 3:5]], dim=1)
+        error = (predicted - targets[:, 1:]).pow(2).sum(dim=1)
+        loss = loss + box_weight * error[cells].mean()
+    return loss
+
+
+def train(
+    model: GridDetector,
+    splits: Mapping[str, Sequence[Record]],
+    config: DetectorConfig,
+    source: Source,
+) -> None:
+    """Streamed one volume's slab at a time: batches of volumes, half with lesions (seed 000's
+    batch control over volumes), Adam on `detection_loss`; after every epoch the validation
+    FROC (mean lesion sensitivity at 0.5-4 FP/volume) picks the weights kept, and the run
+    stops after `patience` epochs without a better one (Duke's model selection)."""
+    spec, reader = config.training, reader_of(config)
+    labels = np.array([record.abnormal for record in splits["train"]], dtype=np.float32)
+    if len(labels) < spec.batch_size:
+        raise ValueError(f"training set of {len(labels)} volumes is smaller than one batch")
+    sampler = EpochBatches(
+        lambda rng: controlled_batches(labels, spec.batch_size, spec.batch_positive_fraction, rng),
+        config.seed,
+    )
     focal = FocalLoss(gamma=2.0, use_softmax=False)
-    x, y = torch.from_numpy(data.images), torch.from_numpy(data.targets)
-    labels = data.positive.astype(np.float32)
-    losses: list[float] = []
-    model.train()
-    for _ in (bar := tqdm(range(spec.epochs), desc="train", unit="epoch")):
-        batches = controlled_batches(labels, spec.batch_size, spec.batch_positive_fraction, rng)
-        total = 0.0
-        for batch in batches:
-            images, targets = _flipped(x[torch.from_numpy(batch)], y[torch.from_numpy(batch)], rng)
-            optimizer.zero_grad()
-            raw = model.raw(images)
-            objectness = targets[:, :1]
-            loss = focal(raw[:, :1], objectness)
-            cells = objectness[:, 0] > 0.5
-            if cells.any():
-                predicted = torch.cat([torch.sigmoid(raw[:, 1:3]), raw[:, 3:5]], dim=1)
-                error = (predicted - targets[:, 1:]).pow(2).sum(dim=1)
-                loss = loss + spec.box_weight * error[cells].mean()
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        losses.append(total / max(1, len(batches)))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    model.eval()
-    return losses
+
+    def step(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        assert isinstance(net, GridDetector)
+        return detection_loss(net.raw(batch[0]), batch[1], focal, spec.box_weight)
+
+    def validate(net: nn.Module) -> float:
+        truth, predictions = predict_records(
+            torch_runner(net), splits["validation"], reader, config.inference, source.run.workers
+        )
+        if not truth:
+            return 0.0
+        result = froc(
+            truth,
+            predictions,
+            volumes=len(splits["validation"]),
+            min_distance=config.min_distance_px,
+        )
+        return float(np.mean(list(result.lesion.values())))
+
+    sample = Slab(reader, config.model, spec.negatives_per_volume)
+    fit_streaming(
+        model,
+        step=step,
+        train=loader(splits["train"], sample, sampler, source.run.workers, concatenated),
+        sampler=sampler,
+        schedule=Schedule(torch.optim.Adam(model.parameters(), lr=spec.learning_rate)),
+        epochs=spec.epochs,
+        validate=validate,
+        metric="validation_froc_sensitivity",
+        options=replace(source.run, patience=source.run.patience or spec.patience),
+    )
 
 
-def _flipped(
-    images: torch.Tensor, targets: torch.Tensor, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror the whole batch top-bottom and/or left-right, targets with it: the grid flips,
-    and the centre offset inside a cell becomes 1 - offset (objectness and sizes stay)."""
+def mirrored(
+    images: np.ndarray, targets: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror the rows top-bottom and/or left-right, targets with them: the grid flips, and
+    the centre offset inside a cell becomes 1 - offset (objectness and sizes stay)."""
     for axis, offset in ((-1, 1), (-2, 2)):
         if rng.random() < 0.5:
-            images, targets = images.flip(axis), targets.flip(axis).clone()
+            images, targets = np.flip(images, axis), np.flip(targets, axis).copy()
             present = targets[:, 0] > 0.5
             targets[:, offset][present] = 1.0 - targets[:, offset][present]
-    return images, targets
+    return np.ascontiguousarray(images), np.ascontiguousarray(targets)
 
 
 # --- inference -------------------------------------------------------------------------------
 
 
-def volume_key(ds: Dataset) -> VolumeKey:
+def volume_key_of(ds: Dataset) -> VolumeKey:
     """PatientID, StudyUID and the Duke view (e.g. "lcc") of a DBT dataset."""
     laterality = ""
     shared = ds.get("SharedFunctionalGroupsSequence")
@@ -376,22 +487,35 @@ def volume_key(ds: Dataset) -> VolumeKey:
     return str(ds.PatientID), str(ds.StudyInstanceUID), f"{laterality.lower()}{view}"
 
 
-def detect(
-    model_path: Path,
-    ds: Dataset,
-    settings: DetectorInference,
-    input_size: int,
-    threads: int = 2,
-    key: VolumeKey | None = None,
+Runner = Callable[[np.ndarray], np.ndarray]  # a volume's frames -> boxes (F, cells, 5)
+
+
+def onnx_runner(model_path: Path, threads: int) -> Runner:
+    return lambda frames: onnx_probabilities(model_path, frames, threads, batch_size=32)
+
+
+def torch_runner(model: nn.Module, batch_size: int = 32) -> Runner:
+    """The PyTorch model's boxes (validation during training, before any export)."""
+    device = next(model.parameters()).device
+
+    def run(frames: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            parts = [
+                model(torch.from_numpy(frames[i : i + batch_size]).to(device)).float().cpu()
+                for i in range(0, len(frames), batch_size)
+            ]
+        return torch.cat(parts).numpy()
+
+    return run
+
+
+def detections(
+    run: Runner, volume: Volume, settings: DetectorInference, input_size: int
 ) -> list[Prediction]:
-    """The volume's Duke prediction rows, boxes in the frame Duke's boxes are drawn on (the
-    pixels flipped as the authors' `dcmread_image` flips them, `duke_volume_tensor`): fused
-    and mapped back by the daemon's own post-processing (cadnode.infer.postprocess). `key`
-    (PatientID, StudyUID, View) as the Duke file-path CSV names the volume; default from its
-    tags."""
-    key = key or volume_key(ds)
-    frames, geometry = duke_volume_tensor(ds, key[2], input_size)
-    boxes = onnx_probabilities(model_path, frames, threads, batch_size=32)
+    """A volume's Duke prediction rows: `run` on its frames, boxes fused across slices and
+    mapped back by the daemon's own post-processing (cadnode.infer.postprocess), in the frame
+    its geometry maps to (Duke's, from `duke_volume_tensor`)."""
+    frames, geometry, key, _ = volume
     fusion = fusion_of(settings)
     return [
         Prediction(
@@ -405,9 +529,47 @@ def detect(
             score=round(box.score, 6),
         )
         for box in (
-            source_box(fused, geometry) for fused in fuse_slices(boxes, frames, input_size, fusion)
+            source_box(fused, geometry)
+            for fused in fuse_slices(run(frames), frames, input_size, fusion)
         )
     ]
+
+
+def detect(
+    model_path: Path,
+    ds: Dataset,
+    settings: DetectorInference,
+    input_size: int,
+    threads: int = 2,
+    key: VolumeKey | None = None,
+) -> list[Prediction]:
+    """The volume's Duke prediction rows, boxes in the frame Duke's boxes are drawn on (the
+    pixels flipped as the authors' `dcmread_image` flips them, `duke_volume_tensor`). `key`
+    (PatientID, StudyUID, View) as the Duke file-path CSV names the volume; default from its
+    tags."""
+    key = key or volume_key_of(ds)
+    frames, geometry = duke_volume_tensor(ds, key[2], input_size)
+    return detections(
+        onnx_runner(model_path, threads), (frames, geometry, key, []), settings, input_size
+    )
+
+
+def predict_records(
+    run: Runner,
+    records: Sequence[Record],
+    reader: DukeReader,
+    settings: DetectorInference,
+    workers: int,
+) -> tuple[list[DukeBox], list[Prediction]]:
+    """The true boxes and the predictions of every record, one volume in memory at a time
+    (read by the DataLoader's workers while the previous one runs)."""
+    truth: list[DukeBox] = []
+    predictions: list[Prediction] = []
+    volumes = loader(records, reader, in_order(len(records), 1), workers, alone)
+    for volume in volumes:
+        truth += volume[3]
+        predictions += detections(run, volume, settings, reader.input_size)
+    return truth, predictions
 
 
 def fusion_of(settings: DetectorInference) -> Fusion:
@@ -454,15 +616,11 @@ class DetectionEvaluation:
 
 
 def predict_set(
-    model_path: Path, cases: Sequence[VolumeCase], config: DetectorConfig, desc: str
+    model_path: Path, cases: Sequence[VolumeCase], config: DetectorConfig, desc: str = ""
 ) -> tuple[list[DukeBox], list[Prediction]]:
-    truth: list[DukeBox] = []
-    predictions: list[Prediction] = []
-    for case in tqdm(cases, desc=desc, unit="volume"):
-        ds, boxes = volume_truth(case, config.slices, config.phantom_size)
-        truth += boxes
-        predictions += detect(model_path, ds, config.inference, config.input_size, config.threads)
-    return truth, predictions
+    """A bundle's predictions on planned phantom volumes, and their true boxes."""
+    run = onnx_runner(model_path, config.threads)
+    return predict_records(run, volume_records(cases), reader_of(config), config.inference, 0)
 
 
 def report_point(
@@ -548,12 +706,16 @@ def _restudied(item: Item, study_uid: str) -> Item:
 
 
 def evaluate(
-    model_path: Path, cases: Mapping[str, Sequence[VolumeCase]], config: DetectorConfig
+    model_path: Path,
+    splits: Mapping[str, Sequence[Record]],
+    config: DetectorConfig,
+    workers: int = 0,
 ) -> DetectionEvaluation:
-    validation = predict_set(model_path, cases["validation"], config, "validation")
-    threshold, sensitivity, fps = report_point(*validation, len(cases["validation"]), config)
-    truth, predictions = predict_set(model_path, cases["test"], config, "test")
-    volumes = [(case.patient_id, case.study_uid, case.view.lower()) for case in cases["test"]]
+    run, reader = onnx_runner(model_path, config.threads), reader_of(config)
+    validation = predict_records(run, splits["validation"], reader, config.inference, workers)
+    threshold, sensitivity, fps = report_point(*validation, len(splits["validation"]), config)
+    truth, predictions = predict_records(run, splits["test"], reader, config.inference, workers)
+    volumes = [volume_key(record) for record in splits["test"]]
     count = len(volumes)
     return DetectionEvaluation(
         report_threshold=threshold,
@@ -569,32 +731,35 @@ def evaluate(
     )
 
 
-def split_cases(config: DetectorConfig) -> dict[str, list[VolumeCase]]:
+def split_cases(config: DetectorConfig) -> dict[str, list[Record]]:
+    """The config's phantom seed ranges as records (rendered when read)."""
     return {
-        name: plan_volumes(split.seeds, config.positive_fraction)
+        name: volume_records(plan_volumes(split.seeds, config.positive_fraction))
         for name, split in config.splits.named().items()
     }
 
 
 def trained(
     config_path: Path, checkpoint: Path | None = None, source: Source | None = None
-) -> tuple[DetectorConfig, dict[str, list[VolumeCase]], Slices, GridDetector]:
-    """The config, its cases and training slices, and the model trained on them (or the
-    checkpoint's)."""
+) -> tuple[DetectorConfig, dict[str, list[Record]], str | None, GridDetector]:
+    """The config, its splits (the config's phantoms or a Duke folder's volumes by patient),
+    the folder's description, and the model trained on them (or the checkpoint's)."""
     config = load_config(config_path)
-    phantoms_only(source, "dbt")
-    make_deterministic(config.seed, config.threads)
-    cases = split_cases(config)
-    data = training_slices(cases["train"], config)
+    source = resolved(source or Source(), "dbt")
+    seed_everything(config.seed, config.threads)
+    if source.data is None:
+        splits, description = split_cases(config), None
+    else:
+        splits, description = folder_splits(source, config.seed)
     model = GridDetector(config.model, config.input_size)
     fit(
         model,
-        lambda: train(model, data, config.training, config.seed),
+        lambda: train(model, splits, config, source),
         checkpoint=checkpoint,
         engine="dbt",
         config_path=config_path,
     )
-    return config, cases, data, model
+    return config, splits, description, model
 
 
 def build(
@@ -604,16 +769,16 @@ def build(
     checkpoint: Path | None = None,
     source: Source | None = None,
 ) -> Bundle:
-    """Train on phantom slices (or take a checkpoint's weights), export, check, choose the
-    report threshold, FROC, bundle."""
-    config, cases, data, model = trained(config_path, checkpoint, source)
+    """Train (or take a checkpoint's weights), export, check, choose the report threshold on
+    validation, FROC on test, bundle."""
+    config, splits, description, model = trained(config_path, checkpoint, source)
+    workers = (source or Source()).run.workers
     with staged(out) as folder:
         onnx_path = folder / MODEL_FILE
         export_onnx(model, onnx_path, config.input_size, output=OUTPUT)
-        difference = check_against_torch(
-            model, onnx_path, data.images[:CHECK_BATCH], config.threads, EXPORT_TOLERANCE
-        )
-        evaluation = evaluate(onnx_path, cases, config)
+        check = reader_of(config)(splits["test"][0])[0][:CHECK_BATCH]
+        difference = check_against_torch(model, onnx_path, check, config.threads, EXPORT_TOLERANCE)
+        evaluation = evaluate(onnx_path, splits, config, workers)
         draw_froc(
             folder / FROC_FILE,
             [
@@ -621,7 +786,8 @@ def build(
                 ("breast-based", *evaluation.test.breast_curve),
             ],
         )
-        manifest = make_manifest(config, cases, evaluation, sha256_of(onnx_path))
+        data = description or describe_data(config, splits)
+        manifest = make_manifest(config, data, evaluation, sha256_of(onnx_path))
         write_bundle(
             folder, manifest, model_card(manifest, config, evaluation, difference, rebuild)
         )
@@ -643,7 +809,7 @@ def metrics(evaluation: DetectionEvaluation) -> dict[str, float]:
 
 def make_manifest(
     config: DetectorConfig,
-    cases: Mapping[str, Sequence[VolumeCase]],
+    training_data: str,
     evaluation: DetectionEvaluation,
     sha256: str,
 ) -> Manifest:
@@ -665,7 +831,7 @@ def make_manifest(
                 threshold=evaluation.report_threshold,
                 description="Report a fused box when its score is at or above this: the lowest "
                 f"threshold with at most {config.inference.report_fp_per_volume:g} false "
-                "positive(s) per volume on the validation phantoms (Duke true-positive rule).",
+                "positive(s) per volume on the validation volumes (Duke true-positive rule).",
                 sensitivity=round(evaluation.report_sensitivity, 6),
             ),
             "candidates": OperatingPoint(
@@ -690,16 +856,17 @@ def make_manifest(
             },
         ),
         provenance=provenance(
-            describe_data(config, cases), config.date, metrics(evaluation), evaluation.intervals
+            training_data, config.date, metrics(evaluation), evaluation.intervals
         ),
     )
 
 
-def describe_data(config: DetectorConfig, cases: Mapping[str, Sequence[VolumeCase]]) -> str:
+def describe_data(config: DetectorConfig, splits: Mapping[str, Sequence[Record]]) -> str:
     parts = []
     for name, split in config.splits.named().items():
-        lesions = sum(case.masses for case in cases[name])
-        positive = sum(case.masses > 0 for case in cases[name])
+        cases = [record.volume for record in splits[name] if record.volume is not None]
+        lesions = sum(case.masses for case in cases)
+        positive = sum(case.masses > 0 for case in cases)
         parts.append(
             f"{name}: {split.count} volumes, seeds {split.seeds.start}-{split.seeds.stop - 1} "
             f"({positive} with masses, {lesions} masses planned)."

@@ -17,7 +17,7 @@ from cadnode.infer.bundle import Bundle
 from cadnode.infer.phantoms.breast import plan_volumes
 from cadnode.infer.phantoms.chest import plan_cases, render
 from cadnode.infer.preprocess import image_to_tensor
-from training import detector, segmenter
+from training import detector, ruleout, segmenter
 from training.export import onnx_probabilities
 from training.froc import froc
 from training.metrics import auc, dice_per_image, pooled_dice
@@ -26,13 +26,19 @@ from training.ruleout import rates
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def evaluate_ruleout(bundle: Bundle, seeds: range, phantom_size: int = 256) -> dict[str, float]:
-    """AUC and sensitivity/specificity at each operating point on balanced fresh films."""
+def evaluate_ruleout(
+    bundle: Bundle, seeds: range, config: Path = CONFIGS / "ruleout.yaml"
+) -> dict[str, float]:
+    """AUC and sensitivity/specificity at each operating point on balanced fresh films, drawn
+    at the config's phantom size and difficulty."""
+    settings = ruleout.load_config(config)
     cases = plan_cases(seeds, 0.5)
     size = bundle.manifest.preprocessing.size
     images = np.stack(
         [
-            image_to_tensor(render(case, phantom_size), size, limit=DEFAULT_LIMIT)[0]
+            image_to_tensor(
+                render(case, settings.phantom_size, settings.difficulty), size, limit=DEFAULT_LIMIT
+            )[0]
             for case in cases
         ]
     )
@@ -54,7 +60,9 @@ def evaluate_segmenter(
     settings = segmenter.load_config(config)
     cases = plan_cases(seeds, settings.evaluation_positive_fraction)
     size = bundle.manifest.preprocessing.size
-    images, masks = segmenter.tensors(cases, settings.phantom_size, size, "films")
+    images, masks = segmenter.tensors(
+        cases, settings.phantom_size, size, "films", settings.difficulty
+    )
     probabilities = onnx_probabilities(bundle.model_path, images, threads=2, batch_size=16)
     figures = {}
     for index, label in enumerate(segmenter.LABELS):

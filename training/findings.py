@@ -130,6 +130,16 @@ class PrefilterSpec(Strict):
     beta: float = Field(default=0.3, ge=0, le=1)
 
 
+class ReportSpec(Strict):
+    """How each finding's `report` point is chosen on validation (training.findings_build):
+    the best F1 where the label has at least `min_positives_for_f1` positives (fewer make the
+    best-F1 point noise), else the lowest threshold with specificity >= `fallback_specificity`
+    on the negatives; a label with too few negatives to measure even that is not reported."""
+
+    min_positives_for_f1: int = Field(default=10, ge=1)
+    fallback_specificity: float = Field(default=0.99, gt=0, lt=1)
+
+
 class FindingsConfig(Strict):
     """training/configs/findings*.yaml."""
 
@@ -150,6 +160,7 @@ class FindingsConfig(Strict):
     groups: GroupSpec = GroupSpec()
     calibration: CalibrationSpec = CalibrationSpec()
     prefilter: PrefilterSpec = PrefilterSpec()
+    report: ReportSpec = ReportSpec()
     date: str | None = None
 
     @model_validator(mode="after")

@@ -3,7 +3,8 @@
 Evaluation is CXR-LT's: average precision per class and its mean (mAP), the means over the
 head, medium and tail classes (grouped by their share of the training images), AUC per
 class; 95 % percentile bootstrap intervals, and a distribution-free bound where an AUC is
-saturated. Operating points: each finding's threshold (the best F1 on validation), seed
+saturated. Operating points: each finding's threshold (report_point: the best F1 on
+validation where the label has enough validation positives, else a high specificity), seed
 002's two-class rule on P(No Finding) (alpha, beta: which findings are reported), and the
 rule-out point on P(abnormal) = 1 - P(No Finding), calibrated as the rule-out engine's is.
 Everything after export is computed on ONNX Runtime's outputs of the shipped file.
@@ -22,11 +23,14 @@ import torch
 from torch import nn
 
 from cadnode.infer.bundle import (
+    REPORT_POINT,
     Bundle,
+    Findings,
     Label,
     Manifest,
     ModelFile,
-    Output,
+    OperatingPoint,
+    Prefilter,
     Preprocessing,
     TaskKind,
     sha256_of,
@@ -53,6 +57,7 @@ from training.findings import (
     FeaturePyramidSum,
     FindingsConfig,
     FindingsFilm,
+    ReportSpec,
     batch_loss,
     dadam_records,
     load_config,
@@ -65,12 +70,13 @@ from training.metrics import (
     bootstrap_interval,
     frequency_group,
     group_means,
+    proportion_interval,
     saturated_auc_interval,
 )
 from training.plots import COLOURS, Chart, draw_calibration, draw_roc
 from training.prefilter import Filtered, healthy_prefilter
 from training.records import ABNORMAL, NO_FINDING, Record
-from training.ruleout import Evaluation, evaluate
+from training.ruleout import Evaluation, evaluate, roc_table
 from training.sources import Source, folder_splits, resolved
 from training.streaming import EpochBatches, Schedule, in_order, loader, seed_everything
 from training.streaming import fit as fit_streaming
@@ -314,6 +320,66 @@ def best_f1_threshold(scores: np.ndarray, truth: np.ndarray) -> float:
     return chosen
 
 
+BEST_F1, SPECIFICITY, NOT_REPORTED = "best F1", "specificity", "not reported"
+
+
+@dataclass(frozen=True)
+class ReportChoice:
+    """How a finding's `report` point was chosen on validation, and on how many films."""
+
+    rule: str  # BEST_F1, SPECIFICITY or NOT_REPORTED
+    threshold: float | None  # None: NOT_REPORTED
+    positives: int
+    negatives: int
+
+
+def report_point(scores: np.ndarray, truth: np.ndarray, spec: ReportSpec) -> ReportChoice:
+    """A finding's `report` point on validation: the best F1 with at least
+    `min_positives_for_f1` positives (on two positives the best F1 is whichever threshold
+    catches them, and says nothing of precision), else the lowest threshold whose
+    specificity is >= `fallback_specificity`; not reported where the negatives are too few
+    for that target to differ from 1 (fewer than 1 / (1 - target))."""
+    positive = truth > 0.5
+    positives, negatives = int(positive.sum()), int((~positive).sum())
+    if positives >= spec.min_positives_for_f1:
+        return ReportChoice(BEST_F1, best_f1_threshold(scores, truth), positives, negatives)
+    target = spec.fallback_specificity
+    if negatives * (1 - target) < 1 - 1e-9:
+        return ReportChoice(NOT_REPORTED, None, positives, negatives)
+    thresholds = np.unique(np.append(scores.astype(np.float64), 1.0))
+    below = np.searchsorted(np.sort(scores[~positive]), thresholds, side="left")
+    threshold = float(thresholds[below / negatives >= target].min())
+    return ReportChoice(SPECIFICITY, threshold, positives, negatives)
+
+
+@dataclass(frozen=True)
+class AtPoint:
+    """A finding's test counts at its `report` point: recall and precision, exact intervals."""
+
+    true_positives: int
+    called: int
+    positives: int
+
+    @classmethod
+    def of(cls, scores: np.ndarray, truth: np.ndarray, threshold: float) -> AtPoint:
+        called, positive = scores >= threshold, truth > 0.5
+        return cls(int((called & positive).sum()), int(called.sum()), int(positive.sum()))
+
+    @property
+    def recall(self) -> float:
+        return self.true_positives / self.positives if self.positives else float("nan")
+
+    @property
+    def precision(self) -> float:
+        return self.true_positives / self.called if self.called else float("nan")
+
+    def recall_ci(self) -> tuple[float, float]:
+        return proportion_interval(self.true_positives, self.positives)
+
+    def precision_ci(self) -> tuple[float, float]:
+        return proportion_interval(self.true_positives, self.called)
+
+
 def reported_findings(
     probabilities: Mapping[str, float],
     thresholds: Mapping[str, float],
@@ -339,11 +405,14 @@ class FindingsEvaluation:
     group_map: dict[str, float]
     test_map: float
     validation_map: float
-    thresholds: dict[str, float]  # per finding, on validation
-    at_threshold: dict[str, tuple[float, float]]  # test (recall, precision) per finding
+    thresholds: dict[str, float]  # per reported finding, on validation
+    choices: dict[str, ReportChoice]  # per finding: how its report point was chosen
+    at_threshold: dict[str, AtPoint]  # per reported finding, on test
     prefilter: dict[str, float]
     ruleout: Evaluation
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # per finding, where validation allows: the `urgent` point (urgent_threshold)
+    urgent: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         figures = {
@@ -388,17 +457,24 @@ def evaluate_findings(
     ci["test_map"] = bootstrap_interval(
         lambda i: mean_ap(test_scores[i], test_truth[i]), len(test_truth)
     )
+    groups = label_groups(shares, config)
+    for group in sorted(set(groups.values())):
+        members = [j for j, k in enumerate(labels) if groups[k] == group]
+        ci[f"map_{group}"] = bootstrap_interval(
+            lambda i, m=members: mean_ap(test_scores[i][:, m], test_truth[i][:, m]),
+            len(test_truth),
+        )
     findings = labels[1:]
-    thresholds = {
-        k: best_f1_threshold(val_scores[:, j + 1], val_truth[:, j + 1])
+    choices = {
+        k: report_point(val_scores[:, j + 1], val_truth[:, j + 1], config.report)
         for j, k in enumerate(findings)
     }
-    at_threshold = {}
-    for j, k in enumerate(findings):
-        called, positive = test_scores[:, j + 1] >= thresholds[k], test_truth[:, j + 1] > 0.5
-        recall = float(called[positive].mean()) if positive.any() else float("nan")
-        precision = float(positive[called].mean()) if called.any() else float("nan")
-        at_threshold[k] = (recall, precision)
+    thresholds = {k: c.threshold for k, c in choices.items() if c.threshold is not None}
+    column = {k: j + 1 for j, k in enumerate(findings)}
+    at_threshold = {
+        k: AtPoint.of(test_scores[:, column[k]], test_truth[:, column[k]], t)
+        for k, t in thresholds.items()
+    }
     abnormal_val = (val_out[:, 0], 1.0 - val_truth[:, 0])
     return FindingsEvaluation(
         labels=labels,
@@ -411,11 +487,36 @@ def evaluate_findings(
         test_map=mean_ap(test_scores, test_truth),
         validation_map=mean_ap(val_scores, val_truth),
         thresholds=thresholds,
+        choices=choices,
+        urgent=urgent_points(
+            val_scores[:, [column[k] for k in thresholds]],
+            val_truth[:, [column[k] for k in thresholds]],
+            thresholds,
+            config.calibration.urgent_specificity,
+        ),
         at_threshold=at_threshold,
         prefilter=prefilter_figures(config, labels, test_scores, test_truth, thresholds),
         ruleout=evaluate(abnormal_val, test_out[:, 0], test_records, config.calibration),
         curves=curves,
     )
+
+
+def urgent_points(
+    scores: np.ndarray, truth: np.ndarray, reports: Mapping[str, float], specificity: float
+) -> dict[str, float]:
+    """Each finding's `urgent` point (columns in `reports` order), chosen on validation as
+    the rule-out engine's is: the lowest threshold with specificity >= `specificity`, never
+    below the finding's `report` point; none where validation lacks positives or negatives."""
+    points = {}
+    for j, (finding, report) in enumerate(reports.items()):
+        try:
+            thresholds, _, reached = roc_table(scores[:, j], truth[:, j])
+        except ValueError:
+            continue
+        eligible = thresholds[(reached >= specificity) & (thresholds >= report)]
+        if len(eligible):
+            points[finding] = float(eligible.min())
+    return points
 
 
 def auc_bounds(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -511,12 +612,6 @@ def make_manifest(
         f"lowest validation threshold with specificity >= {calibration.urgent_specificity}, "
         "never below rule_out.",
     }
-    names = [ABNORMAL, *config.labels]
-    parameters = {f"threshold:{k}": round(v, 6) for k, v in evaluation.thresholds.items()}
-    parameters |= {
-        "prefilter_alpha": config.prefilter.alpha,
-        "prefilter_beta": config.prefilter.beta,
-    }
     return Manifest(
         name=config.name,
         version=config.version,
@@ -530,15 +625,12 @@ def make_manifest(
         + [Label(name=k, code=config.code(k)) for k in config.labels],
         operating_points=calibrated_points(ruleout, meanings),
         model=ModelFile(file=MODEL_FILE, sha256=sha256, input=INPUT, output=OUTPUT),
-        output=Output(
-            shape=["batch", "label"],
-            fields=names,
-            description=f"A second ONNX output, {FINDINGS_OUTPUT!r}: one probability per label "
-            "in `labels` order (abnormal first). A finding is reported at or above its "
-            "`threshold:<label>`; then seed 002's rule on P(No Finding): above "
-            "`prefilter_alpha` only 'No Finding' is reported, above `prefilter_beta` it is "
-            "added to the findings (training.findings_build.reported_findings).",
-            parameters=parameters,
+        findings=Findings(
+            output=FINDINGS_OUTPUT,
+            healthy=NO_FINDING,
+            prefilter=Prefilter(alpha=config.prefilter.alpha, beta=config.prefilter.beta),
+            operating_points=finding_points(evaluation, calibration.urgent_specificity),
+            not_reported=[k for k, c in evaluation.choices.items() if c.threshold is None],
         ),
         provenance=provenance(
             data.description or describe(config, data),
@@ -549,8 +641,48 @@ def make_manifest(
     )
 
 
+def finding_points(
+    evaluation: FindingsEvaluation, urgent_specificity: float
+) -> dict[str, dict[str, OperatingPoint]]:
+    """Each reported finding's `report` point (report_point) and, where validation allows,
+    its `urgent` point (cadnode.infer.bundle.Findings)."""
+    points = {}
+    for finding, threshold in evaluation.thresholds.items():
+        test = evaluation.at_threshold[finding]
+        own = {
+            REPORT_POINT: OperatingPoint(
+                threshold=round(threshold, 6),
+                description=f"{finding} is reported at or above this probability ("
+                f"{choice_text(evaluation.choices[finding])}; on test recall {test.recall:.3f}, "
+                f"precision {test.precision:.3f}), unless seed 002's rule on P(No Finding) "
+                "suppresses every finding.",
+            )
+        }
+        if finding in evaluation.urgent:
+            own["urgent"] = OperatingPoint(
+                threshold=round(evaluation.urgent[finding], 6),
+                description=f"At or above this probability {finding} flags the film for "
+                f"priority reading: the lowest validation threshold with specificity >= "
+                f"{urgent_specificity}, never below the report point.",
+            )
+        points[finding] = own
+    return points
+
+
+def choice_text(choice: ReportChoice, target: float | None = None) -> str:
+    """How a report point was chosen, as the manifest and card say it."""
+    on = f"on {choice.positives} validation positives, {choice.negatives} negatives"
+    if choice.rule == BEST_F1:
+        return f"the best F1 on validation, {on}"
+    aim = f" >= {target:g}" if target is not None else ""
+    if choice.rule == SPECIFICITY:
+        return f"too few positives for a best-F1 point: validation specificity{aim}, {on}"
+    return f"not reported: too few negatives to set a specificity{aim} point, {on}"
+
+
 def evaluation_intervals(evaluation: FindingsEvaluation) -> dict[str, tuple[float, float]]:
     named = {"test_map": evaluation.ci["test_map"]}
+    named |= {f"test_map_{g}": evaluation.ci[f"map_{g}"] for g in evaluation.group_map}
     for label in evaluation.labels:
         named[f"test_ap_{key(label)}"] = evaluation.ci[f"ap_{key(label)}"]
         named[f"test_auc_{key(label)}"] = evaluation.ci[f"auc_{key(label)}"]
@@ -621,6 +753,20 @@ def pr_points(scores: np.ndarray, truth: np.ndarray) -> list[tuple[float, float]
     return points
 
 
+def point_row(finding: str, choice: ReportChoice, test: AtPoint | None, target: float) -> str:
+    """One finding's row of the card's report-point table."""
+    rule = f"specificity >= {target:g}" if choice.rule == SPECIFICITY else choice.rule
+    counts = f"{choice.positives} / {choice.negatives}"
+    if choice.threshold is None or test is None:
+        return f"| {finding} | {rule} | {counts} | - | - | - |"
+    return (
+        f"| {finding} | {rule} | {counts} | {choice.threshold:.6f} | {test.recall:.4f} "
+        f"{interval(test.recall_ci())} ({test.true_positives}/{test.positives}) | "
+        f"{test.precision:.4f} {interval(test.precision_ci())} "
+        f"({test.true_positives}/{test.called}) |"
+    )
+
+
 def model_card(
     manifest: Manifest,
     config: FindingsConfig,
@@ -636,11 +782,13 @@ def model_card(
         f"{interval(evaluation.ci[f'auc_{key(k)}'])} |"
         for k in evaluation.labels
     )
-    groups = ", ".join(f"{g} {v:.4f}" for g, v in evaluation.group_map.items())
+    groups = ", ".join(
+        f"{g} {v:.4f} {interval(evaluation.ci[f'map_{g}'])}"
+        for g, v in evaluation.group_map.items()
+    )
     thresholds = "\n".join(
-        f"| {k} | {t:.6f} | {evaluation.at_threshold[k][0]:.4f} | "
-        f"{evaluation.at_threshold[k][1]:.4f} |"
-        for k, t in evaluation.thresholds.items()
+        point_row(k, c, evaluation.at_threshold.get(k), config.report.fallback_specificity)
+        for k, c in evaluation.choices.items()
     )
     ruleout = evaluation.ruleout
     points = "\n".join(
@@ -684,11 +832,18 @@ def model_card(
         "| label | code | train share | group | AP | AUC |\n|---|---|---|---|---|---|\n"
         + rows
         + f"\n\n![ROC per label]({FINDINGS_ROC_FILE})\n\n![Precision-recall per label]({PR_FILE})",
-        "## Reported findings\n\nEach finding is reported at or above its threshold (the best "
-        "F1 on validation); then seed 002's two-class rule on P(No Finding) with alpha "
-        f"{spec.alpha:g} and beta {spec.beta:g} (the paper's): above alpha only 'No Finding' "
-        "is reported, above beta it is added to the findings.\n\n"
-        "| finding | threshold | test recall | test precision |\n|---|---|---|---|\n"
+        "## Reported findings\n\nEach finding is reported at or above its threshold, chosen on "
+        f"validation: the best F1 where the label has >= {config.report.min_positives_for_f1} "
+        "validation positives (on fewer, the best-F1 point is whichever threshold catches "
+        "them and says nothing of precision), else the lowest threshold with validation "
+        f"specificity >= {config.report.fallback_specificity:g}; a label with too few "
+        "validation negatives even for that is not reported (`findings.not_reported`). Then "
+        f"seed 002's two-class rule on P(No Finding) with alpha {spec.alpha:g} and beta "
+        f"{spec.beta:g} (the paper's): above alpha only 'No Finding' is reported, above beta it "
+        "is added to the findings. Test recall and precision at the point with 95 % "
+        "Clopper-Pearson exact intervals (counts in parentheses).\n\n"
+        "| finding | chosen by | val. positives / negatives | threshold | test recall "
+        "| test precision |\n|---|---|---|---|---|---|\n"
         + thresholds
         + f"\n\nOn test, micro precision / recall of the reported findings: "
         f"{pre['test_precision_with_prefilter']:.4f} / {pre['test_recall_with_prefilter']:.4f} "

@@ -29,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from cadnode.infer.froc_rule import MIN_DISTANCE_PX as MIN_DISTANCE_PX  # cadnode-train's default
+from cadnode.infer.froc_rule import Region, distance_3d, is_hit
 from training.datasets import DukeBox, read_rows, require_columns, write_rows
 
 PREDICTION_HEADER = (
     "PatientID", "StudyUID", "View", "X", "Y", "Z", "Width", "Height", "Depth", "Score"
 )  # fmt: skip
 EVALUATION_FPS = (0.25, 0.5, 1.0, 2.0, 4.0)
-MIN_DISTANCE_PX = 100.0  # the published rule; pixels of the volume the boxes are drawn on
 
 
 @dataclass(frozen=True)
@@ -95,26 +96,23 @@ def write_predictions(path: Path, predictions: Iterable[Prediction]) -> None:
 def is_true_positive(
     prediction: Prediction, box: DukeBox, slice_offset: float, min_distance: float = MIN_DISTANCE_PX
 ) -> bool:
-    """The Duke rule: centre within max(half GT diagonal, min_distance), slice within offset."""
-    distance = np.hypot(
-        prediction.x + prediction.width / 2 - (box.x + box.width / 2),
-        prediction.y + prediction.height / 2 - (box.y + box.height / 2),
-    )
-    radius = max(float(np.hypot(box.width, box.height)) / 2, min_distance)
-    slice_difference = abs(prediction.z + prediction.depth / 2 - box.slice)
-    return bool(distance <= radius and slice_difference <= slice_offset)
+    """The Duke rule (cadnode.infer.froc_rule): centre within max(half GT diagonal,
+    min_distance), slice within offset."""
+    return is_hit(_predicted(prediction), _lesion(box), slice_offset, min_distance)
 
 
 def _distance_3d(prediction: Prediction, box: DukeBox) -> float:
-    return float(
-        np.linalg.norm(
-            (
-                prediction.x + prediction.width / 2 - (box.x + box.width / 2),
-                prediction.y + prediction.height / 2 - (box.y + box.height / 2),
-                prediction.z + prediction.depth / 2 - box.slice,
-            )
-        )
-    )
+    return distance_3d(_predicted(prediction), _lesion(box))
+
+
+def _predicted(prediction: Prediction) -> Region:
+    """Z is the first slice and Depth the number of slices: centred on Z + Depth / 2."""
+    p = prediction
+    return Region(p.x, p.y, p.width, p.height, p.z + p.depth / 2)
+
+
+def _lesion(box: DukeBox) -> Region:
+    return Region(box.x, box.y, box.width, box.height, box.slice)
 
 
 def match(

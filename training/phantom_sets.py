@@ -34,6 +34,7 @@ from cadnode.infer.phantoms.chest import (
     make_chest_phantom,
     plan_cases,
 )
+from cadnode.infer.phantoms.difficulty import EASY, Difficulty
 from training import datasets
 from training.datasets import DukeBox
 from training.records import CXRLT_LABELS
@@ -43,14 +44,24 @@ CXRLT_HEADER = ("dicom_id", "subject_id", "study_id", "Lung Opacity", "Pneumotho
 
 
 def write_chest_set(
-    out: Path, *, count: int, first_seed: int, positive_fraction: float, size: int
+    out: Path,
+    *,
+    count: int,
+    first_seed: int,
+    positive_fraction: float,
+    size: int,
+    difficulty: Difficulty = EASY,
 ) -> int:
     cases = plan_cases(range(first_seed, first_seed + count), positive_fraction)
     labels, rsna, classes, siim, cxrlt = [], [], [], [], []
     for index, case in enumerate(tqdm(cases, desc="phantoms", unit="film")):
         name = f"cxr-{index:05d}"
         phantom = make_chest_phantom(
-            case.seed, size=size, opacity=case.opacity, pneumothorax=case.pneumothorax
+            case.seed,
+            size=size,
+            opacity=case.opacity,
+            pneumothorax=case.pneumothorax,
+            difficulty=difficulty,
         )
         ds = chest_dataset(
             phantom, patient_id=case.patient_id, patient_name="Phantom^Chest", seed=case.seed
@@ -114,6 +125,7 @@ def write_dbt_set(
     size: int,
     flip_right: bool = False,
     rescale: tuple[float, float] = (1.0, 0.0),
+    difficulty: Difficulty = EASY,
 ) -> int:
     """The volumes and Duke CSVs; `flip_right` and `rescale` (slope, intercept) change only
     how the pixels are stored (`store_pixels`), never the boxes or what a reader should see."""
@@ -122,7 +134,7 @@ def write_dbt_set(
     paths, labels = [], []
     for index, case in enumerate(tqdm(cases, desc="phantoms", unit="volume")):
         name = f"dbt-{index:05d}.dcm"
-        ds, phantom = render_volume(case, slices=slices, size=size)
+        ds, phantom = render_volume(case, slices=slices, size=size, difficulty=difficulty)
         store_pixels(ds, phantom.volume, turned=flip_right and case.view[0] == "R", rescale=rescale)
         out.mkdir(parents=True, exist_ok=True)
         ds.save_as(out / name, enforce_file_format=True)

@@ -55,6 +55,7 @@ class Record:
     view: str = ""  # Duke view, e.g. "lcc"
     lesions: tuple[DukeBox, ...] = ()  # Duke boxes of this volume
     seed: int | None = None  # phantom seed
+    volume: VolumeCase | None = None  # a phantom DBT volume, rendered when sampled
 
     @property
     def abnormal(self) -> bool:
@@ -106,17 +107,31 @@ def chest_case(record: Record) -> Case:
 
 
 def volume_records(cases: Sequence[VolumeCase]) -> list[Record]:
+    """Phantom DBT volumes as an index keyed as the Duke CSVs name a volume (PatientID,
+    StudyUID, View joined by "/"), labelled with their Duke group: rendered when sampled."""
     return [
         Record(
-            key=f"phantom-{case.seed}",
+            key="/".join((case.patient_id, case.study_uid, case.view.lower())),
             patient=case.patient_id,
             image=None,
-            labels={ABNORMAL: float(case.masses > 0)},
+            labels={ABNORMAL: float(case.masses > 0), phantom_group(case): 1.0},
             view=case.view.lower(),
             seed=case.seed,
+            volume=case,
         )
         for case in cases
     ]
+
+
+def phantom_group(case: VolumeCase) -> str:
+    """The Duke label group of a phantom volume (as phantom_sets writes BCS-DBT-labels.csv)."""
+    return "normal" if not case.masses else "cancer" if case.cancer else "benign"
+
+
+def volume_key(record: Record) -> datasets.VolumeKey:
+    """(PatientID, StudyUID, View) of a DBT record, as the Duke CSVs name it."""
+    patient, study, view = record.key.split("/")
+    return patient, study, view
 
 
 # --- dataset folders -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from cadnode.core.yamlfile import load_model
 from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.bundle import Strict
 from cadnode.infer.phantoms.chest import Case, render
+from cadnode.infer.phantoms.difficulty import EASY, DifficultySetting
 from cadnode.infer.preprocess import image_to_tensor
 from training.metrics import auc, bootstrap_interval, proportion_interval, saturated_auc_interval
 from training.plots import calibration_bins
@@ -102,11 +103,16 @@ class RuleoutConfig(Strict):
     phantom_size: int = Field(default=256, gt=31)
     input_size: int = Field(default=128, gt=15)
     positive_fraction: float = Field(default=0.5, gt=0, lt=1, description="Abnormal share")
+    # How hard the phantoms' findings are (cadnode.infer.phantoms.difficulty): a preset's
+    # name or its fields; absent, the phantoms' original (easy) look.
+    difficulty: DifficultySetting = EASY
     splits: Splits
     model: ModelSpec
     training: TrainSpec
     calibration: CalibrationSpec = CalibrationSpec()
-    date: str | None = Field(default=None, description="Bundle date; today when absent")
+    date: str | None = Field(
+        default=None, description="Bundle date; the source commit's when absent"
+    )
 
 
 def load_config(path: Path) -> RuleoutConfig:
@@ -368,9 +374,9 @@ class Evaluation:
     test_sensitivity_by_finding: dict[str, float]  # at rule_out: which findings slip through
     test_roc: tuple[np.ndarray, np.ndarray]  # false positive rate, true positive rate
     # 95 % intervals: Clopper-Pearson of (sensitivity, specificity) of each point on
-    # validation; of the test AUC a percentile bootstrap, or where the AUC is saturated (1.0,
-    # the bootstrap collapses) the counts' lower bound; reliability bins of P(abnormal) on
-    # test (plots.calibration_bins).
+    # validation, and on test (test_ci's test_sensitivity_at_<point>, ...); of the test AUC a
+    # percentile bootstrap, or where the AUC is saturated (1.0, the bootstrap collapses) the
+    # counts' lower bound; reliability bins of P(abnormal) on test (plots.calibration_bins).
     validation_ci: dict[str, tuple[tuple[float, float], tuple[float, float]]]
     test_ci: dict[str, tuple[float, float]]
     test_calibration: list[tuple[float, float, int]]
@@ -417,7 +423,10 @@ def evaluate(
         validation_ci={
             name: point_intervals(*validation, point.threshold) for name, point in points.items()
         },
-        test_ci={"test_auc": auc_interval(test_scores, labels)},
+        test_ci={
+            "test_auc": auc_interval(test_scores, labels),
+            **test_point_intervals(test_scores, labels, points),
+        },
         test_calibration=calibration_bins(test_scores, labels > 0.5),
         test_auc_saturated=auc(test_scores, labels) == 1.0,
     )
@@ -430,6 +439,19 @@ def auc_interval(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
         positives = int((labels > 0.5).sum())
         return saturated_auc_interval(positives, len(labels) - positives)
     return bootstrap_interval(_resampled(auc, scores, labels), len(labels))
+
+
+def test_point_intervals(
+    scores: np.ndarray, labels: np.ndarray, points: dict[str, Point]
+) -> dict[str, tuple[float, float]]:
+    """Clopper-Pearson intervals of each point's test sensitivity and specificity, named as
+    Evaluation.metrics names the figures."""
+    intervals = {}
+    for name, point in points.items():
+        sensitivity, specificity = point_intervals(scores, labels, point.threshold)
+        intervals[f"test_sensitivity_at_{name}"] = sensitivity
+        intervals[f"test_specificity_at_{name}"] = specificity
+    return intervals
 
 
 def point_intervals(

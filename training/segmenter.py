@@ -16,17 +16,19 @@ empty/empty = 1, and pooled Dice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
+import torch.nn.functional as F
 from monai.losses import DiceLoss
 from monai.networks.nets import UNet
+from PIL import Image
 from pydantic import Field
 from torch import nn
-from tqdm import tqdm
 
 from cadnode.core.yamlfile import load_model
 from cadnode.dicom.pixels import DEFAULT_LIMIT
@@ -45,6 +47,7 @@ from cadnode.infer.bundle import (
     sha256_of,
 )
 from cadnode.infer.phantoms.chest import Case, plan_cases, render_with_phantom
+from cadnode.infer.phantoms.difficulty import EASY, Difficulty, DifficultySetting
 from cadnode.infer.preprocess import fit_square, image_to_tensor
 from training.bundle import (
     CALIBRATION_FILE,
@@ -58,11 +61,22 @@ from training.bundle import (
     write_bundle,
 )
 from training.checkpoint import fit
+from training.datasets import rle_decode
 from training.export import INPUT, OUTPUT, check_against_torch, export_onnx, onnx_probabilities
-from training.metrics import bootstrap_interval, dice, dice_per_image, pooled_dice
-from training.plots import calibration_bins, draw_calibration
-from training.ruleout import Splits, SplitTensors, make_deterministic
-from training.sources import Source, phantoms_only
+from training.metrics import bootstrap_interval
+from training.plots import draw_calibration
+from training.records import Record, chest_case, chest_records
+from training.ruleout import Splits
+from training.sources import ChestFilm, Source, folder_splits, resolved
+from training.streaming import (
+    EpochBatches,
+    Schedule,
+    film_tensor,
+    in_order,
+    loader,
+    seed_everything,
+)
+from training.streaming import fit as fit_streaming
 
 ANATOMY = Code(value="91723000", scheme="SCT", meaning="Anatomical Structure")
 ABNORMAL_STRUCTURE = Code(
@@ -89,7 +103,9 @@ LABELS = (
 PNEUMOTHORAX = 2
 # Searched on validation per label, over (0, 1) as seed 001 searches "between (0.01, 1)".
 THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.02), 2)
+UNLABELLED_THRESHOLD = 0.5  # a label the data never draw (Montgomery's pneumothorax)
 CHECK_BATCH = 16
+EVALUATION_BATCH = 16
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -124,6 +140,8 @@ class SegmenterConfig(Strict):
     phantom_size: int = Field(default=256, gt=31)
     input_size: int = Field(default=128, gt=15)
     evaluation_positive_fraction: float = Field(default=0.5, gt=0, lt=1)
+    # cadnode.infer.phantoms.difficulty: a preset's name or its fields; absent, easy.
+    difficulty: DifficultySetting = EASY
     splits: Splits
     model: UNetSpec
     training: SegmenterTraining
@@ -162,20 +180,105 @@ def split_cases(config: SegmenterConfig) -> dict[str, list[Case]]:
     }
 
 
-def tensors(
-    cases: Sequence[Case], phantom_size: int, input_size: int, desc: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 1, S, S) via the daemon's preprocessing and masks (N, 3, S, S) bool, the
-    phantom's masks carried onto the model grid by the same fit."""
-    images, masks = [], []
-    for case in tqdm(cases, desc=desc, unit="film"):
-        ds, phantom = render_with_phantom(case, phantom_size)
-        images.append(image_to_tensor(ds, input_size, limit=DEFAULT_LIMIT)[0])
-        truth = (phantom.right_lung_mask, phantom.left_lung_mask, phantom.pneumothorax_mask)
-        masks.append(
-            np.stack([fit_square(m.astype(np.float32), input_size)[0] >= 0.5 for m in truth])
+def fitted(mask: np.ndarray, size: int) -> np.ndarray:
+    """A source-pixel mask carried onto the model grid by the images' own fit."""
+    return fit_square(mask.astype(np.float32), size)[0] >= 0.5
+
+
+@dataclass(frozen=True)
+class SegmentedFilm:
+    """A chest record as (image (1, S, S), masks (3, S, S) in LABELS order, labelled (3,)):
+    `labelled` says which labels the record's dataset draws (SIIM: pneumothorax only;
+    Montgomery and Shenzhen: the lungs only; phantoms: all three); the loss and the metrics
+    count only those. With `augment`, mirrored half the time, the lungs swapped with it."""
+
+    size: int
+    phantom_size: int
+    augment: bool = False
+    difficulty: Difficulty = EASY  # of a phantom record's film
+
+    def read(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        empty = np.zeros((self.size, self.size), dtype=bool)
+        if record.image is None:
+            ds, phantom = render_with_phantom(
+                chest_case(record), self.phantom_size, self.difficulty
+            )
+            image = image_to_tensor(ds, self.size, limit=DEFAULT_LIMIT)[0]
+            truth = (phantom.right_lung_mask, phantom.left_lung_mask, phantom.pneumothorax_mask)
+            return image, np.stack([fitted(m, self.size) for m in truth]), np.ones(3, bool)
+        if record.rle:  # SIIM-ACR: the RLE is drawn on the DICOM film's own grid
+            ds = pydicom.dcmread(record.image)
+            rows, columns = int(ds.Rows), int(ds.Columns)
+            region = np.logical_or.reduce([rle_decode(c, rows, columns) for c in record.rle])
+            image = image_to_tensor(ds, self.size, limit=DEFAULT_LIMIT)[0]
+            masks = np.stack([empty, empty, fitted(region, self.size)])
+            return image, masks, np.array([False, False, True])
+        if record.masks:  # Montgomery (left, right) or Shenzhen (both lungs)
+            lungs = [mask_png(path) for path in record.masks]
+            right, left = (lungs[1], lungs[0]) if len(lungs) == 2 else split_lungs(lungs[0])
+            masks = np.stack([fitted(right, self.size), fitted(left, self.size), empty])
+            image = film_tensor(record.image, self.size)
+            return image, masks, np.array([True, True, False])
+        raise ValueError(f"{record.key}: no segmentation masks (siim, montgomery or shenzhen)")
+
+    def __call__(self, record: Record, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        image, masks, labelled = self.read(record)
+        if self.augment and rng.random() < 0.5:  # the right lung becomes the left one
+            image, masks = image[:, :, ::-1], masks[[1, 0, 2], :, ::-1]
+            labelled = labelled[[1, 0, 2]]
+        return (
+            np.ascontiguousarray(image),
+            np.ascontiguousarray(masks, dtype=np.float32),
+            labelled.astype(np.float32),
         )
-    return np.stack(images), np.stack(masks)
+
+
+def mask_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L")) > 0
+
+
+def split_lungs(both: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(right, left) of a both-lungs mask (Shenzhen): the patient's right lung is on the image's
+    left, and the mediastinum between them crosses the film's middle column."""
+    middle = both.shape[1] // 2
+    right, left = both.copy(), both.copy()
+    right[:, middle:] = False
+    left[:, :middle] = False
+    return right, left
+
+
+def tensors(
+    cases: Sequence[Case],
+    phantom_size: int,
+    input_size: int,
+    desc: str = "",
+    difficulty: Difficulty = EASY,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 1, S, S) via the daemon's preprocessing and masks (N, 3, S, S) bool of
+    phantom cases, read as training reads them (`SegmentedFilm`), all at once."""
+    sample = SegmentedFilm(input_size, phantom_size, difficulty=difficulty)
+    read = [sample.read(record) for record in chest_records(cases)]
+    return np.stack([r[0] for r in read]), np.stack([r[1] for r in read])
+
+
+def films_of(config: SegmenterConfig) -> SegmentedFilm:
+    return SegmentedFilm(config.input_size, config.phantom_size, difficulty=config.difficulty)
+
+
+def segmenter_splits(
+    config: SegmenterConfig, source: Source
+) -> tuple[dict[str, list[Record]], str | None]:
+    """Phantoms (train: positives only) or a folder's films by patient; of a folder's train
+    split seed 001's positives only where pneumothorax is labelled (SIIM), every film where
+    only the lungs are (Montgomery, Shenzhen)."""
+    if source.data is None:
+        return {name: chest_records(cases) for name, cases in split_cases(config).items()}, None
+    splits, description = folder_splits(source, config.seed)
+    train = [r for r in splits["train"] if r.labels.get("pneumothorax", 1.0) > 0.5]
+    if not train:
+        raise ValueError(f"{source.data}: no training film has a pneumothorax")
+    return {**splits, "train": train}, description
 
 
 # --- model and training ----------------------------------------------------------------------
@@ -204,54 +307,195 @@ class Segmenter(nn.Module):
         return torch.sigmoid(self.logits(image))
 
 
+JACCARD = DiceLoss(sigmoid=True, jaccard=True, reduction="none")
+
+
+def segmentation_loss(
+    logits: torch.Tensor, masks: torch.Tensor, labelled: torch.Tensor
+) -> torch.Tensor:
+    """Soft Jaccard + binary cross-entropy per film and label, averaged over the labels each
+    film's dataset draws (`labelled` (N, 3) 0/1): an unlabelled channel teaches nothing."""
+    jaccard = JACCARD(logits, masks).flatten(1)
+    bce = F.binary_cross_entropy_with_logits(logits, masks, reduction="none").mean(dim=(2, 3))
+    weight = labelled.float()
+    loss: torch.Tensor = ((jaccard + bce) * weight).sum() / weight.sum().clamp(min=1.0)
+    return loss
+
+
+def shuffled_batches(count: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    order = rng.permutation(count)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(count // batch_size)]
+
+
 def train(
-    model: Segmenter, images: np.ndarray, masks: np.ndarray, spec: SegmenterTraining, seed: int
-) -> list[float]:
-    """AdamW, one-cycle schedule, soft Jaccard + BCE; flips left-right with the lungs swapped."""
-    rng = np.random.default_rng(seed)
-    steps = len(images) // spec.batch_size
+    model: Segmenter,
+    splits: Mapping[str, Sequence[Record]],
+    config: SegmenterConfig,
+    source: Source,
+) -> None:
+    """Streamed: AdamW, one-cycle schedule, `segmentation_loss`, films mirrored at random with
+    the lungs swapped; for a folder (or with --patience) the validation Dice per image (at
+    each label's best threshold) per epoch keeps the best weights and stops early."""
+    spec, count = config.training, len(splits["train"])
+    steps = count // spec.batch_size
     if steps == 0:
-        raise ValueError(f"training set of {len(images)} is smaller than one batch")
+        raise ValueError(f"training set of {count} films is smaller than one batch")
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=spec.learning_rate, total_steps=spec.epochs * steps
+    schedule = Schedule(
+        optimizer,
+        torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=spec.learning_rate, total_steps=spec.epochs * steps
+        ),
     )
-    jaccard = DiceLoss(sigmoid=True, jaccard=True)
-    bce = nn.BCEWithLogitsLoss()
-    x, y = torch.from_numpy(images), torch.from_numpy(masks.astype(np.float32))
-    losses: list[float] = []
-    model.train()
-    for _ in (bar := tqdm(range(spec.epochs), desc="train", unit="epoch")):
-        total = 0.0
-        order = rng.permutation(len(images))
-        for step in range(steps):
-            index = torch.from_numpy(order[step * spec.batch_size : (step + 1) * spec.batch_size])
-            batch_x, batch_y = x[index], y[index]
-            if rng.random() < 0.5:  # mirror the film: the right lung becomes the left one
-                batch_x = batch_x.flip(-1)
-                batch_y = batch_y.flip(-1)[:, [1, 0, 2]]
-            optimizer.zero_grad()
-            logits = model.logits(batch_x)
-            loss = jaccard(logits, batch_y) + bce(logits, batch_y)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item()
-        losses.append(total / steps)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    model.eval()
-    return losses
+    sampler = EpochBatches(lambda rng: shuffled_batches(count, spec.batch_size, rng), config.seed)
+    plain = films_of(config)
+    sample = replace(plain, augment=True)
+
+    def step(net: nn.Module, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        assert isinstance(net, Segmenter)
+        return segmentation_loss(net.logits(batch[0]), batch[1], batch[2])
+
+    def validate(net: nn.Module) -> float:
+        overlaps = overlaps_of(torch_probabilities(net), splits["validation"], plain, source)
+        return overlaps.best_dice()
+
+    fit_streaming(
+        model,
+        step=step,
+        train=loader(splits["train"], sample, sampler, source.run.workers),
+        sampler=sampler,
+        schedule=schedule,
+        epochs=spec.epochs,
+        validate=validate if source.data is not None or source.run.patience else None,
+        metric="validation_dice_per_image",
+        options=source.run,
+    )
 
 
 # --- evaluation ------------------------------------------------------------------------------
+
+Probabilities = Callable[[np.ndarray], np.ndarray]  # images (N, 1, S, S) -> (N, 3, S, S)
+CALIBRATION_BINS = 10
+
+
+def torch_probabilities(model: nn.Module) -> Probabilities:
+    device = next(model.parameters()).device
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out: np.ndarray = model(torch.from_numpy(images).to(device)).float().cpu().numpy()
+        return out
+
+    return run
+
+
+@dataclass
+class Overlaps:
+    """What Dice needs of every film, label and threshold in THRESHOLDS, counted a batch at a
+    time so that evaluation holds counts, not maps: |predicted & truth| and |predicted|
+    (N, 3, T), |truth| and whether the film's dataset labels it (N, 3); and the pneumothorax
+    pixels' calibration tallies (per bin: count, summed probability, positives)."""
+
+    intersection: np.ndarray
+    predicted: np.ndarray
+    truth: np.ndarray
+    labelled: np.ndarray
+    tallies: np.ndarray  # (3, CALIBRATION_BINS)
+
+    @classmethod
+    def of(
+        cls, probabilities: np.ndarray, masks: np.ndarray, labelled: np.ndarray | None = None
+    ) -> Overlaps:
+        truth = masks > 0.5
+        called = probabilities[:, :, None] >= THRESHOLDS[None, None, :, None, None]
+        present = np.ones(masks.shape[:2], bool) if labelled is None else labelled > 0.5
+        shown = present[:, PNEUMOTHORAX]
+        p = probabilities[shown, PNEUMOTHORAX].reshape(-1).astype(np.float64)
+        y = truth[shown, PNEUMOTHORAX].reshape(-1)
+        index = np.minimum((p * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+        tallies = np.stack(
+            [
+                np.bincount(index, minlength=CALIBRATION_BINS),
+                np.bincount(index, weights=p, minlength=CALIBRATION_BINS),
+                np.bincount(index, weights=y, minlength=CALIBRATION_BINS),
+            ]
+        )
+        return cls(
+            (called & truth[:, :, None]).sum(axis=(3, 4)),
+            called.sum(axis=(3, 4)),
+            truth.sum(axis=(2, 3)),
+            present,
+            tallies,
+        )
+
+    @classmethod
+    def joined(cls, parts: Sequence[Overlaps]) -> Overlaps:
+        return cls(
+            intersection=np.concatenate([p.intersection for p in parts]),
+            predicted=np.concatenate([p.predicted for p in parts]),
+            truth=np.concatenate([p.truth for p in parts]),
+            labelled=np.concatenate([p.labelled for p in parts]),
+            tallies=np.sum([p.tallies for p in parts], axis=0),
+        )
+
+    def dice(self, label: int, kept: np.ndarray | None = None) -> np.ndarray:
+        """(films labelled with `label`, T): Dice per image at every threshold, 1 when both are
+        empty; films not `kept` (ruled out by the cascade) count with an empty prediction."""
+        present = self.labelled[:, label]
+        keep = np.ones(len(present), bool) if kept is None else kept
+        both = self.intersection[present, label] * keep[present, None]
+        called = self.predicted[present, label] * keep[present, None]
+        total = called + self.truth[present, label][:, None]
+        return np.where(total == 0, 1.0, 2.0 * both / np.maximum(total, 1))
+
+    def pooled(self, label: int, threshold: int, kept: np.ndarray | None = None) -> float:
+        present = self.labelled[:, label]
+        keep = np.ones(len(present), bool) if kept is None else kept
+        both = float((self.intersection[present, label, threshold] * keep[present]).sum())
+        total = float((self.predicted[present, label, threshold] * keep[present]).sum())
+        total += float(self.truth[present, label].sum())
+        return 1.0 if total == 0 else 2.0 * both / total
+
+    def labels(self) -> list[int]:
+        return [label for label in range(len(LABELS)) if self.labelled[:, label].any()]
+
+    def best_dice(self) -> float:
+        """Mean over the labelled labels of the best Dice per image over THRESHOLDS."""
+        return float(np.mean([self.dice(label).mean(axis=0).max() for label in self.labels()]))
+
+    def calibration(self) -> list[tuple[float, float, int]]:
+        count, summed, positives = self.tallies
+        return [
+            (float(summed[b] / count[b]), float(positives[b] / count[b]), int(count[b]))
+            for b in range(CALIBRATION_BINS)
+            if count[b]
+        ]
+
+
+def overlaps_of(
+    run: Probabilities, records: Sequence[Record], sample: SegmentedFilm, source: Source
+) -> Overlaps:
+    batches = loader(records, sample, in_order(len(records), EVALUATION_BATCH), source.run.workers)
+    return Overlaps.joined(
+        [
+            Overlaps.of(run(images.numpy()), masks.numpy(), labelled.numpy())
+            for images, masks, labelled in batches
+        ]
+    )
 
 
 def choose_thresholds(
     probabilities: np.ndarray, masks: np.ndarray, ruled_out: np.ndarray | None = None
 ) -> list[float]:
-    """Per label, the threshold in THRESHOLDS with the best Dice per image (lowest on ties).
+    """`chosen_thresholds` of maps held in memory (every label labelled on every film)."""
+    return chosen_thresholds(Overlaps.of(probabilities, masks), ruled_out)
+
+
+def chosen_thresholds(overlaps: Overlaps, ruled_out: np.ndarray | None = None) -> list[float]:
+    """Per label, the threshold in THRESHOLDS with the best Dice per image (lowest on ties);
+    UNLABELLED_THRESHOLD for a label no validation film is labelled with.
 
     Given the classifier's decisions (`ruled_out` per film), pneumothorax is chosen through
     seed 001's cascade, as the engine runs and as seed 001 reports its results: a ruled-out
@@ -259,15 +503,11 @@ def choose_thresholds(
     threshold up."""
     chosen = []
     for label in range(len(LABELS)):
-        kept = np.ones(len(probabilities), dtype=bool)
-        if ruled_out is not None and label == PNEUMOTHORAX:
-            kept = ~ruled_out
-        scores = [
-            dice_per_image(
-                list((probabilities[:, label] >= t) & kept[:, None, None]), list(masks[:, label])
-            )
-            for t in THRESHOLDS
-        ]
+        if not overlaps.labelled[:, label].any():
+            chosen.append(UNLABELLED_THRESHOLD)
+            continue
+        kept = None if ruled_out is None or label != PNEUMOTHORAX else ~ruled_out
+        scores = overlaps.dice(label, kept).mean(axis=0)
         chosen.append(float(THRESHOLDS[int(np.argmax(scores))]))
     return chosen
 
@@ -282,64 +522,65 @@ class SegmentationEvaluation:
 
 
 def measure(
-    probabilities: np.ndarray,
-    masks: np.ndarray,
-    thresholds: Sequence[float],
-    cases: Sequence[Case],
-    ruled_out: np.ndarray | None,
+    overlaps: Overlaps, thresholds: Sequence[float], ruled_out: np.ndarray | None
 ) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
-    """Dice per image and pooled Dice per label; for pneumothorax also on positive films and,
-    given the classifier's decisions, through the cascade (ruled-out films' masks zeroed)."""
-    predicted = probabilities >= np.asarray(thresholds, dtype=np.float32)[None, :, None, None]
+    """Dice per image and pooled Dice per labelled label; for pneumothorax also on positive
+    films and, given the classifier's decisions, through the cascade (ruled-out films'
+    masks zeroed)."""
     metrics: dict[str, float] = {}
     intervals: dict[str, tuple[float, float]] = {}
-    for index, label in enumerate(LABELS):
-        per_image = np.array(
-            [dice(p, t) for p, t in zip(predicted[:, index], masks[:, index], strict=True)]
-        )
-        metrics[f"test_dice_per_image_{label.name}"] = float(per_image.mean())
-        metrics[f"test_pooled_dice_{label.name}"] = pooled_dice(
-            list(predicted[:, index]), list(masks[:, index])
-        )
-        intervals[f"test_dice_per_image_{label.name}"] = bootstrap_interval(
-            lambda i, values=per_image: float(values[i].mean()), len(per_image)
-        )
-    positive = np.array([case.pneumothorax for case in cases])
-    pneumothorax = predicted[:, PNEUMOTHORAX]
-    if positive.any():
-        metrics["test_dice_per_image_pneumothorax_positive_films"] = dice_per_image(
-            list(pneumothorax[positive]), list(masks[positive, PNEUMOTHORAX])
-        )
-    if ruled_out is not None:
-        cascaded = pneumothorax & ~ruled_out[:, None, None]
-        per_image = np.array(
-            [dice(p, t) for p, t in zip(cascaded, masks[:, PNEUMOTHORAX], strict=True)]
-        )
-        metrics["test_dice_per_image_pneumothorax_cascade"] = float(per_image.mean())
-        metrics["test_pooled_dice_pneumothorax_cascade"] = pooled_dice(
-            list(cascaded), list(masks[:, PNEUMOTHORAX])
-        )
-        intervals["test_dice_per_image_pneumothorax_cascade"] = bootstrap_interval(
+
+    def record(name: str, label: int, kept: np.ndarray | None) -> None:
+        at = int(np.argmin(np.abs(THRESHOLDS - thresholds[label])))
+        per_image = overlaps.dice(label, kept)[:, at]
+        metrics[f"test_dice_per_image_{name}"] = float(per_image.mean())
+        metrics[f"test_pooled_dice_{name}"] = overlaps.pooled(label, at, kept)
+        intervals[f"test_dice_per_image_{name}"] = bootstrap_interval(
             lambda i: float(per_image[i].mean()), len(per_image)
         )
+
+    labelled = overlaps.labels()
+    for label in labelled:
+        record(LABELS[label].name, label, None)
+    if PNEUMOTHORAX in labelled:
+        at = int(np.argmin(np.abs(THRESHOLDS - thresholds[PNEUMOTHORAX])))
+        positive = overlaps.truth[overlaps.labelled[:, PNEUMOTHORAX], PNEUMOTHORAX] > 0
+        if positive.any():
+            per_image = overlaps.dice(PNEUMOTHORAX)[:, at]
+            metrics["test_dice_per_image_pneumothorax_positive_films"] = float(
+                per_image[positive].mean()
+            )
+        if ruled_out is not None:
+            record("pneumothorax_cascade", PNEUMOTHORAX, ~ruled_out)
     return metrics, intervals
 
 
 def ruled_out_by(
-    bundle_path: Path | None, cases: Sequence[Case], phantom_size: int
+    bundle_path: Path | None,
+    cases: Sequence[Case],
+    phantom_size: int,
+    difficulty: Difficulty = EASY,
 ) -> np.ndarray | None:
-    """Which films the classifier bundle rules out (P < its rule_out threshold), or None."""
+    """`ruled_out_of` planned phantom cases."""
+    films = SegmentedFilm(phantom_size, phantom_size, difficulty=difficulty)
+    return ruled_out_of(bundle_path, chest_records(cases), films, workers=0)
+
+
+def ruled_out_of(
+    bundle_path: Path | None, records: Sequence[Record], films: SegmentedFilm, workers: int
+) -> np.ndarray | None:
+    """Which films the classifier bundle rules out (P < its rule_out threshold), or None
+    when no bundle is given; the films (phantoms drawn as `films` draws them) streamed
+    through the classifier's own input size."""
     if bundle_path is None or not (bundle_path / "manifest.yaml").exists():
         return None
     bundle = Bundle(bundle_path)
     size = bundle.manifest.preprocessing.size
-    images = np.stack(
-        [
-            image_to_tensor(render_with_phantom(c, phantom_size)[0], size, limit=DEFAULT_LIMIT)[0]
-            for c in cases
-        ]
+    sample = ChestFilm(size, films.phantom_size, difficulty=films.difficulty)
+    batches = loader(records, sample, in_order(len(records), EVALUATION_BATCH), workers)
+    scores = np.concatenate(
+        [onnx_probabilities(bundle.model_path, images.numpy(), threads=2) for images, _ in batches]
     )
-    scores = onnx_probabilities(bundle.model_path, images, threads=2)
     return np.asarray(scores < bundle.manifest.operating_points["rule_out"].threshold)
 
 
@@ -348,24 +589,22 @@ def ruled_out_by(
 
 def trained(
     config_path: Path, checkpoint: Path | None = None, source: Source | None = None
-) -> tuple[SegmenterConfig, dict[str, list[Case]], SplitTensors, Segmenter]:
-    """The config, its cases and tensors, and the model trained on them (or the checkpoint's)."""
+) -> tuple[SegmenterConfig, dict[str, list[Record]], str | None, Segmenter]:
+    """The config, its splits (records) and a folder's description, and the model trained on
+    them (or the checkpoint's)."""
     config = load_config(config_path)
-    phantoms_only(source, "segmenter")
-    make_deterministic(config.seed, config.threads)
-    cases = split_cases(config)
-    data = {
-        name: tensors(c, config.phantom_size, config.input_size, name) for name, c in cases.items()
-    }
+    source = resolved(source or Source(), "segmenter")
+    seed_everything(config.seed, config.threads)
+    splits, description = segmenter_splits(config, source)
     model = Segmenter(config.model)
     fit(
         model,
-        lambda: train(model, *data["train"], config.training, config.seed),
+        lambda: train(model, splits, config, source),
         checkpoint=checkpoint,
         engine="segmenter",
         config_path=config_path,
     )
-    return config, cases, data, model
+    return config, splits, description, model
 
 
 def build(
@@ -375,44 +614,44 @@ def build(
     checkpoint: Path | None = None,
     source: Source | None = None,
 ) -> Bundle:
-    """Train on positive phantoms (or take a checkpoint's weights), export, check, choose
-    thresholds, measure, write the bundle."""
-    config, cases, data, model = trained(config_path, checkpoint, source)
+    """Train (or take a checkpoint's weights), export, check, choose thresholds on validation
+    (pneumothorax's through the cascade), measure on test, write the bundle. Thresholds and
+    figures come from ONNX Runtime on the exported file, streamed a batch at a time."""
+    config, splits, description, model = trained(config_path, checkpoint, source)
+    source = source or Source()
+    sample = films_of(config)
+    rng = np.random.default_rng(0)
     with staged(out) as folder:
         onnx_path = folder / MODEL_FILE
         export_onnx(model, onnx_path, config.input_size)
-        difference = check_against_torch(
-            model, onnx_path, data["test"][0][:CHECK_BATCH], config.threads
+        check = np.stack([sample(r, rng)[0] for r in splits["test"][:CHECK_BATCH]])
+        difference = check_against_torch(model, onnx_path, check, config.threads)
+        run: Probabilities = lambda images: onnx_probabilities(  # noqa: E731
+            onnx_path, images, config.threads, batch_size=16
         )
-        probabilities = {
-            name: onnx_probabilities(onnx_path, data[name][0], config.threads, batch_size=16)
-            for name in ("validation", "test")
+        overlaps = {
+            name: overlaps_of(run, splits[name], sample, source) for name in ("validation", "test")
         }
         ruled_out = {
-            name: ruled_out_by(config.cascade.bundle, cases[name], config.phantom_size)
+            name: ruled_out_of(config.cascade.bundle, splits[name], sample, source.run.workers)
             for name in ("validation", "test")
         }
-        thresholds = choose_thresholds(
-            probabilities["validation"], data["validation"][1], ruled_out["validation"]
-        )
-        metrics, intervals = measure(
-            probabilities["test"], data["test"][1], thresholds, cases["test"], ruled_out["test"]
-        )
+        thresholds = chosen_thresholds(overlaps["validation"], ruled_out["validation"])
+        metrics, intervals = measure(overlaps["test"], thresholds, ruled_out["test"])
         evaluation = SegmentationEvaluation(
             thresholds,
             ruled_out["validation"] is not None,
             metrics,
             intervals,
-            calibration_bins(
-                probabilities["test"][:, PNEUMOTHORAX], data["test"][1][:, PNEUMOTHORAX]
-            ),
+            overlaps["test"].calibration(),
         )
         draw_calibration(
             folder / CALIBRATION_FILE,
             [("pneumothorax pixels", evaluation.calibration)],
             "Held-out test calibration",
         )
-        manifest = make_manifest(config, cases, evaluation, sha256_of(onnx_path))
+        data = description or describe_data(config, splits)
+        manifest = make_manifest(config, data, evaluation, sha256_of(onnx_path))
         card = model_card(manifest, config, evaluation, difference, rebuild)
         write_bundle(folder, manifest, card)
     return Bundle(out)
@@ -420,7 +659,7 @@ def build(
 
 def make_manifest(
     config: SegmenterConfig,
-    cases: Mapping[str, Sequence[Case]],
+    training_data: str,
     evaluation: SegmentationEvaluation,
     sha256: str,
 ) -> Manifest:
@@ -437,11 +676,17 @@ def make_manifest(
             label.name: OperatingPoint(
                 threshold=threshold,
                 description=f"A pixel belongs to {label.code.meaning} when its probability is "
-                "at or above this; chosen on the validation phantoms for the best Dice per image"
                 + (
-                    f" after the cascade (films {config.cascade.engine} rules out count as empty)."
-                    if evaluation.cascaded and label.name == "pneumothorax"
-                    else "."
+                    "at or above this; chosen on the validation films for the best Dice per image"
+                    + (
+                        f" after the cascade (films {config.cascade.engine} rules out count as "
+                        "empty)."
+                        if evaluation.cascaded and label.name == "pneumothorax"
+                        else "."
+                    )
+                    if labelled(evaluation, label)
+                    else "at or above this default: the training data do not label it (the "
+                    "model never learnt it)."
                 ),
             )
             for label, threshold in zip(LABELS, evaluation.thresholds, strict=True)
@@ -457,16 +702,14 @@ def make_manifest(
             description="Seed 001's cascade: run only where the classifier did not rule the "
             "film out (or zero the masks of films it ruled out); trained on positive films only.",
         ),
-        provenance=provenance(
-            describe_data(config, cases), config.date, evaluation.metrics, evaluation.intervals
-        ),
+        provenance=provenance(training_data, config.date, evaluation.metrics, evaluation.intervals),
     )
 
 
-def describe_data(config: SegmenterConfig, cases: Mapping[str, Sequence[Case]]) -> str:
+def describe_data(config: SegmenterConfig, splits: Mapping[str, Sequence[Record]]) -> str:
     parts = []
     for name, split in config.splits.named().items():
-        positives = sum(case.pneumothorax for case in cases[name])
+        positives = sum(record.labels["pneumothorax"] > 0.5 for record in splits[name])
         parts.append(
             f"{name}: {split.count} films, seeds {split.seeds.start}-{split.seeds.stop - 1} "
             f"({positives} with pneumothorax)."
@@ -481,6 +724,10 @@ def describe_data(config: SegmenterConfig, cases: Mapping[str, Sequence[Case]]) 
     )
 
 
+def labelled(evaluation: SegmentationEvaluation, label: Label) -> bool:
+    return f"test_dice_per_image_{label.name}" in evaluation.metrics
+
+
 def model_card(
     manifest: Manifest,
     config: SegmenterConfig,
@@ -490,9 +737,13 @@ def model_card(
 ) -> str:
     rows = "\n".join(
         f"| {label.name} ({label.code.value}) | {threshold:.2f} | "
-        f"{evaluation.metrics[f'test_dice_per_image_{label.name}']:.4f} "
-        f"{interval(evaluation.intervals[f'test_dice_per_image_{label.name}'])} | "
-        f"{evaluation.metrics[f'test_pooled_dice_{label.name}']:.4f} |"
+        + (
+            f"{evaluation.metrics[f'test_dice_per_image_{label.name}']:.4f} "
+            f"{interval(evaluation.intervals[f'test_dice_per_image_{label.name}'])} | "
+            f"{evaluation.metrics[f'test_pooled_dice_{label.name}']:.4f} |"
+            if labelled(evaluation, label)
+            else "not labelled in this data | - |"
+        )
         for label, threshold in zip(LABELS, evaluation.thresholds, strict=True)
     )
     cascade = (
@@ -522,9 +773,9 @@ def model_card(
         "Jaccard + binary cross-entropy (seed 001 used a Jaccard loss), AdamW and a one-cycle "
         "schedule, random left-right mirroring with the lung labels swapped. Deterministic "
         f"(fixed seeds, deterministic algorithms, {config.threads} threads).",
-        "## Held-out test metrics\n\nSeed 001's metrics on the test phantoms (half of them "
-        "normal), computed with ONNX Runtime on the shipped model at the thresholds chosen on "
-        "validation ("
+        "## Held-out test metrics\n\nSeed 001's metrics on the held-out test films (of the "
+        "phantoms, half normal), computed with ONNX Runtime on the shipped model at the "
+        "thresholds chosen on validation ("
         + (
             "pneumothorax's through the cascade, seed 001's order: films the classifier rules "
             "out count with an empty mask"

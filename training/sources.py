@@ -18,6 +18,7 @@ from monai.transforms import Compose, RandAdjustContrast, RandRotate, RandScaleI
 
 from cadnode.dicom.pixels import DEFAULT_LIMIT
 from cadnode.infer.phantoms.chest import plan_cases, render
+from cadnode.infer.phantoms.difficulty import EASY, Difficulty
 from cadnode.infer.preprocess import image_to_tensor
 from training.records import (
     LAYOUTS,
@@ -147,10 +148,11 @@ class ChestFilm:
     size: int
     phantom_size: int
     augment: bool = False
+    difficulty: Difficulty = EASY  # of a phantom record's film
 
     def image(self, record: Record) -> np.ndarray:
         if record.image is None:
-            ds = render(chest_case(record), self.phantom_size)
+            ds = render(chest_case(record), self.phantom_size, self.difficulty)
             return image_to_tensor(ds, self.size, limit=DEFAULT_LIMIT)[0]
         return film_tensor(record.image, self.size)
 
@@ -166,13 +168,3 @@ def augmented(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     transform.set_random_state(seed=int(rng.integers(0, 2**31)))
     out = transform(torch.from_numpy(image))
     return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
-
-
-def phantoms_only(source: Source | None, engine: str) -> None:
-    """Engines whose dataset-folder training is not written yet say so instead of silently
-    training on phantoms."""
-    if source is not None and source.data is not None:
-        raise ValueError(
-            f"cadnode-train {engine} trains on its phantoms only so far; --data is not "
-            "implemented for it yet (issue 20)"
-        )

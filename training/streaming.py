@@ -41,7 +41,9 @@ CHECKPOINT = "checkpoint.pt"
 METRICS_CSV = "metrics.csv"
 TENSORBOARD = "tensorboard"
 Item = tuple[int, int]  # (record index, item seed)
-Sample = Callable[[Record, np.random.Generator], tuple[np.ndarray, ...]]
+# A record as model input and targets (arrays; evaluation samples may carry more, e.g. a
+# volume's geometry and boxes, handed over by `alone`).
+Sample = Callable[[Record, np.random.Generator], tuple[Any, ...]]
 BatchPlan = Callable[[np.random.Generator], list[np.ndarray]]
 Step = Callable[[nn.Module, Sequence[torch.Tensor]], torch.Tensor]  # a batch's loss
 
@@ -119,15 +121,35 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # each worker reads one record; the main process trains
 
 
+def concatenated(items: Sequence[tuple[np.ndarray, ...]]) -> list[torch.Tensor]:
+    """A batch of items that each hold several rows (a DBT volume's slab of slices): every
+    part joined along its first axis, so the batch is all their rows."""
+    return [torch.from_numpy(np.concatenate(parts)) for parts in zip(*items, strict=True)]
+
+
+def alone(items: Sequence[Any]) -> Any:
+    """A batch of one item, handed over as the sample made it (a whole volume with its
+    geometry and boxes, for evaluation one volume at a time)."""
+    (item,) = items
+    return item
+
+
 def loader(
-    records: Sequence[Record], sample: Sample, batches: Sampler[list[Item]], workers: int
+    records: Sequence[Record],
+    sample: Sample,
+    batches: Sampler[list[Item]],
+    workers: int,
+    collate: Callable[[Sequence[Any]], Any] | None = None,
 ) -> DataLoader[tuple[np.ndarray, ...]]:
+    """`collate` (a module-level function: worker processes pickle it) joins a batch's
+    items; default torch's stacking."""
     return DataLoader(
         RecordDataset(records, sample),
         batch_sampler=batches,
         num_workers=workers,
         worker_init_fn=_worker_init if workers else None,
         pin_memory=torch.cuda.is_available(),
+        collate_fn=collate,
     )
 
 

@@ -7,7 +7,9 @@ volume is written as a Breast Tomosynthesis Image (enhanced multi-frame: shared 
 functional groups, the display window in the Frame VOI LUT group), the way the Duke BCS-DBT
 dataset stores it (seed 003 A.8: window read from the functional groups, (5200,9229) ->
 (0028,9132) -> (0028,1050/1051)). Boxes follow the Duke box CSV: one 2D rectangle on the
-central slice of each lesion. Everything is deterministic for a seed.
+central slice of each lesion. Everything is deterministic for a seed. `difficulty`
+(cadnode.infer.phantoms.difficulty) makes masses fainter, smaller and noisier and adds dense
+glandular blobs and calcification-like dots; its default is the original look.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pydicom.uid import (
 )
 
 from cadnode.infer.phantoms.chest import coded, uid_factory, with_file_meta
+from cadnode.infer.phantoms.difficulty import EASY, Difficulty
 
 VIEWS = ("LCC", "RCC", "LMLO", "RMLO")
 VIEW_CODES = {
@@ -72,11 +75,13 @@ def make_breast_phantom(
     size: int = 128,
     view: str = "LCC",
     masses: int = 0,
+    difficulty: Difficulty = EASY,
 ) -> BreastPhantom:
     """A (slices, size, size) volume with `masses` lesions (each in the breast, apart)."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, not {view!r}")
     rng = np.random.default_rng(seed)
+    knob = np.random.default_rng([seed, 5])  # the difficulty's own draws: `rng` stays as it was
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     # The chest wall is at the right image edge for a right breast and at the left for a left
     # one, which is how the Duke authors tell laterality from the pixels (edge sums).
@@ -95,21 +100,28 @@ def make_breast_phantom(
     volume = fat[None] + 0.2 * np.clip(glandular, 0, None)
     placed: list[Mass] = []
     for _ in range(masses):
-        _add_mass(volume, rng, breast, placed)
-    volume += rng.normal(0, 0.012, volume.shape).astype(np.float32)
+        _add_mass(volume, rng, breast, placed, knob, difficulty)
+    for _ in range(difficulty.confounder_count(knob)):
+        _add_look_alike(volume, knob, breast, placed, difficulty)
+    volume += rng.normal(0, 0.012 * difficulty.noise, volume.shape).astype(np.float32)
     pixels = np.clip(volume, 0, 1) * MAX_VALUE
     return BreastPhantom(pixels.astype(np.uint16), breast, view, placed)
 
 
 def _add_mass(
-    volume: np.ndarray, rng: np.random.Generator, breast: np.ndarray, placed: list[Mass]
+    volume: np.ndarray,
+    rng: np.random.Generator,
+    breast: np.ndarray,
+    placed: list[Mass],
+    knob: np.random.Generator,
+    difficulty: Difficulty,
 ) -> None:
     """Draw one dense blob into `volume` and append its Duke box (central slice) to `placed`."""
     slices, size, _ = volume.shape
     inner = np.argwhere(_erode(breast, max(4, size // 8)))
     for _ in range(50):  # rejection sampling: inside the breast, not on top of another mass
         row, column = inner[int(rng.integers(len(inner)))]
-        radius = float(rng.uniform(0.045, 0.09) * size)
+        radius = float(rng.uniform(0.045, 0.09) * difficulty.size * size)
         if all(np.hypot(column - m.centre[0], row - m.centre[1]) > 2.5 * radius for m in placed):
             break
     else:
@@ -123,9 +135,10 @@ def _add_mass(
     # blobs; spread over neighbouring slices with DBT's depth blur.
     profile = np.clip((1.15 - distance) / 0.3, 0, 1)
     spread = max(1.0, radius / 6.0)
+    amplitude = 0.3 * difficulty.contrast_factor(knob)
     for index in range(slices):
         weight = np.exp(-((index - central) ** 2) / (2 * spread**2))
-        volume[index] += 0.3 * weight * profile * breast
+        volume[index] += amplitude * weight * profile * breast
     mass = Mass(
         slice=central,
         x=round(column - rx),
@@ -134,6 +147,39 @@ def _add_mass(
         height=round(2 * ry),
     )
     placed.append(mass)
+
+
+def _add_look_alike(
+    volume: np.ndarray,
+    knob: np.random.Generator,
+    breast: np.ndarray,
+    placed: list[Mass],
+    difficulty: Difficulty,
+) -> None:
+    """One normal structure that looks like a lesion, into `volume` in place, away from the
+    masses: a dense glandular blob (mass-sized, but with a soft margin and blurred over more
+    slices) or a cluster of calcification-like dots (bright specks a pixel or two across)."""
+    slices, size, _ = volume.shape
+    inner = np.argwhere(_erode(breast, max(4, size // 8)))
+    row, column = inner[int(knob.integers(len(inner)))]
+    if any(
+        np.hypot(column - m.centre[0], row - m.centre[1]) < max(m.width, m.height) for m in placed
+    ):
+        return  # it would overlap a mass: a look-alike never hides or enlarges a real one
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    central = int(knob.integers(0, slices))
+    depth = np.arange(slices, dtype=np.float32)[:, None, None]
+    if knob.random() < 0.6:
+        radius = float(knob.uniform(0.04, 0.08) * difficulty.size * size)
+        blob = np.exp(-((xx - column) ** 2 + (yy - row) ** 2) / (2 * (radius / 1.5) ** 2))
+        weight = np.exp(-((depth - central) ** 2) / (2 * max(1.5, radius / 4.0) ** 2))
+        volume += 0.3 * difficulty.contrast_factor(knob) * weight * blob * breast
+        return
+    for _ in range(int(knob.integers(3, 8))):
+        dot_y, dot_x = row + knob.normal(0, 3), column + knob.normal(0, 3)
+        dot = ((xx - dot_x) ** 2 + (yy - dot_y) ** 2) <= knob.uniform(0.5, 1.5) ** 2
+        weight = np.exp(-((depth - central) ** 2) / 2.0)
+        volume += 0.5 * difficulty.contrast_factor(knob) * weight * dot * breast
 
 
 def _texture(rng: np.random.Generator, slices: int, size: int) -> np.ndarray:
@@ -242,10 +288,13 @@ def write_tomosynthesis(
     masses: int = 0,
     slices: int = 16,
     size: int = 128,
+    difficulty: Difficulty = EASY,
 ) -> tuple[Dataset, BreastPhantom]:
     """Make one phantom volume and write it as a DICOM file; returns dataset and phantom.
     Volumes of one study share `study_uid` and `study_seed`."""
-    phantom = make_breast_phantom(seed, slices=slices, size=size, view=view, masses=masses)
+    phantom = make_breast_phantom(
+        seed, slices=slices, size=size, view=view, masses=masses, difficulty=difficulty
+    )
     ds = tomosynthesis_dataset(
         phantom, patient_id=patient_id, study_uid=study_uid, seed=seed, study_seed=study_seed
     )
@@ -399,10 +448,17 @@ def plan_volumes(seeds: range, positive_fraction: float) -> list[VolumeCase]:
     ]
 
 
-def render_volume(case: VolumeCase, *, slices: int, size: int) -> tuple[Dataset, BreastPhantom]:
+def render_volume(
+    case: VolumeCase, *, slices: int, size: int, difficulty: Difficulty = EASY
+) -> tuple[Dataset, BreastPhantom]:
     """The DICOM dataset of a planned volume, built in memory exactly as written to disk."""
     phantom = make_breast_phantom(
-        case.seed, slices=slices, size=size, view=case.view, masses=case.masses
+        case.seed,
+        slices=slices,
+        size=size,
+        view=case.view,
+        masses=case.masses,
+        difficulty=difficulty,
     )
     ds = tomosynthesis_dataset(
         phantom,

@@ -3,7 +3,8 @@
 They stand in for patient data in the demo engines, the tests and the benchmarks: lungs,
 ribs, mediastinum, lung markings and quantum noise, with optional opacities and a
 pneumothorax (an air crescent without lung markings behind a pleural line).
-Everything is deterministic for a seed.
+Everything is deterministic for a seed. `difficulty` (cadnode.infer.phantoms.difficulty) makes
+the findings fainter, smaller and noisier and adds look-alikes; its default is the original look.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
+
+from cadnode.infer.phantoms.difficulty import EASY, Difficulty
 
 PIXEL_SPACING_MM = 0.35 * 1024 / 512  # a 36 cm field on the default 512 grid
 
@@ -63,9 +66,11 @@ def make_chest_phantom(
     opacity: bool = False,
     pneumothorax: bool = False,
     extra: Sequence[str] = (),
+    difficulty: Difficulty = EASY,
 ) -> ChestPhantom:
     """`extra`: findings of EXTRA_FINDINGS to draw too (the multi-label findings set)."""
     rng = np.random.default_rng(seed)
+    knob = np.random.default_rng([seed, 5])  # the difficulty's own draws: `rng` stays as it was
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
 
     body = _ellipse(x, y, 0.5, 0.55, 0.46 + rng.uniform(-0.02, 0.02), 0.55)
@@ -87,30 +92,71 @@ def make_chest_phantom(
     if pneumothorax:
         cx, cy, rx, ry = lung_centres[int(rng.integers(2))]
         side = 1 if cx > 0.5 else -1
-        collapsed = _ellipse(x, y, cx - side * rx * 0.25, cy + ry * 0.1, rx * 0.7, ry * 0.85)
+        # The collapsed lung's radii as shares of the lung's: a smaller `size` collapses it
+        # less (a thinner crescent). Offsets from 0.7 and 0.85 so that size 1 gives exactly those.
+        less = 1.0 - difficulty.size
+        collapsed_x, collapsed_y = 0.7 + 0.3 * less, 0.85 + 0.15 * less
+        centre = cx - side * rx * 0.25, cy + ry * 0.1
+        collapsed = _ellipse(x, y, *centre, rx * collapsed_x, ry * collapsed_y)
         ptx_mask = _ellipse(x, y, cx, cy, rx, ry) & ~collapsed
-        density = np.where(ptx_mask, 0.12 * body, density)  # air: no markings, darker
-        edge = collapsed & ~_ellipse(
-            x, y, cx - side * rx * 0.25, cy + ry * 0.1, rx * 0.68, ry * 0.83
-        )
-        density += 0.12 * (edge & _ellipse(x, y, cx, cy, rx, ry))  # the visceral pleural line
+        # Air: no markings, darker; a fainter one keeps part of the lung's density.
+        air = min(1.0, difficulty.contrast_factor(knob))
+        density = np.where(ptx_mask, (1.0 - air) * density + air * 0.12 * body, density)
+        # The visceral pleural line: the collapsed lung's rim, 0.02 of the lung's radius thick.
+        inner = _ellipse(x, y, *centre, rx * (0.68 + 0.3 * less), ry * (0.83 + 0.15 * less))
+        density += 0.12 * air * (collapsed & ~inner & _ellipse(x, y, cx, cy, rx, ry))
 
     boxes: list[tuple[int, int, int, int]] = []
     if opacity:
         for _ in range(int(rng.integers(1, 3))):
             cx, cy, rx, ry = lung_centres[int(rng.integers(2))]
             ox, oy = cx + rng.uniform(-0.5, 0.5) * rx, cy + rng.uniform(-0.5, 0.5) * ry
-            radius = rng.uniform(0.03, 0.07)
-            density += 0.35 * np.exp(-((x - ox) ** 2 + (y - oy) ** 2) / (2 * radius**2)) * lungs
+            radius = rng.uniform(0.03, 0.07) * difficulty.size
+            amplitude = 0.35 * difficulty.contrast_factor(knob)
+            density += amplitude * _blob(x, y, ox, oy, radius) * lungs
             half = int(2 * radius * size)
             boxes.append((int(ox * size) - half, int(oy * size) - half, 2 * half, 2 * half))
 
     found: dict[str, list[tuple[int, int, int, int]]] = {}
     if extra:
         found = _draw_extra(density, x, y, lung_centres, set(extra), seed)
-    density += rng.normal(0, 0.015, density.shape)
+    for _ in range(difficulty.confounder_count(knob)):
+        _draw_look_alike(density, x, y, lungs, lung_centres, knob, difficulty)
+    density += rng.normal(0, 0.015 * difficulty.noise, density.shape)
     pixels = np.clip(density / max(float(density.max()), 1e-6), 0, 1) * 4000
     return ChestPhantom(pixels.astype(np.uint16), lungs, ptx_mask, boxes, found)
+
+
+def _blob(x: np.ndarray, y: np.ndarray, ox: float, oy: float, radius: float) -> np.ndarray:
+    """A round density, 1 at its centre (an opacity, or a vessel seen end on)."""
+    return np.exp(-((x - ox) ** 2 + (y - oy) ** 2) / (2 * radius**2))
+
+
+def _draw_look_alike(
+    density: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    lungs: np.ndarray,
+    lung_centres: list[tuple[float, float, float, float]],
+    knob: np.random.Generator,
+    difficulty: Difficulty,
+) -> None:
+    """One normal structure that looks like a finding, into `density` in place: a vessel seen
+    end on (a small round density, like a small opacity) or a skin fold (a curved line across
+    the lung's outer part, like a pneumothorax's pleural line, but with markings beyond it)."""
+    cx, cy, rx, ry = lung_centres[int(knob.integers(2))]
+    amplitude = difficulty.contrast_factor(knob)
+    if knob.random() < 0.6:
+        ox, oy = cx + knob.uniform(-0.6, 0.6) * rx, cy + knob.uniform(-0.6, 0.6) * ry
+        radius = knob.uniform(0.015, 0.05) * difficulty.size  # as large as small opacities
+        density += 0.35 * amplitude * _blob(x, y, ox, oy, radius) * lungs
+        return
+    side = 1 if cx > 0.5 else -1
+    scale = knob.uniform(0.65, 0.9)
+    centre_x, centre_y = cx - side * rx * 0.25, cy + ry * 0.1
+    outer = _ellipse(x, y, centre_x, centre_y, rx * scale, ry * (scale + 1) / 2)
+    inner = _ellipse(x, y, centre_x, centre_y, rx * (scale - 0.02), ry * ((scale + 1) / 2 - 0.02))
+    density += 0.12 * amplitude * (outer & ~inner & lungs)
 
 
 EFFUSION, CARDIOMEGALY, NODULE = "effusion", "cardiomegaly", "nodule"
@@ -248,9 +294,12 @@ def write_chest_radiograph(
     view: str = "PA",
     body_part: str = "CHEST",
     size: int = 512,
+    difficulty: Difficulty = EASY,
 ) -> Dataset:
     """Make one phantom film and write it as a DICOM file; returns the dataset written."""
-    phantom = make_chest_phantom(seed, size=size, opacity=opacity, pneumothorax=pneumothorax)
+    phantom = make_chest_phantom(
+        seed, size=size, opacity=opacity, pneumothorax=pneumothorax, difficulty=difficulty
+    )
     ds = chest_dataset(
         phantom,
         patient_id=patient_id,
@@ -347,15 +396,21 @@ def plan_cases(seeds: range, positive_fraction: float) -> list[Case]:
     ]
 
 
-def render(case: Case, phantom_size: int) -> Dataset:
+def render(case: Case, phantom_size: int, difficulty: Difficulty = EASY) -> Dataset:
     """The DICOM dataset of a case, built in memory exactly as it would be written to disk."""
-    return render_with_phantom(case, phantom_size)[0]
+    return render_with_phantom(case, phantom_size, difficulty)[0]
 
 
-def render_with_phantom(case: Case, phantom_size: int) -> tuple[Dataset, ChestPhantom]:
+def render_with_phantom(
+    case: Case, phantom_size: int, difficulty: Difficulty = EASY
+) -> tuple[Dataset, ChestPhantom]:
     """The dataset and the phantom it holds (its masks and boxes are the truth)."""
     phantom = make_chest_phantom(
-        case.seed, size=phantom_size, opacity=case.opacity, pneumothorax=case.pneumothorax
+        case.seed,
+        size=phantom_size,
+        opacity=case.opacity,
+        pneumothorax=case.pneumothorax,
+        difficulty=difficulty,
     )
     ds = chest_dataset(
         phantom, patient_id=case.patient_id, patient_name="Phantom^Chest", seed=case.seed
