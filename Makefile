@@ -117,6 +117,7 @@ engines: install-dev
 	$(BIN)/cadnode-train build ruleout --config training/configs/ruleout.yaml --out engines/cxr-ruleout
 	$(BIN)/cadnode-train build segmenter --config training/configs/segmenter.yaml --out engines/cxr-segmenter
 	$(BIN)/cadnode-train build dbt --config training/configs/dbt.yaml --out engines/dbt-detector
+	$(BIN)/cadnode-train build findings --config training/configs/findings.yaml --out engines/cxr-findings
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) var .pytest_cache .mypy_cache .ruff_cache

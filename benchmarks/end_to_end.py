@@ -1,8 +1,8 @@
 """End-to-end latency: a chest radiograph pushed to cadnode -> its results stored in Orthanc.
 
 Two kinds of film: a normal one (the rule-out filter rules it out: one SR) and one with a
-pneumothorax (not ruled out, so the segmenter runs too: the rule-out SR, the SEG and the
-segmenter's SR; the time is until all three are stored).
+pneumothorax (not ruled out, so the segmenter and the findings engine run too: the rule-out
+SR, the SEG, the segmenter's SR and the findings SR; the time is until all four are stored).
 
 Anchor, measured in the same run: the same kind of film pushed straight into the same Orthanc
 with the same storescu (what storing alone costs). The figure is the ratio of medians:
@@ -71,10 +71,12 @@ def main() -> None:
         with run_orthanc(folder / "orthanc") as pacs, \
                 run_cadnode(folder / "cadnode", pacs.destination) as node:
             # The first film of each kind warms caches on both sides.
-            for path, ds, objects in ((*film(0), 1), (*film(1, pneumothorax=True), 3)):
+            # A normal film: the rule-out SR; a pneumothorax: that, the segmenter's SEG and SR,
+            # and the findings engine's SR.
+            for path, ds, objects in ((*film(0), 1), (*film(1, pneumothorax=True), 4)):
                 push_and_wait(node.dicom_port, "CADNODE", path, ds.StudyInstanceUID, pacs, objects)
             times: dict[str, list[float]] = {"normal": [], "pneumothorax": [], "direct": []}
-            kinds = (("normal", False, 1), ("pneumothorax", True, 3))
+            kinds = (("normal", False, 1), ("pneumothorax", True, 4))
             for i in range(args.count):  # interleaved, so all see the same machine load
                 for kind, pneumothorax, objects in kinds:
                     path, ds = film(10 + 3 * i + pneumothorax, pneumothorax)

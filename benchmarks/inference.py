@@ -1,11 +1,13 @@
 """Inference speed: each shipped engine on ONNX Runtime vs PyTorch eager, on the same weights.
 
 The anchor is PyTorch eager running the engine's own training module (training/ruleout.py
-RuleoutNet, training/segmenter.py Segmenter, training/detector.py GridDetector, shaped by
+RuleoutNet, training/segmenter.py Segmenter, training/findings.py FeaturePyramidSum,
+training/detector.py GridDetector, shaped by
 training/configs/*.yaml) loaded with the weights of the bundle's model.onnx: every
 initializer is copied by name; where the exporter folded a BatchNorm into the convolution
 before it, the convolution takes the folded weight and the BatchNorm becomes the identity
-carrying the folded bias. The printed max difference shows both compute the same function.
+carrying the folded bias. The printed max difference shows both compute the same function
+(for cxr-findings over both of its outputs, P(abnormal) and the per-label `findings`).
 (onnx2torch was tried and not used: it imports torchvision, and no torchvision build for the
 pinned CPU torch is available here.)
 
@@ -48,12 +50,13 @@ from cadnode.infer.phantoms.breast import make_breast_phantom, tomosynthesis_dat
 from cadnode.infer.phantoms.chest import chest_dataset, make_chest_phantom
 from cadnode.infer.preprocess import frames_to_tensor, image_to_tensor
 from cadnode.infer.runtime import Engine
-from training import detector, ruleout, segmenter
+from training import detector, findings, ruleout, segmenter
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "training" / "configs"
 ENGINES = ROOT / "engines"
 CHEST_BATCH = EngineOptions().max_batch
+MEASURED = ("cxr-ruleout", "cxr-segmenter", "cxr-findings", "dbt-detector")
 
 
 def training_module(name: str) -> nn.Module:
@@ -62,6 +65,9 @@ def training_module(name: str) -> nn.Module:
         return ruleout.RuleoutNet(ruleout.load_config(CONFIGS / "ruleout.yaml").model.channels)
     if name == "cxr-segmenter":
         return segmenter.Segmenter(segmenter.load_config(CONFIGS / "segmenter.yaml").model)
+    if name == "cxr-findings":
+        spec = findings.load_config(CONFIGS / "findings.yaml")
+        return findings.FeaturePyramidSum(spec.model, len(spec.labels))
     config = detector.load_config(CONFIGS / "dbt.yaml")
     return detector.GridDetector(config.model, config.input_size)
 
@@ -145,10 +151,24 @@ def torch_runner(module: nn.Module, batch: np.ndarray) -> Callable[[], np.ndarra
 
     def run() -> np.ndarray:
         with torch.inference_mode():
-            output: torch.Tensor = module(tensor)
+            output: torch.Tensor | tuple[torch.Tensor, ...] = module(tensor)
+        if isinstance(output, tuple):  # a multi-label engine: every output, side by side
+            return side_by_side([part.numpy() for part in output])
         return output.numpy()
 
     return run
+
+
+def side_by_side(outputs: list[np.ndarray]) -> np.ndarray:
+    """Several outputs of one batch as one (N, ...) array, to compare them at once."""
+    return np.concatenate([output.reshape(len(output), -1) for output in outputs], axis=1)
+
+
+def onnxruntime_runner(backend: OnnxRuntimeBackend, batch: np.ndarray) -> Callable[[], np.ndarray]:
+    """The daemon's call: the declared output, or every output a multi-label engine reads."""
+    if len(backend.outputs) == 1:
+        return lambda: backend.run(batch)
+    return lambda: side_by_side(list(backend.run_all(batch).values()))
 
 
 def cpu_section(rounds: int) -> None:
@@ -160,21 +180,21 @@ def cpu_section(rounds: int) -> None:
         "training code's module with weights converted from the ONNX initializers"
     )
     volume = dbt_volume()
-    for name in ("cxr-ruleout", "cxr-segmenter", "dbt-detector"):
+    for name in MEASURED:
         bundle = Bundle(ENGINES / name)
         size = bundle.manifest.preprocessing.size
         if name == "dbt-detector":
             batch, unit = frames_to_tensor(volume, size, limit=DEFAULT_LIMIT)[0], "slices"
         else:
             batch, unit = chest_batch(size), "films"
-        backend = OnnxRuntimeBackend(bundle)
+        run_onnx = onnxruntime_runner(OnnxRuntimeBackend(bundle), batch)
         module = load_onnx_weights(training_module(name), bundle.model_path)
         run_torch = torch_runner(module, batch)
         expected = run_torch()
         difference = float(
-            np.max(np.abs(backend.run(batch) - expected) / np.maximum(1.0, np.abs(expected)))
+            np.max(np.abs(run_onnx() - expected) / np.maximum(1.0, np.abs(expected)))
         )
-        onnx_s, torch_s = paired_seconds([lambda b=backend, x=batch: b.run(x), run_torch], rounds)
+        onnx_s, torch_s = paired_seconds([run_onnx, run_torch], rounds)
         print(
             f"  {name:14s} batch of {len(batch)} {unit}: ONNX Runtime {len(batch) / onnx_s:8.1f}"
             f" {unit}/s, PyTorch eager {len(batch) / torch_s:8.1f} {unit}/s, ratio "
@@ -206,7 +226,7 @@ def cuda_section(rounds: int) -> None:
     print(f"CUDA ({gpu}): TensorRT {tensorrt.__version__} vs PyTorch eager")
     volume = dbt_volume()
     with tempfile.TemporaryDirectory() as plans:
-        for name in ("cxr-ruleout", "cxr-segmenter", "dbt-detector"):
+        for name in MEASURED:
             bundle = Bundle(ENGINES / name)
             size = bundle.manifest.preprocessing.size
             if name == "dbt-detector":
@@ -222,7 +242,7 @@ def cuda_section(rounds: int) -> None:
                     m(t)
                 torch.cuda.synchronize()
 
-            run_trt = lambda b=backend, x=batch: b.run(x)  # noqa: E731
+            run_trt = lambda b=backend, x=batch: b.run_all(x)  # noqa: E731
             trt_s, torch_s = paired_seconds([run_trt, run_torch], rounds)
             print(
                 f"  {name:14s} batch of {len(batch)}: TensorRT {len(batch) / trt_s:9.1f}/s, "

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import select
+from sqlmodel import col, select
 
 from cadnode.admin.backup import add_backup_command, backup_command
 from cadnode.admin.commands import COMMANDS as ADMIN_COMMANDS
@@ -22,15 +22,21 @@ from cadnode.core.db import Database, Delivery, DeliveryState, Instance, Job, Re
 from cadnode.core.migrations import SchemaError
 from cadnode.core.yamlfile import ConfigError
 from cadnode.deliver import outbox_admin as deliveries
+from cadnode.feedback.labels import rules_at
 from cadnode.infer.answers import SegmentAnswer, parse_answer, summary
-from cadnode.infer.bundle import discover
+from cadnode.infer.bundle import discover, discover_versions
+from cadnode.infer.release_commands import COMMANDS as RELEASE_COMMANDS
+from cadnode.infer.release_commands import add_release_commands, release_command, roles_of
 from cadnode.prioritize.history import history_line, study_priority
 from cadnode.prioritize.policy import load_policy, unknown_engines
 from cadnode.retain.commands import COMMANDS as RETAIN_COMMANDS
 from cadnode.retain.commands import add_retain_commands, retain_command
 from cadnode.route import RuleSet, load_rules
 from cadnode.route.explain import CASES, Connection, explain, read_subjects, run_cases
+from cadnode.watch.agreement import add_compare_command, compare_command
+from cadnode.watch.drift_listing import add_drift_command, drift_command
 from cadnode.watch.listing import add_alerts_command, alerts_command
+from cadnode.watch.performance_listing import add_performance_command, performance_command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_admin_commands(commands)
     add_retain_commands(commands)
     add_alerts_command(commands)
+    add_performance_command(commands)
     add_db_commands(commands)
     add_backup_command(commands)
     args = parser.parse_args(argv)
@@ -75,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return deliveries_command(settings, args)
         elif args.command == "alerts":
             return alerts_command(settings, args)
+        elif args.command == "performance":
+            return performance_command(settings, args)
         elif args.command == "db":
             return db_command(settings, args)
         elif args.command == "backup":
@@ -102,6 +111,8 @@ def check_everything(settings: Settings) -> None:
         f"rules version {rules.version}"
     )
     print(f"priority policy OK: {len(policy.rules)} rule(s), version {policy.version}")
+    findings = rules_at(settings.feedback.findings_file)  # ConfigError naming file:line
+    print(f"feedback findings OK: {len(findings.findings)} finding(s)")
     for note in unknown_engines(settings.priority.policy_file, policy, engines):
         print(f"note: {note}")
 
@@ -143,13 +154,22 @@ def add_engines_commands(commands: Any) -> None:
     from cadnode.infer.triton_repository import add_export_arguments
 
     add_export_arguments(actions)
+    add_compare_command(actions)
+    add_release_commands(actions)
+    add_drift_command(actions)
 
 
 def engines_command(settings: Settings, args: argparse.Namespace) -> int:
+    if args.engines_command == "compare":  # the database only: no engine to load
+        return compare_command(settings, args)
+    if args.engines_command in RELEASE_COMMANDS:  # the release table (cadnode/infer/releases.py)
+        return release_command(settings, args)
+    if args.engines_command == "drift":  # the database and the manifests only
+        return drift_command(settings, args)
     from cadnode.infer import catalogue  # loads ONNX Runtime; only these commands need it
 
     if args.engines_command == "list":
-        return catalogue.list_engines(settings.engines)
+        return catalogue.list_engines(settings.engines, roles=roles_of(settings))
     if args.engines_command == "info":
         return catalogue.describe(settings.engines, args.name)
     if args.engines_command == "export-triton":
@@ -219,8 +239,10 @@ def deliveries_command(settings: Settings, args: argparse.Namespace) -> int:
 
 def configured_rules(settings: Settings, file: Path | None = None) -> RuleSet:
     """The rules file, checked against the installed engines and configured destinations."""
-    engines = discover(settings.engines.dir)
-    return load_rules(file or settings.rules, engines, settings.destinations)
+    versions: dict[str, list[str]] = {}
+    for name, version in discover_versions(settings.engines.dir):
+        versions.setdefault(name, []).append(version)
+    return load_rules(file or settings.rules, versions, settings.destinations, versions=versions)
 
 
 def study_rows(database: Database) -> list[dict[str, Any]]:
@@ -230,7 +252,9 @@ def study_rows(database: Database) -> list[dict[str, Any]]:
         for job in jobs:
             study = session.get(Study, job.study_id)
             assert study is not None
-            results = session.exec(select(Result).where(Result.job_id == job.id)).all()
+            results = session.exec(  # a shadow version's answers are not results
+                select(Result).where(Result.job_id == job.id, col(Result.shadow).is_(False))
+            ).all()
             deliveries = session.exec(select(Delivery).where(Delivery.job_id == job.id)).all()
             modalities = session.exec(
                 select(Instance.sop_class_uid).where(Instance.job_id == job.id)

@@ -23,8 +23,10 @@ from cadnode.core.tallies import Compactor
 from cadnode.deliver.dispatch import Dispatcher
 from cadnode.deliver.outbox import rename_legacy_destinations
 from cadnode.dicom.indexing import Indexer
+from cadnode.feedback import report_listener
+from cadnode.infer import releases
 from cadnode.infer.bundle import discover
-from cadnode.infer.runtime import load_engines
+from cadnode.infer.runtime import installed_versions, load_engines
 from cadnode.ingest.assemble import Assembler
 from cadnode.ingest.receive import Receiver
 from cadnode.port import ReceiverProcesses, receiver_in_process
@@ -62,12 +64,22 @@ class Node:
                 sha256=engine.bundle.sha256,
                 backend=engine.backend.name,
             )
+        # Several versions of an engine may be loaded; which is live is the release table's
+        # (cadnode/infer/releases.py), read as each job is routed.
+        versions = installed_versions(engines.values())
+        releases.record_defaults(self.database, versions)
         self.rules = LiveRules(
-            settings.rules, engines, settings.destinations, database=self.database
+            settings.rules,
+            versions,
+            settings.destinations,
+            database=self.database,
+            versions=versions,
         )
         self.priority = Prioritization(settings, self.database)
         self.housekeeping = Housekeeper(self.database, storage, settings.retention)
-        router = Router(self.database, storage.spool, self.rules, settings.destinations)
+        router = Router(
+            self.database, storage.spool, self.rules, settings.destinations, versions=versions
+        )
         # Infer and encode: here, or in `node.workers` processes (cadnode/workers.py).
         in_workers = settings.node.workers > 1
         cpu_bound = [] if in_workers else cpu_stages(settings, self.database, engines)
@@ -104,6 +116,9 @@ class Node:
             if settings.dicom.receivers > 1
             else receiver_in_process(settings, self.database, self.nudge)
         )
+        # Radiologists' reports (HL7 ORU over MLLP), when `feedback.mllp.enabled`; the
+        # findings file is checked here either way (the dashboard and the API read it).
+        self.reports = report_listener(settings.feedback, self.database)
         self.admin = AdminServer(
             AdminContext(
                 settings=settings,
@@ -133,6 +148,8 @@ class Node:
         if self.workers is not None:
             self.workers.start()
         self.admin.start()
+        if self.reports is not None:
+            self.reports.start()
         port = self.receiver.start()
         self.presence.dicom_port = port
         if isinstance(self.receiver, Receiver):  # receiver processes beat on their own
@@ -155,6 +172,8 @@ class Node:
         self.conveyor.stop()
         self.presence.stop()
         self.rules.stop()
+        if self.reports is not None:
+            self.reports.stop()
         self.admin.stop()
         log.info("node.stopped")
 

@@ -2,9 +2,9 @@
 
 Chest films (pneumothorax phantoms) carrying the person names of PS3.5 Annex H (Japanese),
 I (Korean) and J (Chinese) in the examples' own bytes and character sets are pushed with
-DCMTK's storescu; their rule-out SR, the segmenter's SEG and its SR must reach Orthanc,
-pass dciodvfy, and hold the name as the standard spells it, as Orthanc decodes it and as
-pydicom does; the study moves up the worklist; the log names no one.
+DCMTK's storescu; their rule-out SR, the segmenter's SEG and SR, and the findings SR must
+reach Orthanc, pass dciodvfy, and hold the name as the standard spells it, as Orthanc
+decodes it and as pydicom does; the study moves up the worklist; the log names no one.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def test_the_results_reach_the_pacs_with_the_name_kept(
     row = wait_for_state(node, study_uid, "delivered", "failed")
     assert row["state"] == "delivered", row["reason"]
     assert row["priority"] == "HIGH"
-    paths = results_in_pacs(pacs, study_uid, 3, tmp_path)  # each one passes dciodvfy
-    assert sorted(dcmread(p).Modality for p in paths) == ["SEG", "SR", "SR"]
+    paths = results_in_pacs(pacs, study_uid, 4, tmp_path)  # each one passes dciodvfy
+    assert sorted(dcmread(p).Modality for p in paths) == ["SEG", "SR", "SR", "SR"]
     for path in paths:
         assert_kept(dcmread(path), example)
     for orthanc_id in pacs.instances_of_study(study_uid):

@@ -21,7 +21,7 @@ from cadnode.route.steps import Step
 from tests.answer_cases import detector_answer, ruleout_answer, segmenter_answer
 from tests.peers import REPO
 
-ENGINES = ["cxr-ruleout", "cxr-segmenter", "dbt-detector"]
+ENGINES = ["cxr-ruleout", "cxr-segmenter", "cxr-findings", "dbt-detector"]
 SHARE = "percent_of_hemithorax"
 BETWEEN_60_70 = {"between": [0.6, 0.7]}
 

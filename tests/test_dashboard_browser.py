@@ -82,14 +82,14 @@ def test_log_in_open_a_study_and_retry_its_dead_letter(
         lambda: next(
             (r for r in cadnode.studies()
              if r["study_uid"] == film.StudyInstanceUID and r["state"] == "failed"
-             and len(r["deliveries"]) == 3
+             and len(r["deliveries"]) == 4
              and all(d["state"] == "failed" for d in r["deliveries"])),
             None,
         ),
         PATIENCE_S, "the results made and their deliveries dead-lettered", interval_s=0.3,
     )
-    dead = row["deliveries"]  # the rule-out SR, the segmenter's SEG and its SR
-    assert len(dead) == 3
+    dead = row["deliveries"]  # the rule-out SR, the segmenter's SEG and SR, the findings SR
+    assert len(dead) == 4
     assert all(d["state"] == "failed" and d["attempts"] == 1 for d in dead)
     base = f"http://127.0.0.1:{cadnode.http_port}"
 

@@ -1,7 +1,8 @@
 """The walking skeleton against real peers: DCMTK pushes, Orthanc is the PACS.
 
 A phantom chest radiograph pushed with `storescu` comes back in Orthanc as the rule-out
-filter's TID 1500 SR and, unless it was ruled out, the segmenter's SEG and SR; a DBT volume
+filter's TID 1500 SR and, unless it was ruled out, the segmenter's SEG and SR and the chest
+findings engine's SR; a DBT volume
 as the detector's SR with its findings on their frames; every object passes dciodvfy. An
 image no rule wants is stored and ignored; a delivery pending when the node stops is sent
 after it restarts, once.
@@ -109,7 +110,8 @@ def test_a_pneumothorax_film_comes_back_as_srs_and_a_seg_in_the_pacs(
     node: Cadnode, pacs: Orthanc, tmp_path: Path
 ) -> None:
     """The cascade on an abnormal film: the rule-out SR, then the segmenter's SEG and its SR
-    measuring the pneumothorax on the SEG's segment, all valid, all in the PACS once."""
+    measuring the pneumothorax on the SEG's segment, and the findings engine's SR, all valid,
+    all in the PACS once."""
     film = write_chest_radiograph(
         tmp_path / "chest.dcm",
         seed=101,
@@ -120,7 +122,7 @@ def test_a_pneumothorax_film_comes_back_as_srs_and_a_seg_in_the_pacs(
     push(node, tmp_path / "chest.dcm")
     row = wait_for_state(node, film.StudyInstanceUID, "delivered", "failed")
     assert row["state"] == "delivered", row["reason"]
-    paths = results_in_pacs(pacs, film.StudyInstanceUID, 3, tmp_path)
+    paths = results_in_pacs(pacs, film.StudyInstanceUID, 4, tmp_path)
 
     ruleout = report_of(paths, "cxr-ruleout")
     assert ruleout.PatientID == PATIENT_ID
@@ -130,7 +132,7 @@ def test_a_pneumothorax_film_comes_back_as_srs_and_a_seg_in_the_pacs(
     assert group.finding_type == codes.SCT.Abnormal
     [probability] = group.get_measurements(name=codes.DCM.Probability)
     by_engine = {r["engine"]: r for r in row["results"]}
-    assert set(by_engine) == {"cxr-ruleout", "cxr-segmenter"}
+    assert set(by_engine) == {"cxr-ruleout", "cxr-segmenter", "cxr-findings"}
     assert by_engine["cxr-ruleout"]["version"] == RULEOUT.version
     assert probability.value == pytest.approx(by_engine["cxr-ruleout"]["probability"])
     assert algorithm_texts(ruleout, codes.DCM.AlgorithmVersion) >= {RULEOUT.version}
@@ -153,7 +155,11 @@ def test_a_pneumothorax_film_comes_back_as_srs_and_a_seg_in_the_pacs(
     reference = ptx.referenced_segmentation_frame
     assert reference is not None
     assert reference[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
-    assert {d["state"] for d in row["deliveries"]} == {"sent"} and len(row["deliveries"]) == 3
+    assert {d["state"] for d in row["deliveries"]} == {"sent"} and len(row["deliveries"]) == 4
+    findings = report_of(paths, "cxr-findings")  # a coded finding per reported label
+    [verdict, *reported] = findings.content.get_image_measurement_groups()
+    assert verdict.finding_type == codes.SCT.Abnormal
+    assert all(g.get_qualitative_evaluations()[0].value == codes.SCT.Present for g in reported)
     assert row["priority"] == "HIGH"  # a pneumothorax moves the study up the worklist
     table = node.cli("studies").stdout
     assert "cxr-ruleout: abnormal (p=" in table

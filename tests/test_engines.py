@@ -37,7 +37,7 @@ from cadnode.infer.sample import sample_images
 from tests.peers import REPO
 
 ENGINES = REPO / "engines"
-NAMES = ("cxr-ruleout", "cxr-segmenter", "dbt-detector")
+NAMES = ("cxr-findings", "cxr-ruleout", "cxr-segmenter", "dbt-detector")
 CADNODE = Path(sys.executable).parent / "cadnode"  # the venv's console script
 # Largest |P_TensorRT - P_ONNX Runtime| accepted: both compute in FP32 (the plan is built
 # without TF32); kernels differ in summation order only.
@@ -226,9 +226,10 @@ def test_engines_list_info_and_verify_on_the_shipped_bundles(tmp_path: Path) -> 
 
     info = cadnode("engines", "info", "cxr-ruleout", engines=ENGINES, data=tmp_path)
     assert info.returncode == 0, info.stderr
+    rule_out = Bundle(ENGINES / "cxr-ruleout").manifest.operating_points["rule_out"]
     for expected in (
         "SCT 263654008 'Abnormal'",
-        "rule_out: threshold 0.4687; sensitivity 0.9933",
+        f"rule_out: threshold {rule_out.threshold:.4f}; sensitivity {rule_out.sensitivity:.4f}",
         "modalities: CR, DX",
         "training data: Synthetic chest radiograph phantoms",
         "MODEL_CARD.md",

@@ -55,7 +55,7 @@ def test_urgent_work_overtakes_routine_and_background_work_queued_before_it(
     engines = {
         name: e
         for name, e in load_engines(REPO / "engines", limits=LimitsSettings()).items()
-        if name == "cxr-ruleout"
+        if e.name == "cxr-ruleout"  # keyed by name@version
     }
     background = routed_job(database, tmp_path, 1, PriorityClass.background)
     routine = routed_job(database, tmp_path, 2, PriorityClass.routine)

@@ -155,6 +155,19 @@ def seed(database: Database, jobs: int, *, rng: random.Random, delete_one: bool 
                             seconds=call,
                         )
                     )
+                    # A shadow version's answer: compared elsewhere, counted nowhere here.
+                    session.add(
+                        Result(
+                            job_id=job.id,
+                            engine=engine,
+                            engine_version="2",
+                            model_sha256="1" * 64,
+                            sop_instance_uid=f"{study.study_uid}.{image}",
+                            answer=dump_answer(rng.choice(ANSWERS)[1]),
+                            seconds=round(call + 0.0005, 4),
+                            shadow=True,
+                        )
+                    )
             if "encoded" in timeline:
                 for destination in ("pacs", "archive"):
                     session.add(
@@ -249,7 +262,9 @@ def counted_whole(database: Database) -> Figures:
             put("cadnode_stage_seconds_sum", sum(values), stage=stage)
         latest: dict[str, list[bool]] = defaultdict(list)
         for engine, answer in session.exec(
-            select(Result.engine, Result.answer).order_by(col(Result.id).desc())
+            select(Result.engine, Result.answer)
+            .where(col(Result.shadow).is_(False))
+            .order_by(col(Result.id).desc())
         ):
             positive = parse_answer(answer).positive
             put("cadnode_engine_answers_total", 1, engine=engine)
@@ -259,7 +274,9 @@ def counted_whole(database: Database) -> Figures:
             window = seen[: metrics.DRIFT_WINDOW]
             put("cadnode_engine_positive_rate", sum(window) / len(window), engine=engine)
         for engine, _job, seconds in session.exec(
-            select(Result.engine, Result.job_id, Result.seconds).distinct()
+            select(Result.engine, Result.job_id, Result.seconds)
+            .where(col(Result.shadow).is_(False))
+            .distinct()
         ).all():
             assert seconds is not None
             for bound in LATENCY_BUCKETS_S:

@@ -21,9 +21,12 @@ from cadnode.core.db import (
     AuditEvent,
     AuditKind,
     AuditOutcome,
+    Conclusion,
     Database,
     Delivery,
     DeliveryState,
+    Feedback,
+    FeedbackSource,
     Instance,
     Job,
     JobState,
@@ -284,13 +287,19 @@ def test_a_study_s_rows_go_with_everything_hanging_off_them(
                 state=PublicationState.sent,
             )
         )
+        for job in (made, kept):  # a radiologist's conclusion on each (cadnode.feedback)
+            session.add(Feedback(job_id=job.job_id, study_uid=job.study_uid, finding="abnormal",
+                                 conclusion=Conclusion.absent, source=FeedbackSource.api,
+                                 author="RIS"))
         session.commit()
     keeper(database, storage, images="never", results="never", answers="never").run_pass()
     rows_and_files_agree(database, storage)
     with database.session() as session:
         assert session.exec(select(Study.study_uid)).all() == [kept.study_uid]
         assert session.exec(select(Job.id)).all() == [kept.job_id]
-        for job_id in (Instance.job_id, Result.job_id, ResultObject.job_id, Delivery.job_id):
+        for job_id in (
+            Instance.job_id, Result.job_id, ResultObject.job_id, Delivery.job_id, Feedback.job_id
+        ):
             assert set(session.exec(select(job_id)).all()) == {kept.job_id}
         assert set(session.exec(select(StudyPriority.job_id)).all()) == {kept.job_id}
         assert session.exec(select(Publication)).all() == []

@@ -43,7 +43,7 @@ from tests.rows import instance_row, job_of, new_job
 from tests.test_cli import cadnode
 
 SHIPPED_RULES = EMBEDDED_CONFIG.parent / "rules.yaml"
-ENGINES = ["cxr-ruleout", "cxr-segmenter", "dbt-detector"]  # the shipped bundles
+ENGINES = ["cxr-ruleout", "cxr-segmenter", "cxr-findings", "dbt-detector"]  # the shipped ones
 STUDY, SERIES = generate_uid(), generate_uid()
 
 
@@ -116,11 +116,13 @@ def test_shipped_rules_send_frontal_chest_films_to_the_rule_out_cascade(
     decision = rules.decide([subject(**attributes)])
     assert decision.rule_names == [rule]
     if rule == "chest-radiograph":
-        ruleout, segmenter = decision.steps()
+        ruleout, *cascade = decision.steps()
         assert (ruleout.engine, ruleout.when) == ("cxr-ruleout", None)
-        assert segmenter.engine == "cxr-segmenter"  # only on the films not ruled out
-        assert segmenter.when is not None
-        assert (segmenter.when.step, segmenter.when.ruled_out) == ("cxr-ruleout", False)
+        # The segmenter and the findings engine only on the films not ruled out.
+        assert [step.engine for step in cascade] == ["cxr-segmenter", "cxr-findings"]
+        for step in cascade:
+            assert step.when is not None
+            assert (step.when.step, step.when.ruled_out) == ("cxr-ruleout", False)
         assert decision.priority is PriorityClass.urgent
     else:
         assert not decision.acts
@@ -817,11 +819,12 @@ def test_rules_explain_says_which_rule_fires_and_why_the_others_do_not(tmp_path:
     by_file = text.split(str(lateral))
     assert (
         "chest-radiograph      FIRES    infer cxr-ruleout, then cxr-segmenter (only where "
-        "cxr-ruleout: ruled_out is false); priority urgent; stops here"
+        "cxr-ruleout: ruled_out is false), then cxr-findings (only where cxr-ruleout: "
+        "ruled_out is false); priority urgent; stops here"
     ) in by_file[0]
     assert "everything-else       skipped  not reached: 'chest-radiograph' stopped" in by_file[0]
     assert (
-        "chest-radiograph      no       line 46: ViewPosition in [PA, AP] (actual: 'LL')"
+        "chest-radiograph      no       line 50: ViewPosition in [PA, AP] (actual: 'LL')"
         in (by_file[1])
     )
     assert "=> everything-else" in by_file[1]
@@ -857,7 +860,7 @@ def test_rules_test_runs_the_shipped_cases_and_fails_on_a_mismatch(tmp_path: Pat
     assert lines[0] == "PASS  frontal chest"
     assert lines[1].startswith(
         "FAIL  a lateral film expected (wrongly) to run the engine: expected chest-radiograph, "
-        "fired everything-else ('chest-radiograph': line 46: ViewPosition in [PA, AP] "
+        "fired everything-else ('chest-radiograph': line 50: ViewPosition in [PA, AP] "
         "(actual: 'LL'))"
     )
     assert lines[2] == "FAIL  priority expected wrongly: expected priority background, got urgent"

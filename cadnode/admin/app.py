@@ -23,11 +23,12 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cadnode import __version__
-from cadnode.admin import metrics, views
+from cadnode.admin import feedback_pages, metrics, views
 from cadnode.admin.auth import SESSION_COOKIE, Gate, NotLoggedIn
 from cadnode.admin.context import AdminContext
 from cadnode.admin.guard import Guard
 from cadnode.admin.health import readiness
+from cadnode.feedback.api import feedback_router
 from cadnode.ingest.stow import stow_router
 from cadnode.serve import dicomweb
 
@@ -47,7 +48,9 @@ SECURITY_HEADERS = [
 
 def create_app(context: AdminContext) -> FastAPI:
     http = context.settings.http
-    gate = Gate(http, context.database, context.settings.dicomweb)
+    gate = Gate(
+        http, context.database, context.settings.dicomweb, context.settings.feedback.api_clients
+    )
     app = FastAPI(title="cadnode", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.context = context
@@ -87,7 +90,9 @@ def create_app(context: AdminContext) -> FastAPI:
         return Response(metrics.render(context), media_type=metrics.CONTENT_TYPE)
 
     app.include_router(views.router)
+    app.include_router(feedback_pages.router)  # agree / disagree, the performance page
     app.include_router(stow_router(context))  # STOW-RS: POST /dicomweb/studies[/{study}]
+    app.include_router(feedback_router(context))  # a RIS's conclusions: POST /api/feedback
     app.include_router(dicomweb.router)
     return app
 

@@ -40,6 +40,8 @@ SESSION_COOKIE = "cadnode_session"
 # and on /dicomweb who: the client's name (`dicomweb.clients`, ADMIN or DASHBOARD).
 AUTHENTICATED_BY = "authenticated_by"
 DICOMWEB_CLIENT = "dicomweb_client"
+# On /api/feedback: the RIS client's name (`feedback.api_clients`, or ADMIN).
+API_CLIENT = "api_client"
 
 
 def hash_password(password: str) -> str:
@@ -87,6 +89,7 @@ class Gate:
         settings: HttpSettings,
         database: Database | None = None,
         dicomweb: DicomwebSettings | None = None,
+        feedback_clients: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.database = database  # for the audit trail; None in the odd unit test
@@ -96,9 +99,12 @@ class Gate:
         # Bearer tokens: the admin's (metrics, DICOMweb) and DICOMweb clients' (DICOMweb only).
         self._admin_token = {ADMIN_CLIENT: settings.admin_token_hash}
         self._dicomweb_tokens = {**self._admin_token, **(dicomweb or DicomwebSettings()).clients}
-        # SHA-256 of a bearer token once verified, and whose it is, so each scrape or DICOMweb
-        # request is not another Argon2 run.
-        self._tokens: dict[str, str] = {}
+        # RIS clients of /api/feedback (cadnode.feedback.api), and the admin's.
+        self._feedback_tokens = {**self._admin_token, **(feedback_clients or {})}
+        # SHA-256 of a bearer token once verified -> whose it is and the hash it matched (a
+        # name may be a DICOMweb client's and a feedback client's, with different tokens), so
+        # each scrape or DICOMweb request is not another Argon2 run.
+        self._tokens: dict[str, tuple[str, str | None]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -138,22 +144,31 @@ class Gate:
         hashed = {ADMIN_CLIENT: self.settings.admin_password_hash}
         return await self._check(AuditKind.admin_login, address, hashed, password)
 
-    async def check_token(self, address: str, token: str, *, dicomweb: bool = False) -> Verdict:
-        """The admin token; with `dicomweb`, a DICOMweb client's too (the verdict names whose).
-        Each client's hash is tried in turn: a wrong token costs one Argon2 run per client."""
+    async def check_token(
+        self, address: str, token: str, *, dicomweb: bool = False, feedback: bool = False
+    ) -> Verdict:
+        """The admin token; with `dicomweb`, a DICOMweb client's too (the verdict names whose);
+        with `feedback`, a feedback API client's. Each client's hash is tried in turn: a wrong
+        token costs one Argon2 run per client."""
         lockout = await self.lockout(address)
         if lockout is not None:  # the right token too: the address is locked out
             return lockout
-        accepted = self._dicomweb_tokens if dicomweb else self._admin_token
+        accepted = (
+            self._dicomweb_tokens if dicomweb
+            else self._feedback_tokens if feedback
+            else self._admin_token
+        )
         digest = hashlib.sha256(token.encode()).hexdigest()
         with self._lock:
             known = self._tokens.get(digest)
         if known is not None:
-            return Verdict(Outcome.ok if known in accepted else Outcome.wrong, client=known)
+            name, hashed = known
+            right = name in accepted and accepted[name] == hashed
+            return Verdict(Outcome.ok if right else Outcome.wrong, client=name)
         verdict = await self._check(AuditKind.admin_token, address, accepted, token)
         if verdict.ok:
             with self._lock:
-                self._tokens[digest] = verdict.client
+                self._tokens[digest] = (verdict.client, accepted[verdict.client])
         return verdict
 
     async def lockout(self, address: str) -> Verdict | None:

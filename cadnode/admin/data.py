@@ -48,6 +48,8 @@ class JobRow:
     findings: list[Finding]
     worklist_priority: str | None
     steps: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    # A shadow engine version's answers: shown apart, marked shadow, never as results.
+    shadow_findings: list[Finding] = field(default_factory=list)
 
     @property
     def received_at(self) -> dt.datetime:
@@ -98,7 +100,8 @@ def job_rows(session: Session, limit: int = 200, job_id: int | None = None) -> l
                 job=job,
                 study_uid=study_uid,
                 engines=list(dict.fromkeys(str(s.get("engine")) for s in job.pipeline)),
-                findings=[describe(r) for r in results],
+                findings=[describe(r) for r in results if not r.shadow],
+                shadow_findings=[describe(r) for r in results if r.shadow],
                 worklist_priority=None if latest is None else str(latest),
                 steps=steps,
             )

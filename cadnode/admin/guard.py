@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cadnode.admin.auth import (
+    API_CLIENT,
     AUTHENTICATED_BY,
     DICOMWEB_CLIENT,
     Gate,
@@ -40,6 +41,8 @@ PUBLIC = frozenset({"/healthz", "/readyz", "/login"})
 PUBLIC_PREFIXES = ("/static/",)
 # Machine endpoints: a bearer token (or a logged-in browser); 401 rather than a redirect.
 TOKEN_ROUTES = frozenset({"/metrics"})
+# A RIS's radiologist feedback (cadnode.feedback.api): its bearer token only, never a session.
+FEEDBACK_ROUTES = frozenset({"/api/feedback"})
 # Routes that take a file, up to `http.max_upload_mb`; every other body is a form.
 UPLOAD_ROUTES = frozenset({"/rules/explain"})
 # DICOMweb: bearer tokens; a session may read. STOW-RS bodies stream to the route, counted.
@@ -121,17 +124,25 @@ class Guard:
             return None
         if path == DICOMWEB or path.startswith(DICOMWEB + "/"):
             return await self._authenticate_dicomweb(scope, headers, address)
+        if path in FEEDBACK_ROUTES:
+            return await self._bearer(scope, headers, address, feedback=True)
         if self.gate.session_live(scope.get("session") or {}):
             scope.setdefault("state", {})[AUTHENTICATED_BY] = "session"
             return None
         if path not in TOKEN_ROUTES:
             return RedirectResponse(f"/login?next={quote(path)}", status_code=303)
+        return await self._bearer(scope, headers, address)
+
+    async def _bearer(
+        self, scope: Scope, headers: Headers, address: str, *, feedback: bool = False
+    ) -> Response | None:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return _unauthorized()
-        verdict = await self.gate.check_token(address, token.strip())
+        verdict = await self.gate.check_token(address, token.strip(), feedback=feedback)
         if verdict.ok:
-            scope.setdefault("state", {})[AUTHENTICATED_BY] = "token"
+            state = scope.setdefault("state", {})
+            state[AUTHENTICATED_BY], state[API_CLIENT] = "token", verdict.client
             return None
         return _refusal(verdict) or _unauthorized()
 

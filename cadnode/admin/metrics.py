@@ -9,6 +9,9 @@ step's time as its timeline grows, engine answers, deliveries and publications),
 cost is the number of series, not of jobs. Counters only grow (a row deleted by housekeeping,
 or an admin's retry setting a delivery's attempts back, takes nothing back). The drift gauge
 reads each engine's latest answers by index.
+The agreement of each shadow version with the live one (cadnode/watch/agreement.py) is
+computed at most every 5 minutes per engine, over its latest 1000 shadow answers of the last
+7 days, and cached between.
 
 Per-stage latency is observed from each job's timeline (`Job.timeline`, written by
 `Database.transition`): the time from the state before to the state reached, once both are
@@ -58,7 +61,10 @@ from cadnode.core.tallies import (
     spelling,
 )
 from cadnode.retain.metrics import removed_metrics
+from cadnode.watch.agreement import agreement_metrics
+from cadnode.watch.drift_listing import drift_metrics
 from cadnode.watch.listing import alert_metrics
+from cadnode.watch.performance import performance_metrics
 
 __all__ = ["CONTENT_TYPE", "STAGES", "job_times", "render", "stage_seconds"]
 
@@ -117,7 +123,15 @@ class DatabaseCollector(Collector):
             yield from _outboxes(tallies)
             yield from removed_metrics(session)
             yield from alert_metrics(session)
+            # Against the radiologists' feedback (cadnode.watch.performance: bounded, cached).
+            yield from performance_metrics(session, self.context.settings.feedback)
+            yield from drift_metrics(session)  # the last drift check's figures
         yield from self._disk()
+        # Live against shadow: over a fixed window, cached (cadnode/watch/agreement.py).
+        context = self.context
+        yield from agreement_metrics(
+            context.database, context.configured_engines, context.settings.storage.answers
+        )
 
     def _disk(self) -> Iterator[Metric]:
         storage = self.context.settings.storage
@@ -273,7 +287,10 @@ def _engines(session: Session, tallies: Tallies) -> Iterator[Metric]:
 
 def _positive_rate(session: Session, engine: str) -> float | None:
     """The share of positives among the engine's latest answers (by the index on engine)."""
-    latest = "SELECT answer FROM result WHERE engine = :engine ORDER BY id DESC LIMIT :window"
+    latest = (  # the live versions' answers: a shadow one is not what the node reports
+        "SELECT answer FROM result WHERE engine = :engine AND NOT shadow "
+        "ORDER BY id DESC LIMIT :window"
+    )
     sql = spelling(session.get_bind().dialect.name)
     statement = text(f"SELECT avg({answer_positive('latest', sql)}) FROM ({latest}) AS latest")
     found = session.execute(statement, {"engine": engine, "window": DRIFT_WINDOW}).scalar()

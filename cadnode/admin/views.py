@@ -6,6 +6,7 @@ kept in the audit trail. Actions on deliveries are the ones `cadnode deliveries`
 
 from __future__ import annotations
 
+import argparse
 import re
 import tempfile
 from pathlib import Path
@@ -22,14 +23,17 @@ from starlette.concurrency import run_in_threadpool
 from cadnode.admin import charts, data
 from cadnode.admin.auth import Gate, Outcome, Verdict, client_address
 from cadnode.admin.context import AdminContext
+from cadnode.admin.feedback_data import job_feedback
 from cadnode.admin.thumbnails import overlay_png
 from cadnode.core import audit
 from cadnode.core.claims import processes
-from cadnode.core.db import AuditEvent, AuditKind, AuditOutcome, Instance, Result
+from cadnode.core.db import AuditEvent, AuditKind, AuditOutcome, Instance, Result, utcnow
 from cadnode.core.yamlfile import ConfigError
 from cadnode.deliver import outbox_admin as deliveries
 from cadnode.dicom.pixels import ImageRefused
 from cadnode.route.explain import Connection, explain, read_subjects
+from cadnode.watch import agreement
+from cadnode.watch.drift_listing import drift_table
 from cadnode.watch.listing import active_alerts
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -179,12 +183,19 @@ def studies(request: Request) -> HTMLResponse:
 
 
 @pages.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(request: Request, job_id: str) -> HTMLResponse:
-    with context_of(request).database.session() as session:
+def job_page(request: Request, job_id: str, note: str | None = None) -> HTMLResponse:
+    context = context_of(request)
+    with context.database.session() as session:
         detail = data.job_detail(session, row_id(job_id, "job"))
+        # The radiologist's conclusions beside the engines' (cadnode.admin.feedback_pages).
+        feedback = None if detail is None else job_feedback(
+            session, row_id(job_id, "job"), context.settings.feedback
+        )
     if detail is None:
         raise HTTPException(404, f"no job {job_id}")
-    return render(request, "job.html", detail=detail, active="studies")
+    return render(
+        request, "job.html", detail=detail, active="studies", feedback=feedback, note=note
+    )
 
 
 @pages.get("/results/{result_id}/overlay.png")
@@ -280,7 +291,16 @@ def engines_page(request: Request) -> HTMLResponse:
         card = engine.folder / MODEL_CARD
         if card.exists():
             cards[engine.name] = _model_card(card.read_text(), engine.name)
-    return render(request, "engines.html", engines=context_of(request).engines, cards=cards)
+    with context_of(request).database.session() as session:
+        drift, drift_ok = drift_table(session)  # the last drift check's figures
+    return render(
+        request,
+        "engines.html",
+        engines=context_of(request).engines,
+        cards=cards,
+        drift=drift,
+        drift_ok=drift_ok,
+    )
 
 
 def _model_card(text: str, engine: str) -> Markup:
@@ -300,6 +320,73 @@ def engine_plot(request: Request, name: str, plot: str) -> FileResponse:
     if name not in folders or not _PLOT.match(plot) or not (folders[name] / plot).is_file():
         raise HTTPException(404, "no such plot")
     return FileResponse(folders[name] / plot, media_type="image/png")
+
+
+# -- agreement, live against shadow (cadnode/watch/agreement.py) ----------------------------
+
+
+@pages.get("/agreement/{name}", response_class=HTMLResponse)
+def agreement_page(request: Request, name: str, since: str = "7d") -> HTMLResponse:
+    try:
+        window = agreement.window(since)
+    except argparse.ArgumentTypeError as error:
+        raise HTTPException(400, f"since: {error}") from error
+    context = context_of(request)
+    found = agreement.comparisons(
+        context.database, name, utcnow() - window, answers=context.settings.storage.answers
+    )
+    shown = [(one, _agreement_charts(one)) for one in found.pairs]
+    return render(
+        request,
+        "agreement.html",
+        active="engines",
+        engine=name,
+        since=since,
+        found=found,
+        shown=shown,
+        most=agreement.MAX_PAIRS,
+    )
+
+
+def _agreement_charts(one: agreement.Comparison) -> list[tuple[str, Markup]]:
+    """(caption, chart): per day, agreement and kappa at each operating point (a
+    segmenter: mean Dice per label); the histogram of probability differences."""
+    days = agreement.by_day(one.figures)
+    points = sorted({point for _, day in days for point in day.points})
+    labels = sorted({label for _, day in days for label in day.dice})
+    made = []
+    for caption, series in (
+        (
+            "Agreement per day (UTC), by operating point",
+            {p: [_bar(day.points.get(p), "agreement") for _, day in days] for p in points},
+        ),
+        (
+            "Cohen's kappa per day (UTC), by operating point (undefined or below 0: drawn 0)",
+            {p: [_bar(day.points.get(p), "kappa") for _, day in days] for p in points},
+        ),
+        (
+            "Mean Dice per day (UTC), by label (both empty: 1)",
+            {label: [_bar(day.dice.get(label), "mean") for _, day in days] for label in labels},
+        ),
+    ):
+        if series:
+            groups = [
+                (day.strftime("%m-%d"), [values[i] for values in series.values()])
+                for i, (day, _) in enumerate(days)
+            ]
+            chart = charts.grouped_bar_chart(groups, series=list(series), title=caption)
+            made.append((caption, chart))
+    if one.summary.probability is not None:
+        caption = "Probability difference, shadow minus live (bins of 0.05, by lower edge)"
+        histogram = agreement.difference_histogram(one.figures)
+        made.append((caption, charts.bar_chart(histogram, title=caption, every_nth_label=4)))
+    return made
+
+
+def _bar(found: object | None, figure: str) -> float:
+    """A figure as a bar: 0 where there is none, and where it is below 0 (a kappa)."""
+    value = None if found is None else getattr(found, figure)
+    return max(value or 0.0, 0.0)
 
 
 # -- charts and audit -----------------------------------------------------------------------

@@ -274,6 +274,9 @@ class DicomSettings(Section):
     max_pending: int = Field(default=128, ge=1)
     # On SIGTERM: how long running associations may take to finish before they are aborted.
     drain_timeout_s: float = Field(default=30, ge=0)
+    # "events": associations block on their socket and queues (cadnode/ingest/reactor.py);
+    # "stock": pynetdicom's own polling loops (also used where its version is not supported).
+    reactor: Literal["events", "stock"] = "events"
     # Who may send: a calling AE title not listed here is rejected at association
     # (A-ASSOCIATE-RJ, calling AE title not recognised), as is a listed one from elsewhere.
     peers: list[Peer] = Field(default_factory=list)
@@ -403,6 +406,9 @@ class StorageSettings(Section):
 
     # Below this much free space where the spool lies, C-STORE answers 0xA700 (out of resources).
     min_free_mb: float = Field(default=1024, ge=0)
+    # true: an instance is durable by an append to the spool's journal and one fdatasync
+    # (cadnode/ingest/journal.py); false: its file is fsynced, renamed, its folder fsynced.
+    spool_journal: bool = True
 
 
 class DatabaseSettings(Section):
@@ -731,6 +737,58 @@ class AlertSettings(Section):
     smtp: SmtpSettings | None = None
 
 
+class DriftReferenceWindow(Section):
+    """A fixed reference window: the images profiled from `start` to `end` (ISO times)."""
+
+    start: dt.datetime
+    end: dt.datetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DriftReferenceWindow:
+        if self.end <= self.start:
+            raise ValueError("end must come after start")
+        return self
+
+
+class DriftSettings(Section):
+    """Drift of each sender's inputs and each engine's outputs (cadnode.watch.drift): PSI per
+    input attribute and of the probability histogram, and Kolmogorov-Smirnov on the
+    probabilities, against a reference window and the bundle's training population
+    (docs/silent-trial.md#drift). Raised through the alerts (`alerts.*`)."""
+
+    enabled: bool = True
+    check_every: Duration = 3600.0
+    # PSI: under psi_watch stable, from it "watch" (shown), from psi_alert an alert; the
+    # usual convention is 0.1 and 0.25. A raised alert clears once every PSI is under
+    # psi_watch and every KS p-value is at or over ks_p_clear.
+    psi_watch: float = Field(default=0.1, gt=0)
+    psi_alert: float = Field(default=0.25, gt=0)
+    ks_p_alert: float = Field(default=0.01, gt=0, lt=1)
+    ks_p_clear: float = Field(default=0.05, gt=0, lt=1)
+    # Fewer images than this in a window (current or reference): not compared.
+    min_images: int = Field(default=50, ge=2)
+    # The current window: a sender's images for the engine over the last `window`, the
+    # most recent `window_images` of them.
+    window: Duration = 7 * 86400.0
+    window_images: int = Field(default=1000, ge=2)
+    # "first": each engine version's first `reference_images` images from the sender;
+    # or a fixed window {start, end}.
+    reference: Literal["first"] | DriftReferenceWindow = "first"
+    reference_images: int = Field(default=500, ge=2)
+    # Compare with the training population the bundle's manifest records (`population`).
+    training: bool = True
+    # Senders x engines compared per check at most (the busiest first): bounds a check.
+    max_series: int = Field(default=200, ge=1)
+
+    @model_validator(mode="after")
+    def _levels_ordered(self) -> DriftSettings:
+        if self.psi_alert < self.psi_watch:
+            raise ValueError("psi_alert must be at least psi_watch")
+        if self.ks_p_clear < self.ks_p_alert:
+            raise ValueError("ks_p_clear must be at least ks_p_alert")
+        return self
+
+
 class NodeSettings(Section):
     """This node among others sharing the database (docs/operations.md, "Several nodes")."""
 
@@ -746,6 +804,50 @@ class NodeSettings(Section):
     # cores past the interpreter lock (one per core, with the main process, is the most
     # that helps); each worker loads the engines, so engine memory is paid per worker.
     workers: int = Field(default=1, ge=1, le=64)
+
+
+class FeedbackMllp(Section):
+    """The HL7 v2 listener for final reports (ORU^R01 over MLLP; cadnode.feedback.mllp)."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 2575
+    # Who may send: addresses or networks (10.1.2.0/24) the connection comes from, and the
+    # sending facilities (MSH-4) a message may name. Either list empty: no check on it.
+    allowed_networks: list[str] = Field(default_factory=lambda: list(LOOPBACK_NETWORKS))
+    allowed_facilities: list[str] = Field(default_factory=list)
+    # A message longer than this is answered AR and the connection closed, unread past it.
+    max_message_kb: int = Field(default=256, ge=1, le=65536)
+    max_connections: int = Field(default=8, ge=1, le=256)
+    # A connection silent this long (between messages, or within one) is closed.
+    timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)  # ValueError names the bad one
+        return values
+
+
+class FeedbackSettings(Section):
+    """Radiologists' conclusions as ground truth (cadnode.feedback; docs/silent-trial.md)."""
+
+    # The findings a report is read for and the engine labels they are the truth of; default:
+    # the shipped config/feedback.yaml.
+    findings: Path | None = None
+    mllp: FeedbackMllp = FeedbackMllp()
+    # RIS clients of POST /api/feedback: name -> the Argon2 hash of its bearer token
+    # (`cadnode hash-password`). The name is recorded as the feedback's author.
+    api_clients: dict[AETitle, ArgonHash] = Field(default_factory=dict)
+    # The figures (dashboard, /metrics) read the feedback of this long back, at most
+    # `max_rows` conclusions (the latest), so a scrape's cost is bounded.
+    window: Duration = 90 * 86400.0
+    max_rows: int = Field(default=20000, ge=1)
+
+    @property
+    def findings_file(self) -> Path:
+        return self.findings or EMBEDDED_CONFIG.parent / "feedback.yaml"
 
 
 class Settings(Section):
@@ -765,6 +867,8 @@ class Settings(Section):
     priority: PrioritySettings = PrioritySettings()
     retention: RetentionSettings = RetentionSettings()
     alerts: AlertSettings = AlertSettings()
+    drift: DriftSettings = DriftSettings()
+    feedback: FeedbackSettings = FeedbackSettings()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> Settings:
@@ -816,6 +920,8 @@ class Environment(BaseSettings):
     dicom__port: int | None = Field(None, alias="CADNODE_DICOM_PORT")
     dicom__ae_title: str | None = Field(None, alias="CADNODE_AE_TITLE")
     dicom__receivers: int | None = Field(None, alias="CADNODE_DICOM_RECEIVERS")
+    dicom__reactor: Literal["events", "stock"] | None = Field(None, alias="CADNODE_DICOM_REACTOR")
+    storage__spool_journal: bool | None = Field(None, alias="CADNODE_SPOOL_JOURNAL")
     node__workers: int | None = Field(None, alias="CADNODE_WORKERS")
     node__name: str | None = Field(None, alias="CADNODE_NODE_NAME")
     node__lease_s: float | None = Field(None, alias="CADNODE_LEASE_S")
@@ -897,6 +1003,7 @@ def _resolve_relative_paths(document: dict[str, Any], base: Path) -> None:
         ("engines", "dir"),
         ("rules",),
         ("priority", "policy"),
+        ("feedback", "findings"),
         ("alerts", "smtp", "password_file"),
         *(("dicom", "tls", key) for key in tls),
         *(("http", "tls", key) for key in tls[:2]),

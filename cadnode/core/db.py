@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import JSON, URL, BigInteger, Column, Index, Integer, UniqueConstraint, update
+from sqlalchemy import (
+    JSON,
+    URL,
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    UniqueConstraint,
+    false,
+    update,
+)
 from sqlmodel import Field, Session, SQLModel, select
 
 from cadnode.core import connection
@@ -201,13 +211,64 @@ class Result(SQLModel, table=True):
     engine_version: str
     model_sha256: str
     sop_instance_uid: str
-    # A shadow version's answer (issue 21): stored for comparison with the live one on the
-    # same job and image, never encoded, delivered, published or shown as a result.
-    shadow: bool = Field(default=False, index=True)
     answer: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     # How long the engine call that gave this answer took (one call may answer a batch).
     seconds: float | None = None
     created_at: dt.datetime = Field(default_factory=utcnow)
+    # A shadow version's answer (issue 21): stored for comparison with the live one on the
+    # same job and image, never encoded, delivered, published or shown as a result.
+    shadow: bool = Field(
+        default=False, index=True, sa_column_kwargs={"server_default": false()}
+    )
+
+
+class ReleaseRole(StrEnum):
+    """What an installed engine version is for (EngineRelease.role; cadnode/infer/releases.py)."""
+
+    live = "live"  # its answers are the results: encoded, delivered, published, shown
+    shadow = "shadow"  # runs on the live version's inputs; answers kept apart (Result.shadow)
+    retired = "retired"  # installed, not run
+
+
+class EngineRelease(SQLModel, table=True):
+    """The role an admin (or the node, at first sight of an engine) gave one version of an
+    engine; a version with no row is installed and not run, unless it is the default live one."""
+
+    __table_args__ = (UniqueConstraint("name", "version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True)
+    version: str
+    role: ReleaseRole
+    changed_at: dt.datetime = Field(default_factory=utcnow)
+    changed_by: str
+    # When it last stopped being live: `cadnode engines rollback` puts back the latest such.
+    live_until: dt.datetime | None = None
+
+
+class ShadowRunState(StrEnum):
+    waiting = "waiting"
+    running = "running"  # claimed by `claimed_by` until `lease_until`
+    done = "done"
+    failed = "failed"  # see `reason`; the live job is never affected
+
+
+class ShadowRun(SQLModel, table=True):
+    """A shadow version's run on the images a live step of a job ran on, queued when the job
+    was inferred; the infer stage takes one only when no live job waits. No foreign key on
+    `job_id`: housekeeping may remove the job first, and the run is then dropped."""
+
+    __table_args__ = (Index("ix_shadowrun_state_lease_until", "state", "lease_until"),)
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(index=True)
+    engine: str
+    version: str
+    inputs: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    state: ShadowRunState = Field(default=ShadowRunState.waiting, index=True)
+    claimed_by: str | None = None
+    lease_until: dt.datetime | None = None
+    reason: str | None = None
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    finished_at: dt.datetime | None = None
 
 
 class ResultObject(SQLModel, table=True):
@@ -488,6 +549,10 @@ class AuditKind(StrEnum):
     admin_backup = "admin.backup"  # `cadnode backup`: the database and files copied
     admin_pin = "admin.pin"  # a study kept from housekeeping (`cadnode pin`)
     admin_unpin = "admin.unpin"
+    # An engine version promoted, rolled back, put in shadow or retired (`cadnode engines`).
+    admin_engine_release = "admin.engine.release"
+    admin_feedback = "admin.feedback"  # an admin agreed or disagreed with a result (dashboard)
+    feedback_received = "feedback.received"  # a report (HL7 ORU) or a RIS (REST) concluded
     retention_removed = "retention.removed"  # housekeeping removed a study's files or rows
 
 
@@ -518,6 +583,48 @@ class AuditEvent(SQLModel, table=True):
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
+class FeedbackSource(StrEnum):
+    """Where a radiologist's conclusion came from (Feedback.source; cadnode.feedback)."""
+
+    report = "report"  # the final report, HL7 v2 ORU^R01 over MLLP, labelled by rules
+    dashboard = "dashboard"  # an admin's agree / disagree on the study's page
+    api = "api"  # a RIS's POST /api/feedback
+
+
+class Conclusion(StrEnum):
+    """What the radiologist concluded about one finding (Feedback.conclusion)."""
+
+    present = "present"
+    absent = "absent"
+    # The report hedged ("cannot exclude", "possible"): kept, but left out of the figures.
+    uncertain = "uncertain"
+
+
+class Feedback(SQLModel, table=True):
+    """A radiologist's conclusion about one finding of a job's study: the ground truth the
+    engines' answers are measured against (cadnode.watch.performance). Every conclusion is
+    kept; the latest per (job, finding) is the one that counts (a dashboard correction after
+    the report, an amended report)."""
+
+    # A job's conclusions, the latest per finding (the dashboard, the figures' reads).
+    __table_args__ = (Index("ix_feedback_job_id_finding", "job_id", "finding"),)
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id")
+    study_uid: str = Field(index=True)
+    # An engine label's name as the manifests spell it (abnormal, pneumothorax, mass, ...).
+    finding: str
+    conclusion: Conclusion
+    source: FeedbackSource
+    # Who said it: the sending application and facility (report), the dashboard's user, the
+    # API client's name. Never a patient's.
+    author: str
+    report_id: str = ""  # the report's accession number or message control ID, or the RIS's id
+    # The words that decided a report's label (a sentence, at most 300 characters): why the
+    # rules concluded so. Patient text: read in the dashboard, never logged.
+    evidence: str = ""
+    received_at: dt.datetime = Field(default_factory=utcnow, index=True)
+
+
 class AlertKind(StrEnum):
     """What a watchdog alert is about (Alert.kind; cadnode.watch)."""
 
@@ -525,6 +632,7 @@ class AlertKind(StrEnum):
     destination_failing = "destination.failing"  # subject: the destination's name
     sender_silent = "sender.silent"  # subject: the calling AE title
     disk_filling = "disk.filling"  # subject: "data dir"
+    engine_drift = "engine.drift"  # subject: "SENDER/engine" (cadnode.watch.drift)
 
 
 class Alert(SQLModel, table=True):
@@ -543,6 +651,52 @@ class Alert(SQLModel, table=True):
     cleared_at: dt.datetime | None = Field(default=None, index=True)
     detail: str = ""
     notified: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class InputProfile(SQLModel, table=True):
+    """One engine answer's input as drift sees it (cadnode.infer.profile, cadnode.watch.drift):
+    who sent the image, which engine version answered, the image's acquisition attributes
+    and the answer's score. Written by infer in the commit that moves the job to `inferred`.
+    It names no patient, study or image: it outlives its job's retention (a drift reference
+    window is older than the jobs retention keeps), so `job_id` is not a foreign key."""
+
+    __table_args__ = (Index("ix_inputprofile_sender_engine_id", "sender", "engine", "id"),)
+    id: int | None = Field(default=None, sa_type=_BIG_ID, primary_key=True)
+    job_id: int = Field(index=True)
+    sender: str  # the calling AE title the image came from
+    engine: str
+    engine_version: str
+    shadow: bool = False  # a shadow version's answer (Result.shadow)
+    manufacturer: str = ""
+    model: str = ""  # ManufacturerModelName
+    pixel_spacing: float | None = None  # mm between rows: PixelSpacing, else ImagerPixelSpacing
+    kvp: float | None = None
+    body_part: str = ""
+    photometric: str = ""
+    rows: int | None = None
+    columns: int | None = None
+    probability: float | None = None  # the answer's highest probability or score
+    positive: bool | None = None  # the answer reached an operating point
+    created_at: dt.datetime = Field(default_factory=utcnow, index=True)
+
+
+class DriftStat(SQLModel, table=True):
+    """The last drift check's figures (cadnode.watch.drift), one row per sender, engine,
+    attribute, statistic and baseline, replaced at each check: /metrics and the dashboard
+    read them at the cost of a row per series."""
+
+    sender: str = Field(primary_key=True)
+    engine: str = Field(primary_key=True)
+    attribute: str = Field(primary_key=True)  # an input attribute, "positive", "probability"
+    statistic: str = Field(primary_key=True)  # "psi" or "ks"
+    against: str = Field(primary_key=True)  # "reference" or "training"
+    engine_version: str
+    value: float  # the PSI, or the KS statistic D
+    p_value: float | None = None  # KS only
+    level: str  # "ok", "watch" or "alert"
+    images: int  # in the current window
+    baseline_images: int  # in the reference window, or the training population
+    checked_at: dt.datetime = Field(default_factory=utcnow)
 
 
 class Pin(SQLModel, table=True):

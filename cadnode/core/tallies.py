@@ -469,7 +469,10 @@ def _definitions(sql: Spelling) -> dict[str, Trigger]:
         "job_deleted": Trigger(
             "AFTER DELETE ON job", [_gauge(sql, "jobs", "OLD", "state", "priority", -1)]
         ),
-        "result_inserted": Trigger("AFTER INSERT ON result", _result_inserted(sql)),
+        # A shadow version's answers are compared, not counted as the engine's (issue 21).
+        "result_inserted": Trigger(
+            "AFTER INSERT ON result", _result_inserted(sql), condition="NOT NEW.shadow"
+        ),
         "delivery_inserted": Trigger(
             "AFTER INSERT ON delivery",
             [
@@ -578,11 +581,13 @@ def _recount(sql: Spelling) -> Iterator[str]:
             source=f"{sql.temporary}.moments AS moments",
         )
     yield f"DROP TABLE {sql.temporary}.moments"
-    yield _add(sql, "engine_answers", "1", label="NEW.engine", source="result AS NEW")
+    live = "NOT NEW.shadow"
+    yield _add(sql, "engine_answers", "1", live, label="NEW.engine", source="result AS NEW")
     yield _add(
         sql,
         "engine_positive_answers",
         answer_positive("NEW", sql),
+        live,
         label="NEW.engine",
         source="result AS NEW",
     )
@@ -592,7 +597,7 @@ def _recount(sql: Spelling) -> Iterator[str]:
         "NEW.engine",
         "NEW.seconds",
         "NEW.seconds IS NOT NULL",
-        source="(SELECT DISTINCT engine, job_id, seconds FROM result) AS NEW",
+        source="(SELECT DISTINCT engine, job_id, seconds FROM result WHERE NOT shadow) AS NEW",
     )
     for table, metric in (("delivery", "deliveries"), ("publication", "publications")):
         yield _add(

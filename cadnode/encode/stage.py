@@ -184,7 +184,9 @@ class Encoder:
         study = session.get(Study, job.study_id)
         assert study is not None and job.id is not None
         by_engine: dict[tuple[str, str, str], list[Result]] = defaultdict(list)
-        for result in session.exec(select(Result).where(Result.job_id == job.id)):
+        # A shadow version's answers are never encoded (cadnode/infer/releases.py).
+        live = select(Result).where(Result.job_id == job.id, col(Result.shadow).is_(False))
+        for result in session.exec(live):
             by_engine[(result.engine, result.engine_version, result.model_sha256)].append(result)
         answered = {result.id: self._answered(session, result) for result in results_of(by_engine)}
         numbers = _SeriesNumbers(session, study.study_uid, answered.values())
@@ -341,6 +343,8 @@ class _Objects:
                     operating_point=RULE_OUT,
                     threshold=point.threshold,
                     ruled_out=bool(answer.ruled_out),
+                    findings=answer.findings,
+                    healthy=answer.healthy,
                 )
             )
             if self.captures:

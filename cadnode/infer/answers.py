@@ -29,10 +29,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from cadnode.core.files import write_durably
-from cadnode.infer.bundle import Label
+from cadnode.infer.bundle import REPORT_POINT, Label
 
 # The classifier operating point below which a study is "no abnormality detected" (DESIGN §4).
 RULE_OUT = "rule_out"
+# A finding's operating point that decides whether it is reported (a detector's, or a
+# multi-label classifier's per finding: bundle.REPORT_POINT).
+REPORT = REPORT_POINT
 
 
 class _Answer(BaseModel):
@@ -77,20 +80,67 @@ class _Said(_Answer):
         return any(statement.reached for statement in self.statements())
 
 
+class LabelFinding(_Answer):
+    """One finding of a multi-label classifier: its probability and its own operating
+    points, each reached at or above its threshold unless seed 002's rule suppressed every
+    finding (`Healthy.suppressed`). Reported when its `report` point is reached."""
+
+    label: Label
+    probability: float
+    operating_points: dict[str, PointReached]
+
+    @property
+    def reported(self) -> bool:
+        point = self.operating_points.get(REPORT)
+        return point is not None and point.reached
+
+
+class Healthy(_Answer):
+    """A multi-label classifier's P(healthy) label (e.g. "No Finding") and seed 002's rule
+    on it: above `alpha` only it is reported (`suppressed`: no finding is), above `beta` it
+    is reported beside the findings."""
+
+    label: Label
+    probability: float
+    alpha: float | None = None  # None: the manifest has no prefilter, nothing is decided
+    beta: float | None = None
+
+    @property
+    def reported(self) -> bool:
+        return self.beta is not None and self.probability > self.beta
+
+    @property
+    def suppressed(self) -> bool:
+        return self.alpha is not None and self.probability > self.alpha
+
+
 class ClassifyAnswer(_Said):
     task: Literal["classify"] = "classify"
     label: Label  # the label the probability is about (e.g. abnormal)
     probability: float
     operating_points: dict[str, PointReached]
     ruled_out: bool | None = None  # set when the manifest has a `rule_out` operating point
+    # A multi-label engine's (bundle.Findings): every finding, reported or not, and its
+    # healthy label. Empty and None for a single-label classifier.
+    findings: list[LabelFinding] = Field(default_factory=list)
+    healthy: Healthy | None = None
 
     @property
     def rule_out_point(self) -> PointReached | None:
         """The `rule_out` operating point, when the engine is a rule-out filter."""
         return self.operating_points.get(RULE_OUT)
 
+    @property
+    def reported(self) -> list[LabelFinding]:
+        """The findings a multi-label engine reports (through seed 002's rule)."""
+        return [finding for finding in self.findings if finding.reported]
+
     def statements(self) -> list[Statement]:
-        return [Statement(self.label, self.probability, self.operating_points, {})]
+        """The verdict on the first label, then each finding of a multi-label engine."""
+        own = Statement(self.label, self.probability, self.operating_points, {})
+        return [own] + [
+            Statement(f.label, f.probability, f.operating_points, {}) for f in self.findings
+        ]
 
 
 class SegmentFinding(_Answer):
@@ -210,8 +260,18 @@ def summary(answer: Answer) -> str:
         return f"{count} {name} finding(s)" if count else f"no {name} reported"
     if answer.ruled_out:
         return "no abnormality detected (ruled out)"
+    if answer.healthy is not None or answer.findings:
+        return _findings_text(answer)
     name = answer.label.name
     return name if answer.positive else f"not {name}"
+
+
+def _findings_text(answer: ClassifyAnswer) -> str:
+    """A multi-label answer: its reported findings, and the healthy label where reported."""
+    said = [finding.label.name for finding in answer.reported]
+    if answer.healthy is not None and answer.healthy.reported:
+        said.append(answer.healthy.label.name)
+    return ", ".join(said) or "no finding reported"
 
 
 def _segment_text(finding: Statement) -> str:

@@ -54,12 +54,16 @@ INSTALL_GPU = "pip install 'cadnode[gpu]'"
 
 
 class Backend(Protocol):
-    """Runs one engine's model: a batch for its declared input -> its declared output."""
+    """Runs one engine's model: a batch for its declared input -> its declared output, or
+    every output the manifest names (`Manifest.output_names`: a multi-label engine's
+    findings output too), by name."""
 
     name: str  # onnxruntime-cpu, onnxruntime-cuda or tensorrt
     detail: str  # for admins: versions, providers, plan file, GPU
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 # --- ONNX Runtime --------------------------------------------------------------------------
@@ -80,6 +84,7 @@ class OnnxRuntimeBackend:
         """`intra_op_threads`: threads per model call; 0 lets ONNX Runtime pick (one per
         core), a node's worker processes pass their share of the cores (cadnode/workers.py)."""
         self.model = bundle.manifest.model
+        self.outputs = bundle.manifest.output_names
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = intra_op_threads
@@ -102,16 +107,27 @@ class OnnxRuntimeBackend:
         outputs = self.session.run([self.model.output], {self.model.input: batch})
         return np.asarray(outputs[0], dtype=np.float32)
 
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.outputs, {self.model.input: batch})
+        return {
+            name: np.asarray(output, dtype=np.float32)
+            for name, output in zip(self.outputs, outputs, strict=True)
+        }
+
 
 def check_io_names(bundle: Bundle, inputs: list[str], outputs: list[str]) -> None:
-    """The manifest's model.input / model.output must be the model's own tensor names."""
-    model = bundle.manifest.model
+    """The manifest's model.input / model.output (and a multi-label engine's
+    findings.output) must be the model's own tensor names."""
+    manifest = bundle.manifest
+    declared_outputs = [("model.output", manifest.model.output)]
+    if manifest.findings is not None:
+        declared_outputs.append(("findings.output", manifest.findings.output))
     problems = [
-        f"{bundle.folder / 'manifest.yaml'}: model.{field} is {declared!r}, but "
+        f"{bundle.folder / 'manifest.yaml'}: {field} is {declared!r}, but "
         f"{bundle.model_path.name} has {kind}s {names}"
         for field, declared, kind, names in (
-            ("input", model.input, "input", inputs),
-            ("output", model.output, "output", outputs),
+            ("model.input", manifest.model.input, "input", inputs),
+            *((field, name, "output", outputs) for field, name in declared_outputs),
         )
         if declared not in names
     ]
@@ -272,7 +288,7 @@ def build_plan(bundle: Bundle, trt: Any, gpu: Gpu, plan: PlanFile, *, max_batch:
     inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
     declared = bundle.manifest.model.input
     if declared not in inputs:
-        check_io_names(bundle, list(inputs), [bundle.manifest.model.output])
+        check_io_names(bundle, list(inputs), bundle.manifest.output_names)
     sample = tuple(inputs[declared].shape)[1:]  # (channels, rows, columns); batch is -1
     config = builder.create_builder_config()
     if hasattr(trt.BuilderFlag, "TF32"):
@@ -306,7 +322,9 @@ class TensorRTBackend:
     """A deserialised plan, one execution context, its device buffers and a CUDA stream.
 
     Calls are serialised on the one context (a lock): `engines.options.NAME.concurrency`
-    above 1 queues them here. Batches larger than the plan's profile are split.
+    above 1 queues them here. Batches larger than the plan's profile are split. Every
+    output tensor of the plan gets device memory and is bound (TensorRT 10's
+    execute_async_v3 wants an address for each); the manifest's outputs are copied back.
     """
 
     name = "tensorrt"
@@ -322,6 +340,7 @@ class TensorRTBackend:
         trt, cudart, gpu = stack or tensorrt_stack()
         self._trt, self._cudart = trt, cudart
         self.input, self.output = bundle.manifest.model.input, bundle.manifest.model.output
+        self.wanted = bundle.manifest.output_names
         self.plan = ensure_plan(bundle, trt, gpu, max_batch=max_batch, cache=cache)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -335,30 +354,40 @@ class TensorRTBackend:
         self._lock = threading.Lock()
         self._stream = cuda_checked(cudart, cudart.cudaStreamCreate())
         self._input_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.input)))
-        self._output_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self.output)))
+        outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._output_dtypes = {
+            name: np.dtype(trt.nptype(self._engine.get_tensor_dtype(name))) for name in outputs
+        }
         largest = tuple(self._engine.get_tensor_profile_shape(self.input, 0)[2])
         self._set_input_shape(largest)
-        output_shape = tuple(self._context.get_tensor_shape(self.output))
         self._input_memory = self._allocate(largest, self._input_dtype)
-        self._output_memory = self._allocate(output_shape, self._output_dtype)
+        self._output_memory = {
+            name: self._allocate(tuple(self._context.get_tensor_shape(name)), dtype)
+            for name, dtype in self._output_dtypes.items()
+        }
         self.detail = (
             f"TensorRT {trt.__version__} on {gpu.name} ({gpu.arch}), plan {self.plan.path}, "
             f"batch up to {self.max_batch}"
         )
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_all(batch)[self.output]
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:
             parts = [
                 self._run_chunk(batch[start : start + self.max_batch])
                 for start in range(0, len(batch), self.max_batch)
             ]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        return {
+            name: np.concatenate([part[name] for part in parts]).astype(np.float32, copy=False)
+            for name in self.wanted
+        }
 
-    def _run_chunk(self, chunk: np.ndarray) -> np.ndarray:
+    def _run_chunk(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
         cudart = self._cudart
         chunk = np.ascontiguousarray(chunk, dtype=self._input_dtype)
         self._set_input_shape(chunk.shape)
-        result = np.empty(tuple(self._context.get_tensor_shape(self.output)), self._output_dtype)
         to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         cuda_checked(
@@ -368,17 +397,27 @@ class TensorRTBackend:
             ),
         )
         self._context.set_tensor_address(self.input, self._input_memory)
-        self._context.set_tensor_address(self.output, self._output_memory)
+        for name, memory in self._output_memory.items():
+            self._context.set_tensor_address(name, memory)
         if not self._context.execute_async_v3(int(self._stream)):
             raise RuntimeError(f"TensorRT execute_async_v3 failed on {self.plan.path.name}")
-        cuda_checked(
-            cudart,
-            cudart.cudaMemcpyAsync(
-                result.ctypes.data, self._output_memory, result.nbytes, to_host, self._stream
-            ),
-        )
+        results = {}
+        for name in self.wanted:
+            shape = tuple(self._context.get_tensor_shape(name))
+            result = np.empty(shape, self._output_dtypes[name])
+            cuda_checked(
+                cudart,
+                cudart.cudaMemcpyAsync(
+                    result.ctypes.data,
+                    self._output_memory[name],
+                    result.nbytes,
+                    to_host,
+                    self._stream,
+                ),
+            )
+            results[name] = result
         cuda_checked(cudart, cudart.cudaStreamSynchronize(self._stream))
-        return result
+        return results
 
     def _set_input_shape(self, shape: tuple[int, ...]) -> None:
         if not self._context.set_input_shape(self.input, shape):
@@ -391,7 +430,7 @@ class TensorRTBackend:
     def close(self) -> None:
         """Give the device memory and the stream back (the daemon keeps engines to the end)."""
         cudart = self._cudart
-        for memory in (self._input_memory, self._output_memory):
+        for memory in (self._input_memory, *self._output_memory.values()):
             cudart.cudaFree(memory)
         cudart.cudaStreamDestroy(self._stream)
 

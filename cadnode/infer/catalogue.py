@@ -9,7 +9,7 @@ call, its output checked for shape and values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +18,16 @@ from pydicom import Dataset
 
 from cadnode.core.config import EngineSettings, LimitsSettings
 from cadnode.core.yamlfile import ConfigError
-from cadnode.infer.answers import SegmentAnswer
+from cadnode.infer.answers import Answer, ClassifyAnswer, SegmentAnswer, summary
 from cadnode.infer.backends import decide
-from cadnode.infer.bundle import MANIFEST, Bundle, Manifest, OperatingPoint, TaskKind
+from cadnode.infer.bundle import (
+    MANIFEST,
+    Bundle,
+    Manifest,
+    OperatingPoint,
+    TaskKind,
+    finding_labels,
+)
 from cadnode.infer.preprocess import frames_to_tensor, image_to_tensor
 from cadnode.infer.runtime import Engine
 from cadnode.infer.sample import NoSample, sample_images
@@ -43,12 +50,21 @@ class Entry:
 
 
 def entries(engines_dir: Path) -> list[Entry]:
-    found = []
+    found: list[Entry] = []
+    seen: dict[tuple[str, str], Path] = {}  # (name, version): the first folder with it
     for manifest in sorted(engines_dir.glob(f"*/{MANIFEST}")):
         try:
-            found.append(Entry(manifest.parent, Bundle(manifest.parent)))
+            bundle = Bundle(manifest.parent)
         except ConfigError as error:
             found.append(Entry(manifest.parent, problems=error.problems))
+            continue
+        key = (bundle.manifest.name, bundle.manifest.version)
+        if key in seen:
+            twice = f"{key[0]} {key[1]} is installed twice, here and in {seen[key]}"
+            found.append(Entry(manifest.parent, problems=[f"{manifest}: {twice}"]))
+            continue
+        seen[key] = manifest.parent
+        found.append(Entry(manifest.parent, bundle))
     return found
 
 
@@ -57,21 +73,31 @@ def backend_column(settings: EngineSettings, name: str) -> str:
     return decision.backend if decision.fault is None else f"{decision.backend}(unusable)"
 
 
-def list_engines(settings: EngineSettings, say: Say = print) -> int:
-    """A table of the bundles; exit status 1 when any of them is faulty."""
+def list_engines(
+    settings: EngineSettings,
+    say: Say = print,
+    roles: Mapping[tuple[str, str], str] | None = None,
+) -> int:
+    """A table of the bundles, every installed version with its release role (`roles`, by
+    name and version: cadnode/infer/releases.py); exit status 1 when any of them is faulty."""
     found = entries(settings.dir)
     if not found:
         say(f"no engine bundles in {settings.dir} (a folder per engine, with {MANIFEST})")
         return 1
-    say(f"{'NAME':<16} {'VERSION':<8} {'TASK':<9} {'BACKEND':<18} {'SHA256':<12}  LABELS")
+    roles = roles or {}
+    say(
+        f"{'NAME':<16} {'VERSION':<8} {'ROLE':<9} {'TASK':<9} {'BACKEND':<18} {'SHA256':<12}  "
+        "LABELS"
+    )
     for entry in found:
         if entry.bundle is None:
             say(f"{entry.name:<16} FAULT: {entry.problems[0]}")
             continue
         manifest = entry.bundle.manifest
         labels = ", ".join(label.name for label in manifest.labels)
+        role = roles.get((manifest.name, manifest.version), "?")
         say(
-            f"{manifest.name:<16} {manifest.version:<8} {manifest.task.value:<9} "
+            f"{manifest.name:<16} {manifest.version:<8} {role:<9} {manifest.task.value:<9} "
             f"{backend_column(settings, manifest.name):<18} {entry.bundle.sha256[:12]}  {labels}"
         )
     return 1 if any(entry.bundle is None for entry in found) else 0
@@ -131,6 +157,7 @@ def manifest_lines(bundle: Bundle, settings: EngineSettings) -> list[str]:
         output = manifest.output
         fields = f" fields {_joined(output.fields)}" if output.fields else ""
         lines.append(f"  output: [{', '.join(output.shape)}]{fields}: {output.description}")
+    lines += _findings_lines(manifest)
     if manifest.cascade is not None:
         lines.append(f"  cascade: after {manifest.cascade.after}: {manifest.cascade.description}")
     provenance = manifest.provenance
@@ -146,6 +173,21 @@ def manifest_lines(bundle: Bundle, settings: EngineSettings) -> list[str]:
         lines.append(f"    {metric}: {value:.4f}{bounds}")
     card = bundle.folder / CARD
     lines.append(f"  model card: {card if card.is_file() else 'none in the bundle'}")
+    return lines
+
+
+def _findings_lines(manifest: Manifest) -> list[str]:
+    """A multi-label engine's second output, healthy label, seed 002 rule, and points."""
+    findings = manifest.findings
+    if findings is None:
+        return []
+    lines = [f"  findings: output {findings.output!r}, one probability per label"]
+    if findings.healthy is not None:
+        rule = findings.prefilter
+        decided = f", prefilter alpha {rule.alpha:g} beta {rule.beta:g}" if rule else ""
+        lines.append(f"    healthy label: {findings.healthy}{decided}")
+    for name, points in findings.operating_points.items():
+        lines += [f"    {name} {point}: {_point(p)}" for point, p in points.items()]
     return lines
 
 
@@ -255,15 +297,26 @@ def _volumes(manifest: Manifest) -> bool:
 
 def check_raw(engine: Engine, image: Dataset) -> str:
     """The backend's own output for one sample image (a film, or a volume's frames)."""
-    batch = model_input(engine.manifest, image, engine.max_decoded_bytes)
-    return check_output(engine.manifest, engine.backend.run(batch), len(batch))
+    manifest = engine.manifest
+    batch = model_input(manifest, image, engine.max_decoded_bytes)
+    if manifest.findings is None:
+        return check_output(manifest, engine.backend.run(batch), len(batch))
+    outputs = engine.backend.run_all(batch)
+    findings = outputs[manifest.findings.output]
+    declared = check_output(manifest, outputs[manifest.model.output], len(batch))
+    _check_values(f"{manifest.findings.output} output", findings, findings)
+    expected = (len(batch), len(manifest.labels))
+    if findings.shape != expected:
+        raise SampleFault(
+            f"{manifest.findings.output} output shape {findings.shape}, "
+            f"expected {expected} (one probability per label)"
+        )
+    return f"{declared} and {manifest.findings.output} {findings.shape}"
 
 
 def check_output(manifest: Manifest, output: np.ndarray, count: int) -> str:
     """Shape as the manifest declares it (`count` first), every value finite, probabilities
     in [0, 1]."""
-    if not np.isfinite(output).all():
-        raise SampleFault(f"output has {int((~np.isfinite(output)).sum())} non-finite value(s)")
     size, labels = manifest.preprocessing.size, len(manifest.labels)
     if manifest.task is TaskKind.classify:
         expected: tuple[int | None, ...] = (count,)
@@ -279,13 +332,20 @@ def check_output(manifest: Manifest, output: np.ndarray, count: int) -> str:
     matches = len(shape) == len(expected) and all(
         e in (None, s) for e, s in zip(expected, shape, strict=True)
     )
+    _check_values("output", output, probabilities)
     if not matches:
         wanted = ", ".join("N" if e is None else str(e) for e in expected)
         raise SampleFault(f"output shape {shape}, expected ({wanted})")
+    return str(shape)
+
+
+def _check_values(name: str, output: np.ndarray, probabilities: np.ndarray) -> None:
+    """Every value finite, the probabilities among them in [0, 1]."""
+    if not np.isfinite(output).all():
+        raise SampleFault(f"{name} has {int((~np.isfinite(output)).sum())} non-finite value(s)")
     if probabilities.size and not (probabilities.min() >= 0 and probabilities.max() <= 1):
         low, high = float(probabilities.min()), float(probabilities.max())
         raise SampleFault(f"probabilities outside [0, 1]: {low:.4g} .. {high:.4g}")
-    return str(shape)
 
 
 def run_answer(engine: Engine, images: list[Dataset]) -> str:
@@ -306,4 +366,18 @@ def run_answer(engine: Engine, images: list[Dataset]) -> str:
     if not (np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()):
         raise SampleFault(f"answer probabilities not all in [0, 1]: {probabilities}")
     shown = ", ".join(f"{value:.3f}" for value in probabilities)
-    return f"; answers p = {shown}"
+    return f"; answers p = {shown}" + _reported(engine.manifest, answers)
+
+
+def _reported(manifest: Manifest, answers: Sequence[Answer]) -> str:
+    """A multi-label engine's answers: each finding present, and what each image reports."""
+    if manifest.findings is None:
+        return ""
+    wanted = finding_labels(manifest)
+    said = []
+    for answer in answers:
+        assert isinstance(answer, ClassifyAnswer)
+        if [finding.label.name for finding in answer.findings] != wanted:
+            raise SampleFault(f"answer findings {answer.findings!r}, expected one per {wanted}")
+        said.append(summary(answer))
+    return "; reported: " + " | ".join(said)

@@ -1,6 +1,8 @@
 """Model output to answer, per task kind: the one post-processing path of the daemon and training.
 
-- classify: the probability against the manifest's operating points (`rule_out`, `urgent`).
+- classify: the probability against the manifest's operating points (`rule_out`, `urgent`);
+  a multi-label engine's (`findings` in the manifest) each finding against its own points,
+  through seed 002's two-class rule on its healthy label (`label_findings`).
 - segment: one probability map per label at the model resolution -> the label's threshold
   (the manifest's operating point named after the label), the largest connected component(s),
   mapped back to the source image (padding cut off, scale undone: resized to the source rows
@@ -30,11 +32,13 @@ from cadnode.infer.answers import (
     ClassifyAnswer,
     DetectAnswer,
     DetectFinding,
+    Healthy,
+    LabelFinding,
     PointReached,
     SegmentAnswer,
     SegmentFinding,
 )
-from cadnode.infer.bundle import Label, Manifest, OperatingPoint
+from cadnode.infer.bundle import Label, Manifest, OperatingPoint, finding_labels
 from cadnode.infer.preprocess import Geometry
 
 PNEUMOTHORAX, RIGHT_LUNG, LEFT_LUNG = "pneumothorax", "right_lung", "left_lung"
@@ -59,15 +63,62 @@ def reached(points: dict[str, OperatingPoint], value: float) -> dict[str, PointR
 # --- classify --------------------------------------------------------------------------------
 
 
-def classify_answer(manifest: Manifest, probability: float) -> ClassifyAnswer:
+def classify_answer(
+    manifest: Manifest, probability: float, per_label: Sequence[float] | None = None
+) -> ClassifyAnswer:
+    """The declared output's probability against the manifest's operating points; for a
+    multi-label engine (manifest.findings) also `per_label`, its findings output's row (one
+    probability per label, in `labels` order), through `label_findings`."""
     points = manifest.operating_points
     rule_out = points.get(RULE_OUT)
+    findings, healthy = label_findings(manifest, per_label)
     return ClassifyAnswer(
         label=manifest.labels[0],
         probability=probability,
         operating_points=reached(points, probability),
         ruled_out=None if rule_out is None else probability < rule_out.threshold,
+        findings=findings,
+        healthy=healthy,
     )
+
+
+def label_findings(
+    manifest: Manifest, per_label: Sequence[float] | None
+) -> tuple[list[LabelFinding], Healthy | None]:
+    """Each finding's probability against its own operating points, and the healthy label
+    with seed 002's rule: above alpha every finding is suppressed (reaches no point), so
+    only the healthy label is reported; above beta it is reported beside the findings."""
+    spec = manifest.findings
+    if spec is None:
+        return [], None
+    if per_label is None or len(per_label) != len(manifest.labels):
+        got = "none" if per_label is None else str(len(per_label))
+        raise ValueError(
+            f"{manifest.name}: the {spec.output!r} output has {got} probabilities per image, "
+            f"expected one per label ({len(manifest.labels)})"
+        )
+    pairs = zip(manifest.labels, per_label, strict=True)
+    by_name = {label.name: (label, float(p)) for label, p in pairs}
+    healthy = None
+    if spec.healthy is not None:
+        label, p = by_name[spec.healthy]
+        prefilter = spec.prefilter
+        healthy = Healthy(
+            label=label,
+            probability=p,
+            alpha=prefilter.alpha if prefilter else None,
+            beta=prefilter.beta if prefilter else None,
+        )
+    suppressed = healthy is not None and healthy.suppressed
+    findings = []
+    for name in finding_labels(manifest):
+        label, p = by_name[name]
+        # A not_reported finding has no points: kept with its probability, never reported.
+        points = reached(spec.operating_points.get(name, {}), p)
+        if suppressed:
+            points = {k: v.model_copy(update={"reached": False}) for k, v in points.items()}
+        findings.append(LabelFinding(label=label, probability=p, operating_points=points))
+    return findings, healthy
 
 
 # --- segment ---------------------------------------------------------------------------------

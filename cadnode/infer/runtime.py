@@ -7,7 +7,7 @@ or a Triton server, cadnode.infer.triton_backend) is chosen per engine by config
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,7 +19,7 @@ from cadnode.core.config import EngineOptions, EngineSettings, LimitsSettings
 from cadnode.infer import postprocess
 from cadnode.infer.answers import Answer, ClassifyAnswer, DetectAnswer, SegmentAnswer, save_masks
 from cadnode.infer.backends import Backend, select_backend
-from cadnode.infer.bundle import Bundle, TaskKind, discover
+from cadnode.infer.bundle import Bundle, TaskKind, discover_versions
 from cadnode.infer.preprocess import Geometry, frames_to_tensor, image_to_tensor
 
 log = structlog.get_logger("cadnode.infer")
@@ -91,8 +91,16 @@ class Engine:
         size = self.manifest.preprocessing.size
         for chunk in _chunks(images, self.options.max_batch):
             batch = np.stack([self._tensor(image, size)[0] for image in chunk])
-            for probability in self._run(batch).reshape(len(chunk)):
-                yield postprocess.classify_answer(self.manifest, float(probability))
+            if self.manifest.findings is None:
+                for probability in self._run(batch).reshape(len(chunk)):
+                    yield postprocess.classify_answer(self.manifest, float(probability))
+                continue
+            # A multi-label engine: its findings output too, one row of labels per image.
+            outputs = self.backend.run_all(batch)
+            rows = outputs[self.manifest.findings.output].reshape(len(chunk), -1)
+            probabilities = outputs[self.manifest.model.output].reshape(len(chunk))
+            for probability, row in zip(probabilities, rows, strict=True):
+                yield postprocess.classify_answer(self.manifest, float(probability), row.tolist())
 
     def _segment(
         self, images: Sequence[Dataset], answers_dir: Path | None, folder: str
@@ -135,21 +143,35 @@ def load_engines(
     plan_cache: Path | None = None,
     intra_op_threads: int = 0,
 ) -> dict[str, Engine]:
-    """Every bundle in `engines_dir`, each on the backend its options pick (`engines.*`),
-    decoding images within `limits.max_decoded_image_mb`; ONNX Runtime with
-    `intra_op_threads` per call (0: one per core)."""
+    """Every bundle in `engines_dir`, every installed version (keyed `engine_key`), each on
+    the backend its options pick (`engines.*`, by engine name), decoding images within
+    `limits.max_decoded_image_mb`; ONNX Runtime with `intra_op_threads` per call (0: one per
+    core)."""
     settings = settings or EngineSettings()
     limit = limits.max_decoded_image_bytes
     return {
-        name: Engine(
+        engine_key(name, version): Engine(
             bundle,
             settings.for_engine(name),
             plan_cache=plan_cache,
             max_decoded_bytes=limit,
             intra_op_threads=intra_op_threads,
         )
-        for name, bundle in discover(engines_dir).items()
+        for (name, version), bundle in discover_versions(engines_dir).items()
     }
+
+
+def engine_key(name: str, version: str) -> str:
+    """One installed version of an engine, as logs and the infer stage's pools name it."""
+    return f"{name}@{version}"
+
+
+def installed_versions(engines: Iterable[Engine]) -> dict[str, list[str]]:
+    """The versions loaded of each engine, by name (what rules and releases check against)."""
+    versions: dict[str, list[str]] = {}
+    for engine in engines:
+        versions.setdefault(engine.name, []).append(engine.manifest.version)
+    return versions
 
 
 def _chunks(items: Sequence[Item], size: int) -> Iterator[Sequence[Item]]:

@@ -121,36 +121,47 @@ class TritonBackend:
         self._datatype = str(inputs[self.input]["data_type"]).removeprefix("TYPE_")
         self._input_dtype = np.dtype(triton_to_np_dtype(self._datatype))
         self.max_batch = max(int(config.get("max_batch_size", 0)), 1)
-        output = outputs[self.output]
-        dims = output["reshape"].get("shape", []) if "reshape" in output else output["dims"]
-        self._output_dims = tuple(int(size) for size in dims)
+        # Every output the manifest names (a multi-label engine's findings too), its dims.
+        self._output_dims = {
+            name: _dims(outputs[name]) for name in bundle.manifest.output_names
+        }
 
     # --- run ------------------------------------------------------------------------------
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """The batch in requests of at most the model's max_batch_size."""
+        return self.run_all(batch)[self.output]
+
+    def run_all(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output the manifest names, the batch in requests of at most max_batch_size."""
         parts = [
             self._request(batch[start : start + self.max_batch])
             for start in range(0, len(batch), self.max_batch)
         ]
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        return {
+            name: np.concatenate([part[name] for part in parts]).astype(np.float32, copy=False)
+            for name in self._output_dims
+        }
 
-    def _request(self, chunk: np.ndarray) -> np.ndarray:
+    def _request(self, chunk: np.ndarray) -> dict[str, np.ndarray]:
         module = self._module
         chunk = np.ascontiguousarray(chunk, dtype=self._input_dtype)
         request = module.InferInput(self.input, list(chunk.shape), self._datatype)
         request.set_data_from_numpy(chunk)
-        wanted = [module.InferRequestedOutput(self.output)]
+        wanted = [module.InferRequestedOutput(name) for name in self._output_dims]
         try:
             result = self._client().infer(
                 self.model, [request], self.version, outputs=wanted, **self._timeouts()
             )
-            output = result.as_numpy(self.output)
+            outputs = {name: result.as_numpy(name) for name in self._output_dims}
         except Exception as error:  # the server's refusal, a timeout, a dropped connection
             raise TritonError(f"{self.where}: {type(error).__name__}: {error}") from error
-        if output is None:
-            raise TritonError(f"{self.where}: the answer has no output {self.output!r}")
-        return np.asarray(output).reshape((len(chunk), *self._output_dims))
+        answered = {}
+        for name, output in outputs.items():
+            if output is None:
+                raise TritonError(f"{self.where}: the answer has no output {name!r}")
+            answered[name] = np.asarray(output).reshape((len(chunk), *self._output_dims[name]))
+        return answered
 
     # --- clients ----------------------------------------------------------------------------
 
@@ -177,6 +188,12 @@ class TritonBackend:
 
     def _as_json(self) -> dict[str, bool]:
         return {"as_json": True} if self.options.protocol == "grpc" else {}
+
+
+def _dims(output: dict[str, Any]) -> tuple[int, ...]:
+    """An output's dims past the batch axis, as the model sees them (after a reshape)."""
+    dims = output["reshape"].get("shape", []) if "reshape" in output else output["dims"]
+    return tuple(int(size) for size in dims)
 
 
 def check_pin(bundle: Bundle, config: dict[str, Any], where: str) -> None:

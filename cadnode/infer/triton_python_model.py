@@ -43,7 +43,8 @@ class TritonPythonModel:
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self.input = config["input"][0]["name"]
-        self.output = config["output"][0]["name"]
+        # Every output the config declares (a multi-label engine has two), in its order.
+        self.outputs = [output["name"] for output in config["output"]]
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """Every request the dynamic batcher gathered, in one model call, split back."""
@@ -53,9 +54,15 @@ class TritonPythonModel:
             pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
             for request in requests
         ]
-        outputs = self.session.run([self.output], {self.input: np.concatenate(arrays)})[0]
+        outputs = self.session.run(self.outputs, {self.input: np.concatenate(arrays)})
         bounds = np.cumsum([len(array) for array in arrays])[:-1]
+        per_request = zip(*(np.split(output, bounds) for output in outputs), strict=True)
         return [
-            pb_utils.InferenceResponse([pb_utils.Tensor(self.output, np.ascontiguousarray(part))])
-            for part in np.split(outputs, bounds)
+            pb_utils.InferenceResponse(
+                [
+                    pb_utils.Tensor(name, np.ascontiguousarray(part))
+                    for name, part in zip(self.outputs, parts, strict=True)
+                ]
+            )
+            for parts in per_request
         ]

@@ -2,11 +2,11 @@
 engine bundles.
 
 Per engine, a model named as the engine: `config.pbtxt` (the batch axis up to `max_batch`,
-dynamic batching with a queue delay, the input and output with their dims and types read
-from `model.onnx`, the instance kind) and version `1/` holding `model.onnx`. The model is
-pinned by its SHA-256 in the config's `parameters` (`sha256`), which the node reads back
-through Triton's model configuration API on load and checks against its bundle
-(cadnode.infer.triton).
+dynamic batching with a queue delay, the input and every output the manifest names (a
+multi-label engine's `findings` too) with their dims and types read from `model.onnx`, the
+instance kind) and version `1/` holding `model.onnx`. The model is pinned by its SHA-256 in
+the config's `parameters` (`sha256`), which the node reads back through Triton's model
+configuration API on load and checks against its bundle (cadnode.infer.triton).
 
 Two ways to serve it, `--platform`:
 - `python` (the default): Triton's Python backend runs `1/model.py`
@@ -68,17 +68,18 @@ class ExportOptions:
     queue_delay_us: int = 500
 
 
-def model_tensors(bundle: Bundle) -> tuple[Tensor, Tensor]:
-    """The declared input and output of the bundle's ONNX model, batch axis first."""
+def model_tensors(bundle: Bundle) -> tuple[Tensor, ...]:
+    """The declared input, then every output the manifest names (the declared one, a
+    multi-label engine's findings), of the bundle's ONNX model."""
     session = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    declared = bundle.manifest.model
+    manifest = bundle.manifest
     found = {node.name: node for node in (*session.get_inputs(), *session.get_outputs())}
     tensors = []
-    for name in (declared.input, declared.output):
+    for name in (manifest.model.input, *manifest.output_names):
         if name not in found:
             raise ConfigError([f"{bundle.model_path}: has no tensor {name!r} (manifest.yaml)"])
         tensors.append(triton_tensor(bundle, found[name].name, found[name].type, found[name].shape))
-    return tensors[0], tensors[1]
+    return tuple(tensors)
 
 
 def triton_tensor(bundle: Bundle, name: str, onnx_type: str, shape: list[object]) -> Tensor:
@@ -92,9 +93,9 @@ def triton_tensor(bundle: Bundle, name: str, onnx_type: str, shape: list[object]
 
 
 def config_text(
-    bundle: Bundle, tensors: tuple[Tensor, Tensor], max_batch: int, options: ExportOptions
+    bundle: Bundle, tensors: tuple[Tensor, ...], max_batch: int, options: ExportOptions
 ) -> str:
-    """The model's config.pbtxt (protobuf text format)."""
+    """The model's config.pbtxt (protobuf text format): the input, then every output."""
     manifest = bundle.manifest
     serving = (
         'backend: "python"' if options.platform == "python" else 'platform: "onnxruntime_onnx"'
@@ -112,8 +113,8 @@ def config_text(
         "dynamic_batching {",
         f"  max_queue_delay_microseconds: {options.queue_delay_us}",
         "}",
-        tensor_block("input", tensors[0]),
-        tensor_block("output", tensors[1]),
+        tensor_block("input", tensors[:1]),
+        tensor_block("output", tensors[1:]),
         f"instance_group [ {{ count: {options.instances} kind: {kind} }} ]",
         *(
             f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
@@ -123,14 +124,18 @@ def config_text(
     return "\n".join(lines) + "\n"
 
 
-def tensor_block(kind: str, tensor: Tensor) -> str:
+def tensor_block(kind: str, tensors: tuple[Tensor, ...]) -> str:
+    return f"{kind} [ {', '.join(_tensor_entry(tensor) for tensor in tensors)} ]"
+
+
+def _tensor_entry(tensor: Tensor) -> str:
     # A tensor of one value per item (shape [batch]) has no dims left after the batch axis,
     # which Triton does not accept: it is declared [1] and reshaped to [] for the model.
     dims = tensor.dims or (1,)
     reshape = " reshape: { shape: [ ] }" if not tensor.dims else ""
     return (
-        f'{kind} [ {{ name: "{tensor.name}" data_type: {tensor.data_type} '
-        f"dims: [ {', '.join(str(size) for size in dims)} ]{reshape} }} ]"
+        f'{{ name: "{tensor.name}" data_type: {tensor.data_type} '
+        f"dims: [ {', '.join(str(size) for size in dims)} ]{reshape} }}"
     )
 
 

@@ -224,7 +224,9 @@ def _outcome(session: Session, study_id: int) -> StudyOutcome:
     ).all()
     outcome = StudyOutcome()
     for job in jobs:
-        results = session.exec(select(Result).where(Result.job_id == job.id)).all()
+        results = session.exec(  # a shadow version's answers never move a study
+            select(Result).where(Result.job_id == job.id, col(Result.shadow).is_(False))
+        ).all()
         for result in results:
             try:
                 outcome.results.append(EngineResult(result.engine, parse_answer(result.answer)))

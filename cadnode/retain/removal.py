@@ -42,6 +42,7 @@ from cadnode.core.db import (
     CompletionSignal,
     Database,
     Delivery,
+    Feedback,
     Instance,
     Job,
     Publication,
@@ -51,6 +52,7 @@ from cadnode.core.db import (
     Result,
     ResultObject,
     ResultSeries,
+    ShadowRun,
     Study,
     StudyPriority,
     UpsSubscription,
@@ -270,6 +272,8 @@ def _delete_study_rows(
             session.execute(delete(model).where(col(model.study_id).in_(batch)))
     for batch in _batches(job_ids):
         session.execute(delete(Delivery).where(col(Delivery.job_id).in_(batch)))
+        session.execute(delete(Feedback).where(col(Feedback.job_id).in_(batch)))  # the reports'
+        session.execute(delete(ShadowRun).where(col(ShadowRun.job_id).in_(batch)))
         session.execute(delete(Job).where(col(Job.id).in_(batch)))
     for batch in _batches(study_uids):
         session.execute(delete(CompletionSignal).where(col(CompletionSignal.study_uid).in_(batch)))

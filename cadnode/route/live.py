@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,12 @@ class LiveRules:
         destinations: Iterable[str] = (),
         poll_s: float = 0.5,
         database: Database | None = None,  # where rules changes are audited
+        versions: Mapping[str, Collection[str]] | None = None,  # installed, by engine
     ) -> None:
         self.path = path
         self.database = database
         self.engines = list(engines)
+        self.versions = versions
         self.destinations = list(destinations)
         self.poll_s = poll_s
         self._seen = _signature(path)
@@ -106,7 +108,7 @@ class LiveRules:
             self._thread.join(5)
 
     def _load(self) -> RuleSet:
-        return load_rules(self.path, self.engines, self.destinations)
+        return load_rules(self.path, self.engines, self.destinations, versions=self.versions)
 
     def _watch(self) -> None:
         """Reload on request, or once a changed file has stayed unchanged for one poll.

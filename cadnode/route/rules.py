@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -40,6 +40,8 @@ class Scope(StrEnum):
 
 
 _URGENCY = list(PriorityClass)  # most urgent first
+# Installed engines: the versions of each by name, or None where a caller names only engines.
+Versions = Mapping[str, Collection[str] | None]
 T = TypeVar("T")
 
 
@@ -50,6 +52,10 @@ class _Strict(BaseModel):
 class StepSpec(_Strict):
     engine: str = Field(min_length=1)
     when: StepCondition | None = None
+    # Pinned here rather than by the release table (cadnode/infer/releases.py): the live
+    # version, and the versions that run in shadow on the same images.
+    version: str | None = Field(default=None, min_length=1)
+    shadow: list[str] | None = None
 
 
 class RuleSpec(_Strict):
@@ -206,7 +212,15 @@ class Decision:
             own = _uids(outcome.inputs)
             for spec in outcome.rule.steps:
                 inputs = [] if own == everything else own
-                steps.append(Step(engine=spec.engine, when=spec.when, inputs=inputs))
+                steps.append(
+                    Step(
+                        engine=spec.engine,
+                        when=spec.when,
+                        inputs=inputs,
+                        version=spec.version,
+                        shadow=spec.shadow,
+                    )
+                )
         return steps
 
     def forwards(self) -> list[tuple[str, str]]:
@@ -260,11 +274,18 @@ class RuleSet:
         return self.decide(subjects).quiet_period_s
 
 
-def load_rules(path: Path, engines: Iterable[str], destinations: Iterable[str] = ()) -> RuleSet:
+def load_rules(
+    path: Path,
+    engines: Iterable[str],
+    destinations: Iterable[str] = (),
+    *,
+    versions: Mapping[str, Collection[str]] | None = None,
+) -> RuleSet:
     """Validate the rules file whole: every problem is collected, each with its position.
 
-    Engines and destinations named by rules must be installed and configured. The version
-    is the hash of exactly the bytes that were parsed, so it names what is in force.
+    Engines and destinations named by rules must be installed and configured; given the
+    installed `versions` of each engine, so must the versions a step pins. The
+    version is the hash of exactly the bytes that were parsed, so it names what is in force.
     """
     try:
         content = path.read_bytes()
@@ -277,7 +298,8 @@ def load_rules(path: Path, engines: Iterable[str], destinations: Iterable[str] =
     except ConfigError as error:
         problems.extend(error.problems)
     parser = Parser(path, document)
-    installed, configured = set(engines), set(destinations)
+    installed: Versions = {name: (versions or {}).get(name) for name in engines}
+    configured = set(destinations)
     rules: list[Rule] = []
     raw_rules = document.get("rules") if isinstance(document, dict) else None
     for i, raw in enumerate(raw_rules if isinstance(raw_rules, list) else []):
@@ -300,7 +322,7 @@ def load_rules(path: Path, engines: Iterable[str], destinations: Iterable[str] =
 
 
 def _compile(
-    parser: Parser, i: int, raw: Any, engines: set[str], destinations: set[str]
+    parser: Parser, i: int, raw: Any, engines: Versions, destinations: set[str]
 ) -> Rule | None:
     """The rule at rules[i], or None when it has problems (already reported)."""
     if not isinstance(raw, dict):
@@ -337,7 +359,7 @@ def _compile(
 
 
 def _check_pipeline(
-    parser: Parser, where: tuple[int | str, ...], spec: RuleSpec, engines: set[str]
+    parser: Parser, where: tuple[int | str, ...], spec: RuleSpec, engines: Versions
 ) -> None:
     earlier: list[str] = []
     for j, step in enumerate(spec.pipeline):
@@ -347,6 +369,8 @@ def _check_pipeline(
             parser.problem(at, f"unknown engine {step.engine!r} (installed: {installed})")
         elif step.engine in earlier:
             parser.problem(at, f"engine {step.engine!r} is already a step of this pipeline")
+        else:
+            _check_versions(parser, at, step, engines[step.engine])
         if step.when is not None and step.when.step not in earlier:
             parser.problem(
                 (*at, "when", "step"),
@@ -355,6 +379,26 @@ def _check_pipeline(
                 step.when.step,
             )
         earlier.append(step.engine)
+
+
+def _check_versions(
+    parser: Parser, at: tuple[int | str, ...], step: StepSpec, installed: Collection[str] | None
+) -> None:
+    """The versions a step pins are installed (when the caller knows which are)."""
+    if installed is None:
+        return
+    shown = ", ".join(sorted(installed)) or "none"
+    if step.version is not None and step.version not in installed:
+        parser.problem(
+            (*at, "version"), f"{step.engine} {step.version} is not installed ({shown})"
+        )
+    for k, version in enumerate(step.shadow or []):
+        if version not in installed:
+            parser.problem(
+                (*at, "shadow", k), f"{step.engine} {version} is not installed ({shown})"
+            )
+        elif version == step.version:
+            parser.problem((*at, "shadow", k), f"{version} is this step's live version")
 
 
 def _reading_order(problem: str) -> tuple[int, int]:

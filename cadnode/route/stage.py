@@ -14,7 +14,7 @@ reads it there to know when the study is complete.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import structlog
@@ -26,8 +26,10 @@ from cadnode.core.claims import worker_for
 from cadnode.core.config import AnyDestination
 from cadnode.core.db import Database, FailureKind, Instance, Job, JobState, utcnow
 from cadnode.deliver.outbox import queue_delivery
+from cadnode.infer import releases
 from cadnode.route.live import LiveRules
 from cadnode.route.rules import Decision
+from cadnode.route.steps import Step
 from cadnode.route.values import Subject
 
 log = structlog.get_logger("cadnode.route")
@@ -45,10 +47,14 @@ class Router:
         spool: Path,
         rules: LiveRules,
         destinations: Mapping[str, AnyDestination] | None = None,
+        versions: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        """`versions`: the installed versions of each engine, by name; with them, each step
+        is written with the versions the release table (or its rule) says run."""
         self.database = database
         self.spool = spool
         self.rules = rules
+        self.versions = versions
         self.destinations = dict(destinations or {})
         self.worker = worker_for(database)  # claims each job before routing it
 
@@ -128,7 +134,7 @@ class Router:
             )
             return
         self._forward(session, job, decision)
-        steps = decision.steps()
+        steps = self._versioned(session, decision.steps())
         if not steps:  # nothing to infer: the originals are what gets delivered
             destinations = sorted({name for _, name in decision.forwards()})
             self.worker.transition(
@@ -149,6 +155,24 @@ class Router:
             inputs=decision.inputs,
             **recorded,
         )
+
+    def _versioned(self, session: Session, steps: list[Step]) -> list[Step]:
+        """Each step with the versions that run it, read now: a promotion holds for the jobs
+        routed after it, and a routed job keeps its versions."""
+        if self.versions is None:
+            return steps
+        chosen = []
+        for step in steps:
+            installed = self.versions.get(step.engine)
+            if not installed:
+                chosen.append(step)
+                continue
+            release = releases.resolve(session, step.engine, installed)
+            version = step.version or release.live
+            shadow = release.shadows if step.shadow is None else step.shadow
+            update = {"version": version, "shadow": [v for v in shadow if v != version]}
+            chosen.append(step.model_copy(update=update))
+        return chosen
 
     def _subject(self, instance: Instance) -> Subject:
         return Subject(

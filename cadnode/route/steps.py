@@ -27,6 +27,12 @@ class Step(_Strict):
     when: StepCondition | None = None
     # The SOP Instance UIDs this step looks at; empty means all of the job's inputs.
     inputs: list[str] = Field(default_factory=list)
+    # The engine's version that answers (live) and those that run in shadow on the same
+    # images: a rule may pin them; route writes them from the release table otherwise
+    # (cadnode/infer/releases.py), so a job keeps the versions it was routed with. None: not
+    # decided (a job routed before versions were): infer takes the live version then.
+    version: str | None = None
+    shadow: list[str] | None = None
 
     @classmethod
     def from_job(cls, entry: str | Mapping[str, Any]) -> Step:

@@ -17,6 +17,7 @@ from cadnode.core.db import Database, utcnow
 from cadnode.core.locks import named_lock
 from cadnode.watch.destinations import failing_destinations
 from cadnode.watch.disk import DiskTrend, free_bytes_under
+from cadnode.watch.drift_check import DriftWatch
 from cadnode.watch.findings import Finding, OpenAlerts
 from cadnode.watch.ledger import open_alerts, reconcile
 from cadnode.watch.notify import Channel, Notifier, channels_for
@@ -42,6 +43,7 @@ class Watchdog:
         self.clock = clock
         self.arrivals = StudyArrivals()
         self.disk = DiskTrend(settings.storage.data_dir, self.alerts.disk_window, free_bytes)
+        self.drift = DriftWatch(settings)  # on its own clock: drift.check_every
         found = channels_for(self.alerts) if channels is None else channels
         self.notifier = Notifier(found, node=settings.dicom.ae_title)
         self._next_check: dt.datetime | None = None
@@ -94,4 +96,5 @@ class Watchdog:
             horizon_s=alerts.disk_horizon,
             watched=opened,
         )
+        findings += self.drift.findings(session, now, opened)
         return findings + ([disk] if disk is not None else [])

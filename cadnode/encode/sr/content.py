@@ -34,12 +34,16 @@ from cadnode.encode.sr.codes import (
     SQUARE_MM,
 )
 from cadnode.infer.answers import (
+    REPORT,
     Box,
     DetectAnswer,
     DetectFinding,
+    Healthy,
+    LabelFinding,
     PointReached,
     SegmentFinding,
 )
+from cadnode.infer.bundle import Label
 
 SR_SERIES_NUMBER = 900
 
@@ -54,6 +58,10 @@ class Classification:
     operating_point: str  # e.g. "rule_out"
     threshold: float
     ruled_out: bool  # probability < threshold: "no abnormality detected"
+    # A multi-label engine's findings (each reported one gets its own group) and its
+    # healthy label (a group when seed 002's rule reports it).
+    findings: Sequence[LabelFinding] = ()
+    healthy: Healthy | None = None
 
     @property
     def normality(self) -> Code:
@@ -133,6 +141,50 @@ def classification_group(
         algorithm_id=algorithm.for_sr(),
         measurements=[_probability_of(label, item.probability)],
         qualitative_evaluations=[_decided(NORMALITY, item.normality, algorithm, decision)],
+        source_images=[_source_for_group(item.source)],
+    )
+
+
+def finding_groups(
+    item: Classification, algorithm: Algorithm, identity: ReportIdentity, *, index: int
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """A multi-label engine's reported findings, one group each: finding = the label's code,
+    its probability, the decision "<label>" = Present at its `report` operating point; then
+    the healthy label where seed 002's rule reports it, at the rule's beta."""
+    said = [
+        (finding.label, finding.probability, _operating_point(finding.operating_points, REPORT))
+        for finding in item.findings
+        if finding.reported
+    ]
+    healthy = item.healthy
+    if healthy is not None and healthy.reported:
+        point = {"operating_point": "prefilter_beta", "threshold": repr(healthy.beta)}
+        said.append((healthy.label, healthy.probability, point))
+    return [
+        _label_group(item, label, probability, point, algorithm, identity, index=index)
+        for label, probability, point in said
+    ]
+
+
+def _label_group(
+    item: Classification,
+    label: Label,
+    probability: float,
+    point: dict[str, str],
+    algorithm: Algorithm,
+    identity: ReportIdentity,
+    *,
+    index: int,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    source_uid, name, coded = str(item.source.SOPInstanceUID), label.name, concept(label.code)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=identity.tracking(
+            source_uid, name, identifier=f"{algorithm.name} image {index} {name}"
+        ),
+        finding_type=coded,
+        algorithm_id=algorithm.for_sr(),
+        measurements=[_probability_of(coded, probability)],
+        qualitative_evaluations=[_decided(coded, PRESENT, algorithm, point)],
         source_images=[_source_for_group(item.source)],
     )
 

@@ -44,6 +44,7 @@ from cadnode.encode.sr.content import (
     check_probability,
     check_segmentation,
     classification_group,
+    finding_groups,
     region_group,
     segment_group,
 )
@@ -59,7 +60,8 @@ def classification_report(
     algorithm: Algorithm,
     identity: ReportIdentity,
 ) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 report with one measurement group per classified source image.
+    """A TID 1500 report with one measurement group per classified source image, followed
+    by one group per finding a multi-label engine reports on it (content.finding_groups).
 
     All sources must belong to one study (the SR joins that study).
     Raises ValueError on an empty list, mixed studies or patients, a repeated source,
@@ -69,10 +71,10 @@ def classification_report(
         raise ValueError("a classification report needs at least one classification")
     for item in classifications:
         check_classification(item)
-    groups: list[MeasurementGroup] = [
-        classification_group(item, algorithm, identity, index=index)
-        for index, item in enumerate(classifications, start=1)
-    ]
+    groups: list[MeasurementGroup] = []
+    for index, item in enumerate(classifications, start=1):
+        groups.append(classification_group(item, algorithm, identity, index=index))
+        groups.extend(finding_groups(item, algorithm, identity, index=index))
     return _report(
         [item.source for item in classifications], groups, algorithm, PLAIN_CHEST_XRAY, identity
     )
