@@ -125,6 +125,7 @@ def test_a_sender_changing_detector_raises_a_drift_alert_and_a_steady_one_does_n
             detail = raised[DRIFTING].detail
             assert f"on images from {SHIFTED}" in detail
             assert "manufacturer PSI" in detail and "pixel_spacing PSI" in detail
+            print(f"alert {DRIFTING}: {detail}")  # shown with -s: a drift alert from a real run
 
             done = node.cli("engines", "drift", "cxr-ruleout", "--json")
             assert done.returncode == 0, done.stderr
@@ -135,6 +136,7 @@ def test_a_sender_changing_detector_raises_a_drift_alert_and_a_steady_one_does_n
             assert levels[(SHIFTED, "pixel_spacing", "psi")]["level"] == "alert"
             assert levels[(STEADY, "manufacturer", "psi")]["value"] == 0.0
             assert levels[(STEADY, "probability", "ks")]["p_value"] == 1.0  # the same answers
+            print(node.cli("engines", "drift", "cxr-ruleout").stdout)
 
             with logged_in(node) as client:
                 metrics = client.get("/metrics").text

@@ -237,6 +237,9 @@ def test_findings_train_from_a_cxrlt_folder_with_vindr_boxes(tmp_path: Path) -> 
     assert main([*argv, "--workers", "0", "--validation", "0.25", "--test", "0.25"]) == 0
     card = (out / "MODEL_CARD.md").read_text()
     assert "--layout cxrlt" in card and "The cxrlt dataset layout" in card
+    said: list[str] = []  # loaded and run as the node runs it, both outputs checked
+    settings = EngineSettings(dir=out.parent, backend="onnxruntime")
+    assert catalogue.verify(settings, limits=LimitsSettings(), say=said.append) == 0, said
 
 
 def test_evaluate_offers_exactly_the_engines_it_can_measure() -> None:
