@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binomtest
+
+from cadnode.watch.performance import proportion
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,10 @@ def bootstrap_interval(
 def proportion_interval(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
     """Clopper-Pearson exact interval of a binomial proportion (sensitivity, specificity, a
     rate): never collapses, 300/300 gives [0.9878, 1]. NaN when there are no trials."""
-    if trials == 0:
+    found = proportion(successes, trials, level)  # the node's, one piece of code for both
+    if found.low is None or found.high is None:
         return float("nan"), float("nan")
-    ci = binomtest(successes, trials).proportion_ci(confidence_level=level, method="exact")
-    return float(ci.low), float(ci.high)
+    return found.low, found.high
 
 
 def saturated_auc_interval(
