@@ -143,7 +143,7 @@ def chest_batch(size: int) -> np.ndarray:
 
 
 def dbt_volume() -> Dataset:
-    return tomosynthesis_dataset(make_breast_phantom(18, masses=1), patient_id="BENCH", seed=18)
+    return tomosynthesis_dataset(make_breast_phantom(28, masses=1), patient_id="BENCH", seed=28)
 
 
 def torch_runner(module: nn.Module, batch: np.ndarray) -> Callable[[], np.ndarray]:

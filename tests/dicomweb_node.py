@@ -44,7 +44,7 @@ def node_holding_a_film(
     http_port: int | None = None,
 ) -> Iterator[FilmNode]:
     """`cadnode serve` (on `http_port`, where a peer must know it first), the film stored
-    by storescu, once the film and its three results are all held."""
+    by storescu, once the film and its four results are all held."""
     with _serving(folder, destination, cors_origins, http_port) as (node, base, client):
         film = write_chest_radiograph(
             folder / "film.dcm", seed=101, pneumothorax=True, size=256,
@@ -52,9 +52,9 @@ def node_holding_a_film(
         )  # fmt: skip
         done = storescu(node.dicom_port, folder / "film.dcm")
         assert done.returncode == 0, done.stderr
-        wait_for(  # the film, the rule-out SR, the SEG and the segmenter's SR
-            lambda: len(client.search_for_instances(film.StudyInstanceUID)) == 4,
-            PATIENCE_S, "the film and its three results held", interval_s=0.5,
+        wait_for(  # the film, the rule-out SR, the SEG, the segmenter's SR, the findings' SR
+            lambda: len(client.search_for_instances(film.StudyInstanceUID)) == 5,
+            PATIENCE_S, "the film and its four results held", interval_s=0.5,
         )  # fmt: skip
         yield FilmNode(node, base, film, client)
 
@@ -74,7 +74,7 @@ def node_holding_a_volume(folder: Path, cors_origins: list[str]) -> Iterator[Vol
     known to find) and the detector's SR, the volume stored by storescu."""
     with _serving(folder, None, cors_origins, None) as (node, base, client):
         path = folder / "dbt.dcm"
-        volume, phantom = write_tomosynthesis(path, seed=18, view="LMLO", masses=1,
+        volume, phantom = write_tomosynthesis(path, seed=28, view="LMLO", masses=1,
                                               patient_id=PATIENT_ID)  # fmt: skip
         # OHIF 3.13.2 draws no image that states a VOI LUT Function: its metadata provider
         # gives the value ("LINEAR") where cornerstone's image loader takes the first item of

@@ -22,7 +22,7 @@ def cadnode(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_check_accepts_the_shipped_configuration() -> None:
     done = cadnode("check")
     assert done.returncode == 0, done.stderr
-    assert "configuration OK: 3 engine(s), 3 rule(s)" in done.stdout
+    assert "configuration OK: 4 engine(s), 3 rule(s)" in done.stdout
 
 
 def test_rules_check_lists_every_problem_with_its_line_and_exits_2(tmp_path: Path) -> None:

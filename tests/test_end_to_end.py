@@ -185,7 +185,7 @@ def test_a_tomosynthesis_volume_comes_back_with_its_findings_on_their_frames(
     node: Cadnode, pacs: Orthanc, tmp_path: Path
 ) -> None:
     path = tmp_path / "dbt.dcm"
-    volume, phantom = write_tomosynthesis(path, seed=18, view="LMLO", masses=1)
+    volume, phantom = write_tomosynthesis(path, seed=28, view="LMLO", masses=1)
     push(node, path)
     row = wait_for_state(node, volume.StudyInstanceUID, "delivered", "failed")
     assert row["state"] == "delivered", row["reason"]

@@ -39,13 +39,13 @@ name: cxr-ruleout
 version: 0.0.0-test
 seed: 11
 threads: 2
-phantom_size: 96
-input_size: 48
+phantom_size: 64
+input_size: 32
 difficulty: default
 splits:
-  train: {count: 64, first_seed: 1000}
-  validation: {count: 24, first_seed: 2000}
-  test: {count: 24, first_seed: 3000}
+  train: {count: 32, first_seed: 1000}
+  validation: {count: 16, first_seed: 2000}
+  test: {count: 16, first_seed: 3000}
 model:
   channels: [4, 8]
 training:

@@ -151,8 +151,8 @@ def test_chest_films_batched_give_the_answers_of_one_at_a_time(tmp_path: Path) -
 def test_the_dbt_detector_finds_the_planted_mass_in_source_pixels_and_frames(
     tmp_path: Path,
 ) -> None:
-    phantom = make_breast_phantom(18, view="LMLO", masses=1)
-    volume = tomosynthesis_dataset(phantom, patient_id="DBT", seed=18)
+    phantom = make_breast_phantom(28, view="LMLO", masses=1)
+    volume = tomosynthesis_dataset(phantom, patient_id="DBT", seed=28)
     [mass] = phantom.masses
     # 16 slices, 5 a call: the volume goes through the model in four calls.
     [answer] = engine("dbt-detector", max_batch=5).answer([volume])

@@ -78,7 +78,7 @@ def test_an_urgent_film_overtakes_a_background_dbt_volume_in_its_engine_call(
     ruleout = Engine(Bundle(REPO / "engines" / "cxr-ruleout"), max_decoded_bytes=DEFAULT_LIMIT)
     engines = {"dbt-detector": detector, "cxr-ruleout": ruleout}
     path = tmp_path / "volume.dcm"
-    volume, _ = write_tomosynthesis(path, seed=18, view="LMLO", masses=1)
+    volume, _ = write_tomosynthesis(path, seed=28, view="LMLO", masses=1)
     dbt = infer_jobs.routed_job(
         database,
         tmp_path,

@@ -207,7 +207,7 @@ def test_ohif_lists_the_study_and_shows_the_film_with_its_results_listed(
 
     _open_the_study(browser, ohif, held)
     labels = wait.until(lambda b: {"DX", "SEG", "SR"} <= set(_series(b)) and _series(b))
-    assert sorted(labels) == ["DX", "SEG", "SR", "SR"]
+    assert sorted(labels) == ["DX", "SEG", "SR", "SR", "SR"]  # rule-out, segmenter, findings SRs
     panel = _text(browser)
     assert "cxr-segmenter SEG" in panel and "cxr-ruleout results" in panel
     viewport = wait.until(_drawn_viewport)  # the film: WADO-RS metadata and frames

@@ -126,11 +126,11 @@ def test_a_film_is_received_routed_and_its_results_delivered_on_postgresql(
         row = wait_for(delivered, 120, "the study delivered", interval_s=0.3)
         assert row["state"] == "delivered", row
     kinds = sorted(dcmread(path).Modality for path in received.iterdir())
-    assert kinds == ["SEG", "SR", "SR"]  # the rule-out SR, the segmenter's SEG and SR
+    assert kinds == ["SEG", "SR", "SR", "SR"]  # rule-out SR, segmenter's SEG and SR, findings SR
     assert not (tmp_path / "node" / "var" / "cadnode.db").exists()
     engine = connection.engine(connection.of(postgres_url), pooled=False)
     with engine.connect() as connected:
         assert connected.execute(text("SELECT count(*) FROM instance")).scalar() == 1
         sent = "SELECT count(*) FROM delivery WHERE state = 'sent'"
-        assert connected.execute(text(sent)).scalar() == 3
+        assert connected.execute(text(sent)).scalar() == 4
     engine.dispose()

@@ -352,7 +352,7 @@ def test_a_film_pushed_by_storescu_has_its_sr_stored_in_orthanc_by_stow(tmp_path
     with run_orthanc(tmp_path / "orthanc", dicomweb=True) as pacs:
         config = stow_config(tmp_path, pacs.dicomweb_url)
         with run_cadnode(tmp_path / "node", None, CADNODE_CONFIG=str(config)) as node:
-            [film] = push_films(node, tmp_path, range(801, 802))
+            [film] = push_films(node, tmp_path, range(807, 808))  # ruled out: one SR
             wait_for(lambda: srs_in(pacs, film), 90, "the SR in Orthanc", interval_s=0.3)
             rows = deliveries(node)  # as an admin lists them, with the address
             log = node.log_text()
@@ -368,10 +368,10 @@ def test_orthanc_stopped_and_restarted_mid_run_gets_every_result_once(tmp_path: 
     config = stow_config(tmp_path, f"http://127.0.0.1:{http_port}/dicom-web")
     with run_cadnode(tmp_path / "node", None, CADNODE_CONFIG=str(config)) as node:
         with run_orthanc(tmp_path / "orthanc", dicomweb=True, http_port=http_port) as pacs:
-            first = push_films(node, tmp_path, range(811, 812))
+            first = push_films(node, tmp_path, range(815, 816))  # ruled out, as the rest
             wait_for(lambda: srs_in(pacs, first[0]), 90, "the first SR", interval_s=0.2)
         # Orthanc is down: these wait with back-off, each tried at least once.
-        later = push_films(node, tmp_path, range(812, 815))
+        later = push_films(node, tmp_path, range(816, 819))
         wait_for(
             lambda: (
                 len(rows := outbox(node)) == 4
