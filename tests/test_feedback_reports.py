@@ -16,11 +16,12 @@ from structlog.testing import capture_logs
 from cadnode.core import audit
 from cadnode.core.config import FeedbackMllp
 from cadnode.core.db import Database, Feedback
+from cadnode.core.hl7v2 import END, START
 from cadnode.core.yamlfile import ConfigError
 from cadnode.feedback.labels import ReportReader, load_rules
 from cadnode.feedback.mllp import ReportListener
 from cadnode.feedback.oru import unescape
-from cadnode.prioritize.hl7 import END, START, exchange
+from cadnode.prioritize.hl7 import exchange
 from tests.feedback_cases import held_study, oru
 from tests.peers import REPO
 

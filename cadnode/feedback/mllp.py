@@ -23,11 +23,11 @@ import structlog
 
 from cadnode.core.config import FeedbackMllp
 from cadnode.core.db import Database, FeedbackSource
+from cadnode.core.hl7v2 import END, START
 from cadnode.feedback.labels import ReportReader
 from cadnode.feedback.oru import FINAL, AckCode, Header, Refused, acknowledgement, header_of
 from cadnode.feedback.oru import read_report as parse_report
 from cadnode.feedback.record import Said, find_target, keep
-from cadnode.prioritize.hl7 import END, START
 
 log = structlog.get_logger("cadnode.feedback")
 DISCARD_S = 1.0  # how long the rest of an oversized message is drained before closing

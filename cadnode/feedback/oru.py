@@ -25,7 +25,7 @@ from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
 from hl7apy.parser import parse_message
 
-from cadnode.prioritize.hl7 import UTF8, _set
+from cadnode.core.hl7v2 import UTF8, set_value
 
 TEXT_TYPES = ("TX", "FT", "ST")
 STUDY_UID_CODE = "113014"  # DCM "Study Instance UID"
@@ -180,17 +180,17 @@ def acknowledgement(header: Header, code: AckCode, reason: str) -> str:
     version = header.version if _known_version(header.version) else DEFAULT_VERSION
     ack = Message("ACK", version=version, validation_level=VALIDATION_LEVEL.TOLERANT)
     msh = ack.msh
-    _set(msh.msh_3.hd_1, header.receiving_application or "CADNODE", version)
-    _set(msh.msh_4.hd_1, header.receiving_facility, version)
-    _set(msh.msh_5.hd_1, header.sending_application, version)
-    _set(msh.msh_6.hd_1, header.sending_facility, version)
+    set_value(msh.msh_3.hd_1, header.receiving_application or "CADNODE", version)
+    set_value(msh.msh_4.hd_1, header.receiving_facility, version)
+    set_value(msh.msh_5.hd_1, header.sending_application, version)
+    set_value(msh.msh_6.hd_1, header.sending_facility, version)
     msh.msh_7 = dt.datetime.now().strftime("%Y%m%d%H%M%S")
     msh.msh_9 = "ACK^R01^ACK"
-    _set(msh.msh_10, f"CADNODE{dt.datetime.now().strftime('%H%M%S%f')}", version)
+    set_value(msh.msh_10, f"CADNODE{dt.datetime.now().strftime('%H%M%S%f')}", version)
     msh.msh_11 = header.processing_id if header.processing_id in ("P", "T", "D") else "P"
     ack.msa.msa_1 = code.value
-    _set(ack.msa.msa_2, header.control_id, version)
-    _set(ack.msa.msa_3, reason[:80], version)
+    set_value(ack.msa.msa_2, header.control_id, version)
+    set_value(ack.msa.msa_3, reason[:80], version)
     if not ack.to_er7().isascii():
         msh.msh_18 = UTF8
     return str(ack.to_er7()) + "\r"

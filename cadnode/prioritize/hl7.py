@@ -21,21 +21,19 @@ from collections.abc import Iterator, Mapping
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Field, Message
-from hl7apy.factories import datatype_factory
 from hl7apy.parser import parse_message
 from pydicom import Dataset
 
 from cadnode.core.config import Hl7Publisher
 from cadnode.core.db import PublicationChannel
+from cadnode.core.hl7v2 import END, START, UTF8, set_value
 from cadnode.prioritize.notice import Link, Notice, PublishError
 
-START, END = b"\x0b", b"\x1c\x0d"  # MLLP framing
 ACCEPTED = ("AA", "CA")
 # DICOM Patient's Sex -> HL7 table 0001.
 SEX = {"M": "M", "F": "F", "O": "O"}
 # HL7 table 4000 (name representation) for a DICOM name's component groups, in their order.
 _REPRESENTATIONS = ("A", "I", "P")
-UTF8 = "UNICODE UTF-8"  # HL7 table 0211
 
 
 class Hl7Channel:
@@ -88,15 +86,15 @@ def _omi(notice: Notice, publisher: Hl7Publisher, control_id: str, code: str) ->
     order = message.add_group("OMI_O23_ORDER")
     accession, request = _request(notice.workitem)
     order.orc.orc_1 = "XO"  # change order
-    _set(order.orc.orc_3.ei_1, accession, version)
-    _set(order.add_group("OMI_O23_TIMING").tq1.tq1_9.cwe_1, code, version)
+    set_value(order.orc.orc_3.ei_1, accession, version)
+    set_value(order.add_group("OMI_O23_TIMING").tq1.tq1_9.cwe_1, code, version)
     _observation_request(order.obr, notice, request, code, version)
     _note(order.add_segment("NTE"), notice, version)
     ipc = order.add_segment("IPC")
-    _set(ipc.ipc_1.ei_1, accession, version)
-    _set(ipc.ipc_2.ei_1, str(request.get("RequestedProcedureID", "")) or accession, version)
-    _set(ipc.ipc_3.ei_1, notice.study_uid, version)
-    _set(ipc.ipc_4.ei_1, accession, version)  # the Scheduled Procedure Step ID is not kept
+    set_value(ipc.ipc_1.ei_1, accession, version)
+    set_value(ipc.ipc_2.ei_1, str(request.get("RequestedProcedureID", "")) or accession, version)
+    set_value(ipc.ipc_3.ei_1, notice.study_uid, version)
+    set_value(ipc.ipc_4.ei_1, accession, version)  # the Scheduled Procedure Step ID is not kept
     message.validate()  # hl7apy checks the OMI_O23 structure and required fields
     return message
 
@@ -110,22 +108,22 @@ def _orm(notice: Notice, publisher: Hl7Publisher, control_id: str, code: str) ->
     order = message.add_group("ORM_O01_ORDER")
     accession, request = _request(notice.workitem)
     order.orc.orc_1 = "XO"
-    _set(order.orc.orc_3.ei_1, accession, version)
-    _set(order.orc.orc_7.tq_6, code, version)  # Quantity/Timing: priority
+    set_value(order.orc.orc_3.ei_1, accession, version)
+    set_value(order.orc.orc_7.tq_6, code, version)  # Quantity/Timing: priority
     detail = order.add_group("ORM_O01_ORDER_DETAIL")
     obr = detail.add_group("ORM_O01_CHOICE").obr
     _observation_request(obr, notice, request, code, version)
-    _set(obr.obr_18, accession, version)  # IHE SWF: Placer Field 1 = accession number
-    _set(obr.obr_19, str(request.get("RequestedProcedureID", "")), version)
+    set_value(obr.obr_18, accession, version)  # IHE SWF: Placer Field 1 = accession number
+    set_value(obr.obr_19, str(request.get("RequestedProcedureID", "")), version)
     _note(detail.add_segment("NTE"), notice, version)
     zds = message.add_segment("ZDS")  # IHE SWF: after the order
     study = Field(
         "ZDS_1", datatype="RP", version=version, validation_level=message.validation_level
     )
-    _set(study.rp_1, notice.study_uid, version)  # IHE: <Study UID>^100^Application^DICOM
-    _set(study.rp_2.hd_1, "100", version)
-    _set(study.rp_3, "Application", version)
-    _set(study.rp_4, "DICOM", version)
+    set_value(study.rp_1, notice.study_uid, version)  # IHE: <Study UID>^100^Application^DICOM
+    set_value(study.rp_2.hd_1, "100", version)
+    set_value(study.rp_3, "Application", version)
+    set_value(study.rp_4, "DICOM", version)
     zds.add(study)
     return message
 
@@ -141,20 +139,20 @@ def _message(
     level = VALIDATION_LEVEL.STRICT if strict else VALIDATION_LEVEL.TOLERANT
     message = Message(structure, version=version, validation_level=level)
     msh = message.msh
-    _set(msh.msh_3.hd_1, publisher.sending_application, version)
-    _set(msh.msh_4.hd_1, publisher.sending_facility, version)
-    _set(msh.msh_5.hd_1, publisher.receiving_application, version)
-    _set(msh.msh_6.hd_1, publisher.receiving_facility, version)
+    set_value(msh.msh_3.hd_1, publisher.sending_application, version)
+    set_value(msh.msh_4.hd_1, publisher.sending_facility, version)
+    set_value(msh.msh_5.hd_1, publisher.receiving_application, version)
+    set_value(msh.msh_6.hd_1, publisher.receiving_facility, version)
     msh.msh_7 = dt.datetime.now().strftime("%Y%m%d%H%M%S")
     msh.msh_9 = kind
-    _set(msh.msh_10, control_id, version)
+    set_value(msh.msh_10, control_id, version)
     msh.msh_11 = "P"
     return message
 
 
 def _patient(group: object, workitem: Dataset, version: str) -> None:
     pid = group.pid  # type: ignore[attr-defined]
-    _set(pid.pid_3.cx_1, str(workitem.get("PatientID", "")), version)
+    set_value(pid.pid_3.cx_1, str(workitem.get("PatientID", "")), version)
     _name(pid, str(workitem.get("PatientName", "")), version)
     birth = str(workitem.get("PatientBirthDate", ""))
     if birth:
@@ -175,12 +173,12 @@ def _name(pid: object, name: str, version: str) -> None:
     for index, (code, group) in enumerate(groups):
         xpn = pid.pid_5 if index == 0 else pid.add_field("PID_5")  # type: ignore[attr-defined]
         parts = group.split("^")
-        _set(xpn.xpn_1.fn_1, parts[0], version)  # DICOM PN and HL7 XPN share the order,
+        set_value(xpn.xpn_1.fn_1, parts[0], version)  # DICOM PN and HL7 XPN share the order,
         # but for prefix and suffix: family^given^middle^prefix^suffix vs ...^suffix^prefix.
         for component, part in zip(("xpn_2", "xpn_3", "xpn_5", "xpn_4"), parts[1:], strict=False):
-            _set(getattr(xpn, component), part, version)
+            set_value(getattr(xpn, component), part, version)
         if coded:
-            _set(xpn.xpn_8, code, version)
+            set_value(xpn.xpn_8, code, version)
 
 
 def _request(workitem: Dataset) -> tuple[str, Dataset]:
@@ -193,23 +191,15 @@ def _observation_request(
 ) -> None:
     accession = str(request.get("AccessionNumber", ""))
     described = str(request.get("RequestedProcedureDescription", "")) or "Imaging study"
-    _set(obr.obr_3.ei_1, accession, version)  # type: ignore[attr-defined]
-    _set(obr.obr_4.ce_2, described, version)  # type: ignore[attr-defined]
+    set_value(obr.obr_3.ei_1, accession, version)  # type: ignore[attr-defined]
+    set_value(obr.obr_4.ce_2, described, version)  # type: ignore[attr-defined]
     obr.obr_5 = code  # type: ignore[attr-defined]
 
 
 def _note(nte: object, notice: Notice, version: str) -> None:
     """The priority and its reason as a comment, for the people reading the order."""
     level = notice.level.value if notice.level else ""
-    _set(nte.nte_3, f"cadnode priority {level}: {notice.reason}", version)  # type: ignore[attr-defined]
-
-
-def _set(element: object, value: str, version: str) -> None:
-    """A typed value of the element's own datatype: hl7apy escapes |, ^, &, ~ and \\ in it
-    instead of parsing them as delimiters."""
-    if value:
-        kind = element.datatype  # type: ignore[attr-defined]
-        element.value = datatype_factory(kind, value, version=version)  # type: ignore[attr-defined]
+    set_value(nte.nte_3, f"cadnode priority {level}: {notice.reason}", version)  # type: ignore[attr-defined]
 
 
 def exchange(host: str, port: int, message: str, timeout_s: float) -> str:
