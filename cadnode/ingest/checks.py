@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import BinaryIO
@@ -30,6 +31,37 @@ VALUE_SIZE = {
     "US": 2, "SS": 2, "OW": 2, "UL": 4, "SL": 4, "FL": 4, "AT": 4, "OF": 4, "OL": 4,
     "FD": 8, "OD": 8, "SV": 8, "UV": 8, "OV": 8,
 }  # fmt: skip
+
+
+# Values shorter than this that decoded once are not decoded again (see _KnownGood).
+SMALL_VALUE = 256
+CHARACTER_SET = Tag(0x0008, 0x0005)
+
+
+class _KnownGood:
+    """Elements whose values decoded before, keyed by all that decides whether they decode:
+    tag, VR, byte order, the dataset's character set and the value's bytes. Most of a
+    series' header repeats from one instance to the next, and converting every element
+    again was about a tenth of a CT instance's time in receive. Bounded: when full, the
+    oldest half goes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._keys: dict[tuple[object, ...], None] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: tuple[object, ...]) -> bool:
+        return key in self._keys
+
+    def add(self, key: tuple[object, ...]) -> None:
+        with self._lock:
+            if len(self._keys) >= self.capacity:
+                for old in list(self._keys)[: self.capacity // 2]:
+                    del self._keys[old]
+            self._keys[key] = None
+
+
+_known_good = _KnownGood(8192)
 
 
 class TooLarge(Exception):
@@ -61,17 +93,18 @@ def inflated(deflated: bytes | memoryview, limit: int, scratch: Path) -> BinaryI
     return out
 
 
-def undecodable(dataset: Dataset) -> str | None:
+def undecodable(dataset: Dataset, inherited_charset: object = None) -> str | None:
     """The first element whose value does not decode as its VR says, in words; None if all do.
     Large values skipped over when reading (pixels) are checked by their length only."""
+    charset = _charset(dataset.get_item(CHARACTER_SET, keep_deferred=True), inherited_charset)
     for tag in list(dataset.keys()):
-        problem = _element_problem(dataset, tag)
+        problem = _element_problem(dataset, tag, charset)
         if problem:
             return problem
     return None
 
 
-def _element_problem(dataset: Dataset, tag: BaseTag) -> str | None:
+def _element_problem(dataset: Dataset, tag: BaseTag, charset: object) -> str | None:
     raw = dataset.get_item(tag, keep_deferred=True)
     if not isinstance(raw, RawDataElement):
         return None  # decoded already
@@ -83,6 +116,9 @@ def _element_problem(dataset: Dataset, tag: BaseTag) -> str | None:
         return f"{tag}: a {vr} value of {raw.length} bytes"
     if tag in PIXEL_TAGS or (raw.value is None and raw.length):
         return None  # pixels are checked against the image's size; deferred values stay put
+    key = _known_key(raw, vr, charset)
+    if key is not None and key in _known_good:
+        return None
     try:
         element = dataset[tag]
     except Exception as error:  # pydicom raises many kinds for a value it cannot read
@@ -90,10 +126,28 @@ def _element_problem(dataset: Dataset, tag: BaseTag) -> str | None:
         return f"{tag} {vr} value does not decode ({type(error).__name__})"
     if element.VR == "SQ":
         for item in element.value:
-            problem = undecodable(item)
+            problem = undecodable(item, charset)
             if problem:
                 return f"{tag} > {problem}"
+    elif key is not None:
+        _known_good.add(key)
     return None
+
+
+def _charset(element: object, inherited: object) -> object:
+    """A dataset's character set as a key: its own, or else its parent's (an item's)."""
+    if element is None:
+        return inherited
+    value = getattr(element, "value", None)
+    return value if isinstance(element, RawDataElement) else str(value)
+
+
+def _known_key(raw: RawDataElement, vr: str, charset: object) -> tuple[object, ...] | None:
+    """What decides whether a small value decodes; None for one not worth remembering."""
+    value = raw.value
+    if vr == "SQ" or not isinstance(value, bytes) or len(value) > SMALL_VALUE:
+        return None
+    return (raw.tag, vr, raw.is_implicit_VR, raw.is_little_endian, charset, value)
 
 
 def pixel_data_problem(dataset: Dataset, transfer_syntax: UID) -> str | None:
