@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import os
 import threading
-import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from pydicom.uid import CTImageStorage
 
 from cadnode.core.db import Database
-from cadnode.ingest.journal import HEADER, SUFFIX, Journal, journal_folder, records, recover
+from cadnode.ingest.journal import (
+    HEADER,
+    SPARE_SUFFIX,
+    SUFFIX,
+    Journal,
+    journal_folder,
+    record_chunks,
+    records,
+    recover,
+    segment_generation,
+)
 from cadnode.ingest.spool import Arrival, Spool, examine
 from tests.synthetic import write_image
 
@@ -50,7 +61,7 @@ def test_a_record_whose_bytes_changed_ends_the_replay(tmp_path: Path) -> None:
     data = bytearray(segment.read_bytes())
     data[-50] ^= 0xFF  # the last record's body, as a power cut may leave it (blocks unwritten)
     assert [str(path) for path, _, _ in records(bytes(data))] == ["a/0.dcm", "a/1.dcm"]
-    data[: len(b"CNJ1")] = b"XXXX"  # and a first record not a record at all: nothing
+    data[:4] = b"XXXX"  # and a segment whose first block does not check: nothing
     assert list(records(bytes(data))) == []
     journal.close()
 
@@ -61,9 +72,9 @@ def test_a_record_naming_a_place_outside_the_spool_is_not_replayed(tmp_path: Pat
     with pytest.raises(ValueError, match="outside the spool"):
         journal.write(Path("../escape.dcm"), [b"y"])
     [segment] = segments(tmp_path / "spool")
-    name, body = b"../escape.dcm", b"y"
-    forged = HEADER.pack(b"CNJ1", len(name), len(body), zlib.crc32(body, zlib.crc32(name)))
-    data = segment.read_bytes() + forged + name + body
+    data = segment.read_bytes()
+    forged = record_chunks(segment_generation(data) or 0, b"../escape.dcm", [b"y"])
+    data += b"".join(forged)
     assert [str(path) for path, _, _ in records(data)] == ["a/ok.dcm"]
     journal.close()
 
@@ -153,3 +164,115 @@ def test_reconcile_after_a_power_cut_indexes_every_acknowledged_instance_and_no_
         assert (folder / arrival.relative_path).read_bytes() == data
     assert (folder / last.relative_path).exists() == (cut is None)
     assert not segments(folder)
+
+
+def spares(spool: Path) -> list[Path]:
+    return sorted(journal_folder(spool).glob(f"*{SPARE_SUFFIX}"))
+
+
+def test_a_checkpointed_segment_is_reused_and_its_old_records_are_never_replayed(
+    tmp_path: Path,
+) -> None:
+    """A spare is written over in place (its size stays: the flush is of data alone), and a
+    power cut after its reuse replays its new records only: a file deleted since its old
+    record was checkpointed (retention, say) does not come back."""
+    spool = tmp_path / "spool"
+    journal = Journal(spool, idle_s=3600)
+    for n in range(3):
+        journal.write(Path(f"old/{n}.dcm"), [bytes([n]) * 5000])
+    [used] = segments(spool)
+    size = used.stat().st_size
+    assert journal.checkpoint() == 1 and spares(spool) == [used.with_suffix(SPARE_SUFFIX)]
+    for n in range(3):
+        (spool / "old" / f"{n}.dcm").unlink()
+
+    journal.write(Path("new/0.dcm"), [b"n" * 100])
+    [reused] = segments(spool)
+    assert not spares(spool) and reused.stat().st_size == size  # written over, not grown
+    data = reused.read_bytes()
+    assert [str(path) for path, _, _ in records(data)] == ["new/0.dcm"]
+    (spool / "new" / "0.dcm").unlink()  # the power cut took the unflushed spool file
+
+    with _killed(journal):
+        counts = recover(spool)
+    assert counts["replayed"] == 1 and counts["in_place"] == 0
+    assert (spool / "new" / "0.dcm").read_bytes() == b"n" * 100
+    assert not (spool / "old").exists() or not any((spool / "old").iterdir())
+    assert not segments(spool) and len(spares(spool)) == 1
+
+
+def test_segments_made_ready_but_never_named_in_use_are_not_replayed(tmp_path: Path) -> None:
+    """A kill between claiming a spare and flushing its new first block leaves a `.claim`:
+    whatever records it holds are an earlier use's, already in the spool."""
+    spool = tmp_path / "spool"
+    journal = Journal(spool, idle_s=3600)
+    journal.write(Path("a/1.dcm"), [b"old"])
+    assert journal.checkpoint() == 1
+    journal.close()
+    [spare] = spares(spool)
+    claim = spare.with_suffix(".claim")
+    spare.rename(claim)
+    (spool / "a" / "1.dcm").unlink()
+    counts = recover(spool)
+    assert counts["replayed"] == 0 and not (spool / "a" / "1.dcm").exists()
+    assert not claim.exists() and spares(spool)
+
+
+def test_a_segment_whose_first_block_does_not_check_is_kept_and_reported(
+    tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool"
+    journal = Journal(spool, idle_s=3600)
+    journal.write(Path("a/1.dcm"), [b"x"])
+    [segment] = segments(spool)
+    with _killed(journal):
+        data = bytearray(segment.read_bytes())
+        data[8] ^= 0xFF
+        segment.write_bytes(bytes(data))
+        assert recover(spool)["unreadable"] == 1
+    assert segment.exists()
+
+
+@contextmanager
+def _killed(journal: Journal) -> Iterator[None]:
+    """As if the journal's process had died: its segments unlocked, nothing checkpointed."""
+    active = journal._active
+    assert active is not None
+    os.close(active.descriptor)  # releases its lock, as the process's death would
+    journal._active = None
+    try:
+        yield
+    finally:
+        journal._stopping = True
+        journal.close()
+
+
+def test_the_spool_file_is_in_place_only_once_its_record_is_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written under a temporary name while the segment is flushed; renamed after the flush
+    returns; a flush that fails leaves no spool file and raises (the sender is told)."""
+    spool = tmp_path / "spool"
+    journal = Journal(spool, idle_s=3600)
+    journal.write(Path("a/0.dcm"), [b"first"])  # the segment made ready (its own flush)
+    target = spool / "a" / "1.dcm"
+    seen: list[bool] = []
+    flush = os.fdatasync
+
+    def watched(descriptor: int) -> None:
+        seen.append(target.exists())
+        flush(descriptor)
+
+    monkeypatch.setattr(os, "fdatasync", watched)
+    journal.write(Path("a/1.dcm"), [b"second"])
+    assert seen == [False] and target.read_bytes() == b"second"
+
+    def failing(descriptor: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        journal.write(Path("a/2.dcm"), [b"third"])
+    assert sorted(p.name for p in (spool / "a").iterdir()) == ["0.dcm", "1.dcm"]
+    monkeypatch.setattr(os, "fdatasync", flush)
+    journal.close()

@@ -39,17 +39,30 @@ def write_durably(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) 
     return size
 
 
-def write_visible(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) -> int:
-    """Write `chunks` to `path` atomically (a reader sees the whole file or none), without
-    flushing it: for a file whose bytes are durable elsewhere already (the spool's journal,
-    cadnode/ingest/journal.py); returns the number of bytes."""
+def write_aside(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) -> tuple[Path, int]:
+    """Write `chunks` beside `path` under a temporary name, without flushing them: for a file
+    whose bytes are durable elsewhere (the spool's journal, cadnode/ingest/journal.py), put
+    in place by the caller with `os.replace` (a reader sees the whole file or none).
+    Returns the temporary's path and the number of bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _write_then_rename(path, chunks, sync=False)
+    return _write_temporary(path, chunks, sync=False)
 
 
 def _write_then_rename(
     path: Path, chunks: Iterable[bytes | bytearray | memoryview], sync: bool
 ) -> int:
+    temporary, size = _write_temporary(path, chunks, sync)
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def _write_temporary(
+    path: Path, chunks: Iterable[bytes | bytearray | memoryview], sync: bool
+) -> tuple[Path, int]:
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
     size = 0
     try:
@@ -62,11 +75,10 @@ def _write_then_rename(
                 # fdatasync: the data and what reading it back needs (size, block map),
                 # without the timestamps a full fsync also flushes; the name: the caller.
                 os.fdatasync(handle.fileno())
-        os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    return size
+    return temporary, size
 
 
 def make_folders_durably(folder: Path) -> None:

@@ -1,24 +1,33 @@
-"""The spool's journal: an instance is durable after one append and one fdatasync.
+"""The spool's journal: an instance is durable after one write and one fdatasync.
 
 Writing each spool file durably costs two flushes before the answer (the file's data,
 then the folder's entry after the rename). Here an instance's bytes (up to `LARGEST_RECORD`:
-the spool writes larger ones durably in place) are appended to a
-journal segment, with its place in the spool and a CRC, and the segment is fdatasynced
-once (threads appending at the same time share flushes); only then is its spool file made,
-under a temporary name renamed into place, without a flush of its own. Receive answers
-Success after that and the index commit (cadnode/ingest/spool.py).
+the spool writes larger ones durably in place) are written to a journal segment, with its
+place in the spool and a CRC, and the segment is fdatasynced; while that flush runs, its spool
+file is written under a temporary name, and renamed into place once the flush returns (the
+file itself is not flushed). Receive answers Success after that and the index commit
+(cadnode/ingest/spool.py).
 
 A checkpoint thread makes the spool files durable in bulk (one `syncfs` of the spool's
-filesystem) once the journal has been idle for `IDLE_S` or a segment is full, then deletes
-the segments whose files are all made. At start, before the spool is reconciled, `recover`
-replays every segment left by a kill or a power cut: each whole record whose file is missing
-or differs is written again (durably), and the segment deleted. A record is whole when its
-length fits and its CRC matches: a record cut anywhere (an append that never returned, so
-never acknowledged) is dropped, and with it nothing after it in the segment, since the
-appends before an acknowledgement are all complete.
+filesystem) once the journal has been idle for `IDLE_S` or a segment is full; the segments
+whose files are all made are then kept as spares (up to `SPARES`, the rest deleted) and
+reused, as PostgreSQL recycles its WAL files: a record written over a spare's old bytes
+changes no file size or block map, so its fdatasync flushes the data alone, about half the
+cost of an append that grows the file (0.30 ms against 0.57 ms for a 525 KB CT image here).
 
-Segment record: MAGIC, path length (u32), body length (u64), CRC-32 of path and body (u32),
-the path (UTF-8, relative to the spool), the body (the file's bytes).
+Each use of a segment has a random generation, written in its first block and flushed
+before its first record, and in every record: at start, before the spool is reconciled,
+`recover` replays the records of every segment left by a kill or a power cut that carry
+their segment's generation, in order, up to the first that is cut short or does not check
+(its length, its CRC): each whose file is missing or differs is written again (durably).
+A record cut anywhere was never acknowledged (the writes before an acknowledgement are all
+whole), and a spare's records from an earlier use are never replayed.
+
+Segment: a block of SEGMENT_MAGIC, generation (u64), CRC-32 of both (u32), zeros to `BLOCK`
+bytes; then records: MAGIC, generation (u64), path length (u32), body length (u64), CRC-32 of
+generation, path and body (u32), the path (UTF-8, relative to the spool), the body (the file's
+bytes). A segment is named `*.claim` while it is being made ready (never replayed), `*.jnl`
+in use or left by a crash, `*.spare` once checkpointed.
 """
 
 from __future__ import annotations
@@ -34,26 +43,37 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import structlog
 
-from cadnode.core.files import fsync_path, write_durably, write_visible
+from cadnode.core.files import fsync_path, write_aside, write_durably
 
 log = structlog.get_logger("cadnode.ingest.journal")
 
 SUFFIX = ".jnl"
-MAGIC = b"CNJ1"
-HEADER = struct.Struct("<4sIQI")
-# A segment takes appends until it is this long, then a new one starts.
+SPARE_SUFFIX = ".spare"
+CLAIM_SUFFIX = ".claim"
+SEGMENT_MAGIC = b"CNJS"
+SEGMENT_HEADER = struct.Struct("<4sQI")
+BLOCK = 4096  # the segment header's block: records start after it
+MAGIC = b"CNJ2"
+HEADER = struct.Struct("<4sQIQI")
+GENERATION = struct.Struct("<Q")
+# A segment takes records until it is this long, then a new one starts.
 SEGMENT_BYTES = 256 * 2**20
+# Checkpointed segments kept for reuse (per journal folder, all processes together).
+SPARES = 2
 # Larger instances are not journaled (the spool writes their files durably in place): the
 # journal saves a flush, a fixed few milliseconds, but writes the bytes twice, which for a
 # large instance costs more (an 18 MB DX: 240 ms journaled, 111 ms in place, here).
 LARGEST_RECORD = 2**20
-# The checkpoint runs when the journal has had no append for this long.
+# The checkpoint runs when the journal has had no record for this long.
 IDLE_S = 0.5
+# Flushes running at once (one per association writing at that moment, up to this).
+FLUSHERS = 4
 
 Chunks = Sequence[bytes | bytearray | memoryview]
 
@@ -62,13 +82,14 @@ Chunks = Sequence[bytes | bytearray | memoryview]
 class _Segment:
     path: Path
     descriptor: int
-    end: int = 0  # bytes of whole records
+    generation: int
+    end: int = BLOCK  # where the next record goes: after the whole ones
     records: int = 0
-    pending: int = 0  # appended, spool file not yet made
+    pending: int = 0  # written, spool file not yet made
 
 
 class Journal:
-    """Appends for one process (each has its own segments), and their checkpoints."""
+    """Records for one process (each has its own segments), and their checkpoints."""
 
     def __init__(self, spool: Path, idle_s: float = IDLE_S) -> None:
         self.spool = spool
@@ -77,17 +98,29 @@ class Journal:
         self._lock = threading.Condition()
         self._active: _Segment | None = None
         self._closed: list[_Segment] = []  # full, or cut off by a checkpoint
-        self._last_append = 0.0
+        self._last_record = 0.0
         self._stopping = False
         self._draining = False  # a checkpoint waits for spool files being made
         self._checkpointer: threading.Thread | None = None
+        self._flushers = ThreadPoolExecutor(FLUSHERS, thread_name_prefix="journal-flush")
 
     def write(self, relative: Path, chunks: Chunks) -> int:
         """Make an instance durable, then its spool file; returns its size in bytes."""
-        segment, size = self._append(relative, chunks)
+        segment, size = self._record(relative, chunks)
+        target = self.spool / relative
         try:
-            os.fdatasync(segment.descriptor)
-            write_visible(self.spool / relative, chunks)
+            flushed = self._flushers.submit(os.fdatasync, segment.descriptor)
+            try:
+                temporary, _ = write_aside(target, chunks)  # while the segment is flushed
+            except BaseException:
+                wait([flushed])  # the segment stays open until its flush is over
+                raise
+            try:
+                flushed.result()
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
+            os.replace(temporary, target)
         finally:
             with self._lock:
                 segment.pending -= 1
@@ -95,29 +128,24 @@ class Journal:
                     self._lock.notify_all()
         return size
 
-    def _append(self, relative: Path, chunks: Chunks) -> tuple[_Segment, int]:
+    def _record(self, relative: Path, chunks: Chunks) -> tuple[_Segment, int]:
         name = str(PurePosixPath(relative)).encode()
         if _relative(name) is None:
             raise ValueError(f"{relative}: outside the spool")
         size = sum(len(chunk) for chunk in chunks)
-        crc = zlib.crc32(name)
-        for chunk in chunks:
-            crc = zlib.crc32(chunk, crc)
-        record = [HEADER.pack(MAGIC, len(name), size, crc), name, *chunks]
         length = HEADER.size + len(name) + size
         with self._lock:
             segment = self._segment_for(length)
-            try:
-                written = os.writev(segment.descriptor, record)
-                if written != length:
-                    raise OSError(f"journal: {written} of {length} bytes written")
-            except BaseException:
-                os.ftruncate(segment.descriptor, segment.end)  # no torn record mid-segment
-                raise
+            record = record_chunks(segment.generation, name, chunks)
+            # Over a spare's old bytes, or past the end: a write that fails or is cut leaves
+            # `end` where it was, and the next record is written over what it left.
+            written = os.pwritev(segment.descriptor, record, segment.end)
+            if written != length:
+                raise OSError(f"journal: {written} of {length} bytes written")
             segment.end += length
             segment.records += 1
             segment.pending += 1
-            self._last_append = time.monotonic()
+            self._last_record = time.monotonic()
             if segment.records == 1:  # the checkpoint thread may sleep with no timeout
                 self._lock.notify_all()
         return segment, size
@@ -137,14 +165,27 @@ class Journal:
         return active
 
     def _open_segment(self) -> _Segment:
+        """A spare, or else a new segment, made ready: its new generation flushed before
+        its first record, then named in use."""
         if not self.folder.is_dir():
             self.folder.mkdir(parents=True, exist_ok=True)
             fsync_path(self.folder.parent)
-        path = self.folder / f"{os.getpid()}-{uuid.uuid4().hex}{SUFFIX}"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        fcntl.flock(descriptor, fcntl.LOCK_EX)  # in use: see `recover` (released if it dies)
-        fsync_path(self.folder)  # the segment's name: its records are found after a power cut
-        return _Segment(path, descriptor)
+        claimed = self.folder / f"{os.getpid()}-{uuid.uuid4().hex}{CLAIM_SUFFIX}"
+        descriptor = _claim_spare(self.folder, claimed)
+        if descriptor is None:
+            descriptor = os.open(claimed, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # in use: see `recover` (released if it dies)
+            generation = GENERATION.unpack(os.urandom(GENERATION.size))[0]
+            os.pwrite(descriptor, segment_header(generation), 0)
+            os.fdatasync(descriptor)
+            path = claimed.with_suffix(SUFFIX)
+            os.rename(claimed, path)
+            fsync_path(self.folder)  # its name: its records are found after a power cut
+        except BaseException:
+            os.close(descriptor)
+            raise
+        return _Segment(path, descriptor, generation)
 
     def _checkpoints(self) -> None:
         while True:
@@ -159,20 +200,20 @@ class Journal:
         if self._closed:
             return True
         active = self._active
-        idle = time.monotonic() - self._last_append >= self.idle_s
+        idle = time.monotonic() - self._last_record >= self.idle_s
         return active is not None and active.records > 0 and idle
 
     def _until_due(self) -> float | None:
-        """How long the checkpoint thread may sleep: with nothing to checkpoint, until an
-        append wakes it (an idle node's thread never runs)."""
+        """How long the checkpoint thread may sleep: with nothing to checkpoint, until a
+        record wakes it (an idle node's thread never runs)."""
         active = self._active
         if active is None or not active.records:
             return None
-        return max(0.01, self.idle_s - (time.monotonic() - self._last_append))
+        return max(0.01, self.idle_s - (time.monotonic() - self._last_record))
 
     def checkpoint(self) -> int:
-        """Make every spool file made so far durable and delete the segments whose files
-        are all made; returns how many were deleted."""
+        """Make every spool file made so far durable and retire the segments whose files
+        are all made; returns how many were retired."""
         with self._lock:
             if self._active is not None and self._active.records:
                 self._closed.append(self._active)
@@ -187,42 +228,90 @@ class Journal:
         sync_filesystem(self.spool)
         for segment in retiring:
             os.close(segment.descriptor)
-            segment.path.unlink()
+            _retire(segment.path)
         fsync_path(self.folder)
         log.debug("journal.checkpointed", segments=len(retiring))
         return len(retiring)
 
     def close(self) -> None:
-        """A last checkpoint: a clean stop leaves no segment of this process."""
+        """A last checkpoint: a clean stop leaves no segment of this process in use."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
         if self._checkpointer is not None:
             self._checkpointer.join()
         self.checkpoint()
+        self._flushers.shutdown()
         with self._lock:
-            if self._active is not None:  # opened, never written
+            if self._active is not None:  # made ready, never written
                 os.close(self._active.descriptor)
-                self._active.path.unlink(missing_ok=True)
+                _retire(self._active.path)
                 self._active = None
 
 
+def segment_header(generation: int) -> bytes:
+    """A segment's first block: which use of it its records belong to."""
+    fields = SEGMENT_MAGIC + GENERATION.pack(generation)
+    return SEGMENT_HEADER.pack(SEGMENT_MAGIC, generation, zlib.crc32(fields)).ljust(BLOCK, b"\0")
+
+
+def record_chunks(
+    generation: int, name: bytes, chunks: Chunks
+) -> list[bytes | bytearray | memoryview]:
+    """One record, as the chunks to write."""
+    crc = zlib.crc32(name, zlib.crc32(GENERATION.pack(generation)))
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+    size = sum(len(chunk) for chunk in chunks)
+    return [HEADER.pack(MAGIC, generation, len(name), size, crc), name, *chunks]
+
+
+def _claim_spare(folder: Path, claimed: Path) -> int | None:
+    """A spare segment renamed to `claimed` (so no other process takes it), opened."""
+    for spare in sorted(folder.glob(f"*{SPARE_SUFFIX}")):
+        try:
+            os.rename(spare, claimed)
+        except FileNotFoundError:  # another process took it
+            continue
+        return os.open(claimed, os.O_RDWR)
+    return None
+
+
+def _retire(path: Path) -> None:
+    """A segment whose records are all durable in the spool: kept as a spare, or deleted.
+    (The caller flushes the folder.)"""
+    if len(list(path.parent.glob(f"*{SPARE_SUFFIX}"))) < SPARES:
+        os.rename(path, path.with_suffix(SPARE_SUFFIX))
+    else:
+        path.unlink()
+
+
 def recover(spool: Path) -> dict[str, int]:
-    """Replay every segment under `spool` (run before any process appends): the spool
-    files of whole records made durably where missing or different, then the segments
-    deleted. Returns the counts of records replayed, already in place, and dropped (a cut
-    tail)."""
+    """Replay every segment under `spool` left by a kill or a power cut (run before any
+    process writes records): the spool files of its whole records made durably where missing
+    or different, then the segment retired. Returns the counts of records replayed and
+    already in place, and of segments in use (a live process's) or unreadable (kept)."""
     folder = journal_folder(spool)
-    counts = {"replayed": 0, "in_place": 0, "dropped_bytes": 0, "in_use": 0}
-    segments = sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []
+    counts = {"replayed": 0, "in_place": 0, "in_use": 0, "unreadable": 0}
+    if not folder.is_dir():
+        return counts
+    segments = sorted(folder.glob(f"*{SUFFIX}"))
     for path in segments:
         with _unless_in_use(path) as data:
             if data is None:  # a live process's (another node's, on a shared spool)
                 counts["in_use"] += 1
-                continue
-            counts = _replay(spool, path, data, counts)
+            elif segment_generation(data) is None:
+                counts["unreadable"] += 1
+                log.error("journal.unreadable", segment=str(path), size=len(data))
+            else:
+                counts = _replay(spool, data, counts)
+                _retire(path)
+    for path in sorted(folder.glob(f"*{CLAIM_SUFFIX}")):  # made ready, never written
+        with _unless_in_use(path) as data:
+            if data is not None:
+                _retire(path)
+    fsync_path(folder)
     if segments:
-        fsync_path(folder)
         log.info("journal.recovered", segments=len(segments), **counts)
     return counts
 
@@ -243,19 +332,15 @@ def _unless_in_use(path: Path) -> Iterator[bytes | None]:
         os.close(descriptor)
 
 
-def _replay(spool: Path, path: Path, data: bytes, counts: dict[str, int]) -> dict[str, int]:
-    """A segment's whole records made durable in the spool, then the segment deleted."""
-    end = 0
-    for relative, body, after in records(data):
-        end = after
+def _replay(spool: Path, data: bytes, counts: dict[str, int]) -> dict[str, int]:
+    """A segment's whole records made durable in the spool."""
+    for relative, body, _ in records(data):
         target = spool / relative
         if _same_bytes(target, body):
             counts["in_place"] += 1
             continue
         write_durably(target, [body])
         counts["replayed"] += 1
-    counts["dropped_bytes"] += len(data) - end
-    path.unlink()
     return counts
 
 
@@ -265,24 +350,36 @@ def journal_folder(spool: Path) -> Path:
 
 
 def records(data: bytes) -> Iterator[tuple[Path, memoryview, int]]:
-    """The whole records of a segment, in order: (path, body, offset after it); stops at the
-    first that is cut short or does not check."""
+    """The whole records of a segment's current use, in order: (path, body, offset after
+    it); stops at the first that is cut short, does not check, or is of an earlier use."""
+    generation = segment_generation(data)
+    if generation is None:
+        return
     view = memoryview(data)
-    offset = 0
+    offset = BLOCK
     while offset + HEADER.size <= len(data):
-        magic, name_length, size, crc = HEADER.unpack_from(data, offset)
+        magic, record_generation, name_length, size, crc = HEADER.unpack_from(data, offset)
         start = offset + HEADER.size
         end = start + name_length + size
-        if magic != MAGIC or end > len(data):
+        if magic != MAGIC or record_generation != generation or end > len(data):
             return
         name, body = view[start : start + name_length], view[start + name_length : end]
-        if zlib.crc32(body, zlib.crc32(name)) != crc:
+        if zlib.crc32(body, zlib.crc32(name, zlib.crc32(GENERATION.pack(generation)))) != crc:
             return
         relative = _relative(bytes(name))
         if relative is None:
             return
         offset = end
         yield relative, body, offset
+
+
+def segment_generation(data: bytes) -> int | None:
+    """The generation in a segment's first block; None if that block does not check."""
+    if len(data) < SEGMENT_HEADER.size:
+        return None
+    magic, generation, crc = SEGMENT_HEADER.unpack_from(data)
+    fields = SEGMENT_MAGIC + GENERATION.pack(generation)
+    return generation if magic == SEGMENT_MAGIC and zlib.crc32(fields) == crc else None
 
 
 def _relative(name: bytes) -> Path | None:
