@@ -16,9 +16,12 @@ Each step is shown before and after, in the same run: "before" is round 1's rece
 file written, fdatasynced, renamed and its folder fsynced before the answer), "after" the
 event-driven reactor and the spool's journal (cadnode/ingest/reactor.py, journal.py).
 
-Also, in the same run, what writing one such file costs: plainly (what storescp does), durably
-by rename (`cadnode.core.files.write_durably`) and durably by the journal (one append, one
-fdatasync, then the file made unflushed): the floors of a receiver with cadnode's durability.
+Every receiver (storescp too) first takes a warm-up study of the same size and settles
+(benchmarks/ingest.py). Also, in the same run, what writing one such file costs: plainly
+(what storescp does), durably by rename (`cadnode.core.files.write_durably`) and durably by
+the journal (one record and one fdatasync, the file written meanwhile and renamed after,
+unflushed) into a new segment or a reused spare: the floors of a receiver with cadnode's
+durability.
 Every figure is also printed in units of storescp's time per instance (storescp writes
 without fsync). The last lines are the throughput ratios to storescp, before and after, and
 the ceilings for a receiver that did nothing but the durable write, with an instant peer, and
@@ -46,10 +49,10 @@ from pynetdicom import evt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.ingest import Target, measure, push, storescp
+from benchmarks.ingest import Target, measure, push, storescp, warmed
 from cadnode.core.db import Database
 from cadnode.core.files import write_durably
-from cadnode.ingest.journal import Journal
+from cadnode.ingest.journal import SUFFIX, Journal, journal_folder
 from tests.ingest import node_settings
 from tests.synthetic import write_ct_series
 
@@ -108,9 +111,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def cadnode_push(
-    files: list[Path], scratch: Path, sections: dict[str, dict[str, Any]]
+    files: list[Path], warm_up: list[Path], scratch: Path, sections: dict[str, dict[str, Any]]
 ) -> tuple[float, dict[str, list[float]]]:
-    """Seconds for storescu to push `files` to a fresh in-process receiver; its steps."""
+    """Seconds for storescu to push `files` to a fresh in-process receiver, after it took
+    `warm_up` and its journal checkpointed (benchmarks/ingest.py); its steps."""
     from cadnode.ingest.receive import Receiver
 
     clock = StepClock()
@@ -119,39 +123,58 @@ def cadnode_push(
         settings = node_settings(Path(folder), **sections)
         receiver = Receiver(settings, database, lambda: None)
         port = receiver.start(observers=clock.observers())
+        spool = settings.storage.spool
         try:
-            seconds = push(Target(port, "CADNODE", lambda: len(files)), files, 1)
+            target = Target(
+                port,
+                "CADNODE",
+                lambda: len(files),
+                lambda: not any(journal_folder(spool).glob(f"*{SUFFIX}")),
+            )
+            warmed(target, warm_up, 1)
+            clock.marks.clear()
+            seconds = push(target, files, 1)
         finally:
             receiver.stop(drain_timeout_s=0)
     return seconds, clock.steps()
 
 
-WRITES = ("plainly", "durably by rename", "durably by the journal")
+WRITES = (
+    "plainly",
+    "durably by rename",
+    "durably by the journal, a new segment",
+    "durably by the journal, a spare reused",
+)
 
 
 def write_seconds(size: int, count: int, scratch: Path) -> dict[str, float]:
     """Median seconds to write a new `size`-byte file into one folder, each way in turn (so
     all see the same disk): plainly (open, write, close: what storescp does), durably by
-    rename (`write_durably`, round 1) or by the spool's journal (this round)."""
+    rename (`write_durably`, round 1) or by the spool's journal (this round), into a new
+    segment (a node's first study) or over a spare's old bytes (every later one)."""
     payload = os.urandom(size)
     seconds: dict[str, list[float]] = {how: [] for how in WRITES}
     with tempfile.TemporaryDirectory(dir=scratch) as folder:
         root = Path(folder)
-        journal = Journal(root / WRITES[2])
+        journals = {how: Journal(root / how, idle_s=3600) for how in WRITES[2:]}
+        for index in range(count):  # the spare, as a first study leaves it
+            journals[WRITES[3]].write(Path("warm-up") / f"{index}.dcm", [payload])
+        journals[WRITES[3]].checkpoint()
         for how in WRITES:
             (root / how / "series").mkdir(parents=True)
         for index in range(count):
             for how in WRITES:
                 path = Path("series") / f"{index}.dcm"
                 start = time.perf_counter()
-                if how == "durably by the journal":
-                    journal.write(path, [payload])
+                if how in journals:
+                    journals[how].write(path, [payload])
                 elif how == "durably by rename":
                     write_durably(root / how / path, [payload])
                 else:
                     (root / how / path).write_bytes(payload)
                 seconds[how].append(time.perf_counter() - start)
-        journal.close()
+        for journal in journals.values():
+            journal.close()
     return {how: statistics.median(values) for how, values in seconds.items()}
 
 
@@ -166,6 +189,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cadnode-budget-") as scratch_name:
         scratch = Path(scratch_name)
         files = write_ct_series(scratch / "ct", args.ct)
+        warm_up = write_ct_series(scratch / "ct-warm", args.ct)
         size = statistics.median(f.stat().st_size for f in files)
         totals: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
         steps: dict[str, dict[str, list[float]]] = {
@@ -174,11 +198,11 @@ def main() -> None:
         anchor: list[float] = []
         for _ in range(args.repeat):  # interleaved, so all see the same machine load
             for variant, sections in VARIANTS.items():
-                seconds, found = cadnode_push(files, scratch, sections)
+                seconds, found = cadnode_push(files, warm_up, scratch, sections)
                 totals[variant].append(seconds)
                 for step in STEPS:
                     steps[variant][step] += found[step]
-            anchor.append(measure(storescp, scratch, files, 1))
+            anchor.append(measure(storescp, scratch, files, 1, warm_up))
         writes = write_seconds(int(size), args.ct, scratch)
 
     unit = statistics.median(anchor) / len(files)
@@ -186,17 +210,17 @@ def main() -> None:
 
     def show(label: str, *seconds: float) -> None:
         cells = "".join(f"  {s * 1e3:6.2f} ms {s / unit:5.2f} u" for s in seconds)
-        print(f"  {label:<38}{cells}")
+        print(f"  {label:<44}{cells}")
 
     print(f"CT {len(files)} x {size / 1e3:.0f} KB, one association, medians of {args.repeat}")
     print("  per instance; 1 unit (u) = storescp's time per instance")
-    print(f"  {'':<38}  {'before':>17}  {'after':>17}")
+    print(f"  {'':<44}  {'before':>17}  {'after':>17}")
     show("storescp", unit)
     show("cadnode", *total.values())
     for step in STEPS:
         show(f"  {step}", *(statistics.median(steps[v][step]) for v in VARIANTS))
     for how, seconds in writes.items():
-        show(f"a new file, written {how}", seconds)
+        show(f"a new file, {how}", seconds)
     # What is left of storescp's time for storescu's own turn, at most (storescp also
     # decodes the request): the ceiling below is generous where that estimate is high.
     peer = max(unit - writes["plainly"], 0.0)
