@@ -14,7 +14,10 @@ run. pynetdicom's own notification events time each instance's steps in cadnode:
 Each step is shown before and after, in the same run: "before" is round 1's receive path
 (`dicom.reactor: stock`, pynetdicom's polling loops; `storage.spool_journal: false`, each
 file written, fdatasynced, renamed and its folder fsynced before the answer), "after" the
-event-driven reactor and the spool's journal (cadnode/ingest/reactor.py, journal.py).
+event-driven reactor and the spool's journal (cadnode/ingest/reactor.py, journal.py), and
+"nothing stored" a ceiling, not a mode: "after" with the durable write and the index commit
+left out (each instance still decoded and checked, then answered as a duplicate), what
+pynetdicom and the checks alone cost.
 
 Every receiver (storescp too) first takes a warm-up study of the same size and settles
 (benchmarks/ingest.py). Also, in the same run, what writing one such file costs: plainly
@@ -107,11 +110,18 @@ class StepClock:
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "before": {"dicom": {"reactor": "stock"}, "storage": {"spool_journal": False}},
     "after": {"dicom": {"reactor": "events"}, "storage": {"spool_journal": True}},
+    # Not a mode of the node, a ceiling: "after" with nothing written or indexed (every
+    # instance is checked, then answered as a duplicate), what the DICOM stack alone costs.
+    "nothing stored": {"dicom": {"reactor": "events"}, "storage": {"spool_journal": True}},
 }
 
 
 def cadnode_push(
-    files: list[Path], warm_up: list[Path], scratch: Path, sections: dict[str, dict[str, Any]]
+    files: list[Path],
+    warm_up: list[Path],
+    scratch: Path,
+    sections: dict[str, dict[str, Any]],
+    store: bool = True,
 ) -> tuple[float, dict[str, list[float]]]:
     """Seconds for storescu to push `files` to a fresh in-process receiver, after it took
     `warm_up` and its journal checkpointed (benchmarks/ingest.py); its steps."""
@@ -122,6 +132,8 @@ def cadnode_push(
         database = Database(Path(folder) / "cadnode.db")
         settings = node_settings(Path(folder), **sections)
         receiver = Receiver(settings, database, lambda: None)
+        if not store:
+            receiver.spool.store = lambda *_: None  # type: ignore[method-assign]
         port = receiver.start(observers=clock.observers())
         spool = settings.storage.spool
         try:
@@ -196,14 +208,16 @@ def main() -> None:
             variant: {step: [] for step in STEPS} for variant in VARIANTS
         }
         anchor: list[float] = []
+        writes_first = write_seconds(int(size), args.ct, scratch)
         for _ in range(args.repeat):  # interleaved, so all see the same machine load
             for variant, sections in VARIANTS.items():
-                seconds, found = cadnode_push(files, warm_up, scratch, sections)
+                store = variant != "nothing stored"
+                seconds, found = cadnode_push(files, warm_up, scratch, sections, store)
                 totals[variant].append(seconds)
                 for step in STEPS:
                     steps[variant][step] += found[step]
             anchor.append(measure(storescp, scratch, files, 1, warm_up))
-        writes = write_seconds(int(size), args.ct, scratch)
+        writes_last = write_seconds(int(size), args.ct, scratch)
 
     unit = statistics.median(anchor) / len(files)
     total = {variant: statistics.median(values) / len(files) for variant, values in totals.items()}
@@ -214,20 +228,21 @@ def main() -> None:
 
     print(f"CT {len(files)} x {size / 1e3:.0f} KB, one association, medians of {args.repeat}")
     print("  per instance; 1 unit (u) = storescp's time per instance")
-    print(f"  {'':<44}  {'before':>17}  {'after':>17}")
+    print(f"  {'':<44}" + "".join(f"  {variant:>17}" for variant in VARIANTS))
     show("storescp", unit)
     show("cadnode", *total.values())
     for step in STEPS:
         show(f"  {step}", *(statistics.median(steps[v][step]) for v in VARIANTS))
-    for how, seconds in writes.items():
-        show(f"a new file, {how}", seconds)
-    # What is left of storescp's time for storescu's own turn, at most (storescp also
-    # decodes the request): the ceiling below is generous where that estimate is high.
-    peer = max(unit - writes["plainly"], 0.0)
+    print("  a new file, before the pushes / after them (the disk may slow down as they go):")
+    for how in WRITES:
+        show(f"  {how}", writes_first[how], writes_last[how])
     for variant in VARIANTS:
         print(f"  cadnode / storescp throughput, {variant}: {unit / total[variant]:.2f}x")
+    # What is left of storescp's time for storescu's own turn, at most (storescp also
+    # decodes the request): the ceiling below is generous where that estimate is high.
+    peer = max(unit - writes_first["plainly"], 0.0)
     for how in WRITES[1:]:
-        floor = writes[how]
+        floor = writes_first[how]
         print(f"  written {how}: ceiling were the peer instant {unit / floor:.2f}x,")
         estimated = unit / (peer + floor)
         print(f"    with the peer's turn at most storescp's less a plain write {estimated:.2f}x")
