@@ -16,6 +16,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler
 
@@ -23,7 +26,9 @@ from cadnode.core.db import Database
 from cadnode.ingest.reactor import (
     EventDrivenAssociation,
     EventDrivenRequestHandler,
+    QuickStoreResponses,
     request_handler,
+    store_success_command,
 )
 from tests.ingest import captured_events, named, node_settings
 from tests.peers import wait_for
@@ -162,3 +167,65 @@ def test_another_pynetdicom_version_gets_the_stock_reactor_and_says_so() -> None
         assert request_handler(event_driven=False) is RequestHandler
     [fallback] = named(events, "receive.reactor_stock")
     assert fallback["pynetdicom"] == "3.1.0"
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "instance", "message_id"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", 1),  # an even and an odd length
+        ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.826.0.1.3680043.9.7433.12345", 65535),
+    ],
+)
+def test_a_quick_store_success_response_is_byte_for_byte_pynetdicoms(
+    sop_class: str, instance: str, message_id: int
+) -> None:
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID = sop_class
+    response.AffectedSOPInstanceUID = instance
+    response.Status = 0x0000
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    [data] = list(message.encode_msg(1, 16384))
+    assert data.presentation_data_value_list == [
+        (1, b"\x03" + store_success_command(sop_class, instance, message_id))
+    ]
+
+
+def test_a_store_is_answered_quickly_only_with_plain_success(
+    served: tuple[int, Accepted, Any],
+) -> None:
+    """pynetdicom's logging handlers are gone from the node's associations (its own stay),
+    a Success goes out through the quick path, a failure status pynetdicom's way, and the
+    peer reads both."""
+    port, accepted, receiver = served
+    responses: list[int] = []  # the statuses pynetdicom's own send_msg encoded
+    original = DIMSEServiceProvider.send_msg
+
+    def counted(self: Any, primitive: Any, context_id: int) -> None:
+        if primitive.MessageIDBeingRespondedTo is not None:
+            responses.append(primitive.Status)
+        original(self, primitive, context_id)
+
+    no_study = private_instance()
+    del no_study.StudyInstanceUID
+    DIMSEServiceProvider.send_msg = counted  # type: ignore[method-assign]
+    try:
+        peer = associate(port, PRIVATE_CLASS)
+        wait_for(lambda: accepted.associations, 10, "the association to be accepted")
+        [node_side] = accepted.associations
+        statuses = [
+            peer.send_c_store(private_instance()).Status,
+            peer.send_c_store(no_study).Status,
+        ]
+        peer.release()
+    finally:
+        DIMSEServiceProvider.send_msg = original  # type: ignore[method-assign]
+    assert statuses == [0x0000, 0xC000]
+    assert responses == [0xC000]  # the Success went the quick way, past pynetdicom's
+    assert isinstance(node_side.dimse, QuickStoreResponses)
+    for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
+        modules = {handler.__module__ for handler, _ in node_side.get_handlers(event)}
+        assert "pynetdicom._handlers" not in modules
+    handler, _ = node_side.get_handlers(evt.EVT_C_STORE)
+    assert handler.__self__ is receiver  # the node's own handlers stay

@@ -44,8 +44,11 @@ def write_aside(path: Path, chunks: Iterable[bytes | bytearray | memoryview]) ->
     whose bytes are durable elsewhere (the spool's journal, cadnode/ingest/journal.py), put
     in place by the caller with `os.replace` (a reader sees the whole file or none).
     Returns the temporary's path and the number of bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _write_temporary(path, chunks, sync=False)
+    try:
+        return _write_temporary(path, chunks, sync=False)
+    except FileNotFoundError:  # its folder is new (one look per series, not per instance)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return _write_temporary(path, chunks, sync=False)
 
 
 def _write_then_rename(

@@ -3,7 +3,7 @@
 Writing each spool file durably costs two flushes before the answer (the file's data,
 then the folder's entry after the rename). Here an instance's bytes (up to `LARGEST_RECORD`:
 the spool writes larger ones durably in place) are written to a journal segment, with its
-place in the spool and a CRC, and the segment is fdatasynced; while that flush runs, its spool
+place in the spool and a checksum, and the segment is fdatasynced; while that flush runs, its spool
 file is written under a temporary name, and renamed into place once the flush returns (the
 file itself is not flushed). Receive answers Success after that and the index commit
 (cadnode/ingest/spool.py).
@@ -19,13 +19,13 @@ Each use of a segment has a random generation, written in its first block and fl
 before its first record, and in every record: at start, before the spool is reconciled,
 `recover` replays the records of every segment left by a kill or a power cut that carry
 their segment's generation, in order, up to the first that is cut short or does not check
-(its length, its CRC): each whose file is missing or differs is written again (durably).
+(its length, its checksum): each whose file is missing or differs is written again (durably).
 A record cut anywhere was never acknowledged (the writes before an acknowledgement are all
 whole), and a spare's records from an earlier use are never replayed.
 
-Segment: a block of SEGMENT_MAGIC, generation (u64), CRC-32 of both (u32), zeros to `BLOCK`
-bytes; then records: MAGIC, generation (u64), path length (u32), body length (u64), CRC-32 of
-generation, path and body (u32), the path (UTF-8, relative to the spool), the body (the file's
+Segment: a block of SEGMENT_MAGIC, generation (u64), XXH3-64 of both (u64), zeros to `BLOCK`
+bytes; then records: MAGIC, generation (u64), path length (u32), body length (u64), XXH3-64 of
+generation, path and body (u64), the path (UTF-8, relative to the spool), the body (the file's
 bytes). A segment is named `*.claim` while it is being made ready (never replayed), `*.jnl`
 in use or left by a crash, `*.spare` once checkpointed.
 """
@@ -41,13 +41,13 @@ import struct
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import structlog
+import xxhash
 
 from cadnode.core.files import fsync_path, write_aside, write_durably
 
@@ -57,10 +57,10 @@ SUFFIX = ".jnl"
 SPARE_SUFFIX = ".spare"
 CLAIM_SUFFIX = ".claim"
 SEGMENT_MAGIC = b"CNJS"
-SEGMENT_HEADER = struct.Struct("<4sQI")
+SEGMENT_HEADER = struct.Struct("<4sQQ")
 BLOCK = 4096  # the segment header's block: records start after it
 MAGIC = b"CNJ2"
-HEADER = struct.Struct("<4sQIQI")
+HEADER = struct.Struct("<4sQIQQ")
 GENERATION = struct.Struct("<Q")
 # A segment takes records until it is this long, then a new one starts.
 SEGMENT_BYTES = 256 * 2**20
@@ -252,18 +252,16 @@ class Journal:
 def segment_header(generation: int) -> bytes:
     """A segment's first block: which use of it its records belong to."""
     fields = SEGMENT_MAGIC + GENERATION.pack(generation)
-    return SEGMENT_HEADER.pack(SEGMENT_MAGIC, generation, zlib.crc32(fields)).ljust(BLOCK, b"\0")
+    return SEGMENT_HEADER.pack(SEGMENT_MAGIC, generation, _checksum(fields)).ljust(BLOCK, b"\0")
 
 
 def record_chunks(
     generation: int, name: bytes, chunks: Chunks
 ) -> list[bytes | bytearray | memoryview]:
     """One record, as the chunks to write."""
-    crc = zlib.crc32(name, zlib.crc32(GENERATION.pack(generation)))
-    for chunk in chunks:
-        crc = zlib.crc32(chunk, crc)
+    checksum = _checksum(GENERATION.pack(generation), name, *chunks)
     size = sum(len(chunk) for chunk in chunks)
-    return [HEADER.pack(MAGIC, generation, len(name), size, crc), name, *chunks]
+    return [HEADER.pack(MAGIC, generation, len(name), size, checksum), name, *chunks]
 
 
 def _claim_spare(folder: Path, claimed: Path) -> int | None:
@@ -358,13 +356,13 @@ def records(data: bytes) -> Iterator[tuple[Path, memoryview, int]]:
     view = memoryview(data)
     offset = BLOCK
     while offset + HEADER.size <= len(data):
-        magic, record_generation, name_length, size, crc = HEADER.unpack_from(data, offset)
+        magic, record_generation, name_length, size, checksum = HEADER.unpack_from(data, offset)
         start = offset + HEADER.size
         end = start + name_length + size
         if magic != MAGIC or record_generation != generation or end > len(data):
             return
         name, body = view[start : start + name_length], view[start + name_length : end]
-        if zlib.crc32(body, zlib.crc32(name, zlib.crc32(GENERATION.pack(generation)))) != crc:
+        if _checksum(GENERATION.pack(generation), name, body) != checksum:
             return
         relative = _relative(bytes(name))
         if relative is None:
@@ -373,13 +371,22 @@ def records(data: bytes) -> Iterator[tuple[Path, memoryview, int]]:
         yield relative, body, offset
 
 
+def _checksum(*chunks: bytes | bytearray | memoryview) -> int:
+    """XXH3-64 of the chunks in turn: a torn or stale record fails it (zlib's CRC-32 took
+    0.13 ms of a 525 KB instance here, this 0.01 ms)."""
+    digest = xxhash.xxh3_64()
+    for chunk in chunks:
+        digest.update(chunk)
+    return int(digest.intdigest())
+
+
 def segment_generation(data: bytes) -> int | None:
     """The generation in a segment's first block; None if that block does not check."""
     if len(data) < SEGMENT_HEADER.size:
         return None
-    magic, generation, crc = SEGMENT_HEADER.unpack_from(data)
+    magic, generation, checksum = SEGMENT_HEADER.unpack_from(data)
     fields = SEGMENT_MAGIC + GENERATION.pack(generation)
-    return generation if magic == SEGMENT_MAGIC and zlib.crc32(fields) == crc else None
+    return generation if magic == SEGMENT_MAGIC and _checksum(fields) == checksum else None
 
 
 def _relative(name: bytes) -> Path | None:
