@@ -25,6 +25,7 @@ from pydicom.valuerep import VR
 INFLATE_CHUNK = 1 * 2**20
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_TAGS = (Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))
+PIXEL_TAG_NUMBERS = frozenset(int(tag) for tag in PIXEL_TAGS)  # one hash, not three compares
 KNOWN_VRS = frozenset(vr.value for vr in VR)
 # VRs whose value is a run of fixed-size numbers: a length not a multiple is not decodable.
 VALUE_SIZE = {
@@ -114,7 +115,7 @@ def _element_problem(dataset: Dataset, tag: BaseTag, charset: object) -> str | N
     size = VALUE_SIZE.get(vr)
     if size and raw.length not in (UNDEFINED_LENGTH, 0) and raw.length % size:
         return f"{tag}: a {vr} value of {raw.length} bytes"
-    if tag in PIXEL_TAGS or (raw.value is None and raw.length):
+    if int(tag) in PIXEL_TAG_NUMBERS or (raw.value is None and raw.length):
         return None  # pixels are checked against the image's size; deferred values stay put
     key = _known_key(raw, vr, charset)
     if key is not None and key in _known_good:
