@@ -29,9 +29,8 @@ pynetdicom and the checks alone cost.
 Every receiver (storescp too) first takes a warm-up study of the same size and settles
 (benchmarks/ingest.py). Also, in the same run, what writing one such file costs: plainly
 (what storescp does), durably by rename (`cadnode.core.files.write_durably`) and durably by
-the journal (one record and one fdatasync, the file written meanwhile and renamed after,
-unflushed) into a new segment or a reused spare: the floors of a receiver with cadnode's
-durability.
+the journal (one record and one fdatasync, then the file written and renamed, unflushed)
+into a new segment or a reused spare: the floors of a receiver with cadnode's durability.
 Every figure is also printed in units of storescp's time per instance (storescp writes
 without fsync). The last lines are the throughput ratios to storescp, before and after, and
 the ceilings for a receiver that did nothing but the durable write, with an instant peer, and
