@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,8 @@ from pydicom.uid import CTImageStorage
 from cadnode.core.db import Database
 from cadnode.ingest.journal import (
     HEADER,
+    LEGACY_HEADER,
+    LEGACY_MAGIC,
     SPARE_SUFFIX,
     SUFFIX,
     Journal,
@@ -276,3 +279,24 @@ def test_the_spool_file_is_in_place_only_once_its_record_is_flushed(
     assert sorted(p.name for p in (spool / "a").iterdir()) == ["0.dcm", "1.dcm"]
     monkeypatch.setattr(os, "fdatasync", flush)
     journal.close()
+
+
+def test_a_segment_of_round_2s_format_is_replayed_after_an_upgrade(tmp_path: Path) -> None:
+    """A node that stopped with a journal of the earlier format (no first block, CRC-32)
+    loses none of its acknowledged instances to the upgrade; a cut last record is dropped."""
+    spool = tmp_path / "spool"
+    folder = journal_folder(spool)
+    folder.mkdir(parents=True)
+    written = [(b"1.2/3.4/5.dcm", b"first"), (b"1.2/3.4/6.dcm", b"second")]
+    data = b"".join(
+        LEGACY_HEADER.pack(LEGACY_MAGIC, len(name), len(body), zlib.crc32(body, zlib.crc32(name)))
+        + name
+        + body
+        for name, body in written
+    )
+    (folder / f"123-old{SUFFIX}").write_bytes(data[:-1])  # the last one cut short
+
+    counts = recover(spool)
+    assert counts["replayed"] == 1 and counts["unreadable"] == 0
+    assert (spool / "1.2/3.4/5.dcm").read_bytes() == b"first"
+    assert not (spool / "1.2/3.4/6.dcm").exists() and not segments(spool)

@@ -26,7 +26,9 @@ Segment: a block of SEGMENT_MAGIC, generation (u64), XXH3-64 of both (u64), zero
 bytes; then records: MAGIC, generation (u64), path length (u32), body length (u64), XXH3-64 of
 generation, path and body (u64), the path (UTF-8, relative to the spool), the body (the file's
 bytes). A segment is named `*.claim` while it is being made ready (never replayed), `*.jnl`
-in use or left by a crash, `*.spare` once checkpointed.
+in use or left by a crash, `*.spare` once checkpointed. A segment of round 2's format (records
+from its first byte, no generation, CRC-32) left by a node that stopped before an upgrade is
+replayed as that format.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -60,6 +63,9 @@ BLOCK = 4096  # the segment header's block: records start after it
 MAGIC = b"CNJ2"
 HEADER = struct.Struct("<4sQIQQ")
 GENERATION = struct.Struct("<Q")
+# Round 2's segments: records from offset 0, MAGIC, path length, body length, CRC-32.
+LEGACY_MAGIC = b"CNJ1"
+LEGACY_HEADER = struct.Struct("<4sIQI")
 # A segment takes records until it is this long, then a new one starts.
 SEGMENT_BYTES = 256 * 2**20
 # Checkpointed segments kept for reuse (per journal folder, all processes together).
@@ -285,7 +291,7 @@ def recover(spool: Path) -> dict[str, int]:
         with _unless_in_use(path) as data:
             if data is None:  # a live process's (another node's, on a shared spool)
                 counts["in_use"] += 1
-            elif segment_generation(data) is None:
+            elif not readable(data):
                 counts["unreadable"] += 1
                 log.error("journal.unreadable", segment=str(path), size=len(data))
             else:
@@ -336,26 +342,68 @@ def journal_folder(spool: Path) -> Path:
 
 def records(data: bytes) -> Iterator[tuple[Path, memoryview, int]]:
     """The whole records of a segment's current use, in order: (path, body, offset after
-    it); stops at the first that is cut short, does not check, or is of an earlier use."""
+    it); stops at the first that is cut short, does not check, or is of an earlier use.
+    A segment of round 2's format (`LEGACY_MAGIC`) is read as that format."""
     generation = segment_generation(data)
-    if generation is None:
-        return
+    if generation is not None:
+        yield from _walk(data, BLOCK, _current_record(generation))
+    elif data[: len(LEGACY_MAGIC)] == LEGACY_MAGIC:
+        yield from _walk(data, 0, _legacy_record)
+
+
+def readable(data: bytes) -> bool:
+    return segment_generation(data) is not None or data[: len(LEGACY_MAGIC)] == LEGACY_MAGIC
+
+
+# A record's name, body and end from its offset, or None where the segment's records end.
+RecordAt = Callable[[bytes, memoryview, int], tuple[memoryview, memoryview, int] | None]
+
+
+def _walk(data: bytes, offset: int, record_at: RecordAt) -> Iterator[tuple[Path, memoryview, int]]:
     view = memoryview(data)
-    offset = BLOCK
-    while offset + HEADER.size <= len(data):
+    while (found := record_at(data, view, offset)) is not None:
+        name, body, offset = found
+        relative = _relative(bytes(name))
+        if relative is None:
+            return
+        yield relative, body, offset
+
+
+def _current_record(generation: int) -> RecordAt:
+    def record_at(
+        data: bytes, view: memoryview, offset: int
+    ) -> tuple[memoryview, memoryview, int] | None:
+        if offset + HEADER.size > len(data):
+            return None
         magic, record_generation, name_length, size, checksum = HEADER.unpack_from(data, offset)
         start = offset + HEADER.size
         end = start + name_length + size
         if magic != MAGIC or record_generation != generation or end > len(data):
-            return
+            return None
         name, body = view[start : start + name_length], view[start + name_length : end]
         if _checksum(GENERATION.pack(generation), name, body) != checksum:
-            return
-        relative = _relative(bytes(name))
-        if relative is None:
-            return
-        offset = end
-        yield relative, body, offset
+            return None
+        return name, body, end
+
+    return record_at
+
+
+def _legacy_record(
+    data: bytes, view: memoryview, offset: int
+) -> tuple[memoryview, memoryview, int] | None:
+    """Round 2's records (no first block, no generation, CRC-32), replayed once after an
+    upgrade from a node that stopped with some; never written."""
+    if offset + LEGACY_HEADER.size > len(data):
+        return None
+    magic, name_length, size, crc = LEGACY_HEADER.unpack_from(data, offset)
+    start = offset + LEGACY_HEADER.size
+    end = start + name_length + size
+    if magic != LEGACY_MAGIC or end > len(data):
+        return None
+    name, body = view[start : start + name_length], view[start + name_length : end]
+    if zlib.crc32(body, zlib.crc32(name)) != crc:
+        return None
+    return name, body, end
 
 
 def _checksum(*chunks: bytes | bytearray | memoryview) -> int:
