@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.expected_conditions import (
     element_to_be_clickable,
     presence_of_element_located,
-    staleness_of,
 )
 from selenium.webdriver.support.wait import WebDriverWait
 
@@ -43,6 +44,29 @@ PATIENT_NAME, PATIENT_ID = "Browsertest^Hildegard", "PID-BROWSER-4411"
 # Every wait is on its condition (an element there, a row in a state); this only bounds it,
 # generously, for a loaded machine.
 PATIENCE_S = 120
+
+
+# What chromedriver may answer about an element of a page it is leaving, in the moment
+# between the old document and the new one, instead of "stale element".
+LEAVING_THE_DOCUMENT = "does not belong to the document"
+
+
+def gone(element: WebElement) -> Callable[[Any], bool]:
+    """A wait's condition: `element`'s page has been replaced (selenium's `staleness_of`,
+    which takes chromedriver's mid-navigation answer for a failure)."""
+
+    def replaced(_: Any) -> bool:
+        try:
+            element.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as error:
+            if LEAVING_THE_DOCUMENT in str(error):
+                return True
+            raise
+        return False
+
+    return replaced
 
 
 @pytest.fixture
@@ -116,7 +140,7 @@ def test_log_in_open_a_study_and_retry_its_dead_letter(
             delivery = action.split("/")[-2]
             retry.click()
             # The press answers with a new page: wait until the one pressed on is gone.
-            WebDriverWait(browser, PATIENCE_S).until(staleness_of(retry))
+            WebDriverWait(browser, PATIENCE_S).until(gone(retry))
             wait_for(lambda: "/queues" in browser.current_url, PATIENCE_S, "the queues page")
             note = present(browser, "#note").text
             assert note == f"delivery {delivery}: pending again, due now"
