@@ -164,21 +164,28 @@ def test_eight_associations_are_served_while_the_engine_runs(tmp_path: Path) -> 
         write_chest_radiograph(film, seed=900 + i)
     series = [write_ct_series(tmp_path / f"ct{i}", 30, size=64, seed=i) for i in range(8)]
     tool = require_tool("storescu")
-    senders = [("FILMS", films)] + [(f"CT{i}", files) for i, files in enumerate(series)]
     with run_cadnode(tmp_path / "node", None) as node:
-        # Eight modalities at once, beside the films, whose jobs go through the engine as
-        # each film lands (a radiograph is released on arrival).
-        pushes = [
-            subprocess.Popen(
+
+        def push(ae: str, files: list[Path]) -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
                 [tool, "-aet", ae, "-aec", "CADNODE", "127.0.0.1", str(node.dicom_port)]
                 + [str(f) for f in files],
                 env={**os.environ, "TCP_NODELAY": "1"},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            for ae, files in senders
-        ]
-        assert [push.wait(120) for push in pushes] == [0] * 9
+
+        # The films' jobs go through the engine as each film lands (a radiograph is released
+        # on arrival); once the first is routed, eight modalities at once. (Started together,
+        # the small CT series could all be in before the first film reached the engine.)
+        pushes = [push("FILMS", films)]
+        wait_for(
+            lambda: any(e["event"] == "job.routed" for e in json_events(node.log_text())),
+            120,
+            "the first film to be routed to the engine",
+        )
+        pushes += [push(f"CT{i}", files) for i, files in enumerate(series)]
+        assert [process.wait(120) for process in pushes] == [0] * 9
         events = json_events(node.log_text())
     at = {(e["event"], e.get("job")): dt.datetime.fromisoformat(e["timestamp"]) for e in events}
     running = [
