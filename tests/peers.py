@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,10 +25,28 @@ from tests.dicom_validation import require_tool
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Ports handed out below the kernel's ephemeral range (32768 and up here): a port the kernel
+# picks for bind(0) is one it may also pick as the source port of an outgoing connection, and
+# a node retrying a PACS that is not up yet may even connect that port to itself, so the PACS
+# started later finds it taken. Below the range, only a listener can hold a port.
+_LISTEN_PORTS = range(20000, 32768)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing holds now, below the ephemeral range, never handed out twice
+    in this process."""
+    for port in random.sample(_LISTEN_PORTS, len(_LISTEN_PORTS)):
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {_LISTEN_PORTS}")
 
 
 def wait_for(
@@ -131,10 +150,22 @@ def run_orthanc(
     with (folder / "orthanc.log").open("w") as log:
         process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=log)
     try:
-        wait_for(lambda: _answers(orthanc), 30, "Orthanc's REST API")
+        wait_for(
+            lambda: _answers(orthanc) or _exited(process, folder / "orthanc.log"),
+            30,
+            "Orthanc's REST API",
+        )
         yield orthanc
     finally:
         _terminate(process)
+
+
+def _exited(process: subprocess.Popen[bytes], log: Path) -> bool:
+    """False while `process` runs; once it has exited, fail with its log's last lines."""
+    if process.poll() is None:
+        return False
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+    raise AssertionError(f"{log.parent.name}: exited with {process.returncode}:\n{tail}")
 
 
 def _answers(orthanc: Orthanc) -> bool:
