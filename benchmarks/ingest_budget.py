@@ -11,7 +11,9 @@ instance's steps in cadnode:
            peer sending the rest of the request's PDUs)
   store    request decoded -> cadnode's handler returns: pynetdicom handing the request to
            the association's thread (the stock one polls every 1 ms) and to the handler,
-           which checks the header, writes durably, commits the index row and logs
+           which checks the header and writes durably; before, it also makes the file,
+           commits the index row and logs, which after is done once the answer is handed
+           to the DUL thread, while the answer goes out and the next request comes in
   answer   handler returned -> the response on the wire: pynetdicom building and encoding
            it (the reactor's quick path for a Success), the DUL thread sending it (the stock
            one polls every 1 ms)
@@ -62,6 +64,7 @@ from benchmarks.ingest import Target, measure, push, storescp, warmed
 from cadnode.core.db import Database
 from cadnode.core.files import write_durably
 from cadnode.ingest.journal import SUFFIX, Journal, journal_folder
+from cadnode.ingest.spool import Secured
 from tests.ingest import node_settings
 from tests.synthetic import write_ct_series
 
@@ -150,9 +153,15 @@ def cadnode_push(
         database = Database(Path(folder) / "cadnode.db")
         settings = node_settings(Path(folder), **sections)
         receiver = Receiver(settings, database, lambda: None)
-        if not store:
-            receiver.spool.store = lambda *_: None  # type: ignore[method-assign]
-        receiver.intake.take = clock.timing_returns(receiver.intake.take)  # type: ignore[method-assign]
+        if not store:  # every instance taken for a copy stored before, and not indexed
+            receiver.spool.secure = lambda arrival, *_: Secured(arrival, 0, stored_before=True)  # type: ignore[method-assign]
+            receiver.spool.settle = lambda _: None  # type: ignore[method-assign]
+        # The C-STORE handler's work before its answer: all of it (`take`), or up to the
+        # durable bytes (`secure`) with the rest after the answer. Within `take`, `secure`
+        # marks first and `take` last: the last mark is the one counted.
+        intake = receiver.intake
+        intake.take = clock.timing_returns(intake.take)  # type: ignore[method-assign]
+        intake.secure = clock.timing_returns(intake.secure)  # type: ignore[method-assign]
         port = receiver.start(observers=clock.observers())
         spool = settings.storage.spool
         try:

@@ -8,6 +8,7 @@ of wake-ups: counted, not timed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,9 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler
+from sqlmodel import select
 
-from cadnode.core.db import Database
+from cadnode.core.db import Database, Instance
 from cadnode.ingest.reactor import (
     EventDrivenAssociation,
     EventDrivenRequestHandler,
@@ -229,3 +231,78 @@ def test_a_store_is_answered_quickly_only_with_plain_success(
         assert "pynetdicom._handlers" not in modules
     handler, _ = node_side.get_handlers(evt.EVT_C_STORE)
     assert handler.__self__ is receiver  # the node's own handlers stay
+
+
+def indexed_instances(database: Database) -> list[str]:
+    with database.session() as session:
+        return list(session.exec(select(Instance.sop_instance_uid)).all())
+
+
+def test_a_store_is_answered_once_durable_and_settled_before_the_release_is_answered(
+    served: tuple[int, Accepted, Any],
+) -> None:
+    """On SQLite the Success leaves once the bytes are durable; the spool file and the
+    index row are made after it, on the association's thread, so they are in place before
+    the association's next request, its release included, is answered."""
+    port, _, receiver = served
+    settle, entered, go = receiver.spool.settle, threading.Event(), threading.Event()
+
+    def held_back(secured: Any) -> Any:
+        entered.set()
+        assert go.wait(30), "the test never let the settle go on"
+        return settle(secured)
+
+    receiver.spool.settle = held_back
+    instance = private_instance()
+    peer = associate(port, PRIVATE_CLASS)
+    try:
+        assert peer.send_c_store(instance).Status == 0x0000
+        assert entered.is_set()  # the settle had begun: only the answer came before it
+        assert indexed_instances(receiver.database) == []
+        assert not list(receiver.spool.folder.rglob("*.dcm"))
+    finally:
+        go.set()
+        peer.release()
+    assert indexed_instances(receiver.database) == [instance.SOPInstanceUID]
+    assert len(list(receiver.spool.folder.rglob("*.dcm"))) == 1
+
+
+def test_a_file_that_cannot_be_made_after_the_answer_is_made_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender had Success, so its instance is not lost when its spool file cannot be
+    written afterwards: the failure is logged, the journal segment holding its record is
+    kept, and the next start makes the file from it and indexes it."""
+    from cadnode.ingest import journal
+    from cadnode.ingest.receive import Receiver
+
+    settings = node_settings(tmp_path)
+    database = Database(tmp_path / "cadnode.db")
+    receiver = Receiver(settings, database, lambda: None)
+    port = receiver.start()
+    write_aside = journal.write_aside
+
+    def disk_full(*_: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    instances = [private_instance(), private_instance()]
+    with captured_events() as events:
+        peer = associate(port, PRIVATE_CLASS)
+        assert peer.send_c_store(instances[0]).Status == 0x0000
+        monkeypatch.setattr(journal, "write_aside", disk_full)
+        assert peer.send_c_store(instances[1]).Status == 0x0000
+        peer.release()
+        monkeypatch.setattr(journal, "write_aside", write_aside)
+        receiver.stop(drain_timeout_s=0)
+    [failed] = named(events, "instance.not_settled")
+    assert failed["calling_ae"] == "PEER"
+    assert named(events, "journal.segment_kept")
+    [closed] = named(events, "association.released")
+    assert (closed["stored"], closed["failed"]) == (1, 1)
+    assert indexed_instances(database) == [instances[0].SOPInstanceUID]
+
+    restarted = Receiver(settings, database, lambda: None)
+    restarted.reconcile()
+    restarted.spool.close()
+    assert sorted(indexed_instances(database)) == sorted(i.SOPInstanceUID for i in instances)
+    assert len(list(restarted.spool.folder.rglob("*.dcm"))) == 2

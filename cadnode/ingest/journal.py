@@ -3,9 +3,11 @@
 Writing each spool file durably costs two flushes before the answer (the file's data,
 then the folder's entry after the rename). Here an instance's bytes (up to `LARGEST_RECORD`:
 the spool writes larger ones durably in place) are written to a journal segment, with its
-place in the spool and a checksum, and the segment is fdatasynced; then its spool file is
-written under a temporary name and renamed into place (not flushed on its own). Receive
-answers Success after that and the index commit (cadnode/ingest/spool.py).
+place in the spool and a checksum, and the segment is fdatasynced (`record`); then its
+spool file is written under a temporary name and renamed into place, not flushed on its own
+(`make_file`); receive answers Success before or after that (cadnode/ingest/spool.py). A
+segment with a record whose file could not be made is kept in use until the process ends,
+and replayed at the next start (event `journal.segment_kept`).
 
 A checkpoint thread makes the spool files durable in bulk (one `syncfs` of the spool's
 filesystem) once the journal has been idle for `IDLE_S` or a segment is full; the segments
@@ -88,6 +90,16 @@ class _Segment:
     end: int = BLOCK  # where the next record goes: after the whole ones
     records: int = 0
     pending: int = 0  # written, spool file not yet made
+    kept: bool = False  # a spool file of its records could not be made: never retired
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """An instance's record, durable; its spool file is made by `Journal.make_file`."""
+
+    segment: _Segment
+    target: Path
+    size: int
 
 
 class Journal:
@@ -100,6 +112,7 @@ class Journal:
         self._lock = threading.Condition()
         self._active: _Segment | None = None
         self._closed: list[_Segment] = []  # full, or cut off by a checkpoint
+        self._kept: list[_Segment] = []  # left in use for recovery at the next start
         self._last_record = 0.0
         self._stopping = False
         self._draining = False  # a checkpoint waits for spool files being made
@@ -107,20 +120,41 @@ class Journal:
 
     def write(self, relative: Path, chunks: Chunks) -> int:
         """Make an instance durable, then its spool file; returns its size in bytes."""
+        recorded = self.record(relative, chunks)
+        self.make_file(recorded, chunks)
+        return recorded.size
+
+    def record(self, relative: Path, chunks: Chunks) -> Recorded:
+        """Make an instance durable: its record written and flushed. `make_file` must
+        follow, with the same chunks (a checkpoint waits for it)."""
         segment, size = self._record(relative, chunks)
-        target = self.spool / relative
         try:
             os.fdatasync(segment.descriptor)
+        except BaseException:
+            self._made(segment)  # never acknowledged: nothing to keep it for
+            raise
+        return Recorded(segment, self.spool / relative, size)
+
+    def make_file(self, recorded: Recorded, chunks: Chunks) -> None:
+        """The recorded instance's spool file, written aside and renamed into place (made
+        durable by the next checkpoint). If it cannot be made, its segment is kept in use,
+        and the file is made from its record at the next start."""
+        try:
             # Written while the flush ran, in a thread of its own, this measured no faster
             # in receive: the handoffs cost what the overlap saved.
-            temporary, _ = write_aside(target, chunks)
-            os.replace(temporary, target)
+            temporary, _ = write_aside(recorded.target, chunks)
+            os.replace(temporary, recorded.target)
+        except BaseException:
+            recorded.segment.kept = True
+            raise
         finally:
-            with self._lock:
-                segment.pending -= 1
-                if self._draining and not segment.pending:
-                    self._lock.notify_all()
-        return size
+            self._made(recorded.segment)
+
+    def _made(self, segment: _Segment) -> None:
+        with self._lock:
+            segment.pending -= 1
+            if self._draining and not segment.pending:
+                self._lock.notify_all()
 
     def _record(self, relative: Path, chunks: Chunks) -> tuple[_Segment, int]:
         name = str(PurePosixPath(relative)).encode()
@@ -216,7 +250,17 @@ class Journal:
             while any(segment.pending for segment in self._closed):
                 self._lock.wait()
             self._draining = False
-            retiring, self._closed = self._closed, []
+            retiring = [segment for segment in self._closed if not segment.kept]
+            kept = [segment for segment in self._closed if segment.kept]
+            self._kept += kept
+            self._closed = []
+        for segment in kept:
+            log.error(
+                "journal.segment_kept",
+                segment=segment.path.name,
+                reason="a spool file of its records could not be made; "
+                "made from the segment at the next start",
+            )
         if not retiring:
             return 0
         sync_filesystem(self.spool)
@@ -240,6 +284,9 @@ class Journal:
                 os.close(self._active.descriptor)
                 _retire(self._active.path)
                 self._active = None
+            for segment in self._kept:  # unlocked, left as it is for `recover`
+                os.close(segment.descriptor)
+            self._kept = []
 
 
 def segment_header(generation: int) -> bytes:

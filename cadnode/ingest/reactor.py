@@ -197,6 +197,7 @@ class EventDrivenAssociation(Association):
     """pynetdicom's association, waiting for work instead of sleeping 1 ms per look."""
 
     _work: threading.Event
+    _after_answer: list[Callable[[], None]]
     dul: EventDrivenDUL
     wakeups: int  # times the reactor came back from a wait (tests count them)
     waiting: bool  # in a wait now
@@ -239,7 +240,10 @@ class EventDrivenAssociation(Association):
         pynetdicom: released or aborted by the peer)."""
         context_id, message = self.dimse.get_msg(block=False)
         if message:
-            self._serve_request(message, int(context_id or 0))
+            try:
+                self._serve_request(message, int(context_id or 0))
+            finally:
+                self._do_after_answer()
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
             self.is_released = True
@@ -255,6 +259,16 @@ class EventDrivenAssociation(Association):
             self.kill()
             return True
         return False
+
+    def _do_after_answer(self) -> None:
+        """The work the request's handler left for after its response (`after_answer`):
+        the response is with the DUL thread, which sends it meanwhile."""
+        while self._after_answer:
+            work = self._after_answer.pop(0)
+            try:
+                work()
+            except Exception:  # the handler's own failure: the association goes on
+                log.exception("association.after_answer_failed")
 
     def _ended(self) -> bool:
         """The DUL thread has gone, or the network timeout ran out (A-ABORT, or A-RELEASE
@@ -358,6 +372,20 @@ def unbind_pynetdicom_logging(association: Association) -> None:
                 association.unbind(event, handler)
 
 
+def answers_first(association: Any) -> bool:
+    """Whether `after_answer` on this association runs its work after the response."""
+    return isinstance(association, EventDrivenAssociation)
+
+
+def after_answer(association: Any, work: Callable[[], None]) -> None:
+    """Run `work` once the response to the request now being served is handed to the DUL
+    thread (an event-driven association, from its request handler), else at once."""
+    if isinstance(association, EventDrivenAssociation):
+        association._after_answer.append(work)
+    else:
+        work()
+
+
 def make_event_driven(association: Association) -> None:
     """Convert an association (acceptor or requestor) whose threads have not started."""
     if association.is_alive() or association.dul.is_alive():
@@ -367,6 +395,7 @@ def make_event_driven(association: Association) -> None:
     converted = association  # now an EventDrivenAssociation
     assert isinstance(converted, EventDrivenAssociation)
     converted._work = threading.Event()
+    converted._after_answer = []
     converted.wakeups = 0
     converted.waiting, converted.waiting_with = False, None
     converted.dul._become_event_driven(converted.wake)

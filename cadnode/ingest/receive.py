@@ -1,7 +1,9 @@
 """Receive: the node's DICOM port, C-ECHO / C-STORE SCP (and MPPS, and other stages' services).
 
 An instance is answered Success only once its bytes are durably in the spool, exactly as
-the sender encoded them (no transcoding), and indexed (see cadnode/ingest/spool.py). The same SOP
+the sender encoded them (no transcoding); its file and index row are made before the
+answer, or right after it on the association's own thread, before it serves the sender's
+next request (see `Intake` and cadnode/ingest/spool.py). The same SOP
 Instance UID received twice is stored once. Bad input gets a DIMSE failure status and an
 event naming the peer and the reason, never a crashed thread: a dataset that does not decode
 or lacks its UIDs 0xC000, one whose SOP class is not the request's 0xA900, a full disk 0xA700.
@@ -30,7 +32,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -71,8 +73,16 @@ from cadnode.ingest.admission import (
 from cadnode.ingest.checks import TooLarge, inflated, pixel_data_problem, undecodable
 from cadnode.ingest.mpps import MppsScp
 from cadnode.ingest.negotiation import accept_proposed_storage
-from cadnode.ingest.reactor import request_handler
-from cadnode.ingest.spool import HEADER_TAGS, Arrival, Indexed, OutOfSpace, Spool, cut_short
+from cadnode.ingest.reactor import after_answer, answers_first, request_handler
+from cadnode.ingest.spool import (
+    HEADER_TAGS,
+    Arrival,
+    Indexed,
+    OutOfSpace,
+    Secured,
+    Spool,
+    cut_short,
+)
 
 log = structlog.get_logger("cadnode.ingest.receive")
 
@@ -103,6 +113,7 @@ class _Sending:
     stored: int = 0
     duplicates: int = 0
     refused: int = 0
+    failed: int = 0  # answered Success, then not indexed (indexed at the next start)
     closed: bool = False  # its connection has closed (it sends no more)
 
 
@@ -319,16 +330,33 @@ class Receiver:
 
     def _on_store(self, event: Any) -> int:
         sending = self._sending_of(event.assoc)
-        taken = self.intake.take(_offer(event), event.request.DataSet)
+        offer, dataset = _offer(event), event.request.DataSet
+        if not (self.spool.answers_before_index and answers_first(event.assoc)):
+            return self._count(sending, self.intake.take(offer, dataset))
+        unsettled = self.intake.secure(offer, dataset)
+        if isinstance(unsettled, Taken):
+            return self._count(sending, unsettled)
+
+        # Durable now: Success goes out while the file and the row are made.
+        def settle() -> None:
+            self._count(sending, self.intake.settle(unsettled, answered=True))
+
+        after_answer(event.assoc, settle)
+        return SUCCESS
+
+    def _count(self, sending: _Sending, taken: Taken) -> int:
+        """Count what became of an instance on its association; its status."""
         if taken.arrival is None:
             sending.refused += 1
             return taken.status
         self._sending_study(sending, taken.arrival.study_uid)
-        if taken.indexed is None:
+        if taken.status != SUCCESS:
+            sending.failed += 1
+        elif taken.indexed is None:
             sending.duplicates += 1
         else:
             sending.stored += 1
-        return SUCCESS
+        return taken.status
 
     def _sending_of(self, association: Any) -> _Sending:
         with self._sending_lock:
@@ -508,9 +536,21 @@ class Taken:
     reason: str = ""
 
 
+@dataclass
+class Unsettled:
+    """An offered instance checked and its bytes durable (`Intake.secure`), its file and
+    index row still to be made (`Intake.settle`); holds its buffer and its lock till then."""
+
+    offer: Offer
+    secured: Secured
+    held: ExitStack
+
+
 class Intake:
     """An offered instance checked, made durable, indexed and audited: the one path of
-    C-STORE and STOW-RS. Success only once the bytes are durable and the row committed."""
+    C-STORE and STOW-RS. `take` answers once the bytes are durable and the row committed;
+    C-STORE on the event-driven reactor answers once the bytes are durable (`secure`) and
+    makes the file and the row after the answer (`settle`), where the spool allows it."""
 
     def __init__(
         self, spool: Spool, scratch: Scratch, database: Database, on_indexed: Callable[[], None]
@@ -522,22 +562,37 @@ class Intake:
 
     def take(self, offer: Offer, dataset: BinaryIO) -> Taken:
         """`dataset`: its bytes as they came, from offset 0 (in memory, or a scratch file)."""
-        calling_ae, peer = offer.calling_ae, offer.peer
-        try:
-            meta = _file_meta(offer)
-            with _buffer_of(dataset) as buffer:
+        secured = self.secure(offer, dataset)
+        return secured if isinstance(secured, Taken) else self.settle(secured)
+
+    def secure(self, offer: Offer, dataset: BinaryIO) -> Unsettled | Taken:
+        """Check an instance and make its bytes durable; a refusal's `Taken`, or what
+        `settle` finishes (it must follow: the instance's lock is held till then)."""
+        with ExitStack() as held:
+            try:
+                meta = _file_meta(offer)
+                buffer = held.enter_context(_buffer_of(dataset))
                 arrival = _read_arrival(offer, dataset, buffer, self.scratch)
-                indexed = self.spool.store(arrival, [meta, buffer])
-        except Rejected as rejection:
-            return self.refuse(calling_ae, peer, rejection.status, rejection.reason)
-        except (OutOfSpace, OSError) as error:  # ENOSPC, EIO: the disk, not the sender
-            return self.refuse(calling_ae, peer, OUT_OF_RESOURCES, str(error))
-        except Exception:
-            # Our fault, not the sender's: say so, keep the association and the thread alive.
-            log.exception("instance.not_stored", calling_ae=calling_ae, peer=peer)
-            return Taken(PROCESSING_FAILURE, reason="the node could not store it")
+                secured = self.spool.secure(arrival, [meta, buffer], held)
+            except Exception as error:
+                return self._refused(offer, error)
+            return Unsettled(offer, secured, held.pop_all())
+
+    def settle(self, unsettled: Unsettled, answered: bool = False) -> Taken:
+        """Make a secured instance's file and row, log and audit it. `answered`: its sender
+        has had Success already, so a failure here is the node's to report, not a refusal
+        (its bytes are in the journal or in place, indexed at the next start)."""
+        offer, arrival = unsettled.offer, unsettled.secured.arrival
+        with unsettled.held:
+            try:
+                indexed = self.spool.settle(unsettled.secured)
+            except Exception as error:
+                if not answered:
+                    return self._refused(offer, error)
+                log.exception("instance.not_settled", calling_ae=offer.calling_ae, peer=offer.peer)
+                return Taken(PROCESSING_FAILURE, arrival, reason="the node could not index it")
         if indexed is None:
-            log.info("instance.duplicate", calling_ae=calling_ae)
+            log.info("instance.duplicate", calling_ae=offer.calling_ae)
             return Taken(SUCCESS, arrival)
         log.info(
             "instance.received",
@@ -545,7 +600,7 @@ class Intake:
             study=indexed.study_id,
             version=indexed.version,
             instances=indexed.instance_count,
-            calling_ae=calling_ae,
+            calling_ae=offer.calling_ae,
         )
         if indexed.opened_job:
             if indexed.version == 1:  # the study's first instance: who sent whose study
@@ -553,11 +608,23 @@ class Intake:
                     self.database,
                     self.spool.folder / arrival.relative_path,
                     study_uid=arrival.study_uid,
-                    calling_ae=calling_ae,
-                    peer=peer,
+                    calling_ae=offer.calling_ae,
+                    peer=offer.peer,
                 )
             self.on_indexed()
         return Taken(SUCCESS, arrival, indexed)
+
+    def _refused(self, offer: Offer, error: Exception) -> Taken:
+        """The answer to an instance that could not be secured, or settled before its
+        answer (called in the `except` block: a failure of ours is logged with its trace)."""
+        calling_ae, peer = offer.calling_ae, offer.peer
+        if isinstance(error, Rejected):
+            return self.refuse(calling_ae, peer, error.status, error.reason)
+        if isinstance(error, (OutOfSpace, OSError)):  # ENOSPC, EIO: the disk, not the sender
+            return self.refuse(calling_ae, peer, OUT_OF_RESOURCES, str(error))
+        # Our fault, not the sender's: say so, keep the association and the thread alive.
+        log.exception("instance.not_stored", calling_ae=calling_ae, peer=peer)
+        return Taken(PROCESSING_FAILURE, reason="the node could not store it")
 
     def refuse(self, calling_ae: str, peer: str, status: int, reason: str) -> Taken:
         """An instance refused, here or before it could be offered (a bad STOW-RS part)."""
@@ -646,9 +713,7 @@ def file_meta_around_uid(
     return encoded[:start], encoded[start + uid_length + uid_length % 2 :]
 
 
-def _read_arrival(
-    offer: Offer, dataset: BinaryIO, buffer: memoryview, scratch: Scratch
-) -> Arrival:
+def _read_arrival(offer: Offer, dataset: BinaryIO, buffer: memoryview, scratch: Scratch) -> Arrival:
     """Decode the whole dataset's structure (not its pixels) and check its identity."""
     try:
         header = _decode(dataset, buffer, UID(offer.transfer_syntax), scratch)
@@ -738,4 +803,5 @@ def _log_closed(name: str, event: Any, sending: _Sending) -> None:
         stored=sending.stored,
         duplicates=sending.duplicates,
         refused=sending.refused,
+        failed=sending.failed,
     )

@@ -1,12 +1,15 @@
 """The spool: each received instance as a file, and its row in the index.
 
-An instance is in the spool once its bytes are durable and in their file, and its index row
-is committed; receive answers Success only after both. Its bytes (up to 1 MiB) are made
-durable by one append to the spool's journal and one fdatasync, then its file is made under
-a temporary name and renamed into place, and flushed later in bulk
-(cadnode/ingest/journal.py); a larger instance's, or any with `storage.spool_journal:
-false`, by its file itself (written under a temporary name, fsynced, renamed, the folder
-fsynced). The file is the record of truth. The index commit
+An instance is stored in two steps: `secure` makes its bytes durable, `settle` puts its file
+in place and commits its index row. Its bytes (up to 1 MiB) are made durable by one record
+in the spool's journal and one fdatasync; `settle` then makes its file under a temporary
+name and renames it into place, flushed later in bulk (cadnode/ingest/journal.py). A larger
+instance's, or any with `storage.spool_journal: false`, are made durable by its file itself
+(written under a temporary name, fsynced, renamed, the folder fsynced). Receive answers
+Success once both steps are done, or, on SQLite with the event-driven reactor, once the
+bytes are durable, settling after the answer (`answers_before_index`): a kill between the
+two leaves the bytes in the journal (or the file in place), made and indexed at the next
+start. The file is the record of truth. The index commit
 is atomic and survives the process being killed (SQLite WAL), but receive's connection
 does not wait for the disk on each commit (synchronous=NORMAL): a row that a power cut
 takes back is rebuilt from its file by `reconcile` at the next start, so one disk flush
@@ -29,8 +32,8 @@ import os
 import shutil
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ from cadnode.core.connection import TRANSIENT_TRIES, transient
 from cadnode.core.db import Database, Instance, Job, JobState, Study, utcnow
 from cadnode.core.files import is_temporary, is_valid_uid, write_durably
 from cadnode.core.locks import SPOOL_INSTANCE_LOCKS, keyed_locks
-from cadnode.ingest.journal import LARGEST_RECORD, Journal, recover
+from cadnode.ingest.journal import LARGEST_RECORD, Chunks, Journal, Recorded, recover
 
 log = structlog.get_logger("cadnode.ingest.spool")
 
@@ -91,6 +94,18 @@ class Indexed:
     @property
     def opened_job(self) -> bool:
         return self.instance_count == 1
+
+
+@dataclass(frozen=True)
+class Secured:
+    """An instance whose bytes are durable (or that was stored before), its file and index
+    row still to be made by `Spool.settle`."""
+
+    arrival: Arrival
+    size: int
+    stored_before: bool = False  # its file was in place: a copy sent before
+    recorded: Recorded | None = None  # its journal record, whose spool file is to be made
+    chunks: Chunks = ()  # the bytes, for that file
 
 
 class DiskGuard:
@@ -162,30 +177,51 @@ class Spool:
             self._connection.invalidate()
             self._connection.close()
 
-    def store(
-        self, arrival: Arrival, chunks: Sequence[bytes | bytearray | memoryview]
-    ) -> Indexed | None:
-        """Write and index one instance; None when it was stored already (a duplicate).
+    @property
+    def answers_before_index(self) -> bool:
+        """Whether receive may answer Success once an instance is secured, and settle it
+        after: on SQLite, whose index only this node writes and `reconcile` rebuilds from
+        the files. A PostgreSQL server may be away, and a sender told so sends again."""
+        return self._connection.dialect.name == "sqlite"
+
+    def store(self, arrival: Arrival, chunks: Chunks) -> Indexed | None:
+        """Write and index one instance; None when it was stored already (a duplicate)."""
+        with ExitStack() as held:
+            return self.settle(self.secure(arrival, chunks, held))
+
+    def secure(self, arrival: Arrival, chunks: Chunks, held: ExitStack) -> Secured:
+        """Make an instance's bytes durable: by the journal, whose record makes its file in
+        `settle`, or in place. The instance's lock is held on `held` (the caller closes it
+        after `settle`): a second copy of its SOP Instance UID waits for it.
 
         A file already at the instance's place is a copy stored before (files only get there
         whole, see `write_durably`): it is kept, not rewritten, and indexed if it is not yet.
         """
         relative = arrival.relative_path
         path = self.folder / relative
-        with self._instances.hold(arrival.sop_instance_uid):
-            if path.exists():
-                return self.index(arrival, relative, path.stat().st_size)
-            incoming = sum(len(chunk) for chunk in chunks)
-            self.disk.check(incoming)
-            if self.journal is not None and incoming <= LARGEST_RECORD:
-                size = self.journal.write(relative, chunks)
-            else:
-                size = write_durably(path, chunks)
-            indexed = self.index(arrival, relative, size)
-            if indexed is None and self._indexed_path(arrival.sop_instance_uid) != str(relative):
-                # The same SOP Instance UID, stored before under another study or series.
-                path.unlink()
+        held.enter_context(self._instances.hold(arrival.sop_instance_uid))
+        if path.exists():
+            return Secured(arrival, path.stat().st_size, stored_before=True)
+        incoming = sum(len(chunk) for chunk in chunks)
+        self.disk.check(incoming)
+        if self.journal is not None and incoming <= LARGEST_RECORD:
+            recorded = self.journal.record(relative, chunks)
+            return Secured(arrival, recorded.size, recorded=recorded, chunks=chunks)
+        return Secured(arrival, write_durably(path, chunks))
+
+    def settle(self, secured: Secured) -> Indexed | None:
+        """Make a secured instance's file and commit its row; None if it was indexed before
+        (a duplicate)."""
+        arrival, relative = secured.arrival, secured.arrival.relative_path
+        if secured.recorded is not None and self.journal is not None:
+            self.journal.make_file(secured.recorded, secured.chunks)
+        indexed = self.index(arrival, relative, secured.size)
+        if secured.stored_before or indexed is not None:
             return indexed
+        if self._indexed_path(arrival.sop_instance_uid) != str(relative):
+            # The same SOP Instance UID, stored before under another study or series.
+            (self.folder / relative).unlink()
+        return indexed
 
     def index(self, arrival: Arrival, path: Path, size: int) -> Indexed | None:
         """Commit the row of a file already in place; None if the instance is indexed."""
