@@ -336,6 +336,7 @@ class Receiver:
         unsettled = self.intake.secure(offer, dataset)
         if isinstance(unsettled, Taken):
             return self._count(sending, unsettled)
+        self._sending_study(sending, unsettled.secured.arrival.study_uid)  # while it is open
 
         # Durable now: Success goes out while the file and the row are made.
         def settle() -> None:
@@ -366,7 +367,8 @@ class Receiver:
         with self._sending_lock:
             if study_uid in sending.studies:
                 return
-            if study_uid not in self._studies_sending_now(sending):
+            # Closed already: its close has unmarked what it sent, and nothing would again.
+            if not sending.closed and study_uid not in self._studies_sending_now(sending):
                 self._studies_sent.mark(study_uid)
             sending.studies.add(study_uid)
 
