@@ -63,3 +63,19 @@ def test_every_line_is_json_and_patient_keys_are_redacted() -> None:
 def test_events_from_concurrent_threads_never_share_a_line() -> None:
     _, events = logged_events(CONCURRENT)
     assert len(events) == 8 * 300
+
+
+REDIRECTED = """
+import contextlib, io, structlog
+from cadnode.core import logs
+redirect = io.StringIO()
+with contextlib.redirect_stderr(redirect):  # as the CLI run in-process under a test's capture
+    logs.configure()
+redirect.close()
+structlog.get_logger("cadnode.test").warning("after.the.redirect")
+"""
+
+
+def test_logging_set_up_under_a_redirect_goes_to_stderr_once_it_is_over() -> None:
+    text, events = logged_events(REDIRECTED)  # every line JSON: no "--- Logging error ---"
+    assert [event["event"] for event in events] == ["after.the.redirect"], text

@@ -43,6 +43,23 @@ def redact_patient_identifiers(
 CACHE_LOGGERS = True
 
 
+class _StandardError(logging.StreamHandler[Any]):
+    """A handler writing to whatever `sys.stderr` is when it writes: one configured while
+    stderr was redirected (the CLI run in-process, under a test's capture) must not keep
+    writing to the redirect after it is closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:  # StreamHandler sets it: always sys.stderr here
+        pass
+
+
 def configure(level: str = "INFO") -> None:
     """Every record, ours and the libraries', leaves through one stdlib handler.
 
@@ -56,7 +73,7 @@ def configure(level: str = "INFO") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_patient_identifiers,
     ]
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StandardError()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[
