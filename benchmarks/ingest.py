@@ -11,10 +11,11 @@ seconds mean little.
 
     .venv/bin/python benchmarks/ingest.py [--repeat 3] [--ct 300] [--dx 20] [--targets ...]
 
-Targets: cadnode (receiving in the node's process), cadnode-2p and cadnode-4p (two or four
-receiver processes, `dicom.receivers`), cadnode-before and cadnode-2p-before (the same on
-round 1's receive path: pynetdicom's polling loops, each spool file fsynced and renamed
-before the answer), storescp, orthanc.
+Targets: cadnode (the default, `dicom.receivers: auto`: 4 receiver processes on 2 to 4 CPUs),
+cadnode-1p (receiving in the node's process), cadnode-2p and cadnode-4p (two or four receiver
+processes), cadnode-before and cadnode-2p-before (one and two processes on round 1's receive
+path: pynetdicom's polling loops, each spool file fsynced and renamed before the answer),
+storescp, orthanc. Each cadnode is also compared with cadnode-1p.
 """
 
 from __future__ import annotations
@@ -59,12 +60,12 @@ FINAL_STATES = {"ignored", "encoded", "delivered", "failed"}
 BEFORE = {"CADNODE_DICOM_REACTOR": "stock", "CADNODE_SPOOL_JOURNAL": "false"}
 
 
-def cadnode_with(receivers: int, **overrides: str) -> TargetFactory:
+def cadnode_with(receivers: str, **overrides: str) -> TargetFactory:
     """cadnode with `dicom.receivers` receiver processes (1: receiving in the node's own)."""
 
     @contextmanager
     def cadnode(folder: Path) -> Iterator[Target]:
-        settings = {"CADNODE_DICOM_RECEIVERS": str(receivers), **overrides}
+        settings = {"CADNODE_DICOM_RECEIVERS": receivers, **overrides}
         with run_cadnode(folder, None, **settings) as node:
             spool = node.data_dir / "spool"
 
@@ -110,11 +111,12 @@ def orthanc(folder: Path) -> Iterator[Target]:
 
 
 TARGETS: dict[str, TargetFactory] = {
-    "cadnode": cadnode_with(1),
-    "cadnode-2p": cadnode_with(2),  # two receiver processes
-    "cadnode-4p": cadnode_with(4),
-    "cadnode-before": cadnode_with(1, **BEFORE),  # round 1: stock reactor, renamed files
-    "cadnode-2p-before": cadnode_with(2, **BEFORE),
+    "cadnode": cadnode_with("auto"),  # the default
+    "cadnode-1p": cadnode_with("1"),  # receiving in the node's process
+    "cadnode-2p": cadnode_with("2"),  # two receiver processes
+    "cadnode-4p": cadnode_with("4"),
+    "cadnode-before": cadnode_with("1", **BEFORE),  # round 1: stock reactor, renamed files
+    "cadnode-2p-before": cadnode_with("2", **BEFORE),
     "storescp": storescp,
     "orthanc": orthanc,
 }
@@ -183,7 +185,7 @@ def main() -> None:
     parser.add_argument("--dx", type=int, default=20, help="DX images")
     parser.add_argument(
         "--targets",
-        default="cadnode,cadnode-before,cadnode-2p,storescp,orthanc",
+        default="cadnode,cadnode-1p,cadnode-before,storescp,orthanc",
         help="comma-separated",
     )
     parser.add_argument("--associations", default="1,4", help="comma-separated")
@@ -229,11 +231,12 @@ def report_row(study: str, megabytes: float, associations: int, median: dict[str
 
 
 def ratios(median: dict[str, float]) -> str:
-    """Each cadnode's throughput over each anchor's, and the receiver processes' over one."""
+    """Each cadnode's throughput over each anchor's, and over receiving in one process."""
     ours = [name for name in median if name.startswith("cadnode")]
     anchors = [name for name in median if name not in ours]
     pairs = [(mine, name) for mine in ours for name in anchors]
-    pairs += [(mine, "cadnode") for mine in ours if mine != "cadnode" and "cadnode" in median]
+    one = "cadnode-1p"
+    pairs += [(mine, one) for mine in ours if mine != one and one in median]
     return "  ".join(f"{mine}/{name} {median[name] / median[mine]:.2f}x" for mine, name in pairs)
 
 

@@ -5,7 +5,8 @@ the UPS worklist, Storage Commitment answers (N-EVENT-REPORT) and Query/Retrieve
 state is in the database (and `cadnode.core.locks` for their read-modify-writes), so any process
 can serve any of them.
 
-With `dicom.receivers: 1` (the default) receive runs in the node's process. With N > 1 one
+With `dicom.receivers: 1` receive runs in the node's process (the default, `auto`, does so
+only on a one-CPU machine: cadnode/core/config.py `automatic_receivers`). With N > 1 one
 Python process would hold the interpreter lock for every association at once, so the node
 binds the port once and starts N receiver processes (`spawn`: forking a process that runs
 threads is unsafe) that accept on that same listening socket; the kernel hands each

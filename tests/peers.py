@@ -212,6 +212,10 @@ def run_cadnode(folder: Path, destination: str | None, **overrides: str) -> Iter
     http_port = free_port()
     env = {
         **os.environ,
+        # Receiving in the node's own process, unless a test asks for receiver processes
+        # (tests/test_ingest_processes.py, the `auto` default among them): each costs seconds
+        # of start-up on a 2-CPU machine, and most tests start several nodes.
+        "CADNODE_DICOM_RECEIVERS": "1",
         "CADNODE_DATA_DIR": str(folder / "var"),
         "CADNODE_DICOM_PORT": str(dicom_port),
         "CADNODE_HTTP_PORT": str(http_port),

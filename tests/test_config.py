@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 
-from cadnode.core.config import EMBEDDED_CONFIG, Destination, Settings, load_settings
+from cadnode.core.config import (
+    EMBEDDED_CONFIG,
+    Destination,
+    Settings,
+    automatic_receivers,
+    load_settings,
+)
 from cadnode.core.yamlfile import ConfigError
 
 
@@ -30,6 +36,24 @@ def test_embedded_default_loads_with_its_documented_values() -> None:
     assert settings.storage.data_dir == (EMBEDDED_CONFIG.parent.parent / "var").resolve()
     assert settings.engines.backend == "auto"
     assert [str(d) for d in settings.result_destinations()] == ["ORTHANC@127.0.0.1:4242"]
+
+
+def test_receivers_default_to_auto_decided_by_the_cpus_at_load(tmp_path: Path) -> None:
+    assert load_settings({}).dicom.receivers == automatic_receivers()
+    in_file = write(tmp_path, "dicom:\n  receivers: auto\n")
+    assert load_settings(in_file).dicom.receivers == automatic_receivers()
+    variable = {**write(tmp_path, "dicom:\n  receivers: 2\n"), "CADNODE_DICOM_RECEIVERS": "auto"}
+    assert load_settings(variable).dicom.receivers == automatic_receivers() != 2
+    [problem] = problems(write(tmp_path, "dicom:\n  receivers: many\n"))
+    assert problem.startswith(f"{in_file['CADNODE_CONFIG']}:2:") and "or auto" in problem
+
+
+@pytest.mark.parametrize(("cpus", "receivers"), [(1, 1), (2, 4), (4, 4), (6, 6), (64, 8)])
+def test_auto_receivers_are_one_per_cpu_within_bounds(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, receivers: int
+) -> None:
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(cpus)))
+    assert automatic_receivers() == receivers
 
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:

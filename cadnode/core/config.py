@@ -246,6 +246,21 @@ class TlsSettings(Section):
     client_ca: Path | None = None
 
 
+# `dicom.receivers: auto`: a receiver process per association for the one to four modalities
+# that usually send at once, more on a machine with more CPUs, within a bound (each process
+# holds its own memory and database connections). Four associations on two CPUs, one, two
+# and four receivers: 0.46x, 0.64x and 0.74x of storescp's throughput (docs/benchmarks.md).
+AUTOMATIC_RECEIVERS = 4
+MOST_AUTOMATIC_RECEIVERS = 8
+
+
+def automatic_receivers() -> int:
+    """Receiver processes for `dicom.receivers: auto`: with one CPU to run on, receive in the
+    node's own process; else one per CPU, at least 4 and at most 8."""
+    cpus = len(os.sched_getaffinity(0))  # the CPUs this process may run on (Linux)
+    return 1 if cpus == 1 else min(max(cpus, AUTOMATIC_RECEIVERS), MOST_AUTOMATIC_RECEIVERS)
+
+
 class DicomSettings(Section):
     ae_title: AETitle = "CADNODE"
     # Loopback by default: the embedded node accepts any calling AE, so only local peers.
@@ -254,7 +269,8 @@ class DicomSettings(Section):
     max_associations: int = Field(default=16, ge=1)  # per receiver process
     # Receiver processes sharing the port (cadnode/port.py): more than one lets
     # concurrent associations run past the interpreter lock; 1 receives in the node's process.
-    receivers: int = Field(default=1, ge=1, le=64)
+    # "auto" (the default): `automatic_receivers()`, decided at load.
+    receivers: int = Field(default="auto", ge=1, le=64, validate_default=True)
     # A peer silent this long (between messages or in the middle of a PDU) is aborted.
     network_timeout_s: float = Field(default=60, gt=0)
     # A connection whose whole association request has not arrived this long after it was
@@ -291,6 +307,15 @@ class DicomSettings(Section):
         for value in values:
             ipaddress.ip_network(value, strict=False)  # ValueError names the bad one
         return values
+
+    @field_validator("receivers", mode="before")
+    @classmethod
+    def _receivers(cls, value: Any) -> Any:
+        if value == "auto":
+            return automatic_receivers()
+        if isinstance(value, str) and not value.strip().isdigit():
+            raise ValueError(f"a number of receiver processes, or auto (got {value!r})")
+        return value
 
 
 class HttpTlsSettings(Section):
@@ -686,9 +711,7 @@ class SmtpSettings(Section):
     host: str = Field(min_length=1)
     port: Port = 25
     from_: str = Field(alias="from", pattern=r"^[^@\s]+@[^@\s]+$")
-    to: list[Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(
-        min_length=1
-    )
+    to: list[Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$")]] = Field(min_length=1)
     # Upgrade the connection with STARTTLS (the relay's certificate is verified) before login.
     starttls: bool = False
     # Log in as `username` with the password held in `password_file` (read at each send and
@@ -919,7 +942,7 @@ class Environment(BaseSettings):
     storage__data_dir: ResolvedPath | None = Field(None, alias="CADNODE_DATA_DIR")
     dicom__port: int | None = Field(None, alias="CADNODE_DICOM_PORT")
     dicom__ae_title: str | None = Field(None, alias="CADNODE_AE_TITLE")
-    dicom__receivers: int | None = Field(None, alias="CADNODE_DICOM_RECEIVERS")
+    dicom__receivers: int | Literal["auto"] | None = Field(None, alias="CADNODE_DICOM_RECEIVERS")
     dicom__reactor: Literal["events", "stock"] | None = Field(None, alias="CADNODE_DICOM_REACTOR")
     storage__spool_journal: bool | None = Field(None, alias="CADNODE_SPOOL_JOURNAL")
     node__workers: int | None = Field(None, alias="CADNODE_WORKERS")
