@@ -32,6 +32,12 @@ from tests.synthetic import write_ct_series
 FINAL = {JobState.ignored.value, JobState.delivered.value, JobState.failed.value}
 
 
+# Slices for a push that a signal must interrupt: full-size ones. storescu runs ahead of our
+# reading its log, and a hundred small ones could all be acknowledged (the association even
+# released) before a signal sent at the 20th acknowledgement lands.
+MID_PUSH_SIZE = 512
+
+
 def push(
     node: Cadnode,
     files: list[Path],
@@ -140,7 +146,7 @@ def test_killed_again_and_again_mid_push_nothing_acknowledged_is_lost(tmp_path: 
 
 
 def test_sigterm_drains_the_association_then_exits_cleanly(tmp_path: Path) -> None:
-    files = write_ct_series(tmp_path / "study", 150, size=64)
+    files = write_ct_series(tmp_path / "study", 150, size=MID_PUSH_SIZE)
     with run_cadnode(tmp_path / "node", None) as node:
         acknowledged = push(node, files, signal_after=20, signum=signal.SIGTERM)
         assert node.process.wait(60) == 0, "a drained node exits 0"

@@ -33,7 +33,7 @@ from cadnode.ingest.spool import Spool, examine
 from tests.ingest import named
 from tests.peers import REPO, Cadnode, run_cadnode, storescu, wait_for
 from tests.synthetic import write_ct_series
-from tests.test_ingest_durability import log_events, push
+from tests.test_ingest_durability import MID_PUSH_SIZE, log_events, push
 
 RECEIVERS = {"CADNODE_DICOM_RECEIVERS": "2"}
 
@@ -206,7 +206,7 @@ def test_a_receivers_write_wakes_the_stages_at_once(tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_every_receiver_then_exits_cleanly(tmp_path: Path) -> None:
-    files = write_ct_series(tmp_path / "study", 120, size=64)
+    files = write_ct_series(tmp_path / "study", 120, size=MID_PUSH_SIZE)
     with run_cadnode(tmp_path / "node", None, **RECEIVERS) as node:
         acknowledged = push(node, files, signal_after=20, signum=signal.SIGTERM)
         assert node.process.wait(60) == 0, "a drained node exits 0"
@@ -220,9 +220,7 @@ def test_sigterm_drains_every_receiver_then_exits_cleanly(tmp_path: Path) -> Non
 
 
 def test_a_killed_node_leaves_no_receiver_and_loses_nothing_acknowledged(tmp_path: Path) -> None:
-    # Full-size slices: storescu runs ahead of our reading its log, and 90 small ones could
-    # all be acknowledged before the kill lands (it did, once the receivers got faster).
-    files = write_ct_series(tmp_path / "study", 120, size=512)
+    files = write_ct_series(tmp_path / "study", 120, size=MID_PUSH_SIZE)
     with run_cadnode(tmp_path / "node", None, **RECEIVERS) as node:
         wait_for(lambda: len(receivers_of(node.process.pid)) == 2, 60, "two receivers")
         children = children_of(node.process.pid)
