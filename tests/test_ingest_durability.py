@@ -96,7 +96,9 @@ def wait_until_processed(node: Cadnode) -> None:
 
 
 def test_killed_again_and_again_mid_push_nothing_acknowledged_is_lost(tmp_path: Path) -> None:
-    studies = [write_ct_series(tmp_path / f"s{i}", 150, size=64, seed=i) for i in range(3)]
+    studies = [
+        write_ct_series(tmp_path / f"s{i}", 150, size=MID_PUSH_SIZE, seed=i) for i in range(3)
+    ]
     files = [file for study in studies for file in study]
     chance = random.Random(20251122)
     pending, kills = list(files), 0
