@@ -1,10 +1,11 @@
 """Several receiver processes on one port (`dicom.receivers`, cadnode/port.py).
 
 `cadnode serve` with two receiver processes, DCMTK's storescu sending: concurrent pushes are
-each stored once, the same instance sent on two associations at once is stored once, a
-receiver's writes wake the stages in the node's process at once, SIGTERM drains every
-receiver, and a node killed with SIGKILL leaves no receiver behind and loses nothing it
-acknowledged. Also the cross-process guard itself: two processes storing one instance.
+each stored once (on the default, `auto`: four receivers on this 2-CPU machine), the same
+instance sent on two associations at once is stored once, a receiver's writes wake the stages
+in the node's process at once, SIGTERM drains every receiver, and a node killed with SIGKILL
+leaves no receiver behind and loses nothing it acknowledged. Also the cross-process guard
+itself: two processes storing one instance.
 """
 
 from __future__ import annotations
