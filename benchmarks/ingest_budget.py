@@ -12,8 +12,9 @@ instance's steps in cadnode:
   store    request decoded -> cadnode's handler returns: pynetdicom handing the request to
            the association's thread (the stock one polls every 1 ms) and to the handler,
            which checks the header and writes durably; before, it also makes the file,
-           commits the index row and logs, which after is done once the answer is handed
-           to the DUL thread, while the answer goes out and the next request comes in
+           commits the index row and logs; after, the request is served on the DUL thread
+           that decoded it, and the previous instance's file and row are made while this
+           one's journal record is flushed
   answer   handler returned -> the response on the wire: pynetdicom building and encoding
            it (the reactor's quick path for a Success), the DUL thread sending it (the stock
            one polls every 1 ms)

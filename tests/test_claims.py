@@ -11,6 +11,7 @@ processes on PostgreSQL.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import multiprocessing
 import os
 import signal
@@ -41,7 +42,7 @@ from cadnode.core.db import (
 from cadnode.core.locks import keyed_locks, named_lock
 from cadnode.deliver.dispatch import Dispatcher
 from cadnode.infer.phantoms.chest import write_chest_radiograph
-from tests.ingest import storescp
+from tests.ingest import captured_events, named, storescp
 from tests.peers import wait_for
 from tests.rows import new_job
 from tests.test_admin import log_in, make_context
@@ -264,6 +265,76 @@ def test_database_locks_exclude_across_processes_on_postgresql(postgres_url: str
     with locks.hold("1.2.3"):
         assert not locks.marked_elsewhere("1.2.3")
     assert database.file is None and not (Path.cwd() / "locks").exists(), "no lock files"
+
+
+def _hold_until_told(where: str, held: Any, done: Any) -> None:
+    with keyed_locks(Database(where), "spool-instances").hold("1.2.3"):
+        held.set()
+        done.wait(120)
+
+
+def test_a_key_held_elsewhere_runs_the_waiters_work_before_it_waits(database: Database) -> None:
+    """`hold(key, before_waiting)`: the receiver lets its own deferred instances (and their
+    locks) go before it waits for one another thread or process holds, so two associations
+    sending each other's instances never wait on each other in a cycle. A free key never
+    runs the work."""
+    locks = keyed_locks(database, "spool-instances")
+    ran: list[str] = []
+    with locks.hold("1.2.4", lambda: ran.append("free")):
+        pass
+    assert ran == []
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with locks.hold("1.2.3"):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert held.wait(60)
+    with locks.hold("1.2.3", lambda: (ran.append("thread"), release.set())):
+        pass
+    thread.join(60)
+    assert ran == ["thread"]
+
+    process_held, done = SPAWN.Event(), SPAWN.Event()
+    other = SPAWN.Process(target=_hold_until_told, args=(url_of(database), process_held, done))
+    other.start()
+    assert process_held.wait(60)
+    with locks.hold("1.2.3", lambda: (ran.append("process"), done.set())):
+        pass
+    other.join(60)
+    assert ran == ["thread", "process"]
+
+
+def test_a_cycle_the_kernel_reports_between_processes_is_waited_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POSIX locks belong to processes: the kernel may answer a wait EDEADLK for a cycle
+    through threads that are not waiting on each other. The wait is tried again (the
+    caller's own work let go once more), not failed."""
+    from cadnode.core import locks as module
+
+    locks = keyed_locks(Database(tmp_path / "cadnode.db"), "spool-instances")
+    real, reported = module.fcntl.lockf, [0]
+
+    def lockf(descriptor: int, command: int, *args: Any) -> Any:
+        if command == module.fcntl.LOCK_EX | module.fcntl.LOCK_NB:
+            raise BlockingIOError(errno.EAGAIN, "held elsewhere")
+        if command == module.fcntl.LOCK_EX and reported[0] < 2:
+            reported[0] += 1
+            raise OSError(errno.EDEADLK, "Resource deadlock avoided")
+        return real(descriptor, command, *args)
+
+    monkeypatch.setattr(module.fcntl, "lockf", lockf)
+    ran: list[str] = []
+    with captured_events() as events, locks.hold("1.2.5", lambda: ran.append("let go")):
+        pass
+    assert reported == [2]
+    assert ran == ["let go"] * 3  # before the first wait, and before each retry
+    assert len(named(events, "locks.cycle_reported")) == 2
 
 
 def test_each_process_is_listed_with_its_leases_and_a_silent_one_as_gone(

@@ -242,8 +242,8 @@ def test_a_store_is_answered_once_durable_and_settled_before_the_release_is_answ
     served: tuple[int, Accepted, Any],
 ) -> None:
     """On SQLite the Success leaves once the bytes are durable; the spool file and the
-    index row are made after it, on the association's thread, so they are in place before
-    the association's next request, its release included, is answered."""
+    index row are made after it (here: once the peer has been quiet for SETTLE_AFTER_S),
+    and in any case before the association's release is answered."""
     port, _, receiver = served
     settle, entered, go = receiver.spool.settle, threading.Event(), threading.Event()
 
@@ -257,7 +257,7 @@ def test_a_store_is_answered_once_durable_and_settled_before_the_release_is_answ
     peer = associate(port, PRIVATE_CLASS)
     try:
         assert peer.send_c_store(instance).Status == 0x0000
-        assert entered.is_set()  # the settle had begun: only the answer came before it
+        wait_for(entered.is_set, 30, "the settle to begin with no next request")
         assert indexed_instances(receiver.database) == []
         assert not list(receiver.spool.folder.rglob("*.dcm"))
     finally:
@@ -289,6 +289,8 @@ def test_a_file_that_cannot_be_made_after_the_answer_is_made_at_the_next_start(
     with captured_events() as events:
         peer = associate(port, PRIVATE_CLASS)
         assert peer.send_c_store(instances[0]).Status == 0x0000
+        first = [instances[0].SOPInstanceUID]
+        wait_for(lambda: indexed_instances(database) == first, 30, "the first to be settled")
         monkeypatch.setattr(journal, "write_aside", disk_full)
         assert peer.send_c_store(instances[1]).Status == 0x0000
         peer.release()
@@ -306,3 +308,132 @@ def test_a_file_that_cannot_be_made_after_the_answer_is_made_at_the_next_start(
     restarted.spool.close()
     assert sorted(indexed_instances(database)) == sorted(i.SOPInstanceUID for i in instances)
     assert len(list(restarted.spool.folder.rglob("*.dcm"))) == 2
+
+
+def test_an_instance_is_settled_on_the_dul_thread_while_the_next_one_is_flushed(
+    served: tuple[int, Accepted, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-STORE is served on the DUL thread that decoded it (no hand-off to the
+    association's thread), and its file and row are made while the next instance's journal
+    record is flushed; the last one's before the release is answered."""
+    from cadnode.ingest import reactor
+
+    monkeypatch.setattr(reactor, "SETTLE_AFTER_S", 120)  # never for want of a next request
+    port, accepted, receiver = served
+    journal, spool = receiver.spool.journal, receiver.spool
+    assert journal is not None
+    steps: list[tuple[str, str, int]] = []
+    record, settle = journal.record, spool.settle
+
+    def recorded(relative: Path, *args: Any) -> Any:
+        steps.append(("flush begins", relative.stem, threading.get_ident()))
+        try:
+            return record(relative, *args)
+        finally:
+            steps.append(("flush ends", relative.stem, threading.get_ident()))
+
+    def settled(secured: Any) -> Any:
+        steps.append(("settle", secured.arrival.sop_instance_uid, threading.get_ident()))
+        return settle(secured)
+
+    monkeypatch.setattr(journal, "record", recorded)
+    monkeypatch.setattr(spool, "settle", settled)
+    first, second = private_instance(), private_instance()
+    peer = associate(port, PRIVATE_CLASS)
+    assert [peer.send_c_store(i).Status for i in (first, second)] == [0x0000, 0x0000]
+    wait_for(lambda: accepted.associations, 10, "the association to be accepted")
+    [node_side] = accepted.associations
+    peer.release()
+    one, two = first.SOPInstanceUID, second.SOPInstanceUID
+    assert [(step, uid) for step, uid, _ in steps] == [
+        ("flush begins", one),
+        ("flush ends", one),
+        ("flush begins", two),
+        ("settle", one),
+        ("flush ends", two),
+        ("settle", two),
+    ]
+    dul_thread = node_side.dul.ident
+    assert [thread for _, _, thread in steps[:5]] == [dul_thread] * 5
+    assert node_side.dul.served_here == 2
+    assert sorted(indexed_instances(receiver.database)) == sorted([one, two])
+
+
+def test_a_request_that_arrives_before_the_association_is_established_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """The peer has the A-ASSOCIATE-AC, and sends its first C-STORE, while the node's
+    association thread still runs the EVT_ACCEPTED handlers: the DUL thread decodes the
+    request then, and leaves it to that thread, which serves it once the association is
+    established. (Served on the DUL thread at once, the instance was stored but pynetdicom,
+    finding the association not established, never answered it.)"""
+    from cadnode.ingest.receive import Receiver
+
+    decoded, served = threading.Event(), threading.Event()
+    established_when_served: list[bool] = []
+
+    def accepted_slowly(_: Any) -> None:
+        assert decoded.wait(30), "the peer's first request never came"
+        served.wait(1)  # a second for the request to be served too soon, as it was
+
+    observers = [(evt.EVT_DIMSE_RECV, lambda _: decoded.set()), (evt.EVT_ACCEPTED, accepted_slowly)]
+    settings = node_settings(tmp_path, dicom={"network_timeout_s": 30})
+    receiver = Receiver(settings, Database(tmp_path / "cadnode.db"), lambda: None)
+    on_store = receiver._on_store
+
+    def watched(event: Any) -> int:
+        established_when_served.append(bool(event.assoc.is_established))
+        served.set()
+        return on_store(event)
+
+    receiver._on_store = watched  # type: ignore[method-assign]
+    port = receiver.start(observers=observers)
+    try:
+        peer = associate(port, PRIVATE_CLASS)
+        peer.dimse_timeout = 30
+        instance = private_instance()
+        answer = peer.send_c_store(instance)
+        peer.release()
+        assert established_when_served == [True]
+        assert answer.get("Status") == 0x0000
+        assert indexed_instances(receiver.database) == [instance.SOPInstanceUID]
+    finally:
+        receiver.stop(drain_timeout_s=0)
+
+
+def test_two_associations_sending_each_others_instances_never_wait_on_each_other(
+    served: tuple[int, Accepted, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each association holds its last instance's lock until that instance is settled
+    (during its next request). A sends X then Y while B sends Y then X: each next request
+    waits for the other's last instance, so each lets its own go first (`hold`'s
+    `before_waiting`): both answered, each instance indexed once."""
+    from cadnode.ingest import reactor
+
+    monkeypatch.setattr(reactor, "SETTLE_AFTER_S", 120)  # settled only by a next request
+    port, _, receiver = served
+    x, y = private_instance(), private_instance()
+    firsts_answered = threading.Barrier(2, timeout=30)
+    answers: dict[str, list[int]] = {}
+
+    def send(name: str, first: Dataset, second: Dataset) -> None:
+        peer = associate(port, PRIVATE_CLASS)
+        peer.dimse_timeout = 30
+        statuses = [peer.send_c_store(first).get("Status")]
+        firsts_answered.wait()
+        statuses.append(peer.send_c_store(second).get("Status"))
+        peer.release()
+        answers[name] = statuses
+
+    senders = [
+        threading.Thread(target=send, args=("A", x, y)),
+        threading.Thread(target=send, args=("B", y, x)),
+    ]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(90)
+    assert answers == {"A": [0x0000, 0x0000], "B": [0x0000, 0x0000]}
+    assert sorted(indexed_instances(receiver.database)) == sorted(
+        [x.SOPInstanceUID, y.SOPInstanceUID]
+    )

@@ -18,12 +18,13 @@ connection ends (a killed process; a lost machine once TCP keepalive gives up on
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -222,7 +223,9 @@ class Keyed(Protocol):
     """One lock per key, exclusive across threads and processes; and marks (shared locks)
     that say "this process is using the key"."""
 
-    def hold(self, key: str) -> contextlib.AbstractContextManager[None]: ...
+    def hold(
+        self, key: str, before_waiting: Callable[[], None] | None = None
+    ) -> contextlib.AbstractContextManager[None]: ...
 
     def mark(self, key: str) -> None: ...
 
@@ -260,6 +263,11 @@ def _offset(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=6).digest(), "big")
 
 
+def _call(work: Callable[[], None] | None) -> None:
+    if work is not None:
+        work()
+
+
 class _ThreadQueue:
     """Threads of one process wait here for a key before asking the kernel or the database,
     which only tell processes apart."""
@@ -269,10 +277,16 @@ class _ThreadQueue:
         self._settled = threading.Condition()
 
     @contextmanager
-    def turn(self, slot: int) -> Iterator[None]:
+    def turn(self, slot: int, before_waiting: Callable[[], None] | None = None) -> Iterator[None]:
         with self._settled:
-            self._settled.wait_for(lambda: slot not in self._held)
-            self._held.add(slot)
+            free = slot not in self._held
+            if free:
+                self._held.add(slot)
+        if not free:
+            _call(before_waiting)
+            with self._settled:
+                self._settled.wait_for(lambda: slot not in self._held)
+                self._held.add(slot)
         try:
             yield
         finally:
@@ -297,14 +311,38 @@ class KeyedLocks:
         os.close(self._descriptor)
 
     @contextmanager
-    def hold(self, key: str) -> Iterator[None]:
+    def hold(self, key: str, before_waiting: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold `key`; `before_waiting` is called if another thread or process holds it, before
+        this one waits (a caller holding other keys lets them go: no cycle of waits)."""
         offset = _offset(key)
-        with self._threads.turn(offset):
-            fcntl.lockf(self._descriptor, fcntl.LOCK_EX, 1, offset)
+        with self._threads.turn(offset, before_waiting):
+            try:
+                fcntl.lockf(self._descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+            except OSError:  # held by another process
+                _call(before_waiting)
+                self._wait_for(offset, before_waiting)
             try:
                 yield
             finally:
                 fcntl.lockf(self._descriptor, fcntl.LOCK_UN, 1, offset)
+
+    def _wait_for(self, offset: int, before_waiting: Callable[[], None] | None) -> None:
+        """Wait for the key's byte. POSIX locks belong to processes, not threads, so the
+        kernel can see a cycle where there is none (this process's thread waits on another
+        process, one of whose threads waits on a key another thread here will let go): it
+        answers EDEADLK at once; then the wait is tried again, a little later."""
+        pause = 0.001
+        while True:
+            try:
+                fcntl.lockf(self._descriptor, fcntl.LOCK_EX, 1, offset)
+                return
+            except OSError as error:
+                if error.errno != errno.EDEADLK:
+                    raise
+                log.info("locks.cycle_reported", key_hash=offset, retry_in_s=pause)
+            _call(before_waiting)
+            time.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX_S)
 
     def mark(self, key: str) -> None:
         fcntl.lockf(self._descriptor, fcntl.LOCK_SH, 1, _offset(key))
@@ -335,10 +373,12 @@ class AdvisoryKeyedLocks:
         self._advisory.close()
 
     @contextmanager
-    def hold(self, key: str) -> Iterator[None]:
+    def hold(self, key: str, before_waiting: Callable[[], None] | None = None) -> Iterator[None]:
         slot = self._advisory.key(key)
-        with self._threads.turn(slot):
-            self._advisory.wait_for("pg_try_advisory_lock", slot)
+        with self._threads.turn(slot, before_waiting):
+            if not self._advisory.ask("pg_try_advisory_lock", slot):  # held elsewhere
+                _call(before_waiting)
+                self._advisory.wait_for("pg_try_advisory_lock", slot)
             try:
                 yield
             finally:

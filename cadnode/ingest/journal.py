@@ -3,7 +3,9 @@
 Writing each spool file durably costs two flushes before the answer (the file's data,
 then the folder's entry after the rename). Here an instance's bytes (up to `LARGEST_RECORD`:
 the spool writes larger ones durably in place) are written to a journal segment, with its
-place in the spool and a checksum, and the segment is fdatasynced (`record`); then its
+place in the spool and a checksum, and the segment is fdatasynced (`record`; where the
+caller has other work, such as the previous instance's file and row, the flush runs on a
+flusher thread while the caller does it, since the flush mostly waits on the device); then its
 spool file is written under a temporary name and renamed into place, not flushed on its own
 (`make_file`); receive answers Success before or after that (cadnode/ingest/spool.py). A
 segment with a record whose file could not be made is kept in use until the process ends,
@@ -46,6 +48,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -117,6 +120,7 @@ class Journal:
         self._stopping = False
         self._draining = False  # a checkpoint waits for spool files being made
         self._checkpointer: threading.Thread | None = None
+        self._flushes: ThreadPoolExecutor | None = None
 
     def write(self, relative: Path, chunks: Chunks) -> int:
         """Make an instance durable, then its spool file; returns its size in bytes."""
@@ -124,16 +128,34 @@ class Journal:
         self.make_file(recorded, chunks)
         return recorded.size
 
-    def record(self, relative: Path, chunks: Chunks) -> Recorded:
+    def record(
+        self, relative: Path, chunks: Chunks, meanwhile: Callable[[], None] | None = None
+    ) -> Recorded:
         """Make an instance durable: its record written and flushed. `make_file` must
-        follow, with the same chunks (a checkpoint waits for it)."""
+        follow, with the same chunks (a checkpoint waits for it).
+
+        `meanwhile`: work done on this thread while the flush runs on the journal's flusher
+        thread (the flush mostly waits for the device); it must not raise."""
         segment, size = self._record(relative, chunks)
         try:
-            os.fdatasync(segment.descriptor)
+            if meanwhile is None:
+                os.fdatasync(segment.descriptor)
+            else:
+                flushed = self._flusher().submit(os.fdatasync, segment.descriptor)
+                try:
+                    meanwhile()
+                finally:
+                    flushed.result()
         except BaseException:
             self._made(segment)  # never acknowledged: nothing to keep it for
             raise
         return Recorded(segment, self.spool / relative, size)
+
+    def _flusher(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._flushes is None:
+                self._flushes = ThreadPoolExecutor(1, thread_name_prefix="journal-flush")
+            return self._flushes
 
     def make_file(self, recorded: Recorded, chunks: Chunks) -> None:
         """The recorded instance's spool file, written aside and renamed into place (made
@@ -278,6 +300,8 @@ class Journal:
             self._lock.notify_all()
         if self._checkpointer is not None:
             self._checkpointer.join()
+        if self._flushes is not None:
+            self._flushes.shutdown()
         self.checkpoint()
         with self._lock:
             if self._active is not None:  # made ready, never written

@@ -73,7 +73,7 @@ from cadnode.ingest.admission import (
 from cadnode.ingest.checks import TooLarge, inflated, pixel_data_problem, undecodable
 from cadnode.ingest.mpps import MppsScp
 from cadnode.ingest.negotiation import accept_proposed_storage
-from cadnode.ingest.reactor import after_answer, answers_first, request_handler
+from cadnode.ingest.reactor import after_answer, answers_first, request_handler, settle_pending
 from cadnode.ingest.spool import (
     HEADER_TAGS,
     Arrival,
@@ -333,7 +333,10 @@ class Receiver:
         offer, dataset = _offer(event), event.request.DataSet
         if not (self.spool.answers_before_index and answers_first(event.assoc)):
             return self._count(sending, self.intake.take(offer, dataset))
-        unsettled = self.intake.secure(offer, dataset)
+        # The previous instance's file and row, made while this one is flushed.
+        earlier = functools.partial(settle_pending, event.assoc)
+        unsettled = self.intake.secure(offer, dataset, meanwhile=earlier)
+        earlier()  # where the secure did not (a refusal, a duplicate, a large instance)
         if isinstance(unsettled, Taken):
             return self._count(sending, unsettled)
         self._sending_study(sending, unsettled.secured.arrival.study_uid)  # while it is open
@@ -567,15 +570,18 @@ class Intake:
         secured = self.secure(offer, dataset)
         return secured if isinstance(secured, Taken) else self.settle(secured)
 
-    def secure(self, offer: Offer, dataset: BinaryIO) -> Unsettled | Taken:
+    def secure(
+        self, offer: Offer, dataset: BinaryIO, meanwhile: Callable[[], None] | None = None
+    ) -> Unsettled | Taken:
         """Check an instance and make its bytes durable; a refusal's `Taken`, or what
-        `settle` finishes (it must follow: the instance's lock is held till then)."""
+        `settle` finishes (it must follow: the instance's lock is held till then).
+        `meanwhile`: see `Spool.secure`."""
         with ExitStack() as held:
             try:
                 meta = _file_meta(offer)
                 buffer = held.enter_context(_buffer_of(dataset))
                 arrival = _read_arrival(offer, dataset, buffer, self.scratch)
-                secured = self.spool.secure(arrival, [meta, buffer], held)
+                secured = self.spool.secure(arrival, [meta, buffer], held, meanwhile)
             except Exception as error:
                 return self._refused(offer, error)
             return Unsettled(offer, secured, held.pop_all())

@@ -32,7 +32,7 @@ import os
 import shutil
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,23 +189,33 @@ class Spool:
         with ExitStack() as held:
             return self.settle(self.secure(arrival, chunks, held))
 
-    def secure(self, arrival: Arrival, chunks: Chunks, held: ExitStack) -> Secured:
+    def secure(
+        self,
+        arrival: Arrival,
+        chunks: Chunks,
+        held: ExitStack,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> Secured:
         """Make an instance's bytes durable: by the journal, whose record makes its file in
         `settle`, or in place. The instance's lock is held on `held` (the caller closes it
         after `settle`): a second copy of its SOP Instance UID waits for it.
 
         A file already at the instance's place is a copy stored before (files only get there
         whole, see `write_durably`): it is kept, not rewritten, and indexed if it is not yet.
+
+        `meanwhile`: the caller's earlier work, done while the journal flushes the record, or
+        before this waits for the instance's lock (that work may hold other instances' locks).
+        It may be done twice or not at all here: the caller calls it again after.
         """
         relative = arrival.relative_path
         path = self.folder / relative
-        held.enter_context(self._instances.hold(arrival.sop_instance_uid))
+        held.enter_context(self._instances.hold(arrival.sop_instance_uid, meanwhile))
         if path.exists():
             return Secured(arrival, path.stat().st_size, stored_before=True)
         incoming = sum(len(chunk) for chunk in chunks)
         self.disk.check(incoming)
         if self.journal is not None and incoming <= LARGEST_RECORD:
-            recorded = self.journal.record(relative, chunks)
+            recorded = self.journal.record(relative, chunks, meanwhile)
             return Secured(arrival, recorded.size, recorded=recorded, chunks=chunks)
         return Secured(arrival, write_durably(path, chunks))
 
