@@ -99,9 +99,9 @@ class StepClock:
         """`handler`, marking "response" as it returns."""
         mark = self._marker("response")
 
-        def timed(*args: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
             try:
-                return handler(*args)
+                return handler(*args, **kwargs)
             finally:
                 mark(None)
 
