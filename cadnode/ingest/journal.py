@@ -120,7 +120,8 @@ class Journal:
         self._stopping = False
         self._draining = False  # a checkpoint waits for spool files being made
         self._checkpointer: threading.Thread | None = None
-        self._flushes: ThreadPoolExecutor | None = None
+        # One flusher thread, started at the first flush handed to it (`record`'s meanwhile).
+        self._flushes = ThreadPoolExecutor(1, thread_name_prefix="journal-flush")
 
     def write(self, relative: Path, chunks: Chunks) -> int:
         """Make an instance durable, then its spool file; returns its size in bytes."""
@@ -141,7 +142,7 @@ class Journal:
             if meanwhile is None:
                 os.fdatasync(segment.descriptor)
             else:
-                flushed = self._flusher().submit(os.fdatasync, segment.descriptor)
+                flushed = self._flushes.submit(os.fdatasync, segment.descriptor)
                 try:
                     meanwhile()
                 finally:
@@ -150,12 +151,6 @@ class Journal:
             self._made(segment)  # never acknowledged: nothing to keep it for
             raise
         return Recorded(segment, self.spool / relative, size)
-
-    def _flusher(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._flushes is None:
-                self._flushes = ThreadPoolExecutor(1, thread_name_prefix="journal-flush")
-            return self._flushes
 
     def make_file(self, recorded: Recorded, chunks: Chunks) -> None:
         """The recorded instance's spool file, written aside and renamed into place (made
@@ -300,8 +295,7 @@ class Journal:
             self._lock.notify_all()
         if self._checkpointer is not None:
             self._checkpointer.join()
-        if self._flushes is not None:
-            self._flushes.shutdown()
+        self._flushes.shutdown()
         self.checkpoint()
         with self._lock:
             if self._active is not None:  # made ready, never written

@@ -141,9 +141,8 @@ class EventDrivenDUL(DULServiceProvider):
         EVT_ACCEPTED); False: it goes to that thread."""
         assoc = cast(EventDrivenAssociation, self.assoc)
         on_this_thread = threading.get_ident() == self.ident
-        if not on_this_thread or not assoc.is_established or assoc.serving:
-            return False
-        if self._diverted is not None:
+        busy = assoc.serving or self._diverted is not None
+        if not on_this_thread or not assoc.is_established or busy:
             return False
         self._diverted = (context_id, request)
         return True
@@ -458,8 +457,10 @@ def settle_pending(association: Any) -> None:
 
 
 def after_answer(association: Any, work: Callable[[], None]) -> None:
-    """Run `work` once the response to the request now being served is handed to the DUL
-    thread (an event-driven association, from its request handler), else at once."""
+    """Run `work` after the response to the request now being served (an event-driven
+    association, from its request handler), else at once: once the response is handed to
+    the DUL thread, or, for a C-STORE served on the DUL thread, during the next request
+    (`settle_pending`), when the peer is quiet, or before a release or abort."""
     if isinstance(association, EventDrivenAssociation):
         association._after_answer.append(work)
     else:
