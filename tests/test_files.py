@@ -1,11 +1,9 @@
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -47,8 +45,7 @@ def test_invalid_uids_never_become_paths(uid: object) -> None:
 
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 525_000, 5 * 2**20])
 def test_a_file_written_aside_holds_its_chunks_exactly(tmp_path: Path, size: int) -> None:
-    """Whole blocks go direct, the tail through the page cache, larger files all through it:
-    the bytes are the same either way, whatever the chunks' boundaries."""
+    """The bytes exactly, whatever the chunks' boundaries; the folders made as needed."""
     data = os.urandom(size)
     cuts = sorted({0, size, size // 3, size // 3 + 1, min(size, 132)})
     chunks = [memoryview(data)[a:b] for a, b in itertools.pairwise(cuts)]
@@ -56,30 +53,3 @@ def test_a_file_written_aside_holds_its_chunks_exactly(tmp_path: Path, size: int
     temporary, written = write_aside(target, chunks)
     assert written == size and temporary.parent == target.parent
     assert is_temporary(temporary) and temporary.read_bytes() == data
-
-
-def test_direct_io_is_asked_for_and_a_filesystem_without_it_gets_a_plain_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    opened: list[bool] = []
-    real_open = os.open
-
-    def watched_open(path: Any, flags: int, *args: Any) -> int:
-        opened.append(bool(flags & os.O_DIRECT))
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", watched_open)
-    write_aside(tmp_path / "a.dcm", [b"x" * 8192])
-    assert opened == [True]
-
-    def refusing(path: Any, flags: int, *args: Any) -> int:
-        if flags & os.O_DIRECT:  # as an older tmpfs does, after making the file
-            real_open(path, flags & ~os.O_DIRECT, *args)
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", refusing)
-    temporary, _ = write_aside(tmp_path / "b.dcm", [b"y" * 8192])
-    assert temporary.read_bytes() == b"y" * 8192
-    made = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".b.dcm"))
-    assert made == [temporary.name]  # the refused one's empty file is gone

@@ -6,13 +6,8 @@ returns, the bytes and the directory entry survive a crash or a power cut.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import mmap
 import os
 import re
-import threading
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -49,81 +44,15 @@ def write_aside(path: Path, chunks: Sequence[bytes | bytearray | memoryview]) ->
     in place by the caller with `os.replace` (a reader sees the whole file or none).
     Returns the temporary's path and the number of bytes.
 
-    Up to `DIRECT_LARGEST` bytes go around the page cache (direct I/O) where the filesystem
-    allows it: such a file is read again later if at all, and on the VMs this was measured
-    on a new page-cache page costs more than the device write (a 525 KB file: 1.3 ms
-    buffered, 0.6 ms direct; a receiver taking a CT study 15% faster).
+    Through the page cache: the device writes it later, in bulk (the journal's checkpoint).
+    Direct I/O (rounds 4 to 6) made the writer wait for the device, and on the VM of round 7
+    that wait cost more than the page cache's pages (docs/benchmarks.md).
     """
     try:
-        return _write_aside(path, chunks)
+        return _write_temporary(path, chunks, sync=False)
     except FileNotFoundError:  # its folder is new (one look per series, not per instance)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return _write_aside(path, chunks)
-
-
-# Direct I/O wants its buffer, offset and length aligned to the device's logical block
-# (512 or 4096 bytes): the file's whole blocks go direct from an aligned buffer, its tail
-# through the page cache.
-DIRECT_ALIGNMENT = 4096
-DIRECT_LARGEST = 4 * 2**20  # larger files are written through the page cache
-_aligned = threading.local()  # each thread's buffer, reused: a new one's pages cost too
-
-
-def _write_aside(path: Path, chunks: Sequence[bytes | bytearray | memoryview]) -> tuple[Path, int]:
-    size = sum(len(chunk) for chunk in chunks)
-    direct = getattr(os, "O_DIRECT", 0)
-    if not direct or size > DIRECT_LARGEST:
         return _write_temporary(path, chunks, sync=False)
-    temporary = _temporary_name(path)
-    try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | direct, 0o644)
-    except OSError as error:
-        if error.errno != errno.EINVAL:
-            raise
-        temporary.unlink(missing_ok=True)  # a filesystem without direct I/O (older tmpfs)
-        return _write_temporary(path, chunks, sync=False)
-    try:
-        _write_direct(descriptor, chunks, size)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    finally:
-        os.close(descriptor)
-    return temporary, size
-
-
-def _write_direct(
-    descriptor: int, chunks: Sequence[bytes | bytearray | memoryview], size: int
-) -> None:
-    buffer = _aligned_buffer(size)
-    at = 0
-    for chunk in chunks:
-        buffer[at : at + len(chunk)] = chunk
-        at += len(chunk)
-    whole = size - size % DIRECT_ALIGNMENT
-    with memoryview(buffer) as view:
-        _write_at(descriptor, view[:whole], 0)
-        if size > whole:  # the tail, through the page cache
-            flags = fcntl.fcntl(descriptor, fcntl.F_GETFL)
-            fcntl.fcntl(descriptor, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-            _write_at(descriptor, view[whole:size], whole)
-
-
-def _aligned_buffer(size: int) -> mmap.mmap:
-    """This thread's page-aligned buffer, at least `size` bytes."""
-    buffer: mmap.mmap | None = getattr(_aligned, "buffer", None)
-    if buffer is None or len(buffer) < size:
-        steps = -(-max(size, 1) // 2**20)  # whole MiB: grown rarely
-        buffer = _aligned.buffer = mmap.mmap(-1, steps * 2**20)
-    return buffer
-
-
-def _write_at(descriptor: int, data: memoryview, offset: int) -> None:
-    if not data:
-        return
-    written = os.pwrite(descriptor, data, offset)
-    if written != len(data):  # direct I/O cannot go on from an unaligned offset
-        raise OSError(errno.EIO, f"{written} of {len(data)} bytes written")
 
 
 def _write_then_rename(
@@ -143,8 +72,9 @@ def _write_temporary(
 ) -> tuple[Path, int]:
     temporary = _temporary_name(path)
     size = 0
+    handle = temporary.open("xb")  # outside the try: a name taken is not ours to remove
     try:
-        with temporary.open("wb") as handle:
+        with handle:
             for chunk in chunks:
                 handle.write(chunk)
                 size += len(chunk)
@@ -160,7 +90,8 @@ def _write_temporary(
 
 
 def _temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}")
+    # 64 random bits, opened with O_EXCL: a clash fails, never shares (uuid4 cost 3x more).
+    return path.with_name(f".{path.name}.{os.urandom(8).hex()}{TEMPORARY_SUFFIX}")
 
 
 def make_folders_durably(folder: Path) -> None:
