@@ -28,6 +28,7 @@ interrupted writes are removed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import shutil
 import threading
@@ -77,9 +78,10 @@ class Arrival:
     called_ae: str
     peer: str
 
-    @property
+    @functools.cached_property
     def relative_path(self) -> Path:
-        return Path(self.study_uid) / self.series_uid / f"{self.sop_instance_uid}.dcm"
+        # Cached: asked for several times per instance on receive's hot path.
+        return Path(f"{self.study_uid}/{self.series_uid}/{self.sop_instance_uid}.dcm")
 
 
 @dataclass(frozen=True)
