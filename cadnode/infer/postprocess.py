@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 from ensemble_boxes import weighted_boxes_fusion
 from PIL import Image
-from scipy import ndimage
 
 from cadnode.infer.answers import (
     RULE_OUT,
@@ -143,12 +142,21 @@ def to_source(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def largest_components(mask: np.ndarray) -> np.ndarray:
     """The largest 8-connected component, and any other at least KEEP_COMPONENT_FRACTION of it."""
-    labelled, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    labelled, count = _components(mask)
     if count <= 1:
         return mask.astype(bool)
     sizes = np.bincount(labelled.ravel())[1:]
     keep = np.flatnonzero(sizes >= KEEP_COMPONENT_FRACTION * sizes.max()) + 1
     return np.isin(labelled, keep)
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 8-connected components of a mask, labelled 1..count."""
+    # scipy's import costs a second: paid here, not by every `cadnode` command.
+    from scipy import ndimage
+
+    labelled, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    return labelled, int(count)
 
 
 def pixel_threshold(manifest: Manifest, label: Label) -> float:
@@ -196,7 +204,7 @@ def hemithorax_percent(masks: dict[str, np.ndarray]) -> float | None:
         return None
     if not (right.any() or left.any()):
         return None
-    labelled, count = ndimage.label(pneumothorax, structure=np.ones((3, 3), dtype=bool))
+    labelled, count = _components(pneumothorax)
     on_side = {RIGHT_LUNG: np.zeros_like(pneumothorax), LEFT_LUNG: np.zeros_like(pneumothorax)}
     for index in range(1, count + 1):
         component = labelled == index

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy import stats
 
 from cadnode.core.config import DriftSettings
 from cadnode.infer.bundle import Population
@@ -59,6 +58,9 @@ def psi(expected: Mapping[str, float], actual: Mapping[str, float]) -> float:
 
 def ks_two_samples(reference: Sequence[float], current: Sequence[float]) -> tuple[float, float]:
     """Kolmogorov-Smirnov's D and two-sided p-value of two samples."""
+    # scipy's import costs a second: paid here, not by every `cadnode` command.
+    from scipy import stats
+
     result = stats.ks_2samp(reference, current)
     return float(result.statistic), float(result.pvalue)
 
@@ -73,6 +75,8 @@ def ks_against_percentiles(
 
     def cdf(x: np.ndarray) -> np.ndarray:
         return np.asarray(np.interp(x, points, levels, left=0.0, right=1.0))
+
+    from scipy import stats
 
     result = stats.kstest(np.asarray(current, dtype=float), cdf)
     return float(result.statistic), float(result.pvalue)

@@ -24,7 +24,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily, Metric
-from scipy.stats import beta
 from sqlmodel import Session, col, select
 
 from cadnode.core.audit import aware
@@ -109,6 +108,9 @@ def proportion(successes: int, trials: int, confidence: float = CONFIDENCE) -> P
     """successes / trials with its exact (Clopper-Pearson) interval."""
     if trials == 0:
         return Proportion(successes, trials, None, None, None)
+    # scipy's import costs a second: paid here, not by every `cadnode` command.
+    from scipy.stats import beta
+
     alpha = 1 - confidence
     low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, trials - successes + 1))
     high = (
