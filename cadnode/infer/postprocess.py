@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from ensemble_boxes import weighted_boxes_fusion
 from PIL import Image
 
 from cadnode.infer.answers import (
@@ -320,6 +319,9 @@ def fuse_slices(boxes: np.ndarray, frames: np.ndarray, size: int, fusion: Fusion
         labels.append([0] * len(kept))
     if not any(scores):
         return []
+    # It brings numba (0.3 s of every node and receiver start): imported by the first fusion.
+    from ensemble_boxes import weighted_boxes_fusion
+
     fused, fused_scores, _ = weighted_boxes_fusion(
         per_slice,
         scores,
