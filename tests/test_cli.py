@@ -51,3 +51,18 @@ def test_studies_on_an_empty_node_prints_the_header(tmp_path: Path) -> None:
     done = cadnode("studies", env={"CADNODE_DATA_DIR": str(tmp_path)})
     assert done.returncode == 0
     assert done.stdout.split()[:3] == ["JOB", "VER", "STATE"]
+
+
+def test_commands_and_the_node_start_without_the_libraries_only_some_work_needs() -> None:
+    """scipy (a second) and numba (via ensemble_boxes, 0.3 s) are imported where drift,
+    intervals, components and DBT fusion are computed, not by every command or node start."""
+    probe = (
+        "import sys, cadnode.cli, cadnode.daemon;"
+        "print(sorted(m for m in ('scipy.stats', 'scipy.ndimage', 'numba', 'ensemble_boxes')"
+        " if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

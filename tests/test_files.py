@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cadnode.core import files
 from cadnode.core.files import is_temporary, is_valid_uid, write_aside, write_durably
 
 
@@ -53,3 +54,18 @@ def test_a_file_written_aside_holds_its_chunks_exactly(tmp_path: Path, size: int
     temporary, written = write_aside(target, chunks)
     assert written == size and temporary.parent == target.parent
     assert is_temporary(temporary) and temporary.read_bytes() == data
+
+
+def test_a_temporary_name_already_taken_is_refused_and_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another writer's temporary is never written over, renamed into place or removed."""
+    target = tmp_path / "x.dcm"
+    taken = tmp_path / ".x.dcm.0000000000000000.part"
+    taken.write_bytes(b"another writer's bytes")
+    monkeypatch.setattr(files, "_temporary_name", lambda _path: taken)
+    with pytest.raises(FileExistsError):
+        write_durably(target, [b"ours"])
+    with pytest.raises(FileExistsError):
+        write_aside(target, [b"ours"])
+    assert taken.read_bytes() == b"another writer's bytes" and not target.exists()
