@@ -8,6 +8,8 @@ of wake-ups: counted, not timed.
 
 from __future__ import annotations
 
+import io
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +20,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler
 from sqlmodel import select
@@ -28,8 +31,11 @@ from cadnode.core.db import Database, Instance
 from cadnode.ingest.reactor import (
     EventDrivenAssociation,
     EventDrivenRequestHandler,
-    QuickStoreResponses,
+    QuickStoreRequest,
+    QuickStores,
+    pdv_items,
     request_handler,
+    store_request_values,
     store_success_command,
 )
 from tests.ingest import captured_events, named, node_settings
@@ -225,7 +231,7 @@ def test_a_store_is_answered_quickly_only_with_plain_success(
         DIMSEServiceProvider.send_msg = original  # type: ignore[method-assign]
     assert statuses == [0x0000, 0xC000]
     assert responses == [0xC000]  # the Success went the quick way, past pynetdicom's
-    assert isinstance(node_side.dimse, QuickStoreResponses)
+    assert isinstance(node_side.dimse, QuickStores)
     for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT):
         modules = {handler.__module__ for handler, _ in node_side.get_handlers(event)}
         assert "pynetdicom._handlers" not in modules
@@ -437,3 +443,129 @@ def test_two_associations_sending_each_others_instances_never_wait_on_each_other
     assert sorted(indexed_instances(receiver.database)) == sorted(
         [x.SOPInstanceUID, y.SOPInstanceUID]
     )
+
+
+STORE_PARAMETERS = (
+    "MessageID",
+    "Priority",
+    "AffectedSOPClassUID",
+    "AffectedSOPInstanceUID",
+    "MoveOriginatorApplicationEntityTitle",
+    "MoveOriginatorMessageID",
+    "DataSet",
+    "_context_id",
+)
+
+
+def store_request_command(**parameters: Any) -> bytes:
+    """A C-STORE request's command set, as pynetdicom encodes it."""
+    request = C_STORE()
+    for name, value in parameters.items():
+        setattr(request, name, value)
+    request.DataSet = io.BytesIO(b"\x08\x00\x18\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    sent = [
+        value
+        for data in message.encode_msg(1, 2**20)
+        for _, value in data.presentation_data_value_list
+    ]
+    [command] = [value[1:] for value in sent if value[0] & 1]  # the command, in one fragment
+    return bytes(command)
+
+
+def received(command: bytes, as_class: type[Any]) -> Any:
+    """A whole C-STORE request received with `command`, converted as `as_class` does."""
+    data = P_DATA_TF()
+    data.presentation_data_value_items = pdv_items(
+        memoryview(struct.pack(">IB", len(command) + 2, 3) + b"\x03" + command)
+    )
+    message = DIMSEMessage()
+    message.decode_msg(data.to_primitive())
+    message.__class__ = as_class
+    message.data_set = io.BytesIO(b"the dataset")
+    return message.message_to_primitive()
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"MessageID": 1, "AffectedSOPInstanceUID": "1.2.3.4", "Priority": 2},  # even length
+        {"MessageID": 65535, "AffectedSOPInstanceUID": "1.2.3", "Priority": 0},  # NUL-padded
+        {"MessageID": 7, "AffectedSOPInstanceUID": "1.2.3", "MoveOriginatorMessageID": 9},
+        # A Move Originator's AE title: pynetdicom's own conversion.
+        {"MessageID": 8, "AffectedSOPInstanceUID": "1.2.3", "MoveOriginatorMessageID": 9,
+         "MoveOriginatorApplicationEntityTitle": "MOVER"},
+    ],
+)  # fmt: skip
+def test_a_store_request_becomes_the_primitive_pynetdicom_would_make(
+    parameters: dict[str, Any],
+) -> None:
+    command = store_request_command(AffectedSOPClassUID="1.2.840.10008.5.1.4.1.1.2", **parameters)
+    ours, pynetdicoms = received(command, QuickStoreRequest), received(command, C_STORE_RQ)
+    for name in STORE_PARAMETERS:
+        if name != "DataSet":
+            assert getattr(ours, name) == getattr(pynetdicoms, name), name
+    assert ours.DataSet.getvalue() == pynetdicoms.DataSet.getvalue() == b"the dataset"
+    left_to_pynetdicom = "MoveOriginatorApplicationEntityTitle" in parameters
+    assert (store_request_values(command) is None) == left_to_pynetdicom
+
+
+def element(number: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, number, len(value)) + value
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        (element(0x0002, b"1.2.3\\1.2.4\0"), "two UIDs in one value"),
+        (element(0x0002, b"1.2.\xe9\0"), "a UID of other characters"),
+        (element(0x0002, b""), "an empty UID"),
+        (element(0x0110, b"\x01\x00\x02\x00"), "two message IDs"),
+        (element(0x0900, b"\x00\x00"), "a Status in a request"),
+        (struct.pack("<HHI", 0x0008, 0x0002, 2) + b"\x01\x00", "another group"),
+        (element(0x0110, b"\x01\x00")[:9], "an element cut short"),
+        (element(0x0110, b"\x01\x00")[:6], "a header cut short"),
+    ],
+)
+def test_a_store_request_in_any_other_form_is_left_to_pynetdicom(command: bytes, why: str) -> None:
+    assert store_request_values(command) is None, why
+
+
+def test_pdv_items_are_views_of_the_pdu_and_one_that_does_not_fit_is_refused() -> None:
+    first, second = b"\x03" + b"command", b"\x02" + b"last fragment"
+    items = struct.pack(">IB", len(first) + 1, 1) + first
+    items += struct.pack(">IB", len(second) + 1, 3) + second
+    buffer = bytearray(items)
+    found = pdv_items(memoryview(buffer))
+    assert [(i.presentation_context_id, bytes(i.presentation_data_value)) for i in found] == [
+        (1, first),
+        (3, second),
+    ]
+    buffer[5] = 0x01  # the first item's control header, changed in the PDU's bytes
+    assert found[0].presentation_data_value[0] == 0x01  # seen through the view: no copy
+    for bad in (
+        items[:3],  # an item's header cut short
+        items[:-1],  # the last item runs past the PDU
+        struct.pack(">IB", 1, 1),  # no room for the message control header
+    ):
+        with pytest.raises(ValueError):
+            pdv_items(memoryview(bad))
+
+
+def test_the_store_requests_of_a_real_association_take_the_quick_conversion(
+    served: tuple[int, Accepted, Any],
+) -> None:
+    """The node's side of an association: each C-STORE request, its command set in a PDU of
+    its own (as pynetdicom and DCMTK send it), is converted by QuickStoreRequest."""
+    port, accepted, receiver = served
+    kinds: list[type[Any]] = []
+    peer = associate(port, PRIVATE_CLASS)
+    wait_for(lambda: accepted.associations, 10, "the association to be accepted")
+    [node_side] = accepted.associations
+    node_side.bind(evt.EVT_DIMSE_RECV, lambda event: kinds.append(type(event.message)))
+    statuses = [peer.send_c_store(private_instance()).Status for _ in range(3)]
+    peer.release()
+    assert statuses == [0x0000] * 3
+    assert kinds == [QuickStoreRequest] * 3
+    wait_for(lambda: len(indexed_instances(receiver.database)) == 3, 10, "three instances")
