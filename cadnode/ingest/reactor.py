@@ -66,6 +66,8 @@ from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler
 
+from cadnode.dicom.pdu import P_DATA_TF as P_DATA_TF_TYPE
+
 log = structlog.get_logger("cadnode.ingest.reactor")
 
 # The pynetdicom releases whose DUL and association loops the loops here mirror.
@@ -77,7 +79,6 @@ SETTLE_AFTER_S = 0.02
 
 READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
-P_DATA_TF_TYPE = 0x04
 PDU_HEADER_SIZE = 6  # type, reserved, length (PS3.8 9.3.1)
 PDV_HEADER = struct.Struct(">IB")  # a PDV item's length, its presentation context ID
 
@@ -557,7 +558,7 @@ def store_success_command(sop_class_uid: str, sop_instance_uid: str, message_id:
 
 def _element(number: int, value: bytes) -> bytes:
     """A group 0000 element, Implicit VR Little Endian: tag, 32-bit length, value."""
-    return struct.pack("<HHI", 0x0000, number, len(value)) + value
+    return COMMAND_ELEMENT.pack(0x0000, number, len(value)) + value
 
 
 def _uid(value: str) -> bytes:
