@@ -294,12 +294,24 @@ def storescu(
 
 
 def echoscu(
-    port: int, called_ae: str = "CADNODE", calling_ae: str = "ECHOSCU"
+    port: int, called_ae: str = "CADNODE", calling_ae: str = "ECHOSCU", repeat: int = 1
 ) -> subprocess.CompletedProcess[str]:
-    """DCMTK's echoscu, verbose, so a rejection's reason is in its output."""
+    """DCMTK's echoscu, verbose, so a rejection's reason is in its output; `repeat` C-ECHOs
+    over one association."""
     tool = require_tool("echoscu")
     return subprocess.run(
-        [tool, "-v", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
+        [
+            tool,
+            "-v",
+            "--repeat",
+            str(repeat),
+            "-aet",
+            calling_ae,
+            "-aec",
+            called_ae,
+            "127.0.0.1",
+            str(port),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
