@@ -1,4 +1,5 @@
-"""The receive checks' memory of values that decoded: it saves work, never a check."""
+"""The receive checks' memory of values that decoded, and what they decoded to: it saves
+work, never a check."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def header(instance_number: bytes, charset: bytes = b"ISO_IR 100") -> Dataset:
 @pytest.fixture
 def converted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """The elements pydicom converts, by tag, as the checks ask for them."""
-    monkeypatch.setattr(checks, "_known_good", checks._KnownGood(8192))
+    monkeypatch.setattr(checks, "_decoded", checks._Decoded(8192))
     seen: list[int] = []
     original = Dataset.__getitem__
 
@@ -79,8 +80,20 @@ def test_a_value_that_does_not_decode_is_refused_after_good_ones_of_its_tag(
 
 
 def test_the_memory_is_bounded() -> None:
-    known = checks._KnownGood(4)
+    decoded = checks._Decoded(4)
     for index in range(10):
-        known.add((index,))
-    assert (9,) in known and (0,) not in known
-    assert len(known._keys) <= 4
+        decoded.add((index,), index)
+    assert decoded.get((9,)) == 9 and decoded.get((0,)) is checks._ABSENT
+    assert len(decoded._values) <= 4
+
+
+def test_values_read_after_the_checks_are_the_values_they_decoded(converted: list[int]) -> None:
+    tags = [0x00080060, 0x00200013, 0x00100020]  # Modality, Instance Number, an absent one
+    assert checks.undecodable(header(b"1 ")) is None
+    converted.clear()
+
+    dataset = header(b"7 ")
+    assert checks.undecodable(dataset) is None
+    assert checks.values_of(dataset, tags) == ["CT", 7, None]
+    assert set(converted) == {0x00200013}  # Modality's value came from the memory
+    assert checks.values_of(header(b"7 ", charset=b"ISO_IR 192"), tags) == ["CT", 7, None]

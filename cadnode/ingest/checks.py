@@ -13,6 +13,7 @@ import math
 import tempfile
 import threading
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,35 +35,37 @@ VALUE_SIZE = {
 }  # fmt: skip
 
 
-# Values shorter than this that decoded once are not decoded again (see _KnownGood).
+# Values shorter than this that decoded once are not decoded again (see _Decoded).
 SMALL_VALUE = 256
 CHARACTER_SET = Tag(0x0008, 0x0005)
+_ABSENT = object()
 
 
-class _KnownGood:
-    """Elements whose values decoded before, keyed by all that decides whether they decode:
-    tag, VR, byte order, the dataset's character set and the value's bytes. Most of a
-    series' header repeats from one instance to the next, and converting every element
+class _Decoded:
+    """The values of elements that decoded before, keyed by all that decides what they
+    decode to: tag, VR, byte order, the dataset's character set and the value's bytes. Most
+    of a series' header repeats from one instance to the next, and converting every element
     again was about a tenth of a CT instance's time in receive. Bounded: when full, the
-    oldest half goes."""
+    oldest half goes. Its values are shared: read them, never change them."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._keys: dict[tuple[object, ...], None] = {}
+        self._values: dict[tuple[object, ...], object] = {}
         self._lock = threading.Lock()
 
-    def __contains__(self, key: tuple[object, ...]) -> bool:
-        return key in self._keys
+    def get(self, key: tuple[object, ...]) -> object:
+        """The value decoded for `key`, or `_ABSENT`."""
+        return self._values.get(key, _ABSENT)
 
-    def add(self, key: tuple[object, ...]) -> None:
+    def add(self, key: tuple[object, ...], value: object) -> None:
         with self._lock:
-            if len(self._keys) >= self.capacity:
-                for old in list(self._keys)[: self.capacity // 2]:
-                    del self._keys[old]
-            self._keys[key] = None
+            if len(self._values) >= self.capacity:
+                for old in list(self._values)[: self.capacity // 2]:
+                    del self._values[old]
+            self._values[key] = value
 
 
-_known_good = _KnownGood(8192)
+_decoded = _Decoded(8192)
 
 
 class TooLarge(Exception):
@@ -118,7 +121,7 @@ def _element_problem(dataset: Dataset, tag: BaseTag, charset: object) -> str | N
     if int(tag) in PIXEL_TAG_NUMBERS or (raw.value is None and raw.length):
         return None  # pixels are checked against the image's size; deferred values stay put
     key = _known_key(raw, vr, charset)
-    if key is not None and key in _known_good:
+    if key is not None and _decoded.get(key) is not _ABSENT:
         return None
     try:
         element = dataset[tag]
@@ -131,7 +134,7 @@ def _element_problem(dataset: Dataset, tag: BaseTag, charset: object) -> str | N
             if problem:
                 return f"{tag} > {problem}"
     elif key is not None:
-        _known_good.add(key)
+        _decoded.add(key, element.value)
     return None
 
 
@@ -151,18 +154,51 @@ def _known_key(raw: RawDataElement, vr: str, charset: object) -> tuple[object, .
     return (raw.tag, vr, raw.is_implicit_VR, raw.is_little_endian, charset, value)
 
 
+def values_of(dataset: Dataset, tags: Iterable[BaseTag]) -> list[object]:
+    """The values of `tags` in `dataset` (None where absent), from the values decoded before
+    where the same bytes were seen: a series' Rows or Study Instance UID, read for every
+    instance, are converted once."""
+    charset = _charset(dataset.get_item(CHARACTER_SET, keep_deferred=True), None)
+    return [_value(dataset, tag, charset) for tag in tags]
+
+
+def _value(dataset: Dataset, tag: BaseTag, charset: object) -> object:
+    raw = dataset.get_item(tag, keep_deferred=True)
+    if raw is None:
+        return None
+    if not isinstance(raw, RawDataElement):
+        return raw.value
+    key = _known_key(raw, str(raw.VR) if raw.VR else "", charset)
+    value = _decoded.get(key) if key is not None else _ABSENT
+    if value is _ABSENT:
+        value = dataset[tag].value
+        if key is not None:
+            _decoded.add(key, value)
+    return value
+
+
+IMAGE_ATTRIBUTES = tuple(
+    Tag(keyword)
+    for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")
+)
+SOP_CLASS = Tag(0x0008, 0x0016)
+
+
 def pixel_data_problem(dataset: Dataset, transfer_syntax: UID) -> str | None:
     """Why an image's Pixel Data is missing or not of its declared size; None if it fits."""
+    rows, columns, bits, samples, frames = values_of(dataset, IMAGE_ATTRIBUTES)
     pixel_tag = next((tag for tag in PIXEL_TAGS if tag in dataset), None)
     if pixel_tag is None:
         return "an image without Pixel Data" if _is_image(dataset) else None
-    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if not dataset.get(k)]
+    named = {"Rows": rows, "Columns": columns, "BitsAllocated": bits}
+    missing = [name for name, value in named.items() if not value]
     if missing:
         return f"Pixel Data without {', '.join(missing)}"
     length = _length(dataset, pixel_tag)
     if transfer_syntax.is_encapsulated and pixel_tag == PIXEL_TAGS[0]:
         return None if length == UNDEFINED_LENGTH else "compressed Pixel Data not encapsulated"
-    expected = _uncompressed_size(dataset)
+    sizes = (rows, columns, samples or 1, frames or 1, bits)
+    expected = math.ceil(math.prod(int(size) for size in sizes) / 8)  # type: ignore[call-overload]
     if length == UNDEFINED_LENGTH:
         return "encapsulated Pixel Data in an uncompressed transfer syntax"
     if length not in (expected, expected + expected % 2):
@@ -179,17 +215,6 @@ def _length(dataset: Dataset, tag: BaseTag) -> int:
     return len(element.value) if element.value is not None else 0
 
 
-def _uncompressed_size(dataset: Dataset) -> int:
-    bits = (
-        int(dataset.Rows)
-        * int(dataset.Columns)
-        * int(dataset.get("SamplesPerPixel") or 1)
-        * int(dataset.get("NumberOfFrames") or 1)
-        * int(dataset.BitsAllocated)
-    )
-    return math.ceil(bits / 8)
-
-
 def _is_image(dataset: Dataset) -> bool:
-    sop_class = UID(str(dataset.get("SOPClassUID", "")))
-    return "Rows" in dataset or "Image Storage" in sop_class.name
+    [sop_class] = values_of(dataset, [SOP_CLASS])
+    return IMAGE_ATTRIBUTES[0] in dataset or "Image Storage" in UID(str(sop_class or "")).name

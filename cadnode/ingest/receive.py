@@ -40,6 +40,7 @@ from typing import Any, BinaryIO, cast
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
@@ -70,7 +71,7 @@ from cadnode.ingest.admission import (
     Refusal,
     server_tls_context,
 )
-from cadnode.ingest.checks import TooLarge, inflated, pixel_data_problem, undecodable
+from cadnode.ingest.checks import TooLarge, inflated, pixel_data_problem, undecodable, values_of
 from cadnode.ingest.mpps import MppsScp
 from cadnode.ingest.negotiation import accept_proposed_storage
 from cadnode.ingest.reactor import after_answer, answers_first, request_handler, settle_pending
@@ -89,6 +90,7 @@ log = structlog.get_logger("cadnode.ingest.receive")
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 DEFER_SIZE = 64 * 1024
+HEADER_UID_TAGS = tuple(Tag(keyword) for keyword in HEADER_TAGS)
 # The largest PDU we ask peers to send (pynetdicom's default is 16 KiB; DCMTK sends up to
 # 128 KiB): fewer, larger PDUs mean fewer trips through pynetdicom's per-PDU machinery.
 MAXIMUM_PDU_SIZE = 4 * 2**20
@@ -725,7 +727,8 @@ def _read_arrival(offer: Offer, dataset: BinaryIO, buffer: memoryview, scratch: 
     """Decode the whole dataset's structure (not its pixels) and check its identity."""
     try:
         header = _decode(dataset, buffer, UID(offer.transfer_syntax), scratch)
-        uids = {tag: str(header.get(tag, "")) for tag in HEADER_TAGS}
+        values = values_of(header, HEADER_UID_TAGS)
+        uids = {name: str(value or "") for name, value in zip(HEADER_TAGS, values, strict=True)}
     except TooLarge as error:
         raise Rejected(OUT_OF_RESOURCES, f"dataset {error}") from error
     except Rejected:
