@@ -274,17 +274,7 @@ def storescu(
     tool = require_tool("storescu")
     env = {**os.environ, "TCP_NODELAY": "1"}
     return subprocess.run(
-        [
-            tool,
-            *options,
-            "-aet",
-            calling_ae,
-            "-aec",
-            called_ae,
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
+        [tool, *options, *_association(port, called_ae, calling_ae), *map(str, files)],
         capture_output=True,
         text=True,
         env=env,
@@ -300,23 +290,17 @@ def echoscu(
     over one association."""
     tool = require_tool("echoscu")
     return subprocess.run(
-        [
-            tool,
-            "-v",
-            "--repeat",
-            str(repeat),
-            "-aet",
-            calling_ae,
-            "-aec",
-            called_ae,
-            "127.0.0.1",
-            str(port),
-        ],
+        [tool, "-v", "--repeat", str(repeat), *_association(port, called_ae, calling_ae)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def _association(port: int, called_ae: str, calling_ae: str) -> list[str]:
+    """A DCMTK tool's arguments for an association from `calling_ae` to the node on loopback."""
+    return ["-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)]
 
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:
