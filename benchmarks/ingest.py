@@ -206,6 +206,8 @@ def main() -> None:
         }
         rows = []
         for study, files in studies.items():
+            if not files:  # --ct 0 or --dx 0: that study is left out
+                continue
             megabytes = sum(f.stat().st_size for f in files) / 1e6
             for associations in concurrency:
                 seconds: dict[str, list[float]] = {name: [] for name in names}
