@@ -94,10 +94,10 @@ $(TRITON_VENV)/.installed:
 
 # `test` runs every test: the unit tests and the integration ones (real DCMTK, Orthanc,
 # dciodvfy, `cadnode serve`, chromium; tests/conftest.py says which). `test-unit` runs the unit
-# tests alone, in about a minute: the loop while editing.
-# `test` runs its tests in TEST_WORKERS pytest-xdist workers, each taking whole files (their
-# module fixtures start once); most tests wait on peers and subprocesses, so two workers keep
-# two cores busy where one left them half idle.
+# tests alone, in about a minute: the loop while editing. `test` runs in TEST_WORKERS
+# pytest-xdist workers, each taking whole files (their module fixtures start once); most tests
+# wait on peers and subprocesses, so two workers keep two cores busy where one left them half
+# idle.
 TEST_WORKERS ?= 2
 test: install-dev viewers ohif triton-server
 	$(BIN)/ruff check cadnode training tests benchmarks

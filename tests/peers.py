@@ -29,13 +29,16 @@ REPO = Path(__file__).resolve().parent.parent
 # picks for bind(0) is one it may also pick as the source port of an outgoing connection, and
 # a node retrying a PACS that is not up yet may even connect that port to itself, so the PACS
 # started later finds it taken. Below the range, only a listener can hold a port.
-# Under pytest-xdist each worker draws from its own slice, so two workers never hand out the
-# same port (each remembers only its own).
+_BELOW_EPHEMERAL = range(20000, 32768)
+
+
 def _listen_ports() -> range:
+    """This process's share of the ports: under pytest-xdist each worker draws from its own
+    slice, so two workers never hand out the same port (each remembers only its own)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... or unset
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     index = int(worker[2:]) if worker.startswith("gw") else 0
-    return range(20000 + index, 32768, workers)
+    return _BELOW_EPHEMERAL[index::workers]
 
 
 _LISTEN_PORTS = _listen_ports()
