@@ -7,7 +7,13 @@ then takes a warm-up study of the same size (other UIDs) and settles (cadnode: i
 checkpointed, so it has spare segments, as a node has after its first study, and the study
 processed) before the push that is timed. The figures are throughput ratios in the same run
 (cadnode / storescp, cadnode / Orthanc): the machines here are shared and noisy, absolute
-seconds mean little.
+seconds mean little. Each push also counts the CPU the receiving side spent during it (its
+process and every child, from /proc: cadnode's main and receiver processes, storescp), per
+instance, and its ratio to storescp's: with four associations on two CPUs the node's CPU per
+instance is what bounds its throughput, and the figure a change to its cost moves. (It is
+no steadier than the throughput's ratio: storescp's own CPU per instance, mostly the
+kernel's page-cache work, varied from 1.5 to 2.7 ms between two runs of one sitting, the
+node's from 7.0 to 7.5.)
 
     .venv/bin/python benchmarks/ingest.py [--repeat 3] [--ct 300] [--dx 20] [--targets ...]
 
@@ -47,6 +53,13 @@ class Target:
     ae_title: str
     stored: Callable[[], int]
     settled: Callable[[], bool] = lambda: True  # done with what it took (cadnode: checkpointed)
+    pid: int | None = None  # the receiving process, whose CPU (its children's too) is counted
+
+
+@dataclass(frozen=True)
+class Push:
+    seconds: float
+    cpu_seconds: float | None  # the receiving side's CPU during the push; None: not counted
 
 
 TargetFactory = Callable[[Path], AbstractContextManager[Target]]
@@ -77,7 +90,11 @@ def cadnode_with(receivers: str, **overrides: str) -> TargetFactory:
                 return all(study["state"] in FINAL_STATES for study in node.studies())
 
             yield Target(
-                node.dicom_port, "CADNODE", lambda: sum(1 for _ in spool.rglob("*.dcm")), settled
+                node.dicom_port,
+                "CADNODE",
+                lambda: sum(1 for _ in spool.rglob("*.dcm")),
+                settled,
+                node.process.pid,
             )
 
     return cadnode
@@ -96,7 +113,7 @@ def storescp(folder: Path) -> Iterator[Target]:
     )
     try:
         wait_for(lambda: port_open(port), 20, "storescp to listen")
-        yield Target(port, "STORESCP", lambda: sum(1 for _ in out.iterdir()))
+        yield Target(port, "STORESCP", lambda: sum(1 for _ in out.iterdir()), pid=process.pid)
     finally:
         process.terminate()
         process.wait(20)
@@ -157,15 +174,50 @@ def measure(
     files: list[Path],
     associations: int,
     warm_up: list[Path] | None = None,
-) -> float:
-    """Seconds to push `files` to a fresh target, after it took `warm_up` and settled."""
+) -> Push:
+    """Push `files` to a fresh target, after it took `warm_up` and settled: the seconds,
+    and the CPU the target spent meanwhile."""
     with tempfile.TemporaryDirectory(dir=scratch) as folder, factory(Path(folder)) as target:
         before = warmed(target, warm_up or [], associations)
+        cpu_before = tree_cpu_seconds(target.pid)
         seconds = push(target, files, associations)
+        cpu_after = tree_cpu_seconds(target.pid)
         # Every target must hold every instance: a fast receiver that drops data is no anchor.
         expected = before + len(files)
         wait_for(lambda: target.stored() >= expected, 60, "every instance to be stored")
-        return seconds
+        spent = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+        return Push(seconds, spent)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int | None) -> float | None:
+    """User and system CPU of a process and its descendants, from /proc (Linux; None where
+    there is no /proc or no process to count). Children that end are no longer counted, so
+    only a difference over a time they all live is meaningful."""
+    if pid is None or not Path("/proc/self/stat").exists():
+        return None
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (name) "
+        children.setdefault(int(fields[1]), []).append(int(entry.name))  # fields[1]: ppid
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    if pid not in times:
+        return None
+    total, waiting = 0.0, [pid]
+    while waiting:
+        current = waiting.pop()
+        total += times.get(current, 0.0)
+        waiting += children.get(current, [])
+    return total
 
 
 def warmed(target: Target, files: list[Path], associations: int) -> int:
@@ -210,26 +262,56 @@ def main() -> None:
                 continue
             megabytes = sum(f.stat().st_size for f in files) / 1e6
             for associations in concurrency:
-                seconds: dict[str, list[float]] = {name: [] for name in names}
+                pushes: dict[str, list[Push]] = {name: [] for name in names}
                 for _ in range(args.repeat):  # interleaved, so all see the same machine load
                     for name in names:
-                        seconds[name].append(
+                        pushes[name].append(
                             measure(TARGETS[name], scratch, files, associations, warm_ups[study])
                         )
-                median = {name: statistics.median(values) for name, values in seconds.items()}
-                rows.append((study, megabytes, associations, median))
-                report_row(study, megabytes, associations, median)
+                median = {
+                    name: statistics.median(p.seconds for p in v) for name, v in pushes.items()
+                }
+                cpu = {name: cpu_per_instance(v, len(files)) for name, v in pushes.items()}
+                rows.append((study, megabytes, associations, median, cpu))
+                report_row(study, megabytes, associations, median, cpu)
         print()
         print("summary (throughput ratios; > 1 means cadnode is faster)")
-        for study, _, associations, median in rows:
+        for study, _, associations, median, _ in rows:
             print(f"  {study:<22} {associations} assoc: " + ratios(median))
+        print("CPU per instance, the node's over storescp's (< 1 means cadnode spends less)")
+        for study, _, associations, _, cpu in rows:
+            print(f"  {study:<22} {associations} assoc: " + cpu_ratios(cpu))
 
 
-def report_row(study: str, megabytes: float, associations: int, median: dict[str, float]) -> None:
+def cpu_per_instance(pushes: list[Push], instances: int) -> float | None:
+    """The median of the pushes' CPU, in seconds per instance (None if it was not counted)."""
+    spent = [p.cpu_seconds for p in pushes if p.cpu_seconds is not None]
+    return statistics.median(spent) / instances if spent else None
+
+
+def report_row(
+    study: str,
+    megabytes: float,
+    associations: int,
+    median: dict[str, float],
+    cpu: dict[str, float | None],
+) -> None:
     print(f"{study} ({megabytes:.0f} MB), {associations} association(s):")
     for name, value in median.items():
-        print(f"  {name:<10} {value:7.2f} s  {megabytes / value:7.1f} MB/s")
+        used = cpu[name]
+        spent = "" if used is None else f"  CPU {1000 * used:6.2f} ms per instance"
+        print(f"  {name:<10} {value:7.2f} s  {megabytes / value:7.1f} MB/s{spent}")
     print("  " + ratios(median))
+    print("  " + cpu_ratios(cpu))
+
+
+def cpu_ratios(cpu: dict[str, float | None]) -> str:
+    """Each cadnode's CPU per instance over storescp's (the receiving side's only)."""
+    anchor = cpu.get("storescp")
+    ours = {n: used for n, used in cpu.items() if n.startswith("cadnode") and used is not None}
+    if anchor is None or not ours:
+        return "CPU: not counted (needs storescp and a cadnode, and /proc)"
+    return "  ".join(f"CPU {name}/storescp {used / anchor:.2f}x" for name, used in ours.items())
 
 
 def ratios(median: dict[str, float]) -> str:

@@ -264,7 +264,7 @@ def main() -> None:
                 totals[variant].append(seconds)
                 for step in (*STEPS, HANDLER_CPU):
                     steps[variant][step] += found[step]
-            anchor.append(measure(storescp, scratch, files, 1, warm_up))
+            anchor.append(measure(storescp, scratch, files, 1, warm_up).seconds)
         writes_last = write_seconds(int(size), args.ct, scratch)
 
     unit = statistics.median(anchor) / len(files)
