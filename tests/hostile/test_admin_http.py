@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cadnode.admin.auth import hash_password
+from cadnode.admin.auth import hash_password, verify
 from tests.hostile.memory import peak_mb, reset_peak, resident_mb
 from tests.peers import REPO, Cadnode, port_open, run_cadnode, wait_for
 
@@ -273,29 +273,49 @@ def test_failures_from_one_address_are_limited_and_audited(node: Cadnode) -> Non
 
 
 def test_healthz_stays_fast_during_a_password_brute_force(node: Cadnode) -> None:
+    """The password checks run off the server's event loop: a probe of /healthz during the
+    attack takes less than one Argon2 check made here under the same load (a loop that ran
+    the checks itself would keep each probe waiting behind one or more of them). Compared
+    with that check, not with a fixed time: a loaded machine slows both."""
+
     def guess(index: int) -> int:
         with client(node, address(3, index)) as http:
             return log_in(http, f"guess number {index}").status_code
 
     timings: list[float] = []
-    with ThreadPoolExecutor(48) as pool, client(node) as probe:
+    with ThreadPoolExecutor(49) as pool, client(node) as probe:
         futures = [pool.submit(guess, index) for index in range(48)]
+        one_check = pool.submit(_argon2_check_seconds)
         deadline = time.monotonic() + 120
         while not all(f.done() for f in futures) and time.monotonic() < deadline:
             started = time.perf_counter()
             assert probe.get("/healthz").status_code == 200
             timings.append(time.perf_counter() - started)
         statuses = [future.result(timeout=120) for future in futures]
+        check_s = one_check.result(timeout=120)
     assert set(statuses) <= {401, 429, 503}, statuses
     assert 401 in statuses
     slowest = max(timings, default=0)
     assert len(timings) >= 20, f"{len(timings)} probes during the attack, slowest {slowest:.2f} s"
-    p95 = statistics.quantiles(timings, n=20)[-1]
     median = statistics.median(timings)
-    print(f"/healthz p95 {p95 * 1000:.1f} ms, median {median * 1000:.1f} ms, {len(timings)} probes")
-    assert p95 < 0.050, f"/healthz p95 {p95 * 1000:.0f} ms, median {median * 1000:.0f} ms"
+    print(
+        f"/healthz median {median * 1000:.1f} ms, slowest {slowest * 1000:.1f} ms, "
+        f"{len(timings)} probes; one Argon2 check meanwhile {check_s * 1000:.1f} ms"
+    )
+    assert median < check_s, (
+        f"/healthz median {median * 1000:.0f} ms, one Argon2 check {check_s * 1000:.0f} ms"
+    )
     refused = [e for e in admin_events(node) if e["kind"] == "admin.login"]
     assert sum(e["outcome"] == "refused" for e in refused) == statuses.count(401)
+
+
+def _argon2_check_seconds() -> float:
+    """How long one Argon2 check of the node's kind (cadnode.admin.auth.verify, its default
+    parameters) takes here, now."""
+    hashed = hash_password("a password of the node's kind")
+    started = time.perf_counter()
+    assert not verify(hashed, "a wrong guess")
+    return time.perf_counter() - started
 
 
 # -- ids out of range -------------------------------------------------------------------------
