@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cadnode.ingest.journal import SUFFIX, journal_folder
+from tests.hostile.memory import children
 from tests.peers import free_port, port_open, run_cadnode, run_orthanc, wait_for
 from tests.synthetic import write_ct_series, write_dx_images
 
@@ -198,26 +199,20 @@ def tree_cpu_seconds(pid: int | None) -> float | None:
     only a difference over a time they all live is meaningful."""
     if pid is None or not Path("/proc/self/stat").exists():
         return None
-    children: dict[int, list[int]] = {}
-    times: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # it ended meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (name) "
-        children.setdefault(int(fields[1]), []).append(int(entry.name))  # fields[1]: ppid
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    if pid not in times:
+    try:
+        family = [pid, *children(pid)]
+    except OSError:  # it has ended
         return None
-    total, waiting = 0.0, [pid]
-    while waiting:
-        current = waiting.pop()
-        total += times.get(current, 0.0)
-        waiting += children.get(current, [])
-    return total
+    return sum(_cpu_seconds(member) for member in family)
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # it ended meanwhile
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (name) "
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
 def warmed(target: Target, files: list[Path], associations: int) -> int:
